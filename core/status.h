@@ -1,0 +1,32 @@
+// Error-propagation helpers for absl::Status / absl::StatusOr (Debian's Abseil has no macros).
+//
+//   absl::StatusOr<int> Parse(absl::string_view s);
+//   absl::Status Use(absl::string_view s) {
+//     TETHER_ASSIGN_OR_RETURN(int n, Parse(s));
+//     TETHER_RETURN_IF_ERROR(Check(n));
+//     return absl::OkStatus();
+//   }
+#ifndef TETHER_CORE_STATUS_H_
+#define TETHER_CORE_STATUS_H_
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+
+#define TETHER_RETURN_IF_ERROR(expr)                 \
+  do {                                               \
+    ::absl::Status tether_status_ = (expr);          \
+    if (!tether_status_.ok()) return tether_status_; \
+  } while (0)
+
+#define TETHER_STATUS_CONCAT_INNER_(a, b) a##b
+#define TETHER_STATUS_CONCAT_(a, b) TETHER_STATUS_CONCAT_INNER_(a, b)
+
+#define TETHER_ASSIGN_OR_RETURN(lhs, expr) \
+  TETHER_ASSIGN_OR_RETURN_IMPL_(TETHER_STATUS_CONCAT_(tether_statusor_, __LINE__), lhs, expr)
+
+#define TETHER_ASSIGN_OR_RETURN_IMPL_(statusor, lhs, expr) \
+  auto statusor = (expr);                                  \
+  if (!statusor.ok()) return std::move(statusor).status(); \
+  lhs = std::move(statusor).value()
+
+#endif  // TETHER_CORE_STATUS_H_
