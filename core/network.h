@@ -40,7 +40,9 @@ class Network {
   // Begins delivering to `observer`, which must stay valid until Stop() returns.
   virtual absl::Status Start(NetworkObserver* observer) = 0;
 
-  // Queues `message` for worker `to` and returns without waiting for it to be written.
+  // Queues `message` for worker `to` and returns without waiting for it to be written. Never
+  // calls the observer inline. Sets `message.envelope.to()`; the network fills in the buffer
+  // descriptors itself.
   // Returns kInvalidArgument for an unknown worker and kUnavailable for a peer already known to
   // have failed or a stopped network; later failures arrive as OnPeerFailed.
   virtual absl::Status Send(WorkerId to, Message message) = 0;

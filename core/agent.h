@@ -1,0 +1,220 @@
+// Agent: one worker's RPC engine. It keeps the worker registry, sends requests and matches their
+// replies, runs registered handlers for incoming requests, enforces per-call timeouts, fails the
+// calls that wait on a failed peer, and shuts down gracefully (a barrier over all workers) or not.
+//
+// The agent reaches time, threads and the network only through Clock, Executor and Network, so
+// the same agent runs over TCP with a thread pool or inside the simulator.
+//
+//   auto agent = Agent::Create(options, clock, network, executor).value();
+//   agent->RegisterHandler(wire::TEST_CALL, [](std::shared_ptr<IncomingCall> call) {
+//     call->Reply(call->request().envelope.payload(), {});
+//   });
+//   agent->Start();
+//   Future<Message> reply = agent->Call(peer, wire::TEST_CALL, "ping", {});
+//   reply.Then([](const absl::StatusOr<Message>& m) { ... });   // on the executor
+//   agent->Shutdown(/*graceful=*/true).Wait();
+//
+// Ownership: the Clock, Network and Executor must outlive the agent. The agent is the network's
+// observer from Start() until its shutdown completes. Handlers and future callbacks run on the
+// executor. All methods are thread-safe.
+//
+// Graceful shutdown: every worker calls Shutdown(true). The worker with the lowest id leads: it
+// polls all workers' activity counters until every worker has declared its intent, none has a
+// call in flight or a handler running, and two consecutive polls read the same counters; then it
+// tells every worker to stop. So no worker stops while another still has work that could reach
+// it, and no reply is lost. A failed peer counts as stopped; if the leader fails, or the barrier
+// takes longer than `shutdown_timeout`, each worker stops on its own and pending calls fail
+// with kCancelled.
+#ifndef TETHER_CORE_AGENT_H_
+#define TETHER_CORE_AGENT_H_
+
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "absl/container/btree_map.h"
+#include "absl/container/btree_set.h"
+#include "absl/container/flat_hash_map.h"
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
+#include "core/clock.h"
+#include "core/executor.h"
+#include "core/future.h"
+#include "core/message.h"
+#include "core/network.h"
+
+namespace tether {
+
+struct WorkerInfo {
+  std::string name;
+  WorkerId id = -1;
+
+  friend bool operator==(const WorkerInfo& a, const WorkerInfo& b) {
+    return a.name == b.name && a.id == b.id;
+  }
+};
+
+struct AgentOptions {
+  WorkerId self = -1;
+  // Every worker, this one included. Names and ids must be unique.
+  std::vector<WorkerInfo> workers;
+  // Increases each time a worker with this id restarts.
+  uint64_t incarnation = 0;
+  // Timeout of a call that does not set one. absl::ZeroDuration(): no timeout.
+  absl::Duration default_timeout = absl::Seconds(60);
+  // Bound on the graceful-shutdown barrier. absl::ZeroDuration(): no bound.
+  absl::Duration shutdown_timeout = absl::Seconds(60);
+  // How often the leader polls workers (and resends unacknowledged barrier messages).
+  absl::Duration shutdown_poll_interval = absl::Milliseconds(10);
+  // Request ids remembered per caller to discard duplicated requests.
+  size_t dedup_window = 4096;
+};
+
+// Bugs planted on purpose, to prove the simulator's oracles find them. Never set outside tests.
+struct PlantedBugs {
+  bool lose_timeout_timer = false;      // Calls never time out.
+  bool drop_reply_at_shutdown = false;  // Replies are not sent once shutdown has begun.
+  bool process_duplicates = false;      // Duplicated requests run their handler again.
+};
+
+// A request being served. The handler (or whatever it hands the call to) must reply exactly
+// once, from any thread; a call dropped without a reply answers the caller with kInternal.
+class IncomingCall {
+ public:
+  virtual ~IncomingCall() = default;
+  virtual const Message& request() const = 0;
+  WorkerId caller() const { return request().envelope.from(); }
+  // When the caller will give up; absl::InfiniteFuture() if never.
+  virtual absl::Time deadline() const = 0;
+  virtual void Reply(std::string payload, std::vector<Buffer> buffers) = 0;
+  virtual void ReplyError(const absl::Status& error) = 0;
+};
+
+using Handler = std::function<void(std::shared_ptr<IncomingCall> call)>;
+
+// Extra quiescence source for the shutdown barrier (for instance, the RRef context's
+// unacknowledged control messages): `pending` must reach zero before the workers stop, and
+// `events` must change whenever the source does any work.
+struct ActivitySnapshot {
+  int64_t pending = 0;
+  uint64_t events = 0;
+};
+using ActivitySource = std::function<ActivitySnapshot()>;
+
+// Told (on the executor) when a peer is reported failed, after the agent has failed the calls
+// waiting on it.
+using PeerFailureListener = std::function<void(WorkerId peer, const absl::Status& reason)>;
+
+class Agent : public NetworkObserver {
+ public:
+  // Returns kInvalidArgument for a malformed registry (duplicate or empty names, duplicate ids,
+  // `self` missing).
+  static absl::StatusOr<std::unique_ptr<Agent>> Create(AgentOptions options, Clock* clock,
+                                                       Network* network, Executor* executor);
+  ~Agent() override;
+
+  Agent(const Agent&) = delete;
+  Agent& operator=(const Agent&) = delete;
+
+  // Registers the handler for requests of `type`. Call before Start().
+  void RegisterHandler(MessageType type, Handler handler);
+  // Adds a source the shutdown barrier waits on. Call before Start().
+  void AddActivitySource(ActivitySource source);
+  // Adds a listener for peer failures. Call before Start().
+  void AddPeerFailureListener(PeerFailureListener listener);
+  // Starts the network. Requests of a type without a handler are answered with kUnimplemented.
+  absl::Status Start();
+
+  const WorkerInfo& self() const { return self_; }
+  const std::vector<WorkerInfo>& workers() const { return workers_; }
+  // kInvalidArgument naming the worker if unknown.
+  absl::StatusOr<WorkerInfo> GetWorker(absl::string_view name) const;
+  absl::StatusOr<WorkerInfo> GetWorker(WorkerId id) const;
+
+  // Sends a request and returns its reply. `timeout`: unset uses the default; zero means none.
+  // The future fails with the handler's error (code and message intact), kDeadlineExceeded on
+  // timeout, kUnavailable if the peer fails, kCancelled if this agent shuts down first, and
+  // kInvalidArgument for an unknown worker.
+  Future<Message> Call(WorkerId to, MessageType type, std::string payload,
+                       std::vector<Buffer> buffers,
+                       std::optional<absl::Duration> timeout = std::nullopt);
+
+  // Begins shutdown (idempotent: later calls return the same future). Graceful: the barrier
+  // described above; the future fails with kDeadlineExceeded or kUnavailable if the barrier was
+  // cut short (the agent is stopped all the same). Ungraceful: fails pending calls with
+  // kCancelled and stops at once. Either way the network is stopped when the future completes.
+  Future<Unit> Shutdown(bool graceful);
+  bool is_shut_down() const;
+
+  absl::Duration default_timeout() const;
+  void set_default_timeout(absl::Duration timeout);
+
+  // Counters for people and tests: client_active_calls, server_active_calls, calls_sent,
+  // calls_received, calls_timed_out, calls_failed_peer, duplicates_dropped, peers_failed, ...
+  std::map<std::string, int64_t> GetDebugInfo() const;
+
+  void set_planted_bugs(PlantedBugs bugs);
+
+  // NetworkObserver.
+  void OnMessage(Message message) override;
+  void OnPeerFailed(WorkerId peer, const absl::Status& reason) override;
+
+ private:
+  class Call_;
+  struct PendingCall;
+  struct ShutdownState;
+  struct PeerState;
+
+  Agent(AgentOptions options, Clock* clock, Network* network, Executor* executor);
+
+  // Everything below is defined in agent.cc.
+  void HandleRequest(Message message);
+  void HandleReply(Message message);
+  void HandleShutdownMessage(Message message);
+  void SendReply(WorkerId to, uint64_t request_id, absl::StatusOr<Message> reply);
+  void CompleteCall(uint64_t request_id, absl::StatusOr<Message> result);
+  void OnCallTimeout(uint64_t request_id);
+  void ServerCallDone();
+  void SendControl(WorkerId to, MessageType type, std::string payload);
+  void LeaderPoll();
+  void MaybeCommit();
+  void FinishShutdown(absl::Status status);
+  void StopLocked();
+  ActivitySnapshot LocalActivity() const;
+  std::string ReportPayload() const;
+  bool IsDuplicateLocked(WorkerId from, uint64_t request_id);
+
+  const AgentOptions options_;
+  Clock* const clock_;
+  Network* const network_;
+  Executor* const executor_;
+  WorkerInfo self_;
+  std::vector<WorkerInfo> workers_;
+  absl::flat_hash_map<std::string, WorkerId> ids_by_name_;
+  std::map<MessageType, Handler> handlers_;
+  std::vector<ActivitySource> activity_sources_;
+  std::vector<PeerFailureListener> peer_failure_listeners_;
+
+  mutable absl::Mutex mu_;
+  bool started_ ABSL_GUARDED_BY(mu_) = false;
+  uint64_t next_request_id_ ABSL_GUARDED_BY(mu_) = 1;
+  absl::Duration default_timeout_ ABSL_GUARDED_BY(mu_);
+  std::map<uint64_t, std::unique_ptr<PendingCall>> pending_ ABSL_GUARDED_BY(mu_);
+  std::map<WorkerId, std::unique_ptr<PeerState>> peers_ ABSL_GUARDED_BY(mu_);
+  int64_t server_active_ ABSL_GUARDED_BY(mu_) = 0;
+  std::map<std::string, int64_t> counters_ ABSL_GUARDED_BY(mu_);
+  uint64_t events_ ABSL_GUARDED_BY(mu_) = 0;
+  std::unique_ptr<ShutdownState> shutdown_ ABSL_GUARDED_BY(mu_);
+  PlantedBugs bugs_ ABSL_GUARDED_BY(mu_);
+  Future<Unit> shutdown_future_;
+};
+
+}  // namespace tether
+
+#endif  // TETHER_CORE_AGENT_H_
