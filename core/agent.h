@@ -33,6 +33,7 @@
 #include <map>
 #include <memory>
 #include <optional>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -166,7 +167,6 @@ class Agent : public NetworkObserver {
   void OnPeerFailed(WorkerId peer, const absl::Status& reason) override;
 
  private:
-  class Call_;
   struct PendingCall;
   struct ShutdownState;
   struct PeerState;
@@ -185,9 +185,7 @@ class Agent : public NetworkObserver {
   void LeaderPoll();
   void MaybeCommit();
   void FinishShutdown(absl::Status status);
-  void StopLocked();
   ActivitySnapshot LocalActivity() const;
-  std::string ReportPayload() const;
   bool IsDuplicateLocked(WorkerId from, uint64_t request_id);
 
   const AgentOptions options_;

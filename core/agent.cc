@@ -1,0 +1,804 @@
+#include "core/agent.h"
+
+#include <algorithm>
+#include <utility>
+
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
+
+namespace tether {
+
+struct Agent::PendingCall {
+  WorkerId to = -1;
+  MessageType type = wire::MESSAGE_TYPE_UNSPECIFIED;
+  absl::Duration timeout = absl::ZeroDuration();
+  std::optional<Future<Message>> future;
+  std::optional<TimerId> timer;
+};
+
+struct Agent::PeerState {
+  bool failed = false;
+  uint64_t incarnation = 0;
+  // Request ids up to `watermark` count as seen; `seen` holds the ones above it.
+  uint64_t watermark = 0;
+  absl::btree_set<uint64_t> seen;
+};
+
+// What one worker reports to the leader in one poll round.
+struct BarrierReport {
+  bool declared = false;
+  ActivitySnapshot activity;
+
+  bool operator==(const BarrierReport& o) const {
+    return declared == o.declared && activity.pending == o.activity.pending &&
+           activity.events == o.activity.events;
+  }
+};
+
+struct Agent::ShutdownState {
+  bool graceful = false;
+  bool finished = false;
+  std::optional<TimerId> deadline_timer;
+  std::optional<TimerId> poll_timer;
+  // Leader only.
+  uint64_t round = 0;
+  std::map<WorkerId, BarrierReport> reports;
+  std::optional<std::map<WorkerId, BarrierReport>> previous;
+  bool committing = false;
+  std::set<WorkerId> acked;
+};
+
+namespace {
+
+// A request being served; replies once, through the agent.
+class IncomingCallImpl : public IncomingCall {
+ public:
+  using ReplyFn = std::function<void(absl::StatusOr<Message>)>;
+
+  IncomingCallImpl(Message request, absl::Time deadline, ReplyFn reply)
+      : request_(std::move(request)), deadline_(deadline), reply_(std::move(reply)) {}
+
+  ~IncomingCallImpl() override {
+    if (!replied_) {
+      Finish(absl::InternalError(absl::StrCat(
+          "the handler for ", MessageTypeName(request_.envelope.type()),
+          " dropped the request without replying")));
+    }
+  }
+
+  const Message& request() const override { return request_; }
+  absl::Time deadline() const override { return deadline_; }
+
+  void Reply(std::string payload, std::vector<Buffer> buffers) override {
+    Message m;
+    m.envelope.set_payload(std::move(payload));
+    m.buffers = std::move(buffers);
+    Finish(std::move(m));
+  }
+
+  void ReplyError(const absl::Status& error) override {
+    Finish(error.ok() ? absl::InternalError("handler replied with an OK error") : error);
+  }
+
+ private:
+  void Finish(absl::StatusOr<Message> result) {
+    {
+      absl::MutexLock lock(&mu_);
+      if (replied_) return;
+      replied_ = true;
+    }
+    reply_(std::move(result));
+  }
+
+  const Message request_;
+  const absl::Time deadline_;
+  const ReplyFn reply_;
+  absl::Mutex mu_;
+  bool replied_ ABSL_GUARDED_BY(mu_) = false;
+};
+
+std::string TimeoutText(absl::Duration timeout) {
+  return absl::StrCat("RPC ran for more than set timeout (", absl::ToInt64Milliseconds(timeout),
+                      " ms) and will now be marked with an error");
+}
+
+std::string EncodeReport(uint64_t round, const BarrierReport& r) {
+  return absl::StrCat(round, ",", r.declared ? 1 : 0, ",", r.activity.pending, ",",
+                      r.activity.events);
+}
+
+bool DecodeReport(absl::string_view payload, uint64_t* round, BarrierReport* r) {
+  std::vector<absl::string_view> parts = absl::StrSplit(payload, ',');
+  if (parts.size() != 4) return false;
+  int declared = 0;
+  if (!absl::SimpleAtoi(parts[0], round) || !absl::SimpleAtoi(parts[1], &declared) ||
+      !absl::SimpleAtoi(parts[2], &r->activity.pending) ||
+      !absl::SimpleAtoi(parts[3], &r->activity.events)) {
+    return false;
+  }
+  r->declared = declared != 0;
+  return true;
+}
+
+bool IsShutdownMessage(MessageType type) {
+  return type >= wire::SHUTDOWN_INTENT && type <= wire::SHUTDOWN_ACK;
+}
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<Agent>> Agent::Create(AgentOptions options, Clock* clock,
+                                                     Network* network, Executor* executor) {
+  if (clock == nullptr || network == nullptr || executor == nullptr) {
+    return absl::InvalidArgumentError("agent needs a clock, a network and an executor");
+  }
+  std::set<WorkerId> ids;
+  std::set<std::string> names;
+  bool found_self = false;
+  for (const WorkerInfo& w : options.workers) {
+    if (w.name.empty()) return absl::InvalidArgumentError("worker names must not be empty");
+    if (w.id < 0) {
+      return absl::InvalidArgumentError(absl::StrCat("worker '", w.name, "' has negative id ", w.id));
+    }
+    if (!ids.insert(w.id).second) {
+      return absl::InvalidArgumentError(absl::StrCat("duplicate worker id ", w.id));
+    }
+    if (!names.insert(w.name).second) {
+      return absl::InvalidArgumentError(absl::StrCat("duplicate worker name '", w.name, "'"));
+    }
+    if (w.id == options.self) found_self = true;
+  }
+  if (!found_self) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("this worker's id ", options.self, " is not in the worker list"));
+  }
+  if (network->self() != options.self) {
+    return absl::InvalidArgumentError(absl::StrCat("network is for worker ", network->self(),
+                                                   " but the agent is for ", options.self));
+  }
+  if (options.default_timeout < absl::ZeroDuration()) {
+    return absl::InvalidArgumentError("default timeout must not be negative");
+  }
+  return std::unique_ptr<Agent>(new Agent(std::move(options), clock, network, executor));
+}
+
+Agent::Agent(AgentOptions options, Clock* clock, Network* network, Executor* executor)
+    : options_(std::move(options)),
+      clock_(clock),
+      network_(network),
+      executor_(executor),
+      workers_(options_.workers),
+      default_timeout_(options_.default_timeout),
+      shutdown_future_(executor) {
+  std::sort(workers_.begin(), workers_.end(),
+            [](const WorkerInfo& a, const WorkerInfo& b) { return a.id < b.id; });
+  for (const WorkerInfo& w : workers_) {
+    ids_by_name_[w.name] = w.id;
+    if (w.id == options_.self) self_ = w;
+    peers_[w.id] = std::make_unique<PeerState>();
+  }
+}
+
+Agent::~Agent() {
+  std::vector<TimerId> timers;
+  bool stop_network = false;
+  {
+    absl::MutexLock lock(&mu_);
+    for (auto& [id, call] : pending_) {
+      if (call->timer) timers.push_back(*call->timer);
+    }
+    if (shutdown_) {
+      if (shutdown_->deadline_timer) timers.push_back(*shutdown_->deadline_timer);
+      if (shutdown_->poll_timer) timers.push_back(*shutdown_->poll_timer);
+    }
+    stop_network = started_ && !(shutdown_ && shutdown_->finished);
+  }
+  for (TimerId t : timers) clock_->Cancel(t);
+  if (stop_network) network_->Stop();
+}
+
+void Agent::RegisterHandler(MessageType type, Handler handler) {
+  handlers_[type] = std::move(handler);
+}
+
+void Agent::AddActivitySource(ActivitySource source) {
+  activity_sources_.push_back(std::move(source));
+}
+
+void Agent::AddPeerFailureListener(PeerFailureListener listener) {
+  peer_failure_listeners_.push_back(std::move(listener));
+}
+
+absl::Status Agent::Start() {
+  {
+    absl::MutexLock lock(&mu_);
+    if (started_) return absl::FailedPreconditionError("agent already started");
+    if (shutdown_) return absl::CancelledError("agent was shut down before it started");
+    started_ = true;
+  }
+  return network_->Start(this);
+}
+
+absl::StatusOr<WorkerInfo> Agent::GetWorker(absl::string_view name) const {
+  auto it = ids_by_name_.find(name);
+  if (it == ids_by_name_.end()) {
+    return absl::InvalidArgumentError(absl::StrCat("unknown destination worker '", name, "'"));
+  }
+  return GetWorker(it->second);
+}
+
+absl::StatusOr<WorkerInfo> Agent::GetWorker(WorkerId id) const {
+  auto it = std::lower_bound(workers_.begin(), workers_.end(), id,
+                             [](const WorkerInfo& w, WorkerId i) { return w.id < i; });
+  if (it == workers_.end() || it->id != id) {
+    return absl::InvalidArgumentError(absl::StrCat("unknown destination worker id ", id));
+  }
+  return *it;
+}
+
+absl::Duration Agent::default_timeout() const {
+  absl::MutexLock lock(&mu_);
+  return default_timeout_;
+}
+
+void Agent::set_default_timeout(absl::Duration timeout) {
+  absl::MutexLock lock(&mu_);
+  default_timeout_ = std::max(timeout, absl::ZeroDuration());
+}
+
+void Agent::set_planted_bugs(PlantedBugs bugs) {
+  absl::MutexLock lock(&mu_);
+  bugs_ = bugs;
+}
+
+bool Agent::is_shut_down() const {
+  absl::MutexLock lock(&mu_);
+  return shutdown_ != nullptr && shutdown_->finished;
+}
+
+std::map<std::string, int64_t> Agent::GetDebugInfo() const {
+  absl::MutexLock lock(&mu_);
+  std::map<std::string, int64_t> info = counters_;
+  info["client_active_calls"] = static_cast<int64_t>(pending_.size());
+  info["server_active_calls"] = server_active_;
+  int64_t failed = 0;
+  for (const auto& [id, peer] : peers_) failed += peer->failed ? 1 : 0;
+  info["peers_failed_now"] = failed;
+  info["world_size"] = static_cast<int64_t>(workers_.size());
+  return info;
+}
+
+Future<Message> Agent::Call(WorkerId to, MessageType type, std::string payload,
+                            std::vector<Buffer> buffers, std::optional<absl::Duration> timeout) {
+  Future<Message> future(executor_);
+  if (!GetWorker(to).ok()) {
+    future.Set(absl::InvalidArgumentError(absl::StrCat("unknown destination worker id ", to)));
+    return future;
+  }
+  if (IsReply(type) || IsShutdownMessage(type) || !wire::MessageType_IsValid(type) ||
+      type == wire::MESSAGE_TYPE_UNSPECIFIED) {
+    future.Set(absl::InvalidArgumentError(
+        absl::StrCat("cannot send a request of type ", MessageTypeName(type))));
+    return future;
+  }
+  if (timeout && *timeout < absl::ZeroDuration()) {
+    future.Set(absl::InvalidArgumentError("a call's timeout must not be negative"));
+    return future;
+  }
+  Message m;
+  uint64_t id;
+  {
+    absl::MutexLock lock(&mu_);
+    if (!started_ || (shutdown_ && shutdown_->finished)) {
+      future.Set(absl::CancelledError(absl::StrCat(
+          "RPC agent of worker '", self_.name, "' is ", started_ ? "shut down" : "not started")));
+      return future;
+    }
+    id = next_request_id_++;
+    auto call = std::make_unique<PendingCall>();
+    call->to = to;
+    call->type = type;
+    call->timeout = timeout.value_or(default_timeout_);
+    call->future = future;
+    if (call->timeout > absl::ZeroDuration() && !bugs_.lose_timeout_timer) {
+      call->timer = clock_->Schedule(clock_->Now() + call->timeout, [this, id] { OnCallTimeout(id); });
+    }
+    m.envelope.set_timeout_ns(absl::ToInt64Nanoseconds(call->timeout));
+    pending_[id] = std::move(call);
+    ++counters_["calls_sent"];
+    ++events_;
+  }
+  m.envelope.set_type(type);
+  m.envelope.set_request_id(id);
+  m.envelope.set_from(self_.id);
+  m.envelope.set_to(to);
+  m.envelope.set_from_incarnation(options_.incarnation);
+  m.envelope.set_payload(std::move(payload));
+  m.buffers = std::move(buffers);
+  absl::Status sent = network_->Send(to, std::move(m));
+  if (!sent.ok()) CompleteCall(id, sent);
+  return future;
+}
+
+void Agent::CompleteCall(uint64_t request_id, absl::StatusOr<Message> result) {
+  std::optional<Future<Message>> future;
+  std::optional<TimerId> timer;
+  {
+    absl::MutexLock lock(&mu_);
+    auto it = pending_.find(request_id);
+    if (it == pending_.end()) return;
+    future = std::move(it->second->future);
+    timer = it->second->timer;
+    pending_.erase(it);
+    ++events_;
+    if (!result.ok()) ++counters_["calls_failed"];
+  }
+  if (timer) clock_->Cancel(*timer);
+  future->Set(std::move(result));
+}
+
+void Agent::OnCallTimeout(uint64_t request_id) {
+  std::string text;
+  {
+    absl::MutexLock lock(&mu_);
+    auto it = pending_.find(request_id);
+    if (it == pending_.end()) return;
+    it->second->timer.reset();
+    ++counters_["calls_timed_out"];
+    auto to = GetWorker(it->second->to);
+    text = absl::StrCat(MessageTypeName(it->second->type), " to '",
+                        to.ok() ? to->name : "?", "': ", TimeoutText(it->second->timeout));
+  }
+  CompleteCall(request_id, absl::DeadlineExceededError(text));
+}
+
+void Agent::OnMessage(Message message) {
+  const wire::Envelope& env = message.envelope;
+  {
+    absl::MutexLock lock(&mu_);
+    auto peer = peers_.find(env.from());
+    if (peer == peers_.end()) {
+      ++counters_["messages_from_unknown_worker"];
+      return;
+    }
+    PeerState& p = *peer->second;
+    if (env.from_incarnation() < p.incarnation) {
+      ++counters_["messages_from_old_incarnation"];
+      return;
+    }
+    if (env.from_incarnation() > p.incarnation) {
+      p.incarnation = env.from_incarnation();
+      p.failed = false;
+      p.watermark = 0;
+      p.seen.clear();
+    }
+  }
+  if (IsReply(env.type())) {
+    HandleReply(std::move(message));
+    return;
+  }
+  executor_->Post([this, m = std::move(message)]() mutable {
+    if (IsShutdownMessage(m.envelope.type())) {
+      HandleShutdownMessage(std::move(m));
+    } else {
+      HandleRequest(std::move(m));
+    }
+  });
+}
+
+void Agent::HandleReply(Message message) {
+  uint64_t id = message.envelope.request_id();
+  {
+    absl::MutexLock lock(&mu_);
+    auto it = pending_.find(id);
+    if (it == pending_.end() || it->second->to != message.envelope.from()) {
+      ++counters_["stale_replies"];
+      return;
+    }
+  }
+  if (message.envelope.type() == wire::ERROR_RESPONSE) {
+    CompleteCall(id, ErrorFromEnvelope(message.envelope));
+    return;
+  }
+  absl::Status check = message.CheckBuffers();
+  if (!check.ok()) {
+    CompleteCall(id, absl::InternalError(absl::StrCat("malformed reply: ", check.message())));
+    return;
+  }
+  CompleteCall(id, std::move(message));
+}
+
+bool Agent::IsDuplicateLocked(WorkerId from, uint64_t request_id) {
+  PeerState& p = *peers_[from];
+  if (request_id <= p.watermark) return true;
+  if (!p.seen.insert(request_id).second) return true;
+  while (!p.seen.empty() && *p.seen.begin() == p.watermark + 1) {
+    p.watermark = *p.seen.begin();
+    p.seen.erase(p.seen.begin());
+  }
+  // Forget the oldest holes (requests that never arrived) beyond the window.
+  while (p.seen.size() > options_.dedup_window) {
+    p.watermark = *p.seen.begin();
+    p.seen.erase(p.seen.begin());
+  }
+  return false;
+}
+
+void Agent::HandleRequest(Message message) {
+  const WorkerId from = message.envelope.from();
+  const uint64_t id = message.envelope.request_id();
+  Handler handler;
+  absl::Time deadline = absl::InfiniteFuture();
+  {
+    absl::MutexLock lock(&mu_);
+    if (shutdown_ && shutdown_->finished) return;
+    if (IsDuplicateLocked(from, id) && !bugs_.process_duplicates) {
+      ++counters_["duplicates_dropped"];
+      return;
+    }
+    ++server_active_;
+    ++events_;
+    ++counters_["calls_received"];
+    auto it = handlers_.find(message.envelope.type());
+    if (it != handlers_.end()) handler = it->second;
+    if (message.envelope.timeout_ns() > 0) {
+      deadline = clock_->Now() + absl::Nanoseconds(message.envelope.timeout_ns());
+    }
+  }
+  absl::Status check = message.CheckBuffers();
+  if (!check.ok()) {
+    SendReply(from, id, absl::InvalidArgumentError(absl::StrCat("malformed request: ", check.message())));
+    return;
+  }
+  if (!handler) {
+    SendReply(from, id,
+              absl::UnimplementedError(absl::StrCat("worker '", self_.name,
+                                                    "' has no handler for message type ",
+                                                    MessageTypeName(message.envelope.type()))));
+    return;
+  }
+  auto call = std::make_shared<IncomingCallImpl>(
+      std::move(message), deadline,
+      [this, from, id](absl::StatusOr<Message> reply) { SendReply(from, id, std::move(reply)); });
+  handler(std::move(call));
+}
+
+void Agent::SendReply(WorkerId to, uint64_t request_id, absl::StatusOr<Message> reply) {
+  bool drop = false;
+  uint64_t incarnation = options_.incarnation;
+  {
+    absl::MutexLock lock(&mu_);
+    --server_active_;
+    ++events_;
+    drop = (bugs_.drop_reply_at_shutdown && shutdown_ != nullptr) ||
+           (shutdown_ && shutdown_->finished);
+  }
+  if (drop) return;
+  Message m;
+  if (reply.ok()) {
+    m = std::move(*reply);
+    m.envelope.set_type(wire::RESPONSE);
+  } else {
+    m.envelope.set_type(wire::ERROR_RESPONSE);
+    SetError(reply.status(), &m.envelope);
+  }
+  m.envelope.set_request_id(request_id);
+  m.envelope.set_from(self_.id);
+  m.envelope.set_to(to);
+  m.envelope.set_from_incarnation(incarnation);
+  // A failed send means the caller is gone; it learns so from its own network.
+  network_->Send(to, std::move(m)).IgnoreError();
+}
+
+void Agent::OnPeerFailed(WorkerId peer, const absl::Status& reason) {
+  std::vector<uint64_t> failed_calls;
+  std::string name = absl::StrCat(peer);
+  {
+    absl::MutexLock lock(&mu_);
+    auto it = peers_.find(peer);
+    if (it == peers_.end() || it->second->failed) return;
+    it->second->failed = true;
+    ++counters_["peers_failed"];
+    ++events_;
+    for (const auto& [id, call] : pending_) {
+      if (call->to == peer) failed_calls.push_back(id);
+    }
+  }
+  auto info = GetWorker(peer);
+  if (info.ok()) name = info->name;
+  for (uint64_t id : failed_calls) {
+    CompleteCall(id, absl::UnavailableError(absl::StrCat("worker '", name,
+                                                         "' failed before replying: ",
+                                                         reason.message())));
+  }
+  executor_->Post([this, peer, reason] {
+    for (const PeerFailureListener& l : peer_failure_listeners_) l(peer, reason);
+    bool finish_unavailable = false;
+    {
+      absl::MutexLock lock(&mu_);
+      if (!shutdown_ || shutdown_->finished || !shutdown_->graceful) return;
+      const WorkerId leader = workers_.front().id;
+      if (self_.id != leader && peer == leader) {
+        finish_unavailable = true;
+      } else if (self_.id == leader) {
+        shutdown_->reports.erase(peer);
+        if (shutdown_->committing) shutdown_->acked.insert(peer);
+      }
+    }
+    if (finish_unavailable) {
+      FinishShutdown(absl::UnavailableError(
+          "the shutdown leader failed; this worker stopped without the barrier"));
+    } else {
+      MaybeCommit();
+    }
+  });
+}
+
+ActivitySnapshot Agent::LocalActivity() const {
+  ActivitySnapshot a;
+  {
+    absl::MutexLock lock(&mu_);
+    a.pending = static_cast<int64_t>(pending_.size()) + server_active_;
+    a.events = events_;
+  }
+  for (const ActivitySource& s : activity_sources_) {
+    ActivitySnapshot x = s();
+    a.pending += x.pending;
+    a.events += x.events;
+  }
+  return a;
+}
+
+void Agent::SendControl(WorkerId to, MessageType type, std::string payload) {
+  Message m;
+  m.envelope.set_type(type);
+  m.envelope.set_from(self_.id);
+  m.envelope.set_to(to);
+  m.envelope.set_from_incarnation(options_.incarnation);
+  m.envelope.set_payload(std::move(payload));
+  network_->Send(to, std::move(m)).IgnoreError();
+}
+
+Future<Unit> Agent::Shutdown(bool graceful) {
+  bool start_now = false;
+  bool leader = false;
+  {
+    absl::MutexLock lock(&mu_);
+    if (shutdown_) return shutdown_future_;
+    shutdown_ = std::make_unique<ShutdownState>();
+    shutdown_->graceful = graceful && started_;
+    start_now = true;
+    leader = workers_.front().id == self_.id;
+    if (shutdown_->graceful && options_.shutdown_timeout > absl::ZeroDuration()) {
+      shutdown_->deadline_timer =
+          clock_->Schedule(clock_->Now() + options_.shutdown_timeout, [this] {
+            executor_->Post([this] {
+              FinishShutdown(absl::DeadlineExceededError(
+                  "graceful shutdown did not complete within its timeout; stopped without it"));
+            });
+          });
+    }
+  }
+  if (!start_now) return shutdown_future_;
+  if (!graceful || !started_) {
+    FinishShutdown(absl::OkStatus());
+  } else if (leader) {
+    executor_->Post([this] { LeaderPoll(); });
+  }
+  return shutdown_future_;
+}
+
+void Agent::LeaderPoll() {
+  std::vector<WorkerId> targets;
+  uint64_t round;
+  bool commit_resend = false;
+  {
+    absl::MutexLock lock(&mu_);
+    if (!shutdown_ || shutdown_->finished) return;
+    ShutdownState& s = *shutdown_;
+    s.poll_timer = clock_->Schedule(clock_->Now() + options_.shutdown_poll_interval,
+                                    [this] { executor_->Post([this] { LeaderPoll(); }); });
+    if (s.committing) {
+      commit_resend = true;
+      for (const WorkerInfo& w : workers_) {
+        if (w.id != self_.id && !s.acked.count(w.id) && !peers_[w.id]->failed) {
+          targets.push_back(w.id);
+        }
+      }
+    } else {
+      bool complete = true;
+      for (const WorkerInfo& w : workers_) {
+        if (w.id != self_.id && !peers_[w.id]->failed && !s.reports.count(w.id)) complete = false;
+      }
+      // An incomplete round is resent to whoever has not answered; a complete one that did not
+      // commit starts the next.
+      if (complete || s.round == 0) {
+        ++s.round;
+        s.reports.clear();
+      }
+      for (const WorkerInfo& w : workers_) {
+        if (w.id != self_.id && !peers_[w.id]->failed && !s.reports.count(w.id)) {
+          targets.push_back(w.id);
+        }
+      }
+    }
+    round = s.round;
+  }
+  if (commit_resend) {
+    for (WorkerId w : targets) SendControl(w, wire::SHUTDOWN_COMMIT, "");
+    return;
+  }
+  BarrierReport mine{true, LocalActivity()};
+  {
+    absl::MutexLock lock(&mu_);
+    if (shutdown_->round == round) shutdown_->reports[self_.id] = mine;
+  }
+  for (WorkerId w : targets) SendControl(w, wire::SHUTDOWN_QUERY, absl::StrCat(round));
+  MaybeCommit();
+}
+
+void Agent::MaybeCommit() {
+  std::vector<WorkerId> targets;
+  bool finish = false;
+  bool next_round = false;
+  {
+    absl::MutexLock lock(&mu_);
+    if (!shutdown_ || shutdown_->finished || workers_.front().id != self_.id) return;
+    ShutdownState& s = *shutdown_;
+    if (s.committing) {
+      finish = true;
+      for (const WorkerInfo& w : workers_) {
+        if (w.id != self_.id && !s.acked.count(w.id) && !peers_[w.id]->failed) finish = false;
+      }
+    } else {
+      std::map<WorkerId, BarrierReport> live;
+      for (const WorkerInfo& w : workers_) {
+        if (w.id != self_.id && peers_[w.id]->failed) continue;
+        auto it = s.reports.find(w.id);
+        if (it == s.reports.end()) return;  // Round incomplete.
+        live[w.id] = it->second;
+      }
+      bool quiet = true;
+      for (const auto& [id, r] : live) {
+        if (!r.declared || r.activity.pending != 0) quiet = false;
+      }
+      if (quiet && s.previous && *s.previous == live) {
+        s.committing = true;
+        if (s.poll_timer) {
+          clock_->Cancel(*s.poll_timer);
+          s.poll_timer.reset();
+        }
+        finish = true;
+        for (const WorkerInfo& w : workers_) {
+          if (w.id != self_.id && !peers_[w.id]->failed) {
+            targets.push_back(w.id);
+            finish = false;
+          }
+        }
+        if (!finish) {
+          s.poll_timer = clock_->Schedule(clock_->Now() + options_.shutdown_poll_interval,
+                                          [this] { executor_->Post([this] { LeaderPoll(); }); });
+        }
+      } else {
+        s.previous = std::move(live);
+        // A quiet round is confirmed by an immediate second one; otherwise wait for the poll.
+        next_round = quiet;
+        if (next_round) {
+          ++s.round;
+          s.reports.clear();
+        }
+      }
+    }
+  }
+  for (WorkerId w : targets) SendControl(w, wire::SHUTDOWN_COMMIT, "");
+  if (finish) {
+    FinishShutdown(absl::OkStatus());
+    return;
+  }
+  if (next_round) {
+    std::vector<WorkerId> all;
+    uint64_t round;
+    {
+      absl::MutexLock lock(&mu_);
+      round = shutdown_->round;
+      for (const WorkerInfo& w : workers_) {
+        if (w.id != self_.id && !peers_[w.id]->failed) all.push_back(w.id);
+      }
+    }
+    BarrierReport mine{true, LocalActivity()};
+    {
+      absl::MutexLock lock(&mu_);
+      if (shutdown_->round == round) shutdown_->reports[self_.id] = mine;
+    }
+    for (WorkerId w : all) SendControl(w, wire::SHUTDOWN_QUERY, absl::StrCat(round));
+    MaybeCommit();
+  }
+}
+
+void Agent::HandleShutdownMessage(Message message) {
+  const wire::Envelope& env = message.envelope;
+  switch (env.type()) {
+    case wire::SHUTDOWN_QUERY: {
+      uint64_t round = 0;
+      if (!absl::SimpleAtoi(env.payload(), &round)) return;
+      BarrierReport r;
+      {
+        absl::MutexLock lock(&mu_);
+        if (shutdown_ && shutdown_->finished) return;
+        r.declared = shutdown_ != nullptr && shutdown_->graceful;
+      }
+      r.activity = LocalActivity();
+      SendControl(env.from(), wire::SHUTDOWN_REPORT, EncodeReport(round, r));
+      return;
+    }
+    case wire::SHUTDOWN_REPORT: {
+      uint64_t round = 0;
+      BarrierReport r;
+      if (!DecodeReport(env.payload(), &round, &r)) {
+        absl::MutexLock lock(&mu_);
+        ++counters_["malformed_control_messages"];
+        return;
+      }
+      {
+        absl::MutexLock lock(&mu_);
+        if (!shutdown_ || shutdown_->finished || shutdown_->committing ||
+            shutdown_->round != round) {
+          return;
+        }
+        shutdown_->reports[env.from()] = r;
+      }
+      MaybeCommit();
+      return;
+    }
+    case wire::SHUTDOWN_COMMIT: {
+      SendControl(env.from(), wire::SHUTDOWN_ACK, "");
+      {
+        absl::MutexLock lock(&mu_);
+        // A commit only follows this worker's own declaration.
+        if (!shutdown_ || !shutdown_->graceful) return;
+      }
+      FinishShutdown(absl::OkStatus());
+      return;
+    }
+    case wire::SHUTDOWN_ACK: {
+      {
+        absl::MutexLock lock(&mu_);
+        if (!shutdown_ || !shutdown_->committing) return;
+        shutdown_->acked.insert(env.from());
+      }
+      MaybeCommit();
+      return;
+    }
+    default:
+      return;
+  }
+}
+
+void Agent::FinishShutdown(absl::Status status) {
+  std::vector<uint64_t> calls;
+  std::vector<TimerId> timers;
+  {
+    absl::MutexLock lock(&mu_);
+    if (!shutdown_ || shutdown_->finished) return;
+    shutdown_->finished = true;
+    for (const auto& [id, call] : pending_) calls.push_back(id);
+    if (shutdown_->deadline_timer) timers.push_back(*shutdown_->deadline_timer);
+    if (shutdown_->poll_timer) timers.push_back(*shutdown_->poll_timer);
+    shutdown_->deadline_timer.reset();
+    shutdown_->poll_timer.reset();
+  }
+  for (TimerId t : timers) clock_->Cancel(t);
+  for (uint64_t id : calls) {
+    CompleteCall(id, absl::CancelledError(absl::StrCat(
+                         "RPC agent of worker '", self_.name,
+                         "' shut down before the call completed")));
+  }
+  network_->Stop();
+  if (status.ok()) {
+    shutdown_future_.Set(Unit{});
+  } else {
+    shutdown_future_.Set(status);
+  }
+}
+
+}  // namespace tether
