@@ -1,0 +1,103 @@
+#include "transport/system_clock.h"
+
+#include <limits>
+
+#include "absl/time/clock.h"
+
+namespace tether {
+
+SystemClock::SystemClock()
+    : steady_base_(std::chrono::steady_clock::now()), wall_base_(absl::Now()) {
+  thread_ = std::thread([this] { Loop(); });
+}
+
+SystemClock::~SystemClock() {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    stopping_ = true;
+  }
+  cv_.notify_all();
+  thread_.join();
+}
+
+absl::Time SystemClock::Now() {
+  return wall_base_ +
+         absl::FromChrono(std::chrono::steady_clock::now() - steady_base_);
+}
+
+SystemClock::SteadyTime SystemClock::ToSteady(absl::Time t) const {
+  // Clamp far deadlines (absl::InfiniteFuture()) so the chrono arithmetic
+  // cannot overflow.
+  const absl::Duration max_ahead = absl::Hours(24 * 365 * 100);
+  absl::Duration d = t - wall_base_;
+  if (d > max_ahead) d = max_ahead;
+  if (d < -max_ahead) d = -max_ahead;
+  return steady_base_ +
+         std::chrono::duration_cast<std::chrono::steady_clock::duration>(
+             absl::ToChronoNanoseconds(d));
+}
+
+TimerId SystemClock::Schedule(absl::Time deadline,
+                              std::function<void()> callback) {
+  SteadyTime when = ToSteady(deadline);
+  bool wake;
+  TimerId id;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    id = next_id_++;
+    wake = queue_.empty() || Key(when, id) < queue_.begin()->first;
+    queue_.emplace(Key(when, id), std::move(callback));
+    deadlines_.emplace(id, when);
+  }
+  if (wake) cv_.notify_all();
+  return id;
+}
+
+bool SystemClock::Cancel(TimerId id) {
+  std::function<void()> dropped;  // Destroyed outside the lock.
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto it = deadlines_.find(id);
+    if (it == deadlines_.end()) return false;
+    auto q = queue_.find(Key(it->second, id));
+    dropped = std::move(q->second);
+    queue_.erase(q);
+    deadlines_.erase(it);
+  }
+  return true;
+}
+
+size_t SystemClock::pending() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return queue_.size();
+}
+
+void SystemClock::Loop() {
+  std::unique_lock<std::mutex> lock(mu_);
+  while (!stopping_) {
+    if (queue_.empty()) {
+      cv_.wait(lock);
+      continue;
+    }
+    auto first = queue_.begin();
+    SteadyTime when = first->first.first;
+    if (std::chrono::steady_clock::now() < when) {
+      cv_.wait_until(lock, when);
+      continue;
+    }
+    std::function<void()> callback = std::move(first->second);
+    deadlines_.erase(first->first.second);
+    queue_.erase(first);
+    lock.unlock();
+    callback();
+    callback = nullptr;
+    lock.lock();
+  }
+  // Drop what never ran, outside the lock (their destructors may do anything).
+  std::map<Key, std::function<void()>> dropped;
+  dropped.swap(queue_);
+  deadlines_.clear();
+  lock.unlock();
+}
+
+}  // namespace tether

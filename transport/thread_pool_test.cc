@@ -1,0 +1,128 @@
+#include "transport/thread_pool.h"
+
+#include <atomic>
+#include <set>
+#include <thread>
+
+#include "absl/synchronization/blocking_counter.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/synchronization/notification.h"
+#include "gtest/gtest.h"
+
+namespace tether {
+namespace {
+
+TEST(ThreadPoolTest, RunsEveryTaskOnPoolThreads) {
+  ThreadPool pool(3);
+  EXPECT_EQ(pool.num_threads(), 3);
+  constexpr int kTasks = 1000;
+  absl::BlockingCounter counter(kTasks);
+  std::atomic<int> in_pool{0};
+  for (int i = 0; i < kTasks; ++i) {
+    pool.Post([&] {
+      if (pool.InPool()) ++in_pool;
+      counter.DecrementCount();
+    });
+  }
+  counter.Wait();
+  EXPECT_EQ(in_pool.load(), kTasks);
+  EXPECT_FALSE(pool.InPool());
+}
+
+TEST(ThreadPoolTest, NeverRunsInline) {
+  ThreadPool pool(1);
+  std::thread::id poster = std::this_thread::get_id();
+  absl::Notification done;
+  std::thread::id ran_on;
+  pool.Post([&] {
+    ran_on = std::this_thread::get_id();
+    done.Notify();
+  });
+  done.WaitForNotification();
+  EXPECT_NE(ran_on, poster);
+}
+
+TEST(ThreadPoolTest, UsesAllThreadsConcurrently) {
+  ThreadPool pool(3);
+  absl::BlockingCounter arrived(3);
+  absl::Notification release;
+  absl::BlockingCounter finished(3);
+  for (int i = 0; i < 3; ++i) {
+    pool.Post([&] {
+      arrived.DecrementCount();
+      release.WaitForNotification();
+      finished.DecrementCount();
+    });
+  }
+  arrived.Wait();  // Would hang if fewer than 3 threads served the queue.
+  release.Notify();
+  finished.Wait();
+}
+
+TEST(ThreadPoolTest, DrainRunsQueuedTasksAndTheirContinuations) {
+  std::atomic<int> ran{0};
+  ThreadPool pool(1);
+  absl::Notification release;
+  pool.Post([&] { release.WaitForNotification(); });
+  for (int i = 0; i < 10; ++i) {
+    pool.Post([&] {
+      ++ran;
+      pool.Post([&] {
+        ++ran;
+      });  // Posted from a pool thread while draining: still runs.
+    });
+  }
+  std::thread shutter([&] { pool.Shutdown(ThreadPool::kDrain); });
+  // Post probes from outside until one is dropped: shutdown has then begun.
+  std::atomic<int> probes_ran{0};
+  int probes_posted = 0;
+  while (true) {
+    uint64_t before = pool.dropped();
+    pool.Post([&] { ++probes_ran; });
+    ++probes_posted;
+    if (pool.dropped() > before) break;
+    std::this_thread::yield();
+  }
+  release.Notify();
+  shutter.join();
+  EXPECT_EQ(ran.load(), 20);
+  EXPECT_EQ(probes_ran.load(), probes_posted - 1);
+  pool.Post([&] { ++ran; });  // After shutdown: dropped.
+  EXPECT_EQ(ran.load(), 20);
+}
+
+TEST(ThreadPoolTest, DropDiscardsQueuedTasks) {
+  ThreadPool pool(1);
+  absl::Notification started, release;
+  std::atomic<int> ran{0};
+  pool.Post([&] {
+    started.Notify();
+    release.WaitForNotification();
+  });
+  started.WaitForNotification();
+  for (int i = 0; i < 5; ++i) pool.Post([&] { ++ran; });
+  std::thread shutter([&] { pool.Shutdown(ThreadPool::kDrop); });
+  while (pool.dropped() < 5) std::this_thread::yield();
+  release.Notify();
+  shutter.join();
+  EXPECT_EQ(ran.load(), 0);
+  EXPECT_EQ(pool.dropped(), 5u);
+}
+
+TEST(ThreadPoolTest, ShutdownIsIdempotentAndDestructorDrains) {
+  std::atomic<int> ran{0};
+  {
+    ThreadPool pool(2);
+    for (int i = 0; i < 100; ++i) pool.Post([&] { ++ran; });
+  }
+  EXPECT_EQ(ran.load(), 100);
+  ThreadPool pool(1);
+  pool.Shutdown();
+  pool.Shutdown(ThreadPool::kDrop);
+  pool.Post([&] { ++ran; });
+  EXPECT_EQ(ran.load(), 100);
+  EXPECT_EQ(pool.dropped(), 1u);
+}
+
+}  // namespace
+}  // namespace tether
