@@ -1,0 +1,68 @@
+// The conformance suite every Network implementation must pass
+// (core/network.h's contract): ordering per pair, large and many buffers, many
+// peers, peer failure reported once and only for that peer, Send to an unknown
+// worker, Send after Stop, and Stop with traffic in flight.
+//
+// One value-parameterized gtest suite, NetworkConformanceTest. An
+// implementation instantiates it with a NetworkFactory that builds N connected,
+// not yet started networks inside a NetworkHarness; the harness also says how
+// to make progress (RunUntil) so the same cases run over real threads (poll
+// with real sleeps) and inside the simulator (run the scheduler):
+//
+//   INSTANTIATE_TEST_SUITE_P(Tcp, NetworkConformanceTest,
+//                            ::testing::Values(NetworkFactory{"tcp",
+//                            &MakeTcpHarness}), NetworkFactoryName);
+//
+// The harness owns its networks. The tests own the observers and call
+// Start/Send/Stop themselves; observer callbacks may run on any thread (the
+// suite's observer is thread-safe). Link the test binary against
+// //testing:network_conformance (alwayslink) and gtest_main.
+#ifndef TETHER_TESTING_NETWORK_CONFORMANCE_H_
+#define TETHER_TESTING_NETWORK_CONFORMANCE_H_
+
+#include <functional>
+#include <memory>
+#include <string>
+
+#include "absl/time/time.h"
+#include "core/network.h"
+#include "gtest/gtest.h"
+
+namespace tether::testing {
+
+class NetworkHarness {
+ public:
+  virtual ~NetworkHarness() = default;
+
+  // Number of workers; their ids are 0 .. size()-1.
+  virtual int size() const = 0;
+  // The network of worker `id`, connected to all the others, not started. Owned
+  // by the harness and valid until the harness is destroyed.
+  virtual Network* network(WorkerId id) = 0;
+  // Makes progress until `done()` returns true or `timeout` passes (real time
+  // on real transports, virtual time in the simulator). Returns done(). `done`
+  // is called from the caller's thread only.
+  virtual bool RunUntil(const std::function<bool()>& done,
+                        absl::Duration timeout) = 0;
+  // Makes worker `id` fail abruptly as its peers see it (a crash: its
+  // connections reset, nothing more is flushed). Its own observer gets no
+  // callback afterwards.
+  virtual void Crash(WorkerId id) = 0;
+};
+
+struct NetworkFactory {
+  std::string name;
+  // Builds `n` connected networks (n >= 2).
+  std::function<std::unique_ptr<NetworkHarness>(int n)> create;
+};
+
+// For INSTANTIATE_TEST_SUITE_P's name generator.
+std::string NetworkFactoryName(
+    const ::testing::TestParamInfo<NetworkFactory>& info);
+
+class NetworkConformanceTest : public ::testing::TestWithParam<NetworkFactory> {
+};
+
+}  // namespace tether::testing
+
+#endif  // TETHER_TESTING_NETWORK_CONFORMANCE_H_
