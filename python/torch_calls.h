@@ -1,0 +1,96 @@
+// Torch calls: how tensors, TorchScript values, builtin-operator calls and
+// TorchScript-function calls travel in a Tether message, and how a callee runs
+// builtin operators and TorchScript functions without Python (no GIL).
+//
+// Tensors go out of band: a contiguous CPU tensor becomes a Buffer that aliases
+// its storage (the Buffer keeps the storage alive; nothing is copied until the
+// transport writes it), and a received Buffer becomes a tensor through
+// at::from_blob whose deleter holds the Buffer's owner (no copy either).
+// Non-contiguous tensors are made contiguous first (one copy, and only the
+// viewed bytes travel). CUDA, sparse, quantized and other non-dense tensors are
+// refused with a clear error.
+//
+// Everything here is thread-safe and never touches Python; errors are returned
+// as absl::Status (kInvalidArgument for malformed or unsupported input,
+// kNotFound for an unknown operator or function, kInternal for an exception
+// raised while running one, with its message).
+#ifndef TETHER_PYTHON_TORCH_CALLS_H_
+#define TETHER_PYTHON_TORCH_CALLS_H_
+
+#include <ATen/core/Tensor.h>
+#include <ATen/core/ivalue.h>
+#include <ATen/core/stack.h>
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "core/buffer.h"
+#include "python/call.pb.h"
+
+namespace torch {
+namespace jit {
+struct CompilationUnit;
+}  // namespace jit
+}  // namespace torch
+
+namespace tether {
+namespace pycall {
+
+// Appends `tensors` to `payload->tensors` and their bytes to `buffers`
+// (aliasing, see above).
+absl::Status AppendTensors(const std::vector<at::Tensor>& tensors,
+                           Payload* payload, std::vector<Buffer>* buffers);
+
+// Rebuilds the tensors `payload` describes from `buffers` (one each, in order).
+// Aliases the buffers unless `copy` is set (a call to oneself must not share
+// storage with the caller) or a buffer is not aligned for its element type.
+absl::StatusOr<std::vector<at::Tensor>> TakeTensors(
+    const Payload& payload, const std::vector<Buffer>& buffers, bool copy);
+
+// A TorchScript value (tensors out of band) into `payload->pickle` / `tensors`
+// and back.
+absl::Status EncodeIValue(const c10::IValue& value, Payload* payload,
+                          std::vector<Buffer>* buffers);
+absl::StatusOr<c10::IValue> DecodeIValue(const Payload& payload,
+                                         const std::vector<Buffer>& buffers,
+                                         bool copy);
+
+// A builtin-operator call: `stack` holds the arguments already matched to the
+// schema of `name`.`overload` (caller side).
+absl::Status EncodeBuiltinCall(const std::string& name,
+                               const std::string& overload,
+                               const torch::jit::Stack& stack, Payload* payload,
+                               std::vector<Buffer>* buffers);
+
+// Runs a decoded builtin call through the operator registry (ATen ops dispatch
+// through the ATen dispatcher) and returns its result: the single output, a
+// tuple of several, or None.
+absl::StatusOr<c10::IValue> RunBuiltinCall(const Payload& payload,
+                                           const std::vector<Buffer>& buffers,
+                                           bool copy);
+
+// A TorchScript-function call: `stack` holds arguments matched to the
+// function's schema.
+absl::Status EncodeScriptCall(const std::string& qualified_name,
+                              const torch::jit::Stack& stack, Payload* payload,
+                              std::vector<Buffer>* buffers);
+
+// Finds the function in `cu` and runs it on the decoded arguments; returns its
+// result.
+absl::StatusOr<c10::IValue> RunScriptCall(const torch::jit::CompilationUnit& cu,
+                                          const Payload& payload,
+                                          const std::vector<Buffer>& buffers,
+                                          bool copy);
+
+// Serializes `payload` into an envelope payload string, and parses one back
+// (kInvalidArgument).
+std::string Serialize(const Payload& payload);
+absl::StatusOr<Payload> Parse(const std::string& bytes);
+
+}  // namespace pycall
+}  // namespace tether
+
+#endif  // TETHER_PYTHON_TORCH_CALLS_H_
