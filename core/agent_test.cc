@@ -1,0 +1,364 @@
+// Agent behaviour, driven by the deterministic simulator (no threads, virtual time).
+#include "core/agent.h"
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "gtest/gtest.h"
+#include "sim/sim_world.h"
+
+namespace tether {
+namespace {
+
+using sim::SimWorld;
+using sim::SimWorldOptions;
+
+// Replies with the request's payload and buffers.
+void Echo(std::shared_ptr<IncomingCall> call) {
+  call->Reply(call->request().envelope.payload(), call->request().buffers);
+}
+
+std::unique_ptr<SimWorld> MakeWorld(int n, const std::string& faults = "none",
+                                    uint64_t seed = 1,
+                                    std::function<void(SimWorld&, WorkerId, Agent&)> on_agent = {}) {
+  SimWorldOptions o;
+  o.num_workers = n;
+  o.seed = seed;
+  o.faults = sim::FaultSpec::Parse(faults).value();
+  o.agent.default_timeout = absl::Seconds(10);
+  o.on_agent = on_agent ? on_agent : [](SimWorld&, WorkerId, Agent& a) {
+    a.RegisterHandler(wire::TEST_CALL, Echo);
+  };
+  auto world = SimWorld::Create(std::move(o));
+  EXPECT_TRUE(world.ok()) << world.status();
+  EXPECT_TRUE((*world)->Start().ok());
+  return std::move(*world);
+}
+
+TEST(AgentTest, CreateRejectsBadRegistries) {
+  sim::SimWorldOptions o;
+  o.num_workers = 2;
+  o.names = {"a", "a"};
+  auto world = SimWorld::Create(o);
+  ASSERT_FALSE(world.ok());
+  EXPECT_EQ(world.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(world.status().message().find("duplicate worker name 'a'"), std::string::npos)
+      << world.status();
+}
+
+TEST(AgentTest, WorkerRegistryLooksUpByNameAndId) {
+  auto world = MakeWorld(3);
+  Agent& a = world->agent(0);
+  EXPECT_EQ(a.self().name, "worker0");
+  ASSERT_EQ(a.workers().size(), 3u);
+  EXPECT_EQ(a.GetWorker("worker2")->id, 2);
+  EXPECT_EQ(a.GetWorker(1)->name, "worker1");
+  auto unknown = a.GetWorker("nobody");
+  EXPECT_EQ(unknown.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(unknown.status().message().find("'nobody'"), std::string::npos);
+  EXPECT_EQ(a.GetWorker(7).status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+TEST(AgentTest, CallReturnsReplyWithBuffers) {
+  auto world = MakeWorld(2);
+  Future<Message> f = world->agent(0).Call(1, wire::TEST_CALL, "ping",
+                                           {Buffer::CopyFrom("abc"), Buffer::CopyFrom("")});
+  ASSERT_TRUE(world->RunUntilReady(f));
+  ASSERT_TRUE(f.result().ok()) << f.result().status();
+  EXPECT_EQ(f.result()->envelope.payload(), "ping");
+  ASSERT_EQ(f.result()->buffers.size(), 2u);
+  EXPECT_EQ(f.result()->buffers[0].view(), "abc");
+  EXPECT_EQ(f.result()->envelope.from(), 1);
+}
+
+TEST(AgentTest, CallToSelfWorks) {
+  auto world = MakeWorld(2);
+  Future<Message> f = world->agent(1).Call(1, wire::TEST_CALL, "me", {});
+  ASSERT_TRUE(world->RunUntilReady(f));
+  ASSERT_TRUE(f.result().ok()) << f.result().status();
+  EXPECT_EQ(f.result()->envelope.payload(), "me");
+}
+
+TEST(AgentTest, RemoteErrorTravelsIntact) {
+  auto world = MakeWorld(2, "none", 1, [](SimWorld&, WorkerId, Agent& a) {
+    a.RegisterHandler(wire::TEST_CALL, [](std::shared_ptr<IncomingCall> call) {
+      call->ReplyError(absl::FailedPreconditionError("ValueError: bad thing\nTraceback: ..."));
+    });
+  });
+  Future<Message> f = world->agent(0).Call(1, wire::TEST_CALL, "", {});
+  ASSERT_TRUE(world->RunUntilReady(f));
+  EXPECT_EQ(f.result().status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_EQ(f.result().status().message(), "ValueError: bad thing\nTraceback: ...");
+}
+
+TEST(AgentTest, MissingHandlerIsUnimplemented) {
+  auto world = MakeWorld(2);
+  Future<Message> f = world->agent(0).Call(1, wire::PYTHON_CALL, "", {});
+  ASSERT_TRUE(world->RunUntilReady(f));
+  EXPECT_EQ(f.result().status().code(), absl::StatusCode::kUnimplemented);
+  EXPECT_NE(f.result().status().message().find("PYTHON_CALL"), std::string::npos);
+}
+
+TEST(AgentTest, HandlerDroppingTheCallAnswersInternal) {
+  auto world = MakeWorld(2, "none", 1, [](SimWorld&, WorkerId, Agent& a) {
+    a.RegisterHandler(wire::TEST_CALL, [](std::shared_ptr<IncomingCall>) {});
+  });
+  Future<Message> f = world->agent(0).Call(1, wire::TEST_CALL, "", {});
+  ASSERT_TRUE(world->RunUntilReady(f));
+  EXPECT_EQ(f.result().status().code(), absl::StatusCode::kInternal);
+}
+
+TEST(AgentTest, BadArgumentsFailAtOnce) {
+  auto world = MakeWorld(2);
+  Agent& a = world->agent(0);
+  auto unknown = a.Call(9, wire::TEST_CALL, "", {});
+  ASSERT_TRUE(unknown.ready());
+  EXPECT_EQ(unknown.result().status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(unknown.result().status().message().find("9"), std::string::npos);
+  auto reply_type = a.Call(1, wire::RESPONSE, "", {});
+  ASSERT_TRUE(reply_type.ready());
+  EXPECT_EQ(reply_type.result().status().code(), absl::StatusCode::kInvalidArgument);
+  auto negative = a.Call(1, wire::TEST_CALL, "", {}, absl::Seconds(-1));
+  ASSERT_TRUE(negative.ready());
+  EXPECT_EQ(negative.result().status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+// Never replies; keeps the call so it is not answered as dropped.
+struct Hoarder {
+  std::vector<std::shared_ptr<IncomingCall>> calls;
+};
+
+TEST(AgentTest, TimeoutsDefaultOverrideAndNone) {
+  auto hoard = std::make_shared<Hoarder>();
+  auto world = MakeWorld(2, "none", 1, [hoard](SimWorld&, WorkerId, Agent& a) {
+    a.RegisterHandler(wire::TEST_CALL,
+                      [hoard](std::shared_ptr<IncomingCall> c) { hoard->calls.push_back(c); });
+  });
+  Agent& a = world->agent(0);
+  absl::Time start = world->Now();
+  auto by_default = a.Call(1, wire::TEST_CALL, "", {});
+  auto overridden = a.Call(1, wire::TEST_CALL, "", {}, absl::Seconds(2));
+  auto none = a.Call(1, wire::TEST_CALL, "", {}, absl::ZeroDuration());
+
+  ASSERT_TRUE(world->RunUntilReady(overridden));
+  EXPECT_EQ(overridden.result().status().code(), absl::StatusCode::kDeadlineExceeded);
+  EXPECT_NE(overridden.result().status().message().find("RPC ran for more than set timeout (2000 ms)"),
+            std::string::npos)
+      << overridden.result().status();
+  EXPECT_GE(world->Now() - start, absl::Seconds(2));
+  EXPECT_FALSE(by_default.ready());
+
+  ASSERT_TRUE(world->RunUntilReady(by_default));
+  EXPECT_EQ(by_default.result().status().code(), absl::StatusCode::kDeadlineExceeded);
+  EXPECT_GE(world->Now() - start, absl::Seconds(10));
+  EXPECT_LT(world->Now() - start, absl::Seconds(11));
+
+  world->RunFor(absl::Hours(2));
+  EXPECT_FALSE(none.ready());
+  EXPECT_EQ(a.GetDebugInfo()["client_active_calls"], 1);
+  EXPECT_EQ(a.GetDebugInfo()["calls_timed_out"], 2);
+  // The server saw all three and still holds them.
+  EXPECT_EQ(world->agent(1).GetDebugInfo()["server_active_calls"], 3);
+
+  a.set_default_timeout(absl::Milliseconds(5));
+  auto short_default = a.Call(1, wire::TEST_CALL, "", {});
+  ASSERT_TRUE(world->RunUntilReady(short_default));
+  EXPECT_EQ(short_default.result().status().code(), absl::StatusCode::kDeadlineExceeded);
+
+  // A late reply to a timed-out call is ignored.
+  hoard->calls[0]->Reply("late", {});
+  world->RunFor(absl::Seconds(1));
+  EXPECT_EQ(by_default.result().status().code(), absl::StatusCode::kDeadlineExceeded);
+  EXPECT_EQ(a.GetDebugInfo()["stale_replies"], 1);
+  hoard->calls.clear();
+}
+
+TEST(AgentTest, HandlerSeesTheCallersDeadline) {
+  absl::Time seen_deadline;
+  auto world = MakeWorld(2, "none", 1, [&](SimWorld&, WorkerId, Agent& a) {
+    a.RegisterHandler(wire::TEST_CALL, [&](std::shared_ptr<IncomingCall> c) {
+      seen_deadline = c->deadline();
+      c->Reply("", {});
+    });
+  });
+  absl::Time start = world->Now();
+  auto f = world->agent(0).Call(1, wire::TEST_CALL, "", {}, absl::Seconds(3));
+  ASSERT_TRUE(world->RunUntilReady(f));
+  EXPECT_GT(seen_deadline, start);
+  EXPECT_LE(seen_deadline - start, absl::Seconds(3) + absl::Seconds(1));
+}
+
+TEST(AgentTest, NestedCallsDoNotBlock) {
+  // worker0 -> worker1 -> worker2, worker1 replies once worker2 has.
+  auto world = MakeWorld(3, "none", 1, [](SimWorld&, WorkerId w, Agent& a) {
+    Agent* agent = &a;
+    a.RegisterHandler(wire::TEST_CALL, [agent, w](std::shared_ptr<IncomingCall> c) {
+      if (w == 2) {
+        c->Reply("leaf", {});
+        return;
+      }
+      agent->Call(w + 1, wire::TEST_CALL, "", {})
+          .Then([c, w](const absl::StatusOr<Message>& r) {
+            if (!r.ok()) return c->ReplyError(r.status());
+            c->Reply(absl::StrCat(w, ">", r->envelope.payload()), {});
+          });
+    });
+  });
+  auto f = world->agent(0).Call(1, wire::TEST_CALL, "", {});
+  ASSERT_TRUE(world->RunUntilReady(f));
+  ASSERT_TRUE(f.result().ok()) << f.result().status();
+  EXPECT_EQ(f.result()->envelope.payload(), "1>leaf");
+}
+
+TEST(AgentTest, PeerCrashFailsOnlyItsCalls) {
+  auto hoard = std::make_shared<Hoarder>();
+  std::vector<std::pair<WorkerId, absl::StatusCode>> told;
+  auto world = MakeWorld(3, "none", 1, [&, hoard](SimWorld&, WorkerId, Agent& a) {
+    a.RegisterHandler(wire::TEST_CALL, [hoard](std::shared_ptr<IncomingCall> c) {
+      if (c->request().envelope.payload() == "hold") {
+        hoard->calls.push_back(c);
+      } else {
+        c->Reply("ok", {});
+      }
+    });
+    a.AddPeerFailureListener([&told](WorkerId peer, const absl::Status& s) {
+      told.emplace_back(peer, s.code());
+    });
+  });
+  Agent& a = world->agent(0);
+  auto to_victim = a.Call(1, wire::TEST_CALL, "hold", {}, absl::ZeroDuration());
+  auto to_other = a.Call(2, wire::TEST_CALL, "hold", {}, absl::ZeroDuration());
+  world->RunFor(absl::Milliseconds(100));
+  ASSERT_EQ(hoard->calls.size(), 2u);
+  world->Crash(1);
+  ASSERT_TRUE(world->RunUntilReady(to_victim));
+  EXPECT_EQ(to_victim.result().status().code(), absl::StatusCode::kUnavailable);
+  EXPECT_NE(to_victim.result().status().message().find("worker1"), std::string::npos)
+      << to_victim.result().status();
+  world->RunFor(absl::Seconds(1));
+  EXPECT_FALSE(to_other.ready());
+  EXPECT_FALSE(told.empty());
+  EXPECT_EQ(told[0].first, 1);
+  // Other peers still serve.
+  auto again = a.Call(2, wire::TEST_CALL, "x", {});
+  ASSERT_TRUE(world->RunUntilReady(again));
+  EXPECT_TRUE(again.result().ok());
+  hoard->calls.clear();
+  world->RunUntilIdle();
+}
+
+TEST(AgentTest, UngracefulShutdownCancelsPendingCalls) {
+  auto hoard = std::make_shared<Hoarder>();
+  auto world = MakeWorld(2, "none", 1, [hoard](SimWorld&, WorkerId, Agent& a) {
+    a.RegisterHandler(wire::TEST_CALL,
+                      [hoard](std::shared_ptr<IncomingCall> c) { hoard->calls.push_back(c); });
+  });
+  Agent& a = world->agent(0);
+  auto pending = a.Call(1, wire::TEST_CALL, "", {}, absl::ZeroDuration());
+  world->RunFor(absl::Milliseconds(10));
+  auto done = a.Shutdown(/*graceful=*/false);
+  ASSERT_TRUE(world->RunUntilReady(pending));
+  EXPECT_EQ(pending.result().status().code(), absl::StatusCode::kCancelled);
+  ASSERT_TRUE(world->RunUntilReady(done));
+  EXPECT_TRUE(done.result().ok());
+  EXPECT_TRUE(a.is_shut_down());
+  auto after = a.Call(1, wire::TEST_CALL, "", {});
+  ASSERT_TRUE(after.ready());
+  EXPECT_EQ(after.result().status().code(), absl::StatusCode::kCancelled);
+  EXPECT_NE(after.result().status().message().find("shut down"), std::string::npos);
+  hoard->calls.clear();
+}
+
+TEST(AgentTest, GracefulShutdownWaitsForCallsInFlight) {
+  // worker1 answers after 3 s of virtual time; everyone shuts down at once.
+  auto world = MakeWorld(3, "none", 1, [](SimWorld& w, WorkerId id, Agent& a) {
+    Clock* clock = &w.clock(id);
+    a.RegisterHandler(wire::TEST_CALL, [clock](std::shared_ptr<IncomingCall> c) {
+      clock->Schedule(clock->Now() + absl::Seconds(3), [c] { c->Reply("slow", {}); });
+    });
+  });
+  std::vector<Future<Message>> calls;
+  for (WorkerId from = 0; from < 3; ++from) {
+    calls.push_back(world->agent(from).Call((from + 1) % 3, wire::TEST_CALL, "", {}));
+  }
+  world->RunFor(absl::Milliseconds(1));
+  std::vector<Future<Unit>> done = world->ShutdownAll(true);
+  world->RunUntilIdle();
+  for (auto& c : calls) {
+    ASSERT_TRUE(c.ready());
+    EXPECT_TRUE(c.result().ok()) << c.result().status();
+  }
+  for (auto& d : done) {
+    ASSERT_TRUE(d.ready());
+    EXPECT_TRUE(d.result().ok()) << d.result().status();
+  }
+  EXPECT_GE(world->Elapsed(), absl::Seconds(3));
+}
+
+TEST(AgentTest, GracefulShutdownInEveryOrderUnderFaults) {
+  for (uint64_t seed = 1; seed <= 30; ++seed) {
+    auto world = MakeWorld(4, "drop=0.05,dup=0.05,delay=0..20ms,reorder=0.2", seed);
+    std::vector<Future<Message>> calls;
+    for (WorkerId from = 0; from < 4; ++from) {
+      for (WorkerId to = 0; to < 4; ++to) {
+        calls.push_back(world->agent(from).Call(to, wire::TEST_CALL, "", {}, absl::Seconds(1)));
+      }
+    }
+    std::vector<Future<Unit>> done;
+    // Workers declare in an order that depends on the seed, some time apart.
+    for (int i = 0; i < 4; ++i) {
+      WorkerId w = static_cast<WorkerId>((i + seed) % 4);
+      world->RunFor(absl::Milliseconds(seed % 7));
+      done.push_back(world->agent(w).Shutdown(true));
+    }
+    ASSERT_TRUE(world->RunUntilIdle()) << "seed " << seed;
+    for (auto& c : calls) {
+      ASSERT_TRUE(c.ready()) << "seed " << seed;
+      if (!c.result().ok()) {
+        EXPECT_EQ(c.result().status().code(), absl::StatusCode::kDeadlineExceeded)
+            << "seed " << seed << ": " << c.result().status();
+      }
+    }
+    for (auto& d : done) {
+      ASSERT_TRUE(d.ready()) << "seed " << seed;
+    }
+    for (WorkerId w = 0; w < 4; ++w) EXPECT_TRUE(world->agent(w).is_shut_down());
+  }
+}
+
+TEST(AgentTest, DuplicatedRequestsRunOnce) {
+  int runs = 0;
+  auto world = MakeWorld(2, "dup=1.0", 3, [&](SimWorld&, WorkerId, Agent& a) {
+    a.RegisterHandler(wire::TEST_CALL, [&](std::shared_ptr<IncomingCall> c) {
+      ++runs;
+      c->Reply("", {});
+    });
+  });
+  std::vector<Future<Message>> calls;
+  for (int i = 0; i < 20; ++i) calls.push_back(world->agent(0).Call(1, wire::TEST_CALL, "", {}));
+  world->RunFor(absl::Seconds(5));
+  for (auto& c : calls) {
+    ASSERT_TRUE(c.ready());
+    EXPECT_TRUE(c.result().ok());
+  }
+  EXPECT_EQ(runs, 20);
+  EXPECT_GT(world->agent(1).GetDebugInfo()["duplicates_dropped"], 0);
+}
+
+TEST(AgentTest, PlantedDuplicateBugRunsHandlerTwice) {
+  int runs = 0;
+  auto world = MakeWorld(2, "dup=1.0", 3, [&](SimWorld&, WorkerId, Agent& a) {
+    a.set_planted_bugs(PlantedBugs{.process_duplicates = true});
+    a.RegisterHandler(wire::TEST_CALL, [&](std::shared_ptr<IncomingCall> c) {
+      ++runs;
+      c->Reply("", {});
+    });
+  });
+  auto f = world->agent(0).Call(1, wire::TEST_CALL, "", {});
+  world->RunFor(absl::Seconds(5));
+  EXPECT_GT(runs, 1);
+}
+
+}  // namespace
+}  // namespace tether
