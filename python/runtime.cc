@@ -1,0 +1,103 @@
+#include "python/runtime.h"
+
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "transport/system_clock.h"
+#include "transport/tcp_network.h"
+#include "transport/thread_pool.h"
+
+namespace tether {
+
+class Runtime::Impl {
+ public:
+  RuntimeOptions options;
+  std::unique_ptr<SystemClock> clock;
+  ThreadPool* pool = nullptr;  // Never freed; see runtime.h.
+  std::unique_ptr<TcpNetwork> network;
+  std::unique_ptr<Agent> agent;
+  std::shared_ptr<RRefContext> rrefs;
+};
+
+Runtime::Runtime(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+
+absl::StatusOr<std::unique_ptr<Runtime>> Runtime::Listen(
+    const RuntimeOptions& options) {
+  if (options.rank < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("rank must be >= 0, got ", options.rank));
+  }
+  if (options.num_worker_threads <= 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("num_worker_threads must be positive, got ",
+                     options.num_worker_threads));
+  }
+  auto impl = std::make_unique<Impl>();
+  impl->options = options;
+  TcpNetworkOptions net;
+  net.self = options.rank;
+  net.listen_host = options.listen_host;
+  net.listen_port = 0;
+  net.auth_token = options.auth_token;
+  net.connect_timeout = options.connect_timeout;
+  absl::StatusOr<std::unique_ptr<TcpNetwork>> network = TcpNetwork::Listen(net);
+  if (!network.ok()) return network.status();
+  impl->network = *std::move(network);
+  impl->clock = std::make_unique<SystemClock>();
+  impl->pool = new ThreadPool(options.num_worker_threads);
+  return std::unique_ptr<Runtime>(new Runtime(std::move(impl)));
+}
+
+std::string Runtime::address() const {
+  return impl_->network->listen_address();
+}
+
+absl::Status Runtime::Connect(
+    const std::vector<WorkerInfo>& workers,
+    const std::map<WorkerId, std::string>& addresses) {
+  if (impl_->agent != nullptr)
+    return absl::FailedPreconditionError("already connected");
+  absl::Status peers = impl_->network->SetPeers(addresses);
+  if (!peers.ok()) return peers;
+  AgentOptions options;
+  options.self = impl_->options.rank;
+  options.workers = workers;
+  options.default_timeout = impl_->options.rpc_timeout;
+  // tether.rpc.shutdown() bounds the barrier itself (its `timeout` argument).
+  options.shutdown_timeout = absl::ZeroDuration();
+  absl::StatusOr<std::unique_ptr<Agent>> agent = Agent::Create(
+      options, impl_->clock.get(), impl_->network.get(), impl_->pool);
+  if (!agent.ok()) return agent.status();
+  impl_->agent = *std::move(agent);
+  impl_->rrefs = RRefContext::Create(impl_->agent.get(), impl_->clock.get(),
+                                     impl_->pool, impl_->options.rref_options);
+  return absl::OkStatus();
+}
+
+Agent* Runtime::agent() const { return impl_->agent.get(); }
+RRefContext* Runtime::rrefs() const { return impl_->rrefs.get(); }
+Executor* Runtime::executor() const { return impl_->pool; }
+int Runtime::num_worker_threads() const { return impl_->pool->num_threads(); }
+
+absl::Status Runtime::Start() {
+  if (impl_->agent == nullptr)
+    return absl::FailedPreconditionError("Connect() first");
+  return impl_->agent->Start();
+}
+
+Runtime::~Runtime() {
+  if (impl_->agent != nullptr && !impl_->agent->is_shut_down()) {
+    impl_->agent->Shutdown(/*graceful=*/false).Wait();
+  }
+  impl_->network->Stop();
+  // Runs what is queued (callbacks failing the last calls), then joins the
+  // threads.
+  impl_->pool->Shutdown(ThreadPool::kDrain);
+  if (impl_->rrefs != nullptr) impl_->rrefs->Close(/*ignore_leaks=*/true);
+  impl_->rrefs.reset();
+  impl_->agent.reset();
+  impl_->network.reset();
+  impl_->clock.reset();
+}
+
+}  // namespace tether

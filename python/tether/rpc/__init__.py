@@ -1,0 +1,173 @@
+"""tether.rpc: a drop-in replacement for torch.distributed.rpc.
+
+    import tether.rpc as rpc          # instead of: import torch.distributed.rpc as rpc
+    rpc.init_rpc("worker0", rank=0, world_size=2)
+    rpc.rpc_sync("worker1", torch.add, args=(torch.ones(2), 1))
+    rpc.shutdown()
+
+The rendezvous is torch.distributed's (init_method tcp://, file://, env://), as in PyTorch; the
+RPC engine is Tether's (tether._C).
+"""
+import ipaddress
+import os
+import socket
+import threading
+import time
+from datetime import timedelta
+from urllib.parse import urlparse
+
+import torch
+import torch.distributed as dist
+
+from tether import _C
+
+from . import api, backend_registry, constants, functions, internal  # noqa: F401
+from .api import (  # noqa: F401
+    RRef,
+    RpcTimeoutError,
+    WorkerInfo,
+    _get_debug_info_agent,
+    _require_initialized,
+    _set_rpc_timeout,
+    _wait_all,
+    enable_gil_profiling,
+    get_rpc_timeout,
+    get_worker_info,
+    remote,
+    rpc_async,
+    rpc_sync,
+    shutdown,
+)
+from .backend_registry import BackendType
+from .options import RpcBackendOptions, TensorPipeRpcBackendOptions, TetherRpcBackendOptions
+
+__all__ = [
+    "init_rpc", "shutdown", "rpc_sync", "rpc_async", "remote", "get_worker_info", "RRef",
+    "WorkerInfo", "BackendType", "RpcBackendOptions", "TensorPipeRpcBackendOptions",
+    "TetherRpcBackendOptions", "RpcTimeoutError", "get_rpc_timeout", "enable_gil_profiling",
+    "functions", "is_available",
+]
+
+_init_counter = 0
+_init_lock = threading.Lock()
+_store = None  # Kept alive while RPC runs (rank 0 may host the TCPStore server).
+
+
+def is_available():
+    return True
+
+
+def _release_store():
+    global _store
+    _store = None
+
+
+def _listen_host(init_method, options):
+    """The address to listen on and publish: the option, else loopback if the rendezvous host
+    is loopback, else the local address that reaches it."""
+    if getattr(options, "interface", None):
+        return options.interface
+    url = urlparse(init_method)
+    if url.scheme == "tcp":
+        host = url.hostname
+    elif url.scheme == "env":
+        host = os.environ.get("MASTER_ADDR", "127.0.0.1")
+    else:
+        return "127.0.0.1"
+    try:
+        if ipaddress.ip_address(socket.gethostbyname(host)).is_loopback:
+            return "127.0.0.1"
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect((host, 9))
+            return s.getsockname()[0]
+    except OSError:
+        return "127.0.0.1"
+
+
+def init_rpc(name, backend=None, rank=-1, world_size=None, rpc_backend_options=None):
+    r"""Starts RPC on this process, as torch.distributed.rpc.init_rpc does: a rendezvous through
+    the c10d store named by ``rpc_backend_options.init_method`` (default ``env://``), after which
+    every worker can call every other.
+
+    Args:
+        name (str): this worker's unique name (letters, digits, ``_``, ``:``, ``-``; < 128).
+        backend (BackendType, optional): only ``BackendType.TENSORPIPE`` (the default), served
+            by Tether's engine.
+        rank (int): this worker's unique id in ``[0, world_size)``.
+        world_size (int): number of workers. Required (dynamic groups are not supported).
+        rpc_backend_options: a TensorPipeRpcBackendOptions or TetherRpcBackendOptions.
+    """
+    global _init_counter, _store
+    if backend is not None and not isinstance(backend, BackendType):
+        raise TypeError("Argument backend must be a member of BackendType")
+    if rpc_backend_options is not None and not isinstance(rpc_backend_options, RpcBackendOptions):
+        raise TypeError("Argument rpc_backend_options must be an instance of RpcBackendOptions")
+    if rpc_backend_options is None:
+        rpc_backend_options = TensorPipeRpcBackendOptions()
+    if not isinstance(rpc_backend_options, TensorPipeRpcBackendOptions):
+        raise TypeError(f"Could not infer backend for options {rpc_backend_options}")
+    if not isinstance(name, str):
+        raise RuntimeError(f"Argument {name} must be of type {str} but got type {type(name)}")
+    WorkerInfo(name, 0)  # Validates the name.
+    if world_size is None:
+        env = os.environ.get("WORLD_SIZE")
+        if env is None:
+            raise ValueError(
+                "Tether needs world_size (dynamic RPC groups are not supported)"
+            )
+        world_size = int(env)
+    if _C.is_initialized():
+        raise RuntimeError("RPC is already initialized")
+    opts = rpc_backend_options
+    timeout = opts.rpc_timeout
+
+    store, rank, world_size = next(
+        dist.rendezvous(opts.init_method, rank=rank, world_size=world_size)
+    )
+    store.set_timeout(timedelta(seconds=timeout if timeout > 0 else 3600 * 24))
+    with _init_lock:
+        store = dist.PrefixStore(f"tether_rpc_{_init_counter}", store)
+        _init_counter += 1
+
+    address = _C.listen(
+        name, rank, opts.num_worker_threads, timeout,
+        getattr(opts, "auth_token", None) or "",
+        _listen_host(opts.init_method, opts),
+    )
+    try:
+        store.set(f"worker/{rank}", f"{name}\n{address}")
+        workers = []
+        for r in range(world_size):
+            worker_name, worker_address = store.get(f"worker/{r}").decode().split("\n", 1)
+            workers.append((worker_name, r, worker_address))
+        names = [w[0] for w in workers]
+        if len(set(names)) != len(names):
+            dup = sorted({n for n in names if names.count(n) > 1})
+            raise RuntimeError(f"RPC worker name {dup[0]} is not unique (workers: {names})")
+        # Let rank 0 (which may host the store) leave only once everyone has read it.
+        store.add("read", 1)
+        if rank == 0:
+            while store.add("read", 0) < world_size:
+                time.sleep(0.001)
+    except BaseException:
+        _C.abandon_listen()
+        raise
+    infos = _C.connect(workers)
+    api._set_workers(infos, rank)
+    _store = store
+
+
+def _rref_context_get_debug_info():
+    """RRef counters with PyTorch's keys: num_owner_rrefs, num_pending_futures,
+    num_pending_users, num_forks (values are strings, as in PyTorch)."""
+    return _C.rref_debug_info()
+
+
+@_require_initialized
+def _get_debug_info():
+    info = _rref_context_get_debug_info()
+    info.update(_get_debug_info_agent())
+    return info
+
+
+_get_current_rpc_agent = api._get_current_rpc_agent

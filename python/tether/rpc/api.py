@@ -1,0 +1,351 @@
+"""rpc_sync, rpc_async, remote, shutdown, WorkerInfo, RRef: torch.distributed.rpc's API over
+Tether's engine."""
+import asyncio
+import atexit
+import functools
+import re
+import threading
+from typing import Any, Dict, Generic, Optional, TypeVar
+
+import torch
+import torch.jit._builtins
+
+from tether import _C
+
+from . import internal
+from .constants import DEFAULT_SHUTDOWN_TIMEOUT, UNSET_RPC_TIMEOUT
+
+__all__ = [
+    "shutdown", "get_worker_info", "remote", "rpc_sync", "rpc_async", "RRef", "WorkerInfo",
+    "RpcTimeoutError", "get_rpc_timeout", "_set_rpc_timeout", "enable_gil_profiling",
+]
+
+T = TypeVar("T")
+
+
+class RpcTimeoutError(TimeoutError, RuntimeError):
+    """An RPC that ran for more than its timeout. Both a TimeoutError and a RuntimeError (what
+    code written for torch.distributed.rpc catches)."""
+
+
+_C._set_hooks(internal._run_python_call, internal._decode_reply, internal._serialize_value,
+              RpcTimeoutError)
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9_:\-]*$")
+_MAX_NAME_LEN = 128
+
+
+class WorkerInfo:
+    """The name and id of a worker. Get one with get_worker_info() and pass it as `to` to avoid
+    looking the name up on every call."""
+
+    __slots__ = ("_name", "_id")
+
+    def __init__(self, name: str, id: int):
+        if not isinstance(name, str):
+            raise TypeError(f"worker name must be a str, got {type(name)}")
+        if not name:
+            raise RuntimeError("Worker name must be non-empty")
+        if len(name) >= _MAX_NAME_LEN:
+            raise RuntimeError(f"Worker name must be shorter than {_MAX_NAME_LEN} chars, got {name}")
+        if not _NAME_RE.match(name):
+            raise RuntimeError(f"Worker name must match ^[A-Za-z0-9-_:]*$, but got {name}")
+        self._name = name
+        self._id = int(id)
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def id(self) -> int:
+        return self._id
+
+    def __eq__(self, other):
+        return isinstance(other, WorkerInfo) and (self._name, self._id) == (other._name, other._id)
+
+    def __hash__(self):
+        return hash((self._name, self._id))
+
+    def __repr__(self):
+        return f"WorkerInfo(id={self._id}, name={self._name})"
+
+    def __reduce__(self):
+        return (WorkerInfo, (self._name, self._id))
+
+
+# Worker registry of the current run (filled by init_rpc).
+_state_lock = threading.Lock()
+_workers_by_name: Dict[str, WorkerInfo] = {}
+_workers_by_id: Dict[int, WorkerInfo] = {}
+_self_info: Optional[WorkerInfo] = None
+
+
+def _set_workers(workers, self_id):
+    global _self_info
+    with _state_lock:
+        _workers_by_name.clear()
+        _workers_by_id.clear()
+        for name, wid in workers:
+            info = WorkerInfo(name, wid)
+            _workers_by_name[name] = info
+            _workers_by_id[wid] = info
+        _self_info = _workers_by_id[self_id]
+
+
+def _clear_workers():
+    global _self_info
+    with _state_lock:
+        _workers_by_name.clear()
+        _workers_by_id.clear()
+        _self_info = None
+
+
+def _require_initialized(func):
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        if not _C.is_initialized():
+            raise RuntimeError(
+                "RPC has not been initialized. Call tether.rpc.init_rpc first."
+            )
+        return func(*args, **kwargs)
+
+    return wrapper
+
+
+@_require_initialized
+def get_worker_info(worker_name=None) -> WorkerInfo:
+    """The WorkerInfo of `worker_name` (a name or an id), or of this worker if None."""
+    if worker_name is None:
+        return _self_info
+    if isinstance(worker_name, int):
+        info = _workers_by_id.get(worker_name)
+        kind = "id"
+    else:
+        info = _workers_by_name.get(worker_name)
+        kind = "name"
+    if info is None:
+        me = _self_info
+        raise RuntimeError(
+            f"name:{me.name},rank:{me.id} could not find destination {kind} {worker_name}"
+        )
+    return info
+
+
+def _to_worker_info(to) -> WorkerInfo:
+    if isinstance(to, WorkerInfo):
+        return to
+    if isinstance(to, (str, int)) and not isinstance(to, bool):
+        return get_worker_info(to)
+    raise ValueError("Cannot get WorkerInfo from name {}".format(to))
+
+
+@_require_initialized
+def get_rpc_timeout() -> float:
+    """The default RPC timeout in seconds (0: none)."""
+    return _C.get_rpc_timeout()
+
+
+@_require_initialized
+def _set_rpc_timeout(rpc_timeout: float) -> None:
+    """Sets the default timeout of calls made from now on (seconds; 0: none)."""
+    _C.set_rpc_timeout(float(rpc_timeout))
+
+
+def enable_gil_profiling(flag: bool) -> None:
+    """Records how long RPC threads wait for the GIL; reported as
+    'agent.gil_average_wait_time_us' in the debug info."""
+    _C.enable_gil_profiling(bool(flag))
+
+
+class _RpcFuture(torch.futures.Future):
+    """The Future of rpc_async: a torch.futures.Future whose wait() can be interrupted with
+    Ctrl-C and which can be awaited in asyncio."""
+
+    def wait(self):
+        pending = getattr(self, "_pending", None)
+        if pending is not None and not self.done():
+            pending.wait_done()
+        return super().wait()
+
+    def __await__(self):
+        loop = asyncio.get_event_loop()
+        result = loop.create_future()
+
+        def transfer(fut):
+            if result.cancelled():
+                return
+            try:
+                result.set_result(fut.value())
+            except BaseException as e:  # noqa: B902 (delivered to the awaiting coroutine)
+                result.set_exception(e)
+
+        self.add_done_callback(lambda fut: loop.call_soon_threadsafe(transfer, fut))
+        return result.__await__()
+
+
+def _timeout_arg(timeout):
+    if timeout is None:
+        return UNSET_RPC_TIMEOUT
+    timeout = float(timeout)
+    if timeout < 0 and timeout != UNSET_RPC_TIMEOUT:
+        raise ValueError(f"timeout must be >= 0 (or -1 for the default), got {timeout}")
+    return timeout
+
+
+def _send(to, func, args, kwargs, timeout, remote=False):
+    if not callable(func):
+        raise TypeError("function should be callable.")
+    info = _to_worker_info(to)
+    args = tuple(args) if args else ()
+    kwargs = dict(kwargs) if kwargs else {}
+    timeout = _timeout_arg(timeout)
+    async_exec = hasattr(func, "_wrapped_async_rpc_function")
+    if async_exec and isinstance(func._wrapped_async_rpc_function, torch.jit.ScriptFunction):
+        raise NotImplementedError(
+            "@rpc.functions.async_execution on TorchScript functions is not supported by Tether"
+        )
+    qualified_name = torch.jit._builtins._find_builtin(func)
+    if qualified_name is not None:
+        send = _C.remote_builtin if remote else _C.send_builtin
+        return send(info.id, qualified_name, args, kwargs, timeout)
+    if isinstance(func, torch.jit.ScriptFunction):
+        send = _C.remote_script if remote else _C.send_script
+        return send(info.id, torch._jit_internal._qualified_name(func), args, kwargs, timeout)
+    data, tensors = internal.serialize(internal.PythonUDF(func, args, kwargs), info.id)
+    send = _C.remote_python if remote else _C.send_python
+    return send(info.id, data, tensors, timeout, async_exec)
+
+
+@_require_initialized
+def rpc_sync(to, func, args=None, kwargs=None, timeout=UNSET_RPC_TIMEOUT):
+    """Runs ``func(*args, **kwargs)`` on worker ``to`` (a name, id or WorkerInfo) and returns
+    its result. ``timeout`` in seconds: -1 uses the default, 0 means none."""
+    return _send(to, func, args, kwargs, timeout).wait()
+
+
+@_require_initialized
+def rpc_async(to, func, args=None, kwargs=None, timeout=UNSET_RPC_TIMEOUT):
+    """Like rpc_sync, but returns at once a torch.futures.Future of the result."""
+    pending = _send(to, func, args, kwargs, timeout)
+    fut = _RpcFuture()
+    fut._pending = pending
+    pending.deliver_to(fut)
+    if hasattr(_thread_local_var, "future_list"):
+        _thread_local_var.future_list.append(fut)
+    return fut
+
+
+@_require_initialized
+def remote(to, func, args=None, kwargs=None, timeout=UNSET_RPC_TIMEOUT):
+    """Runs ``func(*args, **kwargs)`` on worker ``to`` and returns at once an RRef to the result,
+    owned by ``to``."""
+    return _send(to, func, args, kwargs, timeout, remote=True)
+
+
+_thread_local_var = threading.local()
+
+
+class _WaitAll:
+    def __enter__(self):
+        _thread_local_var.future_list = []
+
+    def __exit__(self, *exc):
+        try:
+            torch.futures.wait_all(_thread_local_var.future_list)
+        finally:
+            del _thread_local_var.future_list
+
+
+def _wait_all():
+    """Context manager that waits for every rpc_async future created inside it."""
+    return _WaitAll()
+
+
+@_require_initialized
+def shutdown(graceful=True, timeout=DEFAULT_SHUTDOWN_TIMEOUT):
+    """Shuts down RPC. Graceful (default): deletes this worker's user RRefs, then blocks until
+    every worker has called shutdown() and no work is left anywhere (bounded by ``timeout``
+    seconds if > 0). Otherwise stops at once; pending calls fail."""
+    try:
+        _C.shutdown(bool(graceful), float(timeout))
+    finally:
+        _clear_workers()
+        from . import _release_store
+
+        _release_store()
+
+
+@atexit.register
+def _shutdown_at_exit():
+    if _C.is_initialized():
+        try:
+            _C.shutdown(False, 0.0)
+        except Exception:
+            pass
+
+
+# --- RRef -----------------------------------------------------------------------------------
+RRef = _C.RRef
+
+
+def _rref_owner(self) -> WorkerInfo:
+    """The WorkerInfo of the owner."""
+    return get_worker_info(self._owner_id())
+
+
+def _rref_reduce(self):
+    raise RuntimeError(
+        "Can not pickle rref in python pickler, rref can only be pickled when using RPC"
+    )
+
+
+def _rref_proxy(api_name):
+    def make(self, timeout=UNSET_RPC_TIMEOUT):
+        from .rref_proxy import RRefProxy
+
+        return RRefProxy(self, api_name, timeout)
+
+    make.__name__ = api_name
+    make.__doc__ = (
+        f"A proxy that runs methods of the value on its owner with {api_name}: "
+        f"``rref.{api_name}().method(*args)``."
+    )
+    return make
+
+
+RRef.owner = _rref_owner
+RRef.__reduce__ = _rref_reduce
+RRef.__reduce_ex__ = lambda self, protocol: _rref_reduce(self)
+RRef.rpc_sync = _rref_proxy("rpc_sync")
+RRef.rpc_async = _rref_proxy("rpc_async")
+RRef.remote = _rref_proxy("remote")
+RRef.__class_getitem__ = classmethod(lambda cls, item: cls)
+
+
+def _get_debug_info_agent():
+    """Agent counters with PyTorch's keys (agent.client_active_calls, agent.server_active_calls,
+    agent.server_active_async_calls, agent.thread_pool_size, agent.gil_average_wait_time_us when
+    GIL profiling is on) plus Tether's own (agent.calls_sent, ...). Values are strings."""
+    return _C.agent_debug_info()
+
+
+class _AgentView:
+    """What `rpc.api._get_current_rpc_agent()` offers in PyTorch, for code that inspects it."""
+
+    def get_worker_info(self, worker_name=None):
+        return get_worker_info(worker_name)
+
+    def get_worker_infos(self):
+        return [_workers_by_id[i] for i in sorted(_workers_by_id)]
+
+    def get_debug_info(self):
+        return _get_debug_info_agent()
+
+
+def _get_current_rpc_agent():
+    if not _C.is_initialized():
+        raise RuntimeError(
+            "Current RPC agent is not set! Did you initialize the RPC framework (init_rpc)?"
+        )
+    return _AgentView()
