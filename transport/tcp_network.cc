@@ -1,0 +1,1167 @@
+#include "transport/tcp_network.h"
+
+#include <arpa/inet.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <sys/epoll.h>
+#include <sys/eventfd.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cstring>
+#include <deque>
+#include <mutex>
+#include <thread>
+#include <utility>
+#include <vector>
+
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "transport/auth.h"
+
+namespace tether {
+namespace {
+
+using SteadyClock = std::chrono::steady_clock;
+using SteadyTime = SteadyClock::time_point;
+
+constexpr size_t kStagingSize = 256 << 10;
+constexpr size_t kDirectReadThreshold = 32 << 10;
+constexpr int kMaxIov = 512;
+constexpr auto kDialRetry = std::chrono::milliseconds(50);
+constexpr auto kCloseLinger = std::chrono::milliseconds(500);
+
+SteadyClock::duration ToSteady(absl::Duration d) {
+  return std::chrono::duration_cast<SteadyClock::duration>(
+      absl::ToChronoNanoseconds(d));
+}
+
+void Log(const std::string& message) {
+  std::string line = absl::StrCat("tether: ", message, "\n");
+  (void)!write(STDERR_FILENO, line.data(), line.size());
+}
+
+std::string ErrnoText(int err) { return std::strerror(err); }
+
+std::string SockaddrText(const sockaddr_storage& ss) {
+  char host[INET6_ADDRSTRLEN] = "?";
+  int port = 0;
+  if (ss.ss_family == AF_INET) {
+    const auto* a = reinterpret_cast<const sockaddr_in*>(&ss);
+    inet_ntop(AF_INET, &a->sin_addr, host, sizeof(host));
+    port = ntohs(a->sin_port);
+    return absl::StrCat(host, ":", port);
+  }
+  if (ss.ss_family == AF_INET6) {
+    const auto* a = reinterpret_cast<const sockaddr_in6*>(&ss);
+    inet_ntop(AF_INET6, &a->sin6_addr, host, sizeof(host));
+    port = ntohs(a->sin6_port);
+    return absl::StrCat("[", host, "]:", port);
+  }
+  return "?";
+}
+
+// Splits "host:port" or "[v6]:port".
+absl::Status SplitHostPort(absl::string_view address, std::string* host,
+                           int* port) {
+  size_t colon = address.rfind(':');
+  if (colon == absl::string_view::npos) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("address '", address, "' has no ':port'"));
+  }
+  absl::string_view h = address.substr(0, colon);
+  if (h.size() >= 2 && h.front() == '[' && h.back() == ']')
+    h = h.substr(1, h.size() - 2);
+  int p = 0;
+  if (h.empty() || !absl::SimpleAtoi(address.substr(colon + 1), &p) || p <= 0 ||
+      p > 65535) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("address '", address, "' is not host:port"));
+  }
+  *host = std::string(h);
+  *port = p;
+  return absl::OkStatus();
+}
+
+absl::Status Resolve(const std::string& host, int port, bool passive,
+                     sockaddr_storage* out, socklen_t* len) {
+  addrinfo hints{};
+  hints.ai_family = AF_UNSPEC;
+  hints.ai_socktype = SOCK_STREAM;
+  if (passive) hints.ai_flags = AI_PASSIVE;
+  addrinfo* res = nullptr;
+  std::string port_text = std::to_string(port);
+  int rc = getaddrinfo(host.empty() ? nullptr : host.c_str(), port_text.c_str(),
+                       &hints, &res);
+  if (rc != 0 || res == nullptr) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("cannot resolve host '", host, "': ", gai_strerror(rc)));
+  }
+  std::memcpy(out, res->ai_addr, res->ai_addrlen);
+  *len = res->ai_addrlen;
+  freeaddrinfo(res);
+  return absl::OkStatus();
+}
+
+void SetSocketOptions(int fd, const TcpNetworkOptions& o) {
+  int one = 1;
+  setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+  setsockopt(fd, SOL_SOCKET, SO_KEEPALIVE, &one, sizeof(one));
+  int idle = std::max<int64_t>(1, absl::ToInt64Seconds(o.keepalive_idle));
+  int intvl = std::max<int64_t>(1, absl::ToInt64Seconds(o.keepalive_interval));
+  int cnt = std::max(1, o.keepalive_count);
+  setsockopt(fd, IPPROTO_TCP, TCP_KEEPIDLE, &idle, sizeof(idle));
+  setsockopt(fd, IPPROTO_TCP, TCP_KEEPINTVL, &intvl, sizeof(intvl));
+  setsockopt(fd, IPPROTO_TCP, TCP_KEEPCNT, &cnt, sizeof(cnt));
+  unsigned int user_timeout =
+      static_cast<unsigned int>(absl::ToInt64Milliseconds(o.user_timeout));
+  setsockopt(fd, IPPROTO_TCP, TCP_USER_TIMEOUT, &user_timeout,
+             sizeof(user_timeout));
+}
+
+std::once_flag warn_once;
+
+}  // namespace
+
+class TcpNetwork::Impl {
+ public:
+  explicit Impl(TcpNetworkOptions options) : options_(std::move(options)) {}
+  ~Impl();
+
+  absl::Status Listen();
+  absl::Status SetPeers(const std::map<WorkerId, std::string>& addresses);
+  absl::Status Start(NetworkObserver* observer);
+  absl::Status Send(WorkerId to, Message message);
+  void Stop(bool abort);
+  std::map<std::string, int64_t> GetStats() const {
+    return {{"messages_sent", messages_sent_.load()},
+            {"messages_received", messages_received_.load()},
+            {"bad_input_connections", bad_input_.load()},
+            {"refused_connections", refused_.load()},
+            {"peers_failed", peers_failed_.load()}};
+  }
+
+  const TcpNetworkOptions options_;
+  int port_ = 0;
+  std::string listen_address_;
+
+ private:
+  enum State { kIdle, kRunning, kStopping, kStopped };
+
+  struct Outgoing {
+    EncodedFrame frame;
+    size_t size;
+  };
+
+  struct Peer {
+    WorkerId id = -1;
+    std::string address;
+    sockaddr_storage addr{};
+    socklen_t addr_len = 0;
+
+    std::mutex mu;  // Guards the fields below up to the loop-only ones.
+    std::deque<Outgoing> queue;
+    size_t offset = 0;      // Bytes of queue.front() already written.
+    int fd = -1;            // The ready connection's socket, -1 if none.
+    uint64_t conn_id = 0;   // Its epoll key.
+    bool want_out = false;  // EPOLLOUT armed.
+    bool failed = false;
+    absl::Status failure;
+    absl::Status
+        write_error;  // Set by a writer; the loop turns it into a failure.
+
+    // Loop thread only.
+    uint64_t conn = 0;  // Connection (being set up or ready), 0 if none.
+    bool ready_once = false;
+    SteadyTime next_dial{};
+  };
+
+  enum Phase {
+    kConnecting,
+    kAwaitHello,
+    kAwaitAcceptHello,
+    kAwaitProof,
+    kReady,
+    kClosing
+  };
+
+  // Loop thread only.
+  struct Conn {
+    uint64_t id = 0;
+    int fd = -1;
+    std::string address;
+    bool dialer = false;
+    Peer* peer = nullptr;  // Known from the start when dialing, after the hello
+                           // when accepting.
+    Phase phase = kConnecting;
+    uint8_t hs[kHandshakeSize];
+    size_t hs_have = 0;
+    Nonce my_nonce{};
+    Nonce peer_nonce{};  // The dialer's, kept by the acceptor for the proof.
+    SteadyTime deadline{};
+    std::unique_ptr<FrameReader> reader;
+  };
+
+  void Loop();
+  void Wake();
+  void HandleEvent(uint64_t key, uint32_t events);
+  void AcceptAll();
+  void Dial(Peer* peer);
+  void OnConnected(Conn* c);
+  void OnReadable(Conn* c);
+  // Reads the rest of a handshake record; true once complete. On EOF/error
+  // closes `c` (via ConnError) and returns false.
+  bool ReadHandshake(Conn* c, bool* closed);
+  void OnHello(Conn* c);
+  void OnAcceptHello(Conn* c);
+  void OnProof(Conn* c);
+  void MakeReady(Conn* c);
+  void ReadFrames(Conn* c);
+  bool WriteRecord(Conn* c, const HandshakeRecord& r);
+  // An error on `c`: bad input or a broken stream. Fails its peer if it has one
+  // (once ready, or when dialing), else just closes and logs.
+  void ConnError(Conn* c, const absl::Status& status, bool bad_input);
+  void CloseConn(Conn* c, bool reset);
+  void FailPeer(Peer* p, const absl::Status& status);
+  // Dials, gives up on peers and handshakes. Returns whether anything is still
+  // being set up.
+  bool CheckTimers();
+  void DeliverSelf();
+  bool FlushDone();
+  void Deliver(Message m, WorkerId from);
+  std::string PeerName(const Peer* p) const {
+    return absl::StrCat("worker ", p->id, " at ", p->address);
+  }
+
+  // Writes as much of the peer's queue as the socket takes. Requires p->mu.
+  // Returns false if the write failed (p->write_error set).
+  bool FlushLocked(Peer* p);
+  void SetWantOutLocked(Peer* p, bool want);
+
+  std::string token_;
+  int listen_fd_ = -1;
+  int epoll_fd_ = -1;
+  int event_fd_ = -1;
+  std::map<WorkerId, std::unique_ptr<Peer>> peers_;
+  bool peers_set_ = false;
+
+  std::atomic<int> state_{kIdle};
+  std::atomic<bool> abort_{false};
+  std::atomic<bool> write_errors_{false};
+  NetworkObserver* observer_ = nullptr;
+  std::thread loop_;
+  std::atomic<std::thread::id> loop_id_{};
+  std::mutex stop_mu_;
+  SteadyTime start_time_{};
+  SteadyTime stop_deadline_{};
+  bool stop_deadline_set_ = false;  // Loop only.
+
+  std::mutex self_mu_;
+  std::deque<Message> self_queue_;
+
+  // Loop thread only.
+  std::map<uint64_t, std::unique_ptr<Conn>> conns_;
+  uint64_t next_conn_id_ = 2;  // 0: listen socket, 1: eventfd.
+  std::vector<uint8_t> staging_;
+
+  std::atomic<int64_t> messages_sent_{0}, messages_received_{0}, bad_input_{0},
+      refused_{0}, peers_failed_{0};
+};
+
+TcpNetwork::Impl::~Impl() {
+  Stop(false);
+  if (listen_fd_ >= 0) close(listen_fd_);
+  if (epoll_fd_ >= 0) close(epoll_fd_);
+  if (event_fd_ >= 0) close(event_fd_);
+}
+
+absl::Status TcpNetwork::Impl::Listen() {
+  if (options_.self < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("bad worker id ", options_.self));
+  }
+  token_ = options_.auth_token.empty() ? TokenFromEnvironment()
+                                       : options_.auth_token;
+  sockaddr_storage ss{};
+  socklen_t len = 0;
+  std::string host = options_.listen_host;
+  if (host.size() >= 2 && host.front() == '[')
+    host = host.substr(1, host.size() - 2);
+  absl::Status resolved =
+      Resolve(host, options_.listen_port, /*passive=*/true, &ss, &len);
+  if (!resolved.ok()) return resolved;
+  listen_fd_ =
+      socket(ss.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+  if (listen_fd_ < 0)
+    return absl::UnavailableError(absl::StrCat("socket: ", ErrnoText(errno)));
+  int one = 1;
+  setsockopt(listen_fd_, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+  if (bind(listen_fd_, reinterpret_cast<sockaddr*>(&ss), len) != 0) {
+    return absl::UnavailableError(
+        absl::StrCat("cannot listen on ", options_.listen_host, ":",
+                     options_.listen_port, ": ", ErrnoText(errno)));
+  }
+  if (listen(listen_fd_, 1024) != 0) {
+    return absl::UnavailableError(absl::StrCat("listen: ", ErrnoText(errno)));
+  }
+  sockaddr_storage bound{};
+  socklen_t bound_len = sizeof(bound);
+  getsockname(listen_fd_, reinterpret_cast<sockaddr*>(&bound), &bound_len);
+  listen_address_ = SockaddrText(bound);
+  port_ = bound.ss_family == AF_INET
+              ? ntohs(reinterpret_cast<sockaddr_in*>(&bound)->sin_port)
+              : ntohs(reinterpret_cast<sockaddr_in6*>(&bound)->sin6_port);
+  epoll_fd_ = epoll_create1(EPOLL_CLOEXEC);
+  event_fd_ = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+  if (epoll_fd_ < 0 || event_fd_ < 0) {
+    return absl::UnavailableError(
+        absl::StrCat("epoll/eventfd: ", ErrnoText(errno)));
+  }
+  epoll_event ev{};
+  ev.events = EPOLLIN;
+  ev.data.u64 = 0;
+  epoll_ctl(epoll_fd_, EPOLL_CTL_ADD, listen_fd_, &ev);
+  ev.data.u64 = 1;
+  epoll_ctl(epoll_fd_, EPOLL_CTL_ADD, event_fd_, &ev);
+  return absl::OkStatus();
+}
+
+absl::Status TcpNetwork::Impl::SetPeers(
+    const std::map<WorkerId, std::string>& addresses) {
+  if (state_.load() != kIdle || peers_set_) {
+    return absl::FailedPreconditionError(
+        "SetPeers must be called once, before Start");
+  }
+  std::map<WorkerId, std::unique_ptr<Peer>> peers;
+  for (const auto& [id, address] : addresses) {
+    if (id == options_.self) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("peer list names this worker (", id, ") itself"));
+    }
+    if (id < 0)
+      return absl::InvalidArgumentError(absl::StrCat("bad worker id ", id));
+    auto p = std::make_unique<Peer>();
+    p->id = id;
+    p->address = address;
+    std::string host;
+    int port = 0;
+    absl::Status s = SplitHostPort(address, &host, &port);
+    if (s.ok())
+      s = Resolve(host, port, /*passive=*/false, &p->addr, &p->addr_len);
+    if (!s.ok()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("address of worker ", id, ": ", s.message()));
+    }
+    peers[id] = std::move(p);
+  }
+  peers_ = std::move(peers);
+  peers_set_ = true;
+  return absl::OkStatus();
+}
+
+absl::Status TcpNetwork::Impl::Start(NetworkObserver* observer) {
+  int expected = kIdle;
+  if (observer == nullptr)
+    return absl::InvalidArgumentError("Start needs an observer");
+  if (!state_.compare_exchange_strong(expected, kRunning)) {
+    return absl::FailedPreconditionError("network already started or stopped");
+  }
+  observer_ = observer;
+  if (token_.empty()) {
+    bool all_loopback = IsLoopbackHost(options_.listen_host);
+    for (const auto& [id, p] : peers_) {
+      std::string host;
+      int port;
+      if (SplitHostPort(p->address, &host, &port).ok() &&
+          !IsLoopbackHost(host)) {
+        all_loopback = false;
+      }
+    }
+    if (!all_loopback) {
+      std::call_once(warn_once, [] {
+        Log("WARNING: no authentication token is set and workers talk over a "
+            "non-loopback "
+            "network: anyone who can reach these ports can run code on this "
+            "worker. Set "
+            "TETHER_AUTH_TOKEN (the same secret on every worker) to require "
+            "authentication.");
+      });
+    }
+  }
+  staging_.resize(kStagingSize);
+  start_time_ = SteadyClock::now();
+  for (auto& [id, p] : peers_) {
+    if (id < options_.self) p->next_dial = start_time_;
+  }
+  loop_ = std::thread([this] { Loop(); });
+  return absl::OkStatus();
+}
+
+void TcpNetwork::Impl::Wake() {
+  uint64_t one = 1;
+  (void)!write(event_fd_, &one, sizeof(one));
+}
+
+absl::Status TcpNetwork::Impl::Send(WorkerId to, Message message) {
+  int state = state_.load();
+  auto it = peers_.find(to);
+  if (to != options_.self && it == peers_.end()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "worker ", options_.self, " cannot send to unknown worker ", to));
+  }
+  if (state != kRunning) {
+    return absl::UnavailableError(
+        absl::StrCat("the network of worker ", options_.self, " is ",
+                     state == kIdle ? "not started" : "stopped"));
+  }
+  message.envelope.set_from(options_.self);
+  message.envelope.set_to(to);
+  if (to == options_.self) {
+    message.SealBuffers();
+    {
+      std::lock_guard<std::mutex> lock(self_mu_);
+      self_queue_.push_back(std::move(message));
+    }
+    Wake();
+    return absl::OkStatus();
+  }
+  Peer* p = it->second.get();
+  absl::StatusOr<EncodedFrame> frame = EncodeFrame(std::move(message));
+  if (!frame.ok()) return frame.status();
+  size_t size = frame->size();
+  std::unique_lock<std::mutex> lock(p->mu);
+  if (p->failed) {
+    return absl::UnavailableError(
+        absl::StrCat(PeerName(p), " has failed: ", p->failure.message()));
+  }
+  p->queue.push_back(Outgoing{std::move(*frame), size});
+  ++messages_sent_;
+  if (p->fd >= 0 && !p->want_out && p->write_error.ok()) {
+    if (!FlushLocked(p)) {
+      lock.unlock();
+      Wake();
+    }
+  }
+  return absl::OkStatus();
+}
+
+bool TcpNetwork::Impl::FlushLocked(Peer* p) {
+  while (!p->queue.empty()) {
+    iovec iov[kMaxIov];
+    int n = 0;
+    size_t skip = p->offset;
+    for (auto it = p->queue.begin(); it != p->queue.end() && n < kMaxIov;
+         ++it) {
+      auto add = [&](const void* data, size_t size) {
+        if (size == 0 || n >= kMaxIov) return;
+        if (skip >= size) {
+          skip -= size;
+          return;
+        }
+        iov[n].iov_base =
+            const_cast<uint8_t*>(static_cast<const uint8_t*>(data) + skip);
+        iov[n].iov_len = size - skip;
+        skip = 0;
+        ++n;
+      };
+      add(it->frame.header, kFrameHeaderSize);
+      add(it->frame.envelope.data(), it->frame.envelope.size());
+      for (const Buffer& b : it->frame.buffers) add(b.data(), b.size());
+    }
+    msghdr msg{};
+    msg.msg_iov = iov;
+    msg.msg_iovlen = n;
+    ssize_t w = sendmsg(p->fd, &msg, MSG_NOSIGNAL | MSG_DONTWAIT);
+    if (w < 0) {
+      if (errno == EINTR) continue;
+      if (errno == EAGAIN || errno == EWOULDBLOCK) {
+        SetWantOutLocked(p, true);
+        return true;
+      }
+      p->write_error = absl::UnavailableError(absl::StrCat(
+          "writing to ", PeerName(p), " failed: ", ErrnoText(errno)));
+      write_errors_ = true;
+      return false;
+    }
+    size_t written = static_cast<size_t>(w);
+    while (written > 0) {
+      Outgoing& front = p->queue.front();
+      size_t left = front.size - p->offset;
+      if (written >= left) {
+        written -= left;
+        p->offset = 0;
+        p->queue.pop_front();
+      } else {
+        p->offset += written;
+        written = 0;
+      }
+    }
+  }
+  SetWantOutLocked(p, false);
+  return true;
+}
+
+void TcpNetwork::Impl::SetWantOutLocked(Peer* p, bool want) {
+  if (p->want_out == want || p->fd < 0) return;
+  epoll_event ev{};
+  ev.events = EPOLLIN | EPOLLRDHUP | (want ? EPOLLOUT : 0);
+  ev.data.u64 = p->conn_id;
+  epoll_ctl(epoll_fd_, EPOLL_CTL_MOD, p->fd, &ev);
+  p->want_out = want;
+}
+
+void TcpNetwork::Impl::Stop(bool abort) {
+  if (abort) abort_ = true;
+  int state = kIdle;
+  if (state_.compare_exchange_strong(state, kStopped))
+    return;  // Never started.
+  state = kRunning;
+  state_.compare_exchange_strong(state, kStopping);
+  if (std::this_thread::get_id() == loop_id_.load()) {
+    // Called from an observer callback: the loop finishes the flush and exits
+    // on its own; no callback runs after this returns (the loop checks the
+    // state before each one).
+    return;
+  }
+  Wake();
+  std::lock_guard<std::mutex> lock(stop_mu_);
+  if (loop_.joinable()) loop_.join();
+  state_ = kStopped;
+}
+
+void TcpNetwork::Impl::Loop() {
+  loop_id_ = std::this_thread::get_id();
+  epoll_event events[64];
+  int timeout_ms = 10;
+  while (true) {
+    int state = state_.load();
+    if (state != kRunning) {
+      if (abort_.load()) {
+        while (!conns_.empty())
+          CloseConn(conns_.begin()->second.get(), /*reset=*/true);
+        break;
+      }
+      timeout_ms = 10;
+      if (!stop_deadline_set_) {
+        stop_deadline_ =
+            SteadyClock::now() + ToSteady(options_.stop_flush_timeout);
+        stop_deadline_set_ = true;
+      }
+      if (FlushDone() || SteadyClock::now() >= stop_deadline_) break;
+    }
+    int n = epoll_wait(epoll_fd_, events, 64, timeout_ms);
+    if (n < 0 && errno != EINTR) {
+      Log(absl::StrCat("worker ", options_.self,
+                       ": epoll_wait failed: ", ErrnoText(errno)));
+      break;
+    }
+    for (int i = 0; i < n; ++i)
+      HandleEvent(events[i].data.u64, events[i].events);
+    if (write_errors_.exchange(false)) {
+      for (auto& [id, p] : peers_) {
+        absl::Status err;
+        {
+          std::lock_guard<std::mutex> lock(p->mu);
+          err = p->write_error;
+        }
+        if (!err.ok()) FailPeer(p.get(), err);
+      }
+    }
+    DeliverSelf();
+    timeout_ms = CheckTimers() ? 10 : 200;
+  }
+  // Closing: half-close every connection so peers read all we wrote, then
+  // close.
+  if (!abort_.load()) {
+    auto linger_until =
+        std::min(SteadyClock::now() + kCloseLinger, stop_deadline_);
+    for (auto& [id, c] : conns_) shutdown(c->fd, SHUT_WR);
+    while (!conns_.empty() && SteadyClock::now() < linger_until) {
+      int n = epoll_wait(epoll_fd_, events, 64, 10);
+      for (int i = 0; i < n; ++i) {
+        auto it = conns_.find(events[i].data.u64);
+        if (it == conns_.end()) {
+          if (events[i].data.u64 == 1) {
+            uint64_t v;
+            (void)!read(event_fd_, &v, sizeof(v));
+          }
+          continue;
+        }
+        ssize_t r = read(it->second->fd, staging_.data(), staging_.size());
+        if (r == 0 || (r < 0 && errno != EAGAIN && errno != EINTR))
+          CloseConn(it->second.get(), false);
+      }
+    }
+  }
+  while (!conns_.empty()) CloseConn(conns_.begin()->second.get(), false);
+  for (auto& [id, p] : peers_) {
+    std::deque<Outgoing> dropped;
+    std::lock_guard<std::mutex> lock(p->mu);
+    dropped.swap(p->queue);
+    p->failed = true;
+    if (p->failure.ok()) p->failure = absl::UnavailableError("network stopped");
+  }
+}
+
+bool TcpNetwork::Impl::FlushDone() {
+  for (auto& [id, p] : peers_) {
+    std::lock_guard<std::mutex> lock(p->mu);
+    if (!p->failed && p->fd >= 0 && !p->queue.empty()) return false;
+  }
+  return true;
+}
+
+void TcpNetwork::Impl::HandleEvent(uint64_t key, uint32_t events) {
+  if (key == 0) {
+    AcceptAll();
+    return;
+  }
+  if (key == 1) {
+    uint64_t v;
+    (void)!read(event_fd_, &v, sizeof(v));
+    return;
+  }
+  auto it = conns_.find(key);
+  if (it == conns_.end()) return;
+  Conn* c = it->second.get();
+  if (c->phase == kConnecting) {
+    if (events & (EPOLLOUT | EPOLLERR | EPOLLHUP)) OnConnected(c);
+    return;
+  }
+  if (events & EPOLLOUT && c->phase == kReady) {
+    Peer* p = c->peer;
+    bool ok;
+    {
+      std::lock_guard<std::mutex> lock(p->mu);
+      ok = p->fd < 0 || FlushLocked(p);
+    }
+    if (!ok) {
+      FailPeer(p, p->write_error);
+      return;
+    }
+  }
+  if (events & (EPOLLIN | EPOLLRDHUP | EPOLLERR | EPOLLHUP)) OnReadable(c);
+}
+
+void TcpNetwork::Impl::AcceptAll() {
+  while (true) {
+    sockaddr_storage ss{};
+    socklen_t len = sizeof(ss);
+    int fd = accept4(listen_fd_, reinterpret_cast<sockaddr*>(&ss), &len,
+                     SOCK_NONBLOCK | SOCK_CLOEXEC);
+    if (fd < 0) {
+      if (errno == EINTR || errno == ECONNABORTED) continue;
+      if (errno != EAGAIN && errno != EWOULDBLOCK) {
+        Log(absl::StrCat("worker ", options_.self,
+                         ": accept failed: ", ErrnoText(errno)));
+      }
+      return;
+    }
+    if (state_.load() != kRunning) {
+      close(fd);
+      continue;
+    }
+    SetSocketOptions(fd, options_);
+    auto c = std::make_unique<Conn>();
+    c->id = next_conn_id_++;
+    c->fd = fd;
+    c->address = SockaddrText(ss);
+    c->phase = kAwaitHello;
+    c->deadline = SteadyClock::now() + ToSteady(options_.handshake_timeout);
+    epoll_event ev{};
+    ev.events = EPOLLIN | EPOLLRDHUP;
+    ev.data.u64 = c->id;
+    epoll_ctl(epoll_fd_, EPOLL_CTL_ADD, fd, &ev);
+    conns_[c->id] = std::move(c);
+  }
+}
+
+void TcpNetwork::Impl::Dial(Peer* p) {
+  int fd =
+      socket(p->addr.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+  if (fd < 0) {
+    FailPeer(p, absl::UnavailableError(
+                    absl::StrCat("cannot create a socket to ", PeerName(p),
+                                 ": ", ErrnoText(errno))));
+    return;
+  }
+  SetSocketOptions(fd, options_);
+  auto c = std::make_unique<Conn>();
+  c->id = next_conn_id_++;
+  c->fd = fd;
+  c->address = p->address;
+  c->dialer = true;
+  c->peer = p;
+  c->phase = kConnecting;
+  c->deadline = SteadyClock::now() + ToSteady(options_.handshake_timeout);
+  p->conn = c->id;
+  int rc = connect(fd, reinterpret_cast<sockaddr*>(&p->addr), p->addr_len);
+  epoll_event ev{};
+  ev.events = EPOLLOUT | EPOLLIN | EPOLLRDHUP;
+  ev.data.u64 = c->id;
+  epoll_ctl(epoll_fd_, EPOLL_CTL_ADD, fd, &ev);
+  Conn* raw = c.get();
+  conns_[c->id] = std::move(c);
+  if (rc != 0 && errno != EINPROGRESS) {
+    int err = errno;
+    CloseConn(raw, false);
+    p->conn = 0;
+    p->next_dial = SteadyClock::now() + kDialRetry;
+    (void)err;
+  }
+}
+
+void TcpNetwork::Impl::OnConnected(Conn* c) {
+  int err = 0;
+  socklen_t len = sizeof(err);
+  getsockopt(c->fd, SOL_SOCKET, SO_ERROR, &err, &len);
+  Peer* p = c->peer;
+  if (err != 0) {
+    // Not listening yet, or refused: retry until connect_timeout (CheckTimers
+    // gives up).
+    CloseConn(c, false);
+    p->conn = 0;
+    p->next_dial = SteadyClock::now() + kDialRetry;
+    return;
+  }
+  epoll_event ev{};
+  ev.events = EPOLLIN | EPOLLRDHUP;
+  ev.data.u64 = c->id;
+  epoll_ctl(epoll_fd_, EPOLL_CTL_MOD, c->fd, &ev);
+  absl::StatusOr<Nonce> nonce = RandomNonce();
+  if (!nonce.ok()) {
+    ConnError(c, nonce.status(), false);
+    return;
+  }
+  c->my_nonce = *nonce;
+  HandshakeRecord hello;
+  hello.kind = HandshakeKind::kHello;
+  hello.authenticated = !token_.empty();
+  hello.from = options_.self;
+  hello.to = p->id;
+  hello.nonce = c->my_nonce;
+  c->phase = kAwaitAcceptHello;
+  WriteRecord(c, hello);
+}
+
+bool TcpNetwork::Impl::WriteRecord(Conn* c, const HandshakeRecord& r) {
+  uint8_t bytes[kHandshakeSize];
+  EncodeHandshake(r, bytes);
+  ssize_t w = send(c->fd, bytes, sizeof(bytes), MSG_NOSIGNAL | MSG_DONTWAIT);
+  if (w != static_cast<ssize_t>(sizeof(bytes))) {
+    ConnError(c,
+              absl::UnavailableError(
+                  absl::StrCat("cannot write the handshake to ", c->address,
+                               ": ", w < 0 ? ErrnoText(errno) : "short write")),
+              false);
+    return false;
+  }
+  return true;
+}
+
+bool TcpNetwork::Impl::ReadHandshake(Conn* c, bool* closed) {
+  *closed = false;
+  while (c->hs_have < kHandshakeSize) {
+    ssize_t r = read(c->fd, c->hs + c->hs_have, kHandshakeSize - c->hs_have);
+    if (r > 0) {
+      c->hs_have += r;
+      continue;
+    }
+    if (r < 0 && errno == EINTR) continue;
+    if (r < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) return false;
+    *closed = true;
+    ConnError(c,
+              absl::UnavailableError(absl::StrCat(
+                  c->address, " closed the connection during the handshake",
+                  r < 0 ? absl::StrCat(": ", ErrnoText(errno)) : std::string(),
+                  c->dialer ? " (did it refuse our authentication?)" : "")),
+              false);
+    return false;
+  }
+  c->hs_have = 0;
+  return true;
+}
+
+void TcpNetwork::Impl::OnReadable(Conn* c) {
+  const uint64_t id = c->id;  // `c` may be closed (and freed) by any step below.
+  while (c->phase != kReady) {
+    bool closed = false;
+    if (!ReadHandshake(c, &closed)) return;
+    Phase before = c->phase;
+    if (before == kAwaitHello) {
+      OnHello(c);
+    } else if (before == kAwaitAcceptHello) {
+      OnAcceptHello(c);
+    } else if (before == kAwaitProof) {
+      OnProof(c);
+    } else {
+      return;
+    }
+    if (conns_.find(id) == conns_.end()) return;
+    if (c->phase == before) return;
+  }
+  ReadFrames(c);
+}
+
+void TcpNetwork::Impl::OnHello(Conn* c) {
+  absl::StatusOr<HandshakeRecord> r =
+      DecodeHandshake(c->hs, HandshakeKind::kHello);
+  if (!r.ok()) {
+    ConnError(c, r.status(), true);
+    return;
+  }
+  if (r->to != options_.self) {
+    ConnError(c,
+              absl::InvalidArgumentError(
+                  absl::StrCat("handshake addressed to worker ", r->to,
+                               ", but this is worker ", options_.self)),
+              true);
+    return;
+  }
+  auto it = peers_.find(r->from);
+  if (it == peers_.end() || r->from <= options_.self) {
+    ConnError(c,
+              absl::InvalidArgumentError(absl::StrCat(
+                  "handshake from worker ", r->from,
+                  it == peers_.end()
+                      ? ", which is not a known peer"
+                      : ", which this worker dials itself (lower id)")),
+              true);
+    return;
+  }
+  Peer* p = it->second.get();
+  {
+    std::lock_guard<std::mutex> lock(p->mu);
+    if (p->failed || p->conn != 0) {
+      ConnError(
+          c,
+          absl::FailedPreconditionError(absl::StrCat(
+              "refused a second connection claiming to be worker ", r->from,
+              p->failed ? " (already failed)" : " (already connected)")),
+          true);
+      return;
+    }
+  }
+  // The MAC comes with the proof; here only the token settings must agree.
+  absl::Status auth = VerifyPeerMac(token_, *r, r->mac);
+  if (!auth.ok()) {
+    ++refused_;
+    ConnError(c,
+              absl::UnauthenticatedError(absl::StrCat(
+                  "refused worker ", r->from, ": ", auth.message())),
+              true);
+    return;
+  }
+  absl::StatusOr<Nonce> nonce = RandomNonce();
+  if (!nonce.ok()) {
+    ConnError(c, nonce.status(), false);
+    return;
+  }
+  c->my_nonce = *nonce;
+  c->peer = p;  // Tentative: bound for real once the proof checks out.
+  HandshakeRecord reply;
+  reply.kind = HandshakeKind::kAcceptHello;
+  reply.authenticated = !token_.empty();
+  reply.from = options_.self;
+  reply.to = r->from;
+  reply.nonce = c->my_nonce;
+  if (!token_.empty()) {
+    reply.mac =
+        AcceptorMac(token_, r->from, options_.self, r->nonce, c->my_nonce);
+  }
+  c->peer_nonce = r->nonce;
+  c->phase = kAwaitProof;
+  WriteRecord(c, reply);
+}
+
+void TcpNetwork::Impl::OnAcceptHello(Conn* c) {
+  Peer* p = c->peer;
+  absl::StatusOr<HandshakeRecord> r =
+      DecodeHandshake(c->hs, HandshakeKind::kAcceptHello);
+  if (r.ok() && (r->from != p->id || r->to != options_.self)) {
+    r = absl::InvalidArgumentError(absl::StrCat("the peer answered as worker ",
+                                                r->from, " to worker ", r->to));
+  }
+  if (r.ok()) {
+    absl::Status auth = VerifyPeerMac(
+        token_, *r,
+        AcceptorMac(token_, options_.self, p->id, c->my_nonce, r->nonce));
+    if (!auth.ok()) r = auth;
+  }
+  if (!r.ok()) {
+    ConnError(c, r.status(), true);
+    return;
+  }
+  HandshakeRecord proof;
+  proof.kind = HandshakeKind::kProof;
+  proof.authenticated = !token_.empty();
+  proof.from = options_.self;
+  proof.to = p->id;
+  proof.nonce = c->my_nonce;
+  if (!token_.empty())
+    proof.mac = DialerMac(token_, options_.self, p->id, c->my_nonce, r->nonce);
+  if (!WriteRecord(c, proof)) return;
+  MakeReady(c);
+}
+
+void TcpNetwork::Impl::OnProof(Conn* c) {
+  Peer* p = c->peer;
+  const Nonce dialer_nonce = c->peer_nonce;
+  absl::StatusOr<HandshakeRecord> r =
+      DecodeHandshake(c->hs, HandshakeKind::kProof);
+  if (r.ok() && (r->from != p->id || r->to != options_.self ||
+                 r->nonce != dialer_nonce)) {
+    r = absl::InvalidArgumentError(
+        "the handshake proof does not match its hello");
+  }
+  if (r.ok()) {
+    absl::Status auth = VerifyPeerMac(
+        token_, *r,
+        DialerMac(token_, p->id, options_.self, dialer_nonce, c->my_nonce));
+    if (!auth.ok()) r = auth;
+  }
+  if (!r.ok()) {
+    ++refused_;
+    c->peer = nullptr;  // Not authenticated: refusing it must not fail the real
+                        // worker.
+    ConnError(
+        c,
+        absl::Status(r.status().code(),
+                     absl::StrCat("refused a connection claiming to be worker ",
+                                  p->id, ": ", r.status().message())),
+        true);
+    return;
+  }
+  {
+    std::lock_guard<std::mutex> lock(p->mu);
+    if (p->failed || p->conn != 0) {
+      c->peer = nullptr;
+      ConnError(c,
+                absl::FailedPreconditionError(absl::StrCat(
+                    "refused a second connection from worker ", p->id)),
+                true);
+      return;
+    }
+  }
+  MakeReady(c);
+}
+
+void TcpNetwork::Impl::MakeReady(Conn* c) {
+  Peer* p = c->peer;
+  c->phase = kReady;
+  c->reader = std::make_unique<FrameReader>(options_.limits);
+  p->conn = c->id;
+  p->ready_once = true;
+  bool ok;
+  {
+    std::lock_guard<std::mutex> lock(p->mu);
+    p->fd = c->fd;
+    p->conn_id = c->id;
+    p->want_out = false;
+    ok = FlushLocked(p);
+  }
+  if (!ok) FailPeer(p, p->write_error);
+}
+
+void TcpNetwork::Impl::ReadFrames(Conn* c) {
+  Peer* p = c->peer;
+  std::vector<Message> messages;
+  for (int round = 0; round < 16; ++round) {
+    ssize_t r;
+    bool direct = c->reader->DirectSize() >= kDirectReadThreshold;
+    size_t want = direct ? c->reader->DirectSize() : staging_.size();
+    r = read(c->fd, direct ? c->reader->DirectData() : staging_.data(), want);
+    if (r < 0) {
+      if (errno == EINTR) continue;
+      if (errno == EAGAIN || errno == EWOULDBLOCK) return;
+      FailPeer(p, absl::UnavailableError(
+                      absl::StrCat("connection to ", PeerName(p),
+                                   " failed: ", ErrnoText(errno))));
+      return;
+    }
+    if (r == 0) {
+      FailPeer(p, absl::UnavailableError(
+                      absl::StrCat(PeerName(p), " closed the connection")));
+      return;
+    }
+    absl::Status s;
+    if (direct) {
+      c->reader->CommitDirect(static_cast<size_t>(r), &messages);
+    } else {
+      s = c->reader->Feed(staging_.data(), static_cast<size_t>(r), &messages);
+    }
+    for (Message& m : messages) Deliver(std::move(m), p->id);
+    messages.clear();
+    if (!s.ok()) {
+      ConnError(c, s, true);
+      return;
+    }
+    if (static_cast<size_t>(r) < want) return;
+  }
+}
+
+void TcpNetwork::Impl::Deliver(Message m, WorkerId from) {
+  if (state_.load() != kRunning) return;
+  m.envelope.set_from(from);
+  ++messages_received_;
+  observer_->OnMessage(std::move(m));
+}
+
+void TcpNetwork::Impl::DeliverSelf() {
+  while (true) {
+    Message m;
+    {
+      std::lock_guard<std::mutex> lock(self_mu_);
+      if (self_queue_.empty()) return;
+      m = std::move(self_queue_.front());
+      self_queue_.pop_front();
+    }
+    Deliver(std::move(m), options_.self);
+  }
+}
+
+void TcpNetwork::Impl::ConnError(Conn* c, const absl::Status& status,
+                                 bool bad_input) {
+  if (bad_input) ++bad_input_;
+  Peer* p = c->peer;
+  bool owns_peer = p != nullptr && p->conn == c->id;
+  if (owns_peer) {
+    FailPeer(
+        p, absl::UnavailableError(absl::StrCat("connection to ", PeerName(p),
+                                               " closed: ", status.message())));
+    return;
+  }
+  Log(absl::StrCat("worker ", options_.self, ": closing the connection from ",
+                   c->address, ": ", status.message()));
+  CloseConn(c, false);
+}
+
+void TcpNetwork::Impl::CloseConn(Conn* c, bool reset) {
+  if (reset) {
+    linger l{1, 0};
+    setsockopt(c->fd, SOL_SOCKET, SO_LINGER, &l, sizeof(l));
+  }
+  Peer* p = c->peer;
+  if (p != nullptr && p->conn == c->id) {
+    p->conn = 0;
+    std::lock_guard<std::mutex> lock(p->mu);
+    if (p->conn_id == c->id) {
+      p->fd = -1;
+      p->conn_id = 0;
+    }
+  }
+  epoll_ctl(epoll_fd_, EPOLL_CTL_DEL, c->fd, nullptr);
+  close(c->fd);
+  conns_.erase(c->id);
+}
+
+void TcpNetwork::Impl::FailPeer(Peer* p, const absl::Status& status) {
+  std::deque<Outgoing> dropped;
+  {
+    std::lock_guard<std::mutex> lock(p->mu);
+    if (p->failed) return;
+    p->failed = true;
+    p->failure = status;
+    dropped.swap(p->queue);
+    p->offset = 0;
+  }
+  if (p->conn != 0) {
+    auto it = conns_.find(p->conn);
+    if (it != conns_.end()) CloseConn(it->second.get(), false);
+    p->conn = 0;
+  }
+  ++peers_failed_;
+  if (state_.load() != kRunning) return;
+  Log(absl::StrCat("worker ", options_.self, ": ", PeerName(p),
+                   " failed: ", status.message()));
+  observer_->OnPeerFailed(p->id, absl::UnavailableError(status.message()));
+}
+
+bool TcpNetwork::Impl::CheckTimers() {
+  bool busy = false;
+  SteadyTime now = SteadyClock::now();
+  SteadyTime connect_deadline =
+      start_time_ + ToSteady(options_.connect_timeout);
+  for (auto& [id, p] : peers_) {
+    if (p->conn != 0 || p->ready_once) continue;
+    {
+      std::lock_guard<std::mutex> lock(p->mu);
+      if (p->failed) continue;
+    }
+    if (now >= connect_deadline) {
+      FailPeer(p.get(), absl::UnavailableError(absl::StrCat(
+                            id < options_.self ? "could not connect to "
+                                               : "no connection from ",
+                            PeerName(p.get()), " within ",
+                            absl::FormatDuration(options_.connect_timeout))));
+      continue;
+    }
+    busy = true;
+    if (id < options_.self && now >= p->next_dial && state_.load() == kRunning)
+      Dial(p.get());
+  }
+  std::vector<Conn*> expired;
+  for (auto& [id, c] : conns_) {
+    if (c->phase == kReady) continue;
+    busy = true;
+    if (now >= c->deadline) expired.push_back(c.get());
+  }
+  for (Conn* c : expired) {
+    if (c->dialer) {
+      ConnError(c,
+                absl::DeadlineExceededError(absl::StrCat(
+                    "handshake with ", c->address, " did not finish within ",
+                    absl::FormatDuration(options_.handshake_timeout))),
+                false);
+    } else {
+      c->peer = nullptr;
+      ConnError(c,
+                absl::DeadlineExceededError(absl::StrCat(
+                    "the peer did not finish the handshake within ",
+                    absl::FormatDuration(options_.handshake_timeout))),
+                true);
+    }
+  }
+  return busy;
+}
+
+TcpNetwork::TcpNetwork(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+TcpNetwork::~TcpNetwork() = default;
+
+absl::StatusOr<std::unique_ptr<TcpNetwork>> TcpNetwork::Listen(
+    TcpNetworkOptions options) {
+  auto impl = std::make_unique<Impl>(std::move(options));
+  absl::Status s = impl->Listen();
+  if (!s.ok()) return s;
+  return std::unique_ptr<TcpNetwork>(new TcpNetwork(std::move(impl)));
+}
+
+int TcpNetwork::port() const { return impl_->port_; }
+std::string TcpNetwork::listen_address() const {
+  return impl_->listen_address_;
+}
+absl::Status TcpNetwork::SetPeers(
+    const std::map<WorkerId, std::string>& addresses) {
+  return impl_->SetPeers(addresses);
+}
+WorkerId TcpNetwork::self() const { return impl_->options_.self; }
+absl::Status TcpNetwork::Start(NetworkObserver* observer) {
+  return impl_->Start(observer);
+}
+absl::Status TcpNetwork::Send(WorkerId to, Message message) {
+  return impl_->Send(to, std::move(message));
+}
+void TcpNetwork::Stop() { impl_->Stop(false); }
+void TcpNetwork::Abort() { impl_->Stop(true); }
+std::map<std::string, int64_t> TcpNetwork::GetStats() const {
+  return impl_->GetStats();
+}
+
+}  // namespace tether
