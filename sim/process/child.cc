@@ -264,8 +264,9 @@ void ChildRuntime::RunTask(std::function<void()> task) {
     frame->id = next_frame_++;
     idle = frame.get();
     frames_[idle->id] = std::move(frame);
-    idle->thread = std::thread(
-        [this, idle] { TaskThreadLoop(idle); });  // seam-ok: a frame
+    // seam-ok on the next line: a frame; frames hand a baton, one runs at a time.
+    auto loop = [this, idle] { TaskThreadLoop(idle); };
+    idle->thread = std::thread(loop);  // seam-ok: a frame
   }
   idle->job = std::move(task);
   PassBaton(idle->id, kController);
