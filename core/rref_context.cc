@@ -183,7 +183,8 @@ RRefContext::RRefContext(Agent* agent, Clock* clock, Executor* executor,
       clock_(clock),
       executor_(executor),
       options_(std::move(options)),
-      self_(agent->self().id) {}
+      self_(agent->self().id),
+      next_local_id_((options_.incarnation << 40) + 1) {}
 
 std::shared_ptr<RRefContext> RRefContext::Create(Agent* agent, Clock* clock,
                                                  Executor* executor,
@@ -250,6 +251,18 @@ void RRefContext::PostSelf(std::function<void(RRefContext*)> fn) {
 
 void RRefContext::RunActions(Actions actions) {
   for (auto& action : actions) action();
+}
+
+void RRefContext::NoteCallerLocked(const IncomingCall& call) {
+  WorkerId from = call.caller();
+  uint64_t inc = call.request().envelope.from_incarnation();
+  uint64_t& seen = seen_incarnation_[from];
+  seen = std::max(seen, inc);
+  auto it = failed_incarnation_.find(from);
+  if (it != failed_incarnation_.end() && inc > it->second) {
+    failed_.erase(from);
+    failed_incarnation_.erase(it);
+  }
 }
 
 GloballyUniqueId RRefContext::NewIdLocked() {
@@ -425,6 +438,10 @@ void RRefContext::FreeLocked(const RRefId& rref, Actions* actions) {
 }
 
 void RRefContext::HandleRemoteCall(std::shared_ptr<IncomingCall> call) {
+  {
+    absl::MutexLock lock(&mu_);
+    NoteCallerLocked(*call);
+  }
   rref_wire::RemoteCall msg;
   const Message& request = call->request();
   if (!msg.ParseFromString(request.envelope.payload())) {
@@ -558,6 +575,10 @@ void RRefContext::OnFunctionDone(const RRefId& rref,
 }
 
 void RRefContext::HandleFetch(std::shared_ptr<IncomingCall> call) {
+  {
+    absl::MutexLock lock(&mu_);
+    NoteCallerLocked(*call);
+  }
   rref_wire::ForkRef msg;
   if (!msg.ParseFromString(call->request().envelope.payload()) ||
       !FromProto(msg.rref_id()).valid()) {
@@ -639,6 +660,10 @@ void RRefContext::HandleFetch(std::shared_ptr<IncomingCall> call) {
 }
 
 void RRefContext::HandleForkRequest(std::shared_ptr<IncomingCall> call) {
+  {
+    absl::MutexLock lock(&mu_);
+    NoteCallerLocked(*call);
+  }
   rref_wire::ForkRef msg;
   if (!msg.ParseFromString(call->request().envelope.payload()) ||
       !FromProto(msg.rref_id()).valid() || !FromProto(msg.fork_id()).valid()) {
@@ -670,6 +695,10 @@ void RRefContext::HandleForkRequest(std::shared_ptr<IncomingCall> call) {
 }
 
 void RRefContext::HandleUserDelete(std::shared_ptr<IncomingCall> call) {
+  {
+    absl::MutexLock lock(&mu_);
+    NoteCallerLocked(*call);
+  }
   rref_wire::ForkRef msg;
   if (!msg.ParseFromString(call->request().envelope.payload()) ||
       !FromProto(msg.rref_id()).valid() || !FromProto(msg.fork_id()).valid()) {
@@ -1165,6 +1194,7 @@ absl::StatusOr<RRefHandle> RRefContext::Receive(const RRefDescriptor& desc,
         received_[fork] =
             std::make_unique<ReceivedChild>(ReceivedChild{from, true});
         AcceptChildLocked(fork, from, &actions);
+        MaybeDeleteUserLocked(fork, &actions);  // at once if shutting down
       } else {
         if (from != self_) {
           received_[fork] =
@@ -1287,6 +1317,10 @@ void RRefContext::OnChildQueryReply(const ForkId& fork,
 }
 
 void RRefContext::HandleChildControl(std::shared_ptr<IncomingCall> call) {
+  {
+    absl::MutexLock lock(&mu_);
+    NoteCallerLocked(*call);
+  }
   rref_wire::ChildControl msg;
   if (!msg.ParseFromString(call->request().envelope.payload()) ||
       !FromProto(msg.fork_id()).valid()) {
@@ -1445,6 +1479,7 @@ void RRefContext::OnPeerFailed(WorkerId peer, const absl::Status& reason) {
   {
     absl::MutexLock lock(&mu_);
     if (closed_ || !failed_.insert(peer).second) return;
+    failed_incarnation_[peer] = seen_incarnation_[peer];
     EmitLocked(RRefEvent::kPeerFailed, RRefId{}, ForkId{}, peer);
     // Forks the dead worker held.
     std::vector<RRefId> touched;

@@ -203,6 +203,9 @@ struct RRefPlantedBugs {
 };
 
 struct RRefContextOptions {
+  // The agent's incarnation (AgentOptions::incarnation): ids made by a restarted worker must not
+  // collide with those of its earlier lives.
+  uint64_t incarnation = 0;
   // Per-attempt timeout of a control message, and the retry backoff (doubling,
   // capped).
   absl::Duration control_timeout = absl::Seconds(5);
@@ -375,6 +378,9 @@ class RRefContext : public std::enable_shared_from_this<RRefContext> {
                               const std::string& type_name)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void TouchLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { ++events_; }
+  // Records the incarnation a request came from; a worker declared failed that speaks again from
+  // a newer incarnation is alive again.
+  void NoteCallerLocked(const IncomingCall& call) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   // Sends a control message, retrying on timeouts with backoff until it is
   // answered (or the peer failed, or the agent shut down). `done` runs on the
@@ -412,6 +418,8 @@ class RRefContext : public std::enable_shared_from_this<RRefContext> {
   std::set<ForkId> deleted_forks_ ABSL_GUARDED_BY(mu_);
   std::set<RRefId> freed_ ABSL_GUARDED_BY(mu_);
   std::set<WorkerId> failed_ ABSL_GUARDED_BY(mu_);
+  std::map<WorkerId, uint64_t> seen_incarnation_ ABSL_GUARDED_BY(mu_);
+  std::map<WorkerId, uint64_t> failed_incarnation_ ABSL_GUARDED_BY(mu_);
   std::vector<Future<Unit>> shutdown_waiters_ ABSL_GUARDED_BY(mu_);
 };
 
