@@ -264,7 +264,8 @@ void ChildRuntime::RunTask(std::function<void()> task) {
     frame->id = next_frame_++;
     idle = frame.get();
     frames_[idle->id] = std::move(frame);
-    // seam-ok on the next line: a frame; frames hand a baton, one runs at a time.
+    // seam-ok on the next line: a frame; frames hand a baton, one runs at a
+    // time.
     auto loop = [this, idle] { TaskThreadLoop(idle); };
     idle->thread = std::thread(loop);  // seam-ok: a frame
   }

@@ -6,6 +6,7 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "sim/random.h"
 
 namespace tether::sim {
@@ -30,6 +31,7 @@ class ProcessHost::Observer : public NetworkObserver {
  public:
   Observer(ProcessHost* host, WorkerId k) : host_(host), k_(k) {}
   void OnMessage(Message message) override {
+    host_->RecordMessage(k_, /*sent=*/false, message);
     link::Frame f;
     f.set_kind(link::Frame::DELIVER);
     f.set_envelope(message.envelope.SerializeAsString());
@@ -145,6 +147,7 @@ void ProcessHost::Crash(WorkerId k) {
   Worker& w = *workers_[k];
   if (w.dead || w.outcome.main_done) return;
   w.outcome.crashed = true;
+  Record(k, "i", "crash", "fault");
   link::Frame exit;
   exit.set_kind(link::Frame::EXIT);
   WriteFrame(w.fd, std::move(exit)).IgnoreError();
@@ -164,8 +167,86 @@ void ProcessHost::Finish(WorkerId k) {
   WriteFrame(w.fd, std::move(exit)).IgnoreError();
 }
 
-void ProcessHost::TraceEventAt(WorkerId k, const std::string& json) {
-  result_.trace.push_back(TraceEvent{k, json});
+namespace {
+
+std::string JsonString(absl::string_view s) {
+  std::string out = "\"";
+  for (char c : s) {
+    switch (c) {
+      case '"':
+        out += "\\\"";
+        break;
+      case '\\':
+        out += "\\\\";
+        break;
+      case '\n':
+        out += "\\n";
+        break;
+      case '\t':
+        out += "\\t";
+        break;
+      default:
+        if (static_cast<unsigned char>(c) < 0x20) {
+          absl::StrAppend(&out, "\\u00", absl::Hex(c, absl::kZeroPad2));
+        } else {
+          out += c;
+        }
+    }
+  }
+  return out + "\"";
+}
+
+bool IsCallType(MessageType t) {
+  return !IsReply(t) &&
+         !(t >= wire::SHUTDOWN_INTENT && t <= wire::SHUTDOWN_ACK);
+}
+
+}  // namespace
+
+void ProcessHost::Record(WorkerId k, const std::string& phase,
+                         const std::string& name, const std::string& category,
+                         const std::string& fields) {
+  if (!options_.record_trace) return;
+  std::string json = absl::StrCat(
+      "{\"name\":", JsonString(name), ",\"cat\":", JsonString(category),
+      ",\"ph\":\"", phase, "\",\"pid\":", k,
+      ",\"tid\":0,\"ts\":", absl::ToInt64Microseconds(scheduler_->Elapsed()));
+  if (phase == "i") absl::StrAppend(&json, ",\"s\":\"t\"");
+  if (!fields.empty()) absl::StrAppend(&json, ",", fields);
+  json += "}";
+  result_.trace.push_back(TraceEvent{k, std::move(json)});
+}
+
+void ProcessHost::RecordMessage(WorkerId k, bool sent, const Message& m) {
+  if (!options_.record_trace) return;
+  const wire::Envelope& e = m.envelope;
+  const std::string type = MessageTypeName(e.type());
+  const WorkerId from = sent ? k : e.from();
+  const WorkerId to = sent ? e.to() : k;
+  const uint64_t flow = MessageDigest(m) ^ (static_cast<uint64_t>(from) << 48) ^
+                        (static_cast<uint64_t>(to) << 56);
+  const std::string args = absl::StrCat(
+      "\"args\":{\"from\":", from, ",\"to\":", to,
+      ",\"request_id\":", e.request_id(),
+      ",\"bytes\":", e.payload().size() + m.BufferBytes(),
+      e.type() == wire::ERROR_RESPONSE
+          ? absl::StrCat(",\"error\":", JsonString(e.error().message()))
+          : "",
+      "}");
+  Record(k, "i", absl::StrCat(sent ? "send " : "recv ", type), "message", args);
+  Record(k, sent ? "s" : "f", type, "flow",
+         absl::StrCat("\"id\":", flow & 0xffffffffffffull,
+                      sent ? "" : ",\"bp\":\"e\""));
+  // A call is a span on the caller's track, from its request to its reply.
+  const uint64_t call_id = (static_cast<uint64_t>(from) << 40) ^ e.request_id();
+  if (sent && IsCallType(e.type()) && e.request_id() != 0) {
+    Record(k, "b", absl::StrCat(type, " -> worker", to), "call",
+           absl::StrCat("\"id\":", call_id));
+  } else if (!sent && IsReply(e.type())) {
+    const uint64_t reply_call =
+        (static_cast<uint64_t>(k) << 40) ^ e.request_id();
+    Record(k, "e", "", "call", absl::StrCat("\"id\":", reply_call));
+  }
 }
 
 void ProcessHost::HandleRequest(WorkerId k, LinkFrame& in) {
@@ -215,7 +296,13 @@ void ProcessHost::HandleRequest(WorkerId k, LinkFrame& in) {
         return;
       }
       m.buffers = std::move(in.buffers);
+      m.envelope.set_to(f.peer());
+      RecordMessage(k, /*sent=*/true, m);
       absl::Status s = w.network->Send(f.peer(), std::move(m));
+      if (!s.ok())
+        Record(
+            k, "i", "send failed", "error",
+            absl::StrCat("\"args\":{\"error\":", JsonString(s.message()), "}"));
       Reply(k, s.ok(), s.code(), std::string(s.message()));
       return;
     }
@@ -272,6 +359,13 @@ void ProcessHost::HandleRequest(WorkerId k, LinkFrame& in) {
       }
       names_[k] = name;
       w.outcome.name = name;
+      if (options_.record_trace) {
+        result_.trace.push_back(TraceEvent{
+            k, absl::StrCat(
+                   "{\"name\":\"process_name\",\"ph\":\"M\",\"pid\":", k,
+                   ",\"args\":{\"name\":",
+                   JsonString(absl::StrCat(name, " (rank ", k, ")")), "}}")});
+      }
       if (absl::Status s = w.network->Start(w.observer.get()); s.ok()) {
         w.network_started = true;
       }
@@ -290,13 +384,17 @@ void ProcessHost::HandleRequest(WorkerId k, LinkFrame& in) {
       return;
     }
     case link::Frame::MAIN_DONE:
+      Record(k, "i", f.ok() ? "main returned" : "main raised", "main",
+             f.ok() ? ""
+                    : absl::StrCat("\"args\":{\"error\":", JsonString(f.text()),
+                                   "}"));
       w.outcome.main_done = true;
       w.outcome.ok = f.ok();
       w.outcome.error = f.text();
       Reply(k, true);
       return;
     case link::Frame::TRACE:
-      TraceEventAt(k, f.text());
+      Record(k, "i", f.text(), "user");
       Reply(k, true);
       return;
     default:
@@ -355,6 +453,12 @@ ProcessRunResult ProcessHost::Run() {
     // Let what is still in flight settle (deliveries to stopped peers, timers
     // of the dead), within the limit, so the trace covers the whole run.
     scheduler_->RunUntil([] { return false; }, limit, options_.max_events);
+  }
+  for (int k = 0; k < static_cast<int>(workers_.size()); ++k) {
+    for (const std::string& b : workers_[k]->outcome.blocked) {
+      if (!workers_[k]->outcome.main_done)
+        Record(k, "i", absl::StrCat("still waiting: ", b), "hang");
+    }
   }
   if (!AllDone()) {
     if (scheduler_->idle()) {

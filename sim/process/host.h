@@ -49,6 +49,8 @@ struct ProcessHostOptions {
   // Called when a planned crash kills a worker's process (the host has already
   // cut its link).
   std::function<void(WorkerId)> on_crash;
+  // Record a Chrome trace of the run (ProcessRunResult::trace).
+  bool record_trace = false;
 };
 
 struct WorkerOutcome {
@@ -103,7 +105,11 @@ class ProcessHost {
   void Crash(WorkerId k);
   void Finish(WorkerId k);
   bool AllDone() const;
-  void TraceEventAt(WorkerId k, const std::string& json);
+  // Records a Chrome trace event on worker k's track: `fields` are extra JSON
+  // members.
+  void Record(WorkerId k, const std::string& phase, const std::string& name,
+              const std::string& category, const std::string& fields = "");
+  void RecordMessage(WorkerId k, bool sent, const Message& m);
 
   ProcessHostOptions options_;
   std::unique_ptr<Scheduler> scheduler_;

@@ -29,7 +29,8 @@ struct Plan {
   std::string faults = "none";
   int max_task_threads = 4;
   std::vector<std::string> names;  // default worker<i>
-  Setup setup;                     // handlers, on every worker
+  bool record_trace = false;
+  Setup setup;  // handlers, on every worker
   WorkerMain main;
 };
 
@@ -84,6 +85,7 @@ ProcessRunResult RunPlan(const Plan& plan) {
   o.seed = plan.seed;
   o.faults = FaultSpec::Parse(plan.faults).value();
   o.time_limit = absl::Minutes(10);
+  o.record_trace = plan.record_trace;
   ProcessRunResult r;
   {
     ProcessHost host(o, host_fds);
@@ -142,6 +144,26 @@ TEST(ProcessHostTest, WorkersCallEachOtherAndShutDown) {
   }
   EXPECT_EQ(r.workers[2].name, "worker2");
   EXPECT_GT(r.events, 20u);
+}
+
+TEST(ProcessHostTest, RecordsAChromeTrace) {
+  Plan p = EchoPlan(2, 3);
+  p.record_trace = true;
+  ProcessRunResult r = RunPlan(p);
+  int sends = 0, recvs = 0, spans = 0, names = 0;
+  for (const TraceEvent& e : r.trace) {
+    if (e.json.find("\"send TEST_CALL\"") != std::string::npos) ++sends;
+    if (e.json.find("\"recv RESPONSE\"") != std::string::npos) ++recvs;
+    if (e.json.find("\"ph\":\"b\"") != std::string::npos) ++spans;
+    if (e.json.find("process_name") != std::string::npos) ++names;
+    EXPECT_EQ(e.json.front(), '{');
+    EXPECT_EQ(e.json.back(), '}');
+  }
+  EXPECT_EQ(sends, 10);  // 5 calls from each worker
+  EXPECT_EQ(recvs, 10);
+  EXPECT_GE(spans, 10);
+  EXPECT_EQ(names, 2);
+  EXPECT_TRUE(RunPlan(EchoPlan(2, 3)).trace.empty());
 }
 
 TEST(ProcessHostTest, SameSeedSameTrace) {
