@@ -35,7 +35,7 @@ sim::FaultSpec ParseFaults(const std::string& spec) {
 }
 
 py::dict RunHost(std::vector<int> fds, uint64_t seed, const std::string& faults,
-                 double time_limit_s, uint64_t max_events, bool fifo) {
+                 double time_limit_s, uint64_t max_events, bool fifo, bool record_trace) {
   sim::ProcessHostOptions o;
   o.num_workers = static_cast<int>(fds.size());
   o.seed = seed;
@@ -45,6 +45,7 @@ py::dict RunHost(std::vector<int> fds, uint64_t seed, const std::string& faults,
   o.time_limit = absl::Seconds(time_limit_s);
   o.max_events = max_events;
   o.order = fifo ? sim::RunOrder::kFifo : sim::RunOrder::kRandom;
+  o.record_trace = record_trace;
   sim::ProcessRunResult r;
   {
     py::gil_scoped_release release;
@@ -102,7 +103,7 @@ void RegisterSimBindings(py::module& m) {
   m.def("sim_parse_faults", [](const std::string& spec) { return ParseFaults(spec).ToString(); },
         py::arg("spec"), "Canonical text of a fault spec; ValueError naming a bad token.");
   m.def("sim_host_run", &RunHost, py::arg("fds"), py::arg("seed"), py::arg("faults"),
-        py::arg("time_limit"), py::arg("max_events"), py::arg("fifo") = false,
+        py::arg("time_limit"), py::arg("max_events"), py::arg("fifo") = false, py::arg("record_trace") = false,
         "Runs the simulated world over worker processes linked by `fds` (closed by the host).");
   m.def("sim_in_worker", &InSimulatedWorker);
   m.def(
