@@ -5,6 +5,7 @@ import atexit
 import functools
 import re
 import threading
+import time
 from typing import Any, Dict, Generic, Optional, TypeVar
 
 import torch
@@ -262,14 +263,72 @@ def _wait_all():
     return _WaitAll()
 
 
+# The barrier every worker passes at the start of a graceful shutdown (as PyTorch's
+# _wait_all_workers): worker 0 collects every worker's arrival, then tells each to proceed.
+_barrier_lock = threading.Lock()
+_barrier_events: Dict[Any, threading.Event] = {}
+_barrier_arrived: Dict[Any, set] = {}
+_shutdown_generation = 0
+
+
+def _barrier_event(key):
+    with _barrier_lock:
+        return _barrier_events.setdefault(key, threading.Event())
+
+
+def _barrier_arrive(generation, name, world_size):
+    with _barrier_lock:
+        arrived = _barrier_arrived.setdefault(generation, set())
+        arrived.add(name)
+        complete = len(arrived) == world_size
+    if complete:
+        _barrier_event(("all", generation)).set()
+
+
+def _barrier_proceed(generation):
+    _barrier_event(("go", generation)).set()
+
+
+def _wait_event(event, deadline, what):
+    while not event.wait(0.1 if deadline is None else max(0.0, min(0.1, deadline - time.monotonic()))):
+        if deadline is not None and time.monotonic() >= deadline:
+            raise RuntimeError(f"RPC shutdown timed out waiting for {what}")
+
+
+def _wait_all_workers(timeout):
+    generation = _shutdown_generation
+    me = _self_info
+    world = len(_workers_by_id)
+    leader = _workers_by_id[min(_workers_by_id)]
+    deadline = time.monotonic() + timeout if timeout > 0 else None
+    rpc_timeout = timeout if timeout > 0 else 0
+    if me == leader:
+        _barrier_arrive(generation, me.name, world)
+        _wait_event(_barrier_event(("all", generation)), deadline, "every worker to call shutdown()")
+        futs = [rpc_async(w, _barrier_proceed, args=(generation,), timeout=rpc_timeout)
+                for w in _workers_by_id.values() if w != me]
+        torch.futures.wait_all(futs)
+    else:
+        rpc_sync(leader, _barrier_arrive, args=(generation, me.name, world), timeout=rpc_timeout)
+        _wait_event(_barrier_event(("go", generation)), deadline, f"{leader.name} to proceed")
+
+
 @_require_initialized
 def shutdown(graceful=True, timeout=DEFAULT_SHUTDOWN_TIMEOUT):
-    """Shuts down RPC. Graceful (default): deletes this worker's user RRefs, then blocks until
-    every worker has called shutdown() and no work is left anywhere (bounded by ``timeout``
-    seconds if > 0). Otherwise stops at once; pending calls fail."""
+    """Shuts down RPC. Graceful (default): waits until every worker has called shutdown(), then
+    deletes this worker's user RRefs and waits until no work is left anywhere (everything
+    bounded by ``timeout`` seconds if > 0). Otherwise stops at once; pending calls fail."""
+    global _shutdown_generation
     try:
+        if graceful:
+            try:
+                _wait_all_workers(float(timeout))
+            except BaseException:
+                _C.shutdown(False, 0.0)
+                raise
         _C.shutdown(bool(graceful), float(timeout))
     finally:
+        _shutdown_generation += 1
         _clear_workers()
         from . import _release_store
 
