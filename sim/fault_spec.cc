@@ -410,16 +410,27 @@ const LinkFaults& FaultPlan::For(MessageType type) const {
 }
 
 std::string FaultPlan::ToString() const {
+  // Only what differs from "none" (zero probabilities, the default latency).
+  auto interesting = [](const LinkFaults& l, const LinkFaults* base) {
+    LinkFaults r;
+    const std::string default_delay = DelayDist().ToString();
+    if (l.drop && *l.drop > 0 && (!base || base->drop != l.drop))
+      r.drop = l.drop;
+    if (l.dup && *l.dup > 0 && (!base || base->dup != l.dup)) r.dup = l.dup;
+    if (l.reorder && *l.reorder > 0 && (!base || base->reorder != l.reorder)) {
+      r.reorder = l.reorder;
+    }
+    if (l.delay && (base ? l.delay->ToString() != base->delay->ToString()
+                         : l.delay->ToString() != default_delay)) {
+      r.delay = l.delay;
+    }
+    return r;
+  };
   std::vector<std::string> tokens;
-  AppendLink(link, "", &tokens);
+  AppendLink(interesting(link, nullptr), "", &tokens);
   for (const auto& [type, l] : by_type) {
-    LinkFaults diff;
-    if (l.drop != link.drop) diff.drop = l.drop;
-    if (l.dup != link.dup) diff.dup = l.dup;
-    if (l.reorder != link.reorder) diff.reorder = l.reorder;
-    if (l.delay->ToString() != link.delay->ToString()) diff.delay = l.delay;
-    AppendLink(diff, absl::StrCat("type=", MessageTypeName(type), ":"),
-               &tokens);
+    AppendLink(interesting(l, &link),
+               absl::StrCat("type=", MessageTypeName(type), ":"), &tokens);
   }
   for (const PartitionSpec& p : spec.partitions)
     tokens.push_back("partition=" + p.ToString());

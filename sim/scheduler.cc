@@ -49,24 +49,45 @@ bool Scheduler::Cancel(EventId id) {
 
 void Scheduler::PurgeDomain(int32_t domain) {
   if (domain < 0) return;
+  // The generation changes first, and purged events are destroyed only once the
+  // queues are consistent again: destroying an event's function may run code (a
+  // destructor) that posts.
+  if (generations_.size() <= static_cast<size_t>(domain)) {
+    generations_.resize(domain + 1, 0);
+  }
+  ++generations_[domain];
+  std::vector<Event> purged;
   for (auto it = timed_.begin(); it != timed_.end();) {
     if (it->second.owners.Has(domain)) {
       if (it->second.id != 0) live_ids_.erase(it->second.id);
+      purged.push_back(std::move(it->second));
       it = timed_.erase(it);
     } else {
       ++it;
     }
   }
-  auto dead = std::remove_if(ready_.begin(), ready_.end(), [&](const Event& e) {
-    if (!e.owners.Has(domain)) return false;
-    if (e.id != 0) live_ids_.erase(e.id);
-    return true;
-  });
-  ready_.erase(dead, ready_.end());
-  if (generations_.size() <= static_cast<size_t>(domain))
-    generations_.resize(domain + 1, 0);
-  ++generations_[domain];
+  std::deque<Event> kept;
+  for (Event& e : ready_) {
+    if (e.owners.Has(domain)) {
+      if (e.id != 0) live_ids_.erase(e.id);
+      purged.push_back(std::move(e));
+    } else {
+      kept.push_back(std::move(e));
+    }
+  }
+  ready_.swap(kept);
   Trace(0xdead0000ULL + static_cast<uint64_t>(domain));
+  purged.clear();
+}
+
+void Scheduler::Clear() {
+  for (int round = 0; round < 100 && !idle(); ++round) {
+    std::deque<Event> ready;
+    absl::btree_map<Key, Event> timed;
+    ready.swap(ready_);
+    timed.swap(timed_);
+    live_ids_.clear();
+  }
 }
 
 uint64_t Scheduler::Generation(int32_t domain) const {

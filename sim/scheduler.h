@@ -93,6 +93,9 @@ class Scheduler {
 
   // Drops every queued event owned by `domain` and bumps its generation.
   void PurgeDomain(int32_t domain);
+  // Drops every queued event (their functions are destroyed, never run),
+  // repeatedly if destroying them queues more. For tearing a simulation down.
+  void Clear();
   // Starts at 0; PurgeDomain increments it. Executors and clocks compare it
   // with the generation they were created in and go inert once it changes.
   uint64_t Generation(int32_t domain) const;

@@ -79,8 +79,10 @@ absl::Status SimWorld::BuildWorker(WorkerId id) {
 }
 
 SimWorld::~SimWorld() {
-  // Agents first (they may stop their networks or cancel timers), then
-  // everything else.
+  // Queued events first (destroying them may run destructors that reach
+  // agents), then the agents (they may stop their networks or cancel timers),
+  // then everything else.
+  scheduler_->Clear();
   for (Worker& w : workers_) w.agent.reset();
   for (Worker& w : graveyard_) w.agent.reset();
   workers_.clear();
