@@ -37,6 +37,7 @@
 #include "core/rref_context.h"
 #include "python/call.pb.h"
 #include "python/runtime.h"
+#include "python/sim_bindings.h"
 #include "python/torch_calls.h"
 
 namespace py = pybind11;
@@ -207,6 +208,15 @@ std::optional<absl::Duration> ToTimeout(double seconds) {
 template <typename T>
 bool WaitInterruptibly(const Future<T>& future,
                        absl::Time deadline = absl::InfiniteFuture()) {
+  if (InSimulatedWorker()) {
+    // Yield to the simulator; the deadline counts in the worker's virtual time.
+    absl::Time sim_deadline = deadline == absl::InfiniteFuture()
+                                  ? absl::InfiniteFuture()
+                                  : SimWorkerClock()->Now() + (deadline - absl::Now());
+    py::gil_scoped_release release;
+    return SimWaitUntil([&future] { return future.ready(); }, sim_deadline,
+                        "an RPC result");
+  }
   while (true) {
     bool done;
     {
@@ -909,6 +919,40 @@ std::string Listen(const std::string& name, int rank, int num_worker_threads,
   return g_listening->address();
 }
 
+// Inside tether.sim: the rendezvous goes through the simulator's host. Returns every worker's
+// (name, id, address); the addresses are empty.
+std::vector<std::tuple<std::string, int, std::string>> SimListen(
+    const std::string& name, int rank, int world_size, int num_worker_threads,
+    double rpc_timeout) {
+  if (CurrentWorker() != nullptr || g_listening != nullptr) {
+    throw std::runtime_error("RPC is already initialized");
+  }
+  if (!InSimulatedWorker()) {
+    throw std::runtime_error("sim_listen outside a tether.sim worker");
+  }
+  RuntimeOptions options;
+  options.name = name;
+  options.rank = rank;
+  options.num_worker_threads = num_worker_threads;
+  options.rpc_timeout =
+      rpc_timeout <= 0 ? absl::ZeroDuration() : absl::Seconds(rpc_timeout);
+  options.rref_options.serializer = SerializeOwned;
+  py::module_ c = py::module_::import("tether._C");
+  std::vector<std::string> names =
+      c.attr("sim_register")(name).cast<std::vector<std::string>>();
+  if (static_cast<int>(names.size()) != world_size) {
+    throw std::runtime_error(absl::StrCat("world_size is ", world_size, " but the simulation has ",
+                                          names.size(), " workers"));
+  }
+  absl::StatusOr<std::unique_ptr<Runtime>> runtime = Runtime::ForSimulation(
+      options, SimWorkerClock(), SimWorkerExecutor(), SimWorkerNetwork());
+  if (!runtime.ok()) Raise(runtime.status());
+  g_listening = *std::move(runtime);
+  std::vector<std::tuple<std::string, int, std::string>> workers;
+  for (int i = 0; i < static_cast<int>(names.size()); ++i) workers.emplace_back(names[i], i, "");
+  return workers;
+}
+
 void AbandonListen() {
   std::unique_ptr<Runtime> rt = std::move(g_listening);
   py::gil_scoped_release release;
@@ -1120,6 +1164,9 @@ PYBIND11_MODULE(_C, m) {
         py::arg("num_worker_threads"), py::arg("rpc_timeout"),
         py::arg("auth_token"), py::arg("listen_host"));
   m.def("abandon_listen", &AbandonListen);
+  m.def("sim_listen", &SimListen, py::arg("name"), py::arg("rank"), py::arg("world_size"),
+        py::arg("num_worker_threads"), py::arg("rpc_timeout"));
+  RegisterSimBindings(m);
   m.def("connect", &Connect, py::arg("workers"));
   m.def("shutdown", &Shutdown, py::arg("graceful"), py::arg("timeout"));
   m.def("is_initialized", [] { return CurrentWorker() != nullptr; });

@@ -17,6 +17,10 @@ class Runtime::Impl {
   std::unique_ptr<TcpNetwork> network;
   std::unique_ptr<Agent> agent;
   std::shared_ptr<RRefContext> rrefs;
+  // What the agent runs on: the above, or the simulator's (ForSimulation).
+  Clock* clock_view = nullptr;
+  Executor* executor_view = nullptr;
+  Network* network_view = nullptr;
 };
 
 Runtime::Runtime(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
@@ -45,11 +49,31 @@ absl::StatusOr<std::unique_ptr<Runtime>> Runtime::Listen(
   impl->network = *std::move(network);
   impl->clock = std::make_unique<SystemClock>();
   impl->pool = new ThreadPool(options.num_worker_threads);
+  impl->clock_view = impl->clock.get();
+  impl->executor_view = impl->pool;
+  impl->network_view = impl->network.get();
+  return std::unique_ptr<Runtime>(new Runtime(std::move(impl)));
+}
+
+absl::StatusOr<std::unique_ptr<Runtime>> Runtime::ForSimulation(const RuntimeOptions& options,
+                                                                Clock* clock, Executor* executor,
+                                                                Network* network) {
+  if (options.rank < 0) {
+    return absl::InvalidArgumentError(absl::StrCat("rank must be >= 0, got ", options.rank));
+  }
+  if (clock == nullptr || executor == nullptr || network == nullptr) {
+    return absl::InvalidArgumentError("a simulated runtime needs a clock, executor and network");
+  }
+  auto impl = std::make_unique<Impl>();
+  impl->options = options;
+  impl->clock_view = clock;
+  impl->executor_view = executor;
+  impl->network_view = network;
   return std::unique_ptr<Runtime>(new Runtime(std::move(impl)));
 }
 
 std::string Runtime::address() const {
-  return impl_->network->listen_address();
+  return impl_->network != nullptr ? impl_->network->listen_address() : "";
 }
 
 absl::Status Runtime::Connect(
@@ -57,8 +81,10 @@ absl::Status Runtime::Connect(
     const std::map<WorkerId, std::string>& addresses) {
   if (impl_->agent != nullptr)
     return absl::FailedPreconditionError("already connected");
-  absl::Status peers = impl_->network->SetPeers(addresses);
-  if (!peers.ok()) return peers;
+  if (impl_->network != nullptr) {
+    absl::Status peers = impl_->network->SetPeers(addresses);
+    if (!peers.ok()) return peers;
+  }
   AgentOptions options;
   options.self = impl_->options.rank;
   options.workers = workers;
@@ -66,18 +92,20 @@ absl::Status Runtime::Connect(
   // tether.rpc.shutdown() bounds the barrier itself (its `timeout` argument).
   options.shutdown_timeout = absl::ZeroDuration();
   absl::StatusOr<std::unique_ptr<Agent>> agent = Agent::Create(
-      options, impl_->clock.get(), impl_->network.get(), impl_->pool);
+      options, impl_->clock_view, impl_->network_view, impl_->executor_view);
   if (!agent.ok()) return agent.status();
   impl_->agent = *std::move(agent);
-  impl_->rrefs = RRefContext::Create(impl_->agent.get(), impl_->clock.get(),
-                                     impl_->pool, impl_->options.rref_options);
+  impl_->rrefs = RRefContext::Create(impl_->agent.get(), impl_->clock_view,
+                                     impl_->executor_view, impl_->options.rref_options);
   return absl::OkStatus();
 }
 
 Agent* Runtime::agent() const { return impl_->agent.get(); }
 RRefContext* Runtime::rrefs() const { return impl_->rrefs.get(); }
-Executor* Runtime::executor() const { return impl_->pool; }
-int Runtime::num_worker_threads() const { return impl_->pool->num_threads(); }
+Executor* Runtime::executor() const { return impl_->executor_view; }
+int Runtime::num_worker_threads() const {
+  return impl_->pool != nullptr ? impl_->pool->num_threads() : impl_->options.num_worker_threads;
+}
 
 absl::Status Runtime::Start() {
   if (impl_->agent == nullptr)
@@ -89,10 +117,10 @@ Runtime::~Runtime() {
   if (impl_->agent != nullptr && !impl_->agent->is_shut_down()) {
     impl_->agent->Shutdown(/*graceful=*/false).Wait();
   }
-  impl_->network->Stop();
+  impl_->network_view->Stop();
   // Runs what is queued (callbacks failing the last calls), then joins the
   // threads.
-  impl_->pool->Shutdown(ThreadPool::kDrain);
+  if (impl_->pool != nullptr) impl_->pool->Shutdown(ThreadPool::kDrain);
   if (impl_->rrefs != nullptr) impl_->rrefs->Close(/*ignore_leaks=*/true);
   impl_->rrefs.reset();
   impl_->agent.reset();

@@ -29,6 +29,9 @@
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
 #include "core/agent.h"
+#include "core/clock.h"
+#include "core/executor.h"
+#include "core/network.h"
 #include "core/rref_context.h"
 
 namespace tether {
@@ -55,6 +58,11 @@ class Runtime {
   // if binding fails.
   static absl::StatusOr<std::unique_ptr<Runtime>> Listen(
       const RuntimeOptions& options);
+  // A worker inside tether.sim: the simulator's clock, executor and network
+  // (not owned; they outlive the runtime). Connect() then ignores addresses.
+  static absl::StatusOr<std::unique_ptr<Runtime>> ForSimulation(
+      const RuntimeOptions& options, Clock* clock, Executor* executor,
+      Network* network);
   ~Runtime();
 
   // "host:port" to publish.

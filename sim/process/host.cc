@@ -449,11 +449,6 @@ ProcessRunResult ProcessHost::Run() {
   const absl::Time limit = scheduler_->Now() + options_.time_limit;
   bool done = scheduler_->RunUntil([this] { return AllDone(); }, limit,
                                    options_.max_events);
-  if (done) {
-    // Let what is still in flight settle (deliveries to stopped peers, timers
-    // of the dead), within the limit, so the trace covers the whole run.
-    scheduler_->RunUntil([] { return false; }, limit, options_.max_events);
-  }
   for (int k = 0; k < static_cast<int>(workers_.size()); ++k) {
     for (const std::string& b : workers_[k]->outcome.blocked) {
       if (!workers_[k]->outcome.main_done)

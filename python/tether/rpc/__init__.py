@@ -121,6 +121,19 @@ def init_rpc(name, backend=None, rank=-1, world_size=None, rpc_backend_options=N
     opts = rpc_backend_options
     timeout = opts.rpc_timeout
 
+    if _C.sim_in_worker():
+        # Under tether.sim the simulator is the rendezvous (no init method needed).
+        if rank < 0:
+            raise ValueError("init_rpc under tether.sim needs rank")
+        workers = _C.sim_listen(name, rank, world_size, opts.num_worker_threads, timeout)
+        try:
+            infos = _C.connect(workers)
+        except BaseException:
+            _C.abandon_listen()
+            raise
+        api._set_workers(infos, rank)
+        return
+
     store, rank, world_size = next(
         dist.rendezvous(opts.init_method, rank=rank, world_size=world_size)
     )

@@ -124,21 +124,22 @@ def _patch_process(seed: int, rank: int) -> None:
     time.perf_counter_ns = time.time_ns
     time.sleep = _C.sim_sleep
     # Waits that yield.
-    original_wait = torch.futures.Future.wait
+    # torch.futures.Future.wait calls torch._C.Future.wait, which is also what the futures
+    # returned by then() and collect_all() use: one patch covers them all.
+    original_wait = torch._C.Future.wait
 
-    def future_wait(self: torch.futures.Future) -> Any:
+    def future_wait(self: Any) -> Any:
         if not self.done():
             _C.sim_block_until(self.done, _where("Future.wait"))
         return original_wait(self)
 
-    torch.futures.Future.wait = future_wait  # type: ignore[method-assign]
-    original_wait_all = torch._C._wait_all
+    torch._C.Future.wait = future_wait
 
     def wait_all(futures: list) -> list:
         _C.sim_block_until(lambda: all(f.done() for f in futures), _where("wait_all"))
-        return original_wait_all(futures)
+        return [f.wait() for f in futures]
 
-    torch._C._wait_all = wait_all
+    torch.futures.wait_all = wait_all
     threading.Event.wait = _event_wait  # type: ignore[method-assign]
     threading.Lock = _SimLock  # type: ignore[misc,assignment]
     threading.RLock = _SimRLock  # type: ignore[misc,assignment]
