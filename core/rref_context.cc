@@ -195,7 +195,13 @@ std::shared_ptr<RRefContext> RRefContext::Create(Agent* agent, Clock* clock,
   return ctx;
 }
 
-RRefContext::~RRefContext() { Close(/*ignore_leaks=*/true).IgnoreError(); }
+RRefContext::~RRefContext() {
+  // Touches neither the clock nor the executor: they may already be gone.
+  // Pending timers and tasks hold only weak references and do nothing once the
+  // context is destroyed.
+  absl::MutexLock lock(&mu_);
+  closed_ = true;
+}
 
 void RRefContext::Attach() {
   std::weak_ptr<RRefContext> weak = weak_from_this();
@@ -1224,28 +1230,35 @@ void RRefContext::OnForkRequestReply(const ForkId& fork,
   {
     absl::MutexLock lock(&mu_);
     TouchLocked();
-    auto it = users_.find(fork);
-    if (it == users_.end()) return;
-    UserFork* user = it->second.get();
-    if (reply.ok()) {
-      SettleUserLocked(user, absl::OkStatus(), true);
-    } else {
-      absl::StatusCode code = reply.status().code();
-      bool needs_delete = code != absl::StatusCode::kNotFound &&
-                          code != absl::StatusCode::kUnavailable &&
-                          code != absl::StatusCode::kFailedPrecondition;
-      SettleUserLocked(
-          user,
-          WithPrefix(
-              reply.status(),
-              absl::StrCat("confirming RRef ", user->rref.ToString(), " fork ",
-                           fork.ToString(), " with its owner (worker ",
-                           user->owner, ") failed: ")),
-          needs_delete);
-    }
+    // The parent is owed an accept even if the user is already gone (its owner
+    // failed and its handle was dropped meanwhile).
+    WorkerId parent = self_;
     auto rec = received_.find(fork);
-    if (rec != received_.end()) rec->second->done = true;
-    WorkerId parent = user->parent;
+    if (rec != received_.end()) {
+      rec->second->done = true;
+      parent = rec->second->parent;
+    }
+    auto it = users_.find(fork);
+    if (it != users_.end()) {
+      UserFork* user = it->second.get();
+      parent = user->parent;
+      if (reply.ok()) {
+        SettleUserLocked(user, absl::OkStatus(), true);
+      } else {
+        absl::StatusCode code = reply.status().code();
+        bool needs_delete = code != absl::StatusCode::kNotFound &&
+                            code != absl::StatusCode::kUnavailable &&
+                            code != absl::StatusCode::kFailedPrecondition;
+        SettleUserLocked(
+            user,
+            WithPrefix(reply.status(),
+                       absl::StrCat("confirming RRef ", user->rref.ToString(),
+                                    " fork ", fork.ToString(),
+                                    " with its owner (worker ", user->owner,
+                                    ") failed: ")),
+            needs_delete);
+      }
+    }
     AcceptChildLocked(fork, parent, &actions);
     MaybeDeleteUserLocked(fork, &actions);
   }

@@ -203,8 +203,8 @@ struct RRefPlantedBugs {
 };
 
 struct RRefContextOptions {
-  // The agent's incarnation (AgentOptions::incarnation): ids made by a restarted worker must not
-  // collide with those of its earlier lives.
+  // The agent's incarnation (AgentOptions::incarnation): ids made by a
+  // restarted worker must not collide with those of its earlier lives.
   uint64_t incarnation = 0;
   // Per-attempt timeout of a control message, and the retry backoff (doubling,
   // capped).
@@ -310,7 +310,8 @@ class RRefContext : public std::enable_shared_from_this<RRefContext> {
   // Detaches the context: from now on handles do nothing when dropped and
   // handlers answer kCancelled. Returns kFailedPrecondition listing the leaks
   // (id, owner, creator, what created it) unless there are none or
-  // `ignore_leaks`. Idempotent; the destructor calls Close(true).
+  // `ignore_leaks`. Idempotent. Call it while the clock is alive: the
+  // destructor only detaches (it touches neither the clock nor the executor).
   absl::Status Close(bool ignore_leaks);
 
  private:
@@ -378,9 +379,10 @@ class RRefContext : public std::enable_shared_from_this<RRefContext> {
                               const std::string& type_name)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void TouchLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { ++events_; }
-  // Records the incarnation a request came from; a worker declared failed that speaks again from
-  // a newer incarnation is alive again.
-  void NoteCallerLocked(const IncomingCall& call) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Records the incarnation a request came from; a worker declared failed that
+  // speaks again from a newer incarnation is alive again.
+  void NoteCallerLocked(const IncomingCall& call)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   // Sends a control message, retrying on timeouts with backoff until it is
   // answered (or the peer failed, or the agent shut down). `done` runs on the
