@@ -227,7 +227,7 @@ ExploreSummary Explore(const ExploreOptions& o, std::ostream& out) {
           if (r.violations.size() > kMaxLines) {
             out << "  ... and " << r.violations.size() - kMaxLines << " more\n";
           }
-          out << "  replay: " << ReplayCommand(o, name, seed) << "\n";
+          out << "  replay: " << ReplayCommand(o, name, seed) << std::endl;
         }
       }
       if (seed == o.last_seed) break;
