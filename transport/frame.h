@@ -13,9 +13,11 @@
 // and keeps the message's Buffers by reference, so a scatter-gather write sends
 // them without copying. Receiving: FrameReader decodes incrementally; it checks
 // the header and the envelope against FrameLimits before allocating anything,
-// and reads each buffer into its own Buffer::Allocate'd storage, which can
-// become a tensor's storage without a copy. Large buffers can be received
-// straight from the socket into that storage (DirectSpan/CommitDirect).
+// and reads each buffer into storage of its own (Buffer::Allocate'd, or for
+// 1 MB and more an anonymous mapping with transparent huge pages owned by the
+// Buffer), which can become a tensor's storage without a copy. Large buffers
+// can be received straight from the socket into that storage
+// (DirectSpan/CommitDirect).
 //
 // Not thread-safe; one reader per connection, used by one thread at a time.
 #ifndef TETHER_TRANSPORT_FRAME_H_

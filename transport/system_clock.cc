@@ -1,5 +1,6 @@
 #include "transport/system_clock.h"
 
+#include <algorithm>
 #include <limits>
 
 #include "absl/time/clock.h"
@@ -45,7 +46,7 @@ TimerId SystemClock::Schedule(absl::Time deadline,
   {
     std::lock_guard<std::mutex> lock(mu_);
     id = next_id_++;
-    wake = queue_.empty() || Key(when, id) < queue_.begin()->first;
+    wake = when < sleeping_until_;
     queue_.emplace(Key(when, id), std::move(callback));
     deadlines_.emplace(id, when);
   }
@@ -73,25 +74,29 @@ size_t SystemClock::pending() const {
 }
 
 void SystemClock::Loop() {
+  // The thread sleeps until the earliest deadline, but never longer than
+  // kMaxSleep, so Schedule() needs to wake it only for a deadline earlier than
+  // the one it sleeps towards (a call's far timeout does not cost a wake-up).
+  constexpr auto kMaxSleep = std::chrono::seconds(1);
   std::unique_lock<std::mutex> lock(mu_);
   while (!stopping_) {
-    if (queue_.empty()) {
-      cv_.wait(lock);
+    const SteadyTime now = std::chrono::steady_clock::now();
+    if (!queue_.empty() && queue_.begin()->first.first <= now) {
+      auto first = queue_.begin();
+      std::function<void()> callback = std::move(first->second);
+      deadlines_.erase(first->first.second);
+      queue_.erase(first);
+      lock.unlock();
+      callback();
+      callback = nullptr;
+      lock.lock();
       continue;
     }
-    auto first = queue_.begin();
-    SteadyTime when = first->first.first;
-    if (std::chrono::steady_clock::now() < when) {
-      cv_.wait_until(lock, when);
-      continue;
-    }
-    std::function<void()> callback = std::move(first->second);
-    deadlines_.erase(first->first.second);
-    queue_.erase(first);
-    lock.unlock();
-    callback();
-    callback = nullptr;
-    lock.lock();
+    SteadyTime target = now + kMaxSleep;
+    if (!queue_.empty()) target = std::min(target, queue_.begin()->first.first);
+    sleeping_until_ = target;
+    cv_.wait_until(lock, target);
+    sleeping_until_ = SteadyTime::min();
   }
   // Drop what never ran, outside the lock (their destructors may do anything).
   std::map<Key, std::function<void()>> dropped;

@@ -59,6 +59,8 @@ class SystemClock : public Clock {
   mutable std::mutex mu_;
   std::condition_variable cv_;
   bool stopping_ = false;
+  // When the timer thread will wake up by itself; min() while it is awake.
+  SteadyTime sleeping_until_ = SteadyTime::min();
   TimerId next_id_ = 1;
   std::map<Key, std::function<void()>> queue_;
   std::map<TimerId, SteadyTime> deadlines_;

@@ -790,7 +790,8 @@ bool TcpNetwork::Impl::ReadHandshake(Conn* c, bool* closed) {
 }
 
 void TcpNetwork::Impl::OnReadable(Conn* c) {
-  const uint64_t id = c->id;  // `c` may be closed (and freed) by any step below.
+  const uint64_t id =
+      c->id;  // `c` may be closed (and freed) by any step below.
   while (c->phase != kReady) {
     bool closed = false;
     if (!ReadHandshake(c, &closed)) return;
