@@ -1007,8 +1007,10 @@ void RRefContext::ScheduleChildQueryLocked(const ForkId& fork,
   auto it = pending_children_.find(fork);
   if (it == pending_children_.end()) return;
   std::weak_ptr<RRefContext> weak = weak_from_this();
+  // Shutting down, ask again soon (the first query was sent at once); never spin.
   absl::Duration delay =
-      shutting_down_ ? absl::ZeroDuration() : options_.child_query_delay;
+      shutting_down_ ? std::max(options_.retry_initial_backoff * 5, absl::Milliseconds(1))
+                     : options_.child_query_delay;
   it->second->has_timer = true;
   it->second->timer = clock_->Schedule(clock_->Now() + delay, [weak, fork] {
     if (std::shared_ptr<RRefContext> self = weak.lock()) {

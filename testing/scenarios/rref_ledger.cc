@@ -113,6 +113,9 @@ void RRefLedger::OnRRefEvent(const RRefEvent& e) {
       u.alive = true;
       involved_[e.rref].insert(e.worker);
       involved_[e.rref].insert(e.peer);
+      // The child now exists as a user; from here its user record is what reaches the value.
+      auto child = children_.find(e.fork);
+      if (child != children_.end()) child->second.open = false;
       break;
     }
     case RRefEvent::kUserConfirmed:
