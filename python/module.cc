@@ -19,6 +19,7 @@
 #include <torch/csrc/utils/pybind.h>
 
 #include <atomic>
+#include <cstdlib>
 #include <chrono>
 #include <map>
 #include <memory>
@@ -213,9 +214,16 @@ bool WaitInterruptibly(const Future<T>& future,
     absl::Time sim_deadline = deadline == absl::InfiniteFuture()
                                   ? absl::InfiniteFuture()
                                   : SimWorkerClock()->Now() + (deadline - absl::Now());
+    std::string where = "waiting for an RPC result";
+    try {
+      where = py::module_::import("tether.sim._child")
+                  .attr("_where")(where)
+                  .cast<std::string>();
+    } catch (const py::error_already_set&) {
+    }
     py::gil_scoped_release release;
     return SimWaitUntil([&future] { return future.ready(); }, sim_deadline,
-                        "an RPC result");
+                        where);
   }
   while (true) {
     bool done;
@@ -937,6 +945,15 @@ std::vector<std::tuple<std::string, int, std::string>> SimListen(
   options.rpc_timeout =
       rpc_timeout <= 0 ? absl::ZeroDuration() : absl::Seconds(rpc_timeout);
   options.rref_options.serializer = SerializeOwned;
+  // Protocol bugs planted on purpose (tether.sim's own tests): never in real runs.
+  if (const char* plant = std::getenv("TETHER_SIM_PLANTED_RREF_BUGS")) {
+    std::string bugs = plant;
+    options.rref_options.bugs.skip_child_wait = bugs.find("skip_child_wait") != std::string::npos;
+    options.rref_options.bugs.forget_idempotence =
+        bugs.find("forget_idempotence") != std::string::npos;
+    options.rref_options.bugs.free_on_first_delete =
+        bugs.find("free_on_first_delete") != std::string::npos;
+  }
   py::module_ c = py::module_::import("tether._C");
   std::vector<std::string> names =
       c.attr("sim_register")(name).cast<std::vector<std::string>>();
@@ -944,6 +961,7 @@ std::vector<std::tuple<std::string, int, std::string>> SimListen(
     throw std::runtime_error(absl::StrCat("world_size is ", world_size, " but the simulation has ",
                                           names.size(), " workers"));
   }
+  SetSimWorkerThreads(num_worker_threads);
   absl::StatusOr<std::unique_ptr<Runtime>> runtime = Runtime::ForSimulation(
       options, SimWorkerClock(), SimWorkerExecutor(), SimWorkerNetwork());
   if (!runtime.ok()) Raise(runtime.status());
@@ -1051,6 +1069,21 @@ void Shutdown(bool graceful, double timeout) {
                      "the graceful shutdown barrier did not complete within ",
                      timeout, " s"));
   if (status.ok()) status = barrier;
+  if (graceful && finished && status.ok()) {
+    // After a clean graceful shutdown no reference may remain (a leak).
+    std::vector<LeakedRRef> leaks = w->runtime->rrefs()->Leaks();
+    if (!leaks.empty()) {
+      std::string text = absl::StrCat("RRef leak on worker '", w->self.name, "': ",
+                                      leaks.size(),
+                                      " reference(s) alive after a graceful shutdown:");
+      for (const LeakedRRef& l : leaks) absl::StrAppend(&text, "\n  ", l.ToString());
+      if (InSimulatedWorker()) {
+        status = absl::DataLossError(text);
+      } else {
+        PySys_WriteStderr("tether: %s\n", text.substr(0, 4000).c_str());
+      }
+    }
+  }
   {
     absl::MutexLock lock(&g_mu);
     g_worker.reset();

@@ -80,6 +80,7 @@ py::dict RunHost(std::vector<int> fds, uint64_t seed, const std::string& faults,
 }  // namespace
 
 bool InSimulatedWorker() { return g_child != nullptr; }
+void SetSimWorkerThreads(int n) { RequireChild().set_max_task_threads(n); }
 Clock* SimWorkerClock() { return RequireChild().clock(); }
 Executor* SimWorkerExecutor() { return RequireChild().executor(); }
 Network* SimWorkerNetwork() { return RequireChild().network(); }

@@ -21,6 +21,9 @@ namespace tether {
 // Whether this process is a simulated worker (tether.sim created its ChildRuntime).
 bool InSimulatedWorker();
 
+// Sizes the simulated worker's thread pool (its num_worker_threads).
+void SetSimWorkerThreads(int n);
+
 // The simulated worker's Clock, Executor and Network (requires InSimulatedWorker()).
 Clock* SimWorkerClock();
 Executor* SimWorkerExecutor();

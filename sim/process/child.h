@@ -76,6 +76,8 @@ class ChildRuntime {
   // The main function returned (`ok`) or raised (`text` says what). Serves the
   // host until EXIT.
   void MainDone(bool ok, const std::string& text);
+  // Sets the pool size (the worker's num_worker_threads), from the baton holder.
+  void set_max_task_threads(int n) { max_task_threads_ = n < 1 ? 1 : n; }
   // Whether the calling thread is one of this runtime's frames.
   bool OnFrame() const;
 
@@ -111,7 +113,7 @@ class ChildRuntime {
 
   const int fd_;
   const WorkerId rank_;
-  const int max_task_threads_;
+  int max_task_threads_;
   std::unique_ptr<LinkClock> clock_;
   std::unique_ptr<LinkExecutor> executor_;
   std::unique_ptr<LinkNetwork> network_;

@@ -447,6 +447,7 @@ ProcessRunResult ProcessHost::Run() {
     });
   }
   const absl::Time limit = scheduler_->Now() + options_.time_limit;
+  const uint64_t events_before = scheduler_->events_run();
   bool done = scheduler_->RunUntil([this] { return AllDone(); }, limit,
                                    options_.max_events);
   for (int k = 0; k < static_cast<int>(workers_.size()); ++k) {
@@ -457,17 +458,15 @@ ProcessRunResult ProcessHost::Run() {
   }
   if (!AllDone()) {
     if (scheduler_->idle()) {
-      result_.hang =
-          "deadlock: nothing left to run, but some workers are still waiting";
-    } else if (scheduler_->Now() >= limit) {
-      result_.hang = absl::StrCat("time limit: the run took more than ",
-                                  absl::FormatDuration(options_.time_limit),
-                                  " of virtual time");
+      result_.hang = "deadlock: nothing left to run, but some workers are still waiting";
+    } else if (scheduler_->events_run() - events_before >= options_.max_events) {
+      result_.hang = absl::StrCat("livelock: more than ", options_.max_events, " events ran");
     } else {
-      result_.hang = absl::StrCat("livelock: more than ", options_.max_events,
-                                  " events ran");
+      result_.hang = absl::StrCat("time limit: the run took more than ",
+                                  absl::FormatDuration(options_.time_limit), " of virtual time");
     }
   }
+
   for (int k = 0; k < static_cast<int>(workers_.size()); ++k) {
     Worker& w = *workers_[k];
     if (!w.dead) {

@@ -78,7 +78,7 @@ def _classify(raw: dict) -> List[Failure]:
         elif w["main_done"] and not w["ok"]:
             err = w["error"]
             kind = "exception"
-            if "leak" in err.lower() and "rref" in err.lower():
+            if "RRef leak on worker" in err:
                 kind = "leak"
             elif "without calling rpc.shutdown()" in err:
                 kind = "shutdown"

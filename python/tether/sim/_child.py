@@ -25,12 +25,19 @@ class SimulationError(RuntimeError):
 
 
 def _where(what: str) -> str:
-    """`what`, and the user code line that waits (for hang reports)."""
-    for frame in reversed(traceback.extract_stack()[:-2]):
-        fn = frame.filename
-        if "/tether/" in fn or "/torch/" in fn or fn.startswith("<"):
+    """`what`, the tether.rpc call it happens in, and the user code line that made that call
+    (for hang reports)."""
+
+    def ours(filename: str) -> bool:
+        return "/tether/" in filename or "/torch/" in filename or filename.startswith("<")
+
+    stack = traceback.extract_stack()[:-1]
+    for i in range(len(stack) - 1, -1, -1):
+        if ours(stack[i].filename):
             continue
-        return f"{what} at {os.path.basename(fn)}:{frame.lineno} in {frame.name}"
+        user = stack[i]
+        source = f": {user.line.strip()}" if user.line else ""
+        return f"{what} at {os.path.basename(user.filename)}:{user.lineno} in {user.name}{source}"
     return what
 
 
