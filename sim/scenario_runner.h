@@ -30,7 +30,7 @@ struct RunConfig {
   PlantedBugs bugs;
   // A run that has not settled by then violates "shutdown terminates".
   absl::Duration max_virtual_time = absl::Minutes(10);
-  uint64_t max_events = 20'000'000;
+  uint64_t max_events = 2'000'000;
 };
 
 struct RunResult {
