@@ -335,7 +335,10 @@ void RRefContext::ControlAttempt(
       absl::MutexLock lock(&self->mu_);
       self->TouchLocked();
       if (retry && self->closed_) retry = false;
-      if (!retry) --self->pending_control_;
+      if (!retry) {
+        --self->pending_control_;
+        self->CheckShutdownDone();
+      }
     }
     if (!retry) {
       done(result);
@@ -634,8 +637,13 @@ void RRefContext::HandleFetch(std::shared_ptr<IncomingCall> call) {
         waiter.done = serve;
         absl::Time deadline = call->deadline();
         if (deadline != absl::InfiniteFuture()) {
+          // The caller enforces its own timeout; this only stops holding the call. A grace
+          // period keeps a faster owner clock from reporting the timeout before the caller's.
+          absl::Time now = clock_->Now();
+          absl::Duration grace =
+              std::max(absl::Milliseconds(10), (deadline - now) / 10);
           waiter.has_timer = true;
-          waiter.timer = clock_->Schedule(deadline, [weak, rref, id] {
+          waiter.timer = clock_->Schedule(deadline + grace, [weak, rref, id] {
             std::shared_ptr<RRefContext> self = weak.lock();
             if (!self) return;
             self->PostSelf([rref, id](RRefContext* c) {
@@ -1079,6 +1087,7 @@ void RRefContext::ResolveChildLocked(const ForkId& fork, bool refused,
   if (it == pending_children_.end()) return;
   std::shared_ptr<PendingChild> child(std::move(it->second));
   pending_children_.erase(it);
+  CheckShutdownDone();
   if (child->has_timer) clock_->Cancel(child->timer);
   EmitLocked(RRefEvent::kChildResolved, child->rref, fork, child->child);
   if (!child->parent_fork.valid()) {

@@ -20,6 +20,14 @@ import torch
 from tether import _C
 
 
+# Code of ours and torch's: a hang report names the user code line that called into it.
+_LIBRARY_DIRS = tuple(
+    os.path.dirname(os.path.abspath(m.__file__)) + os.sep
+    for m in (sys.modules["tether"], torch, threading)  # threading: the standard library
+    if m is not None and getattr(m, "__file__", None)
+)
+
+
 class SimulationError(RuntimeError):
     """Something a simulated worker cannot do deterministically."""
 
@@ -29,7 +37,7 @@ def _where(what: str) -> str:
     (for hang reports)."""
 
     def ours(filename: str) -> bool:
-        return "/tether/" in filename or "/torch/" in filename or filename.startswith("<")
+        return filename.startswith(_LIBRARY_DIRS) or filename.startswith("<")
 
     stack = traceback.extract_stack()[:-1]
     for i in range(len(stack) - 1, -1, -1):
