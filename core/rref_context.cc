@@ -637,8 +637,9 @@ void RRefContext::HandleFetch(std::shared_ptr<IncomingCall> call) {
         waiter.done = serve;
         absl::Time deadline = call->deadline();
         if (deadline != absl::InfiniteFuture()) {
-          // The caller enforces its own timeout; this only stops holding the call. A grace
-          // period keeps a faster owner clock from reporting the timeout before the caller's.
+          // The caller enforces its own timeout; this only stops holding the
+          // call. A grace period keeps a faster owner clock from reporting the
+          // timeout before the caller's.
           absl::Time now = clock_->Now();
           absl::Duration grace =
               std::max(absl::Milliseconds(10), (deadline - now) / 10);
@@ -1015,10 +1016,12 @@ void RRefContext::ScheduleChildQueryLocked(const ForkId& fork,
   auto it = pending_children_.find(fork);
   if (it == pending_children_.end()) return;
   std::weak_ptr<RRefContext> weak = weak_from_this();
-  // Shutting down, ask again soon (the first query was sent at once); never spin.
+  // Shutting down, ask again soon (the first query was sent at once); never
+  // spin.
   absl::Duration delay =
-      shutting_down_ ? std::max(options_.retry_initial_backoff * 5, absl::Milliseconds(1))
-                     : options_.child_query_delay;
+      shutting_down_
+          ? std::max(options_.retry_initial_backoff * 5, absl::Milliseconds(1))
+          : options_.child_query_delay;
   it->second->has_timer = true;
   it->second->timer = clock_->Schedule(clock_->Now() + delay, [weak, fork] {
     if (std::shared_ptr<RRefContext> self = weak.lock()) {

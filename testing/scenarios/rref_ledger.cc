@@ -40,8 +40,12 @@ void RRefLedger::CheckFree(WorkerId owner, const RRefId& rref) {
     if (failed.count(w) > 0)
       return;  // the owner released what that worker held
   }
+  auto gone = [this](WorkerId w) { return declared_by_anyone_.count(w) > 0; };
   for (const auto& [fork, user] : users_) {
-    if (user.rref == rref && user.alive) {
+    // A user on (or hanging from) a worker someone declared failed was released
+    // by that news.
+    if (user.rref == rref && user.alive && !gone(user.worker) &&
+        !gone(user.parent)) {
       Violation(absl::StrCat("RRef ", rref.ToString(), " freed on worker ",
                              owner, " while user fork ", fork.ToString(),
                              " on worker ", user.worker, " (parent ",
@@ -49,7 +53,8 @@ void RRefLedger::CheckFree(WorkerId owner, const RRefId& rref) {
     }
   }
   for (const auto& [fork, child] : children_) {
-    if (child.rref == rref && child.open) {
+    if (child.rref == rref && child.open && !gone(child.parent) &&
+        !gone(child.child)) {
       Violation(absl::StrCat("RRef ", rref.ToString(), " freed on worker ",
                              owner, " while child fork ", fork.ToString(),
                              " (worker ", child.parent, " -> worker ",
@@ -113,7 +118,8 @@ void RRefLedger::OnRRefEvent(const RRefEvent& e) {
       u.alive = true;
       involved_[e.rref].insert(e.worker);
       involved_[e.rref].insert(e.peer);
-      // The child now exists as a user; from here its user record is what reaches the value.
+      // The child now exists as a user; from here its user record is what
+      // reaches the value.
       auto child = children_.find(e.fork);
       if (child != children_.end()) child->second.open = false;
       break;
@@ -143,6 +149,7 @@ void RRefLedger::OnRRefEvent(const RRefEvent& e) {
     }
     case RRefEvent::kPeerFailed:
       declared_failed_[e.worker].insert(e.peer);
+      declared_by_anyone_.insert(e.peer);
       break;
   }
 }

@@ -79,6 +79,7 @@ class RRefLedger : public RRefObserver {
   std::map<RRefId, OwnerG> owners_;
   std::map<RRefId, std::set<WorkerId>> involved_;
   std::map<WorkerId, std::set<WorkerId>> declared_failed_;
+  std::set<WorkerId> declared_by_anyone_;
   std::vector<std::string> violations_;
   int64_t frees_ = 0;
 };
