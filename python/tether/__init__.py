@@ -5,7 +5,8 @@ The engine is the C++ extension `tether._C`. It is found, in order: inside this 
 (`python/tether/_C.so`, for instance a copy or symlink of the Bazel output), next to the package
 (`python/_C.so`, which is where Bazel's runfiles put it for py_test), or in the workspace's
 `bazel-bin/python/_C.so` after `bazel build //python:_C.so` (so `PYTHONPATH=python` works from
-a source checkout).
+a source checkout). `$TETHER_C_EXTENSION`, if set, names the file to load instead (for
+instance an optimized build: `bazel build -c opt //python:_C.so`).
 """
 import importlib.machinery
 import importlib.util
@@ -16,14 +17,16 @@ import torch  # noqa: F401  (the extension links libtorch_python: load torch fir
 
 
 def _load_extension():
-    try:
-        from . import _C  # type: ignore[attr-defined]
+    override = os.environ.get("TETHER_C_EXTENSION")
+    if not override:
+        try:
+            from . import _C  # type: ignore[attr-defined]
 
-        return _C
-    except ImportError:
-        pass
+            return _C
+        except ImportError:
+            pass
     here = os.path.dirname(os.path.abspath(__file__))
-    candidates = [
+    candidates = [override] if override else [
         os.path.join(here, "..", "_C.so"),
         os.path.join(here, "..", "..", "bazel-bin", "python", "_C.so"),
     ]

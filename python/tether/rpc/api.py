@@ -197,10 +197,15 @@ def _timeout_arg(timeout):
 def _send(to, func, args, kwargs, timeout, remote=False):
     if not callable(func):
         raise TypeError("function should be callable.")
-    info = _to_worker_info(to)
+    info = _workers_by_name.get(to) if type(to) is str else None
+    if info is None:
+        if not _C.is_initialized():
+            raise RuntimeError("RPC has not been initialized. Call tether.rpc.init_rpc first.")
+        info = _to_worker_info(to)
     args = tuple(args) if args else ()
     kwargs = dict(kwargs) if kwargs else {}
-    timeout = _timeout_arg(timeout)
+    if timeout != UNSET_RPC_TIMEOUT:
+        timeout = _timeout_arg(timeout)
     async_exec = hasattr(func, "_wrapped_async_rpc_function")
     if async_exec and isinstance(func._wrapped_async_rpc_function, torch.jit.ScriptFunction):
         raise NotImplementedError(
@@ -213,19 +218,17 @@ def _send(to, func, args, kwargs, timeout, remote=False):
     if isinstance(func, torch.jit.ScriptFunction):
         send = _C.remote_script if remote else _C.send_script
         return send(info.id, torch._jit_internal._qualified_name(func), args, kwargs, timeout)
-    data, tensors = internal.serialize(internal.PythonUDF(func, args, kwargs), info.id)
+    data, tensors = internal.serialize((func, args, kwargs), info.id)
     send = _C.remote_python if remote else _C.send_python
     return send(info.id, data, tensors, timeout, async_exec)
 
 
-@_require_initialized
 def rpc_sync(to, func, args=None, kwargs=None, timeout=UNSET_RPC_TIMEOUT):
     """Runs ``func(*args, **kwargs)`` on worker ``to`` (a name, id or WorkerInfo) and returns
     its result. ``timeout`` in seconds: -1 uses the default, 0 means none."""
     return _send(to, func, args, kwargs, timeout).wait()
 
 
-@_require_initialized
 def rpc_async(to, func, args=None, kwargs=None, timeout=UNSET_RPC_TIMEOUT):
     """Like rpc_sync, but returns at once a torch.futures.Future of the result."""
     pending = _send(to, func, args, kwargs, timeout)
@@ -237,7 +240,6 @@ def rpc_async(to, func, args=None, kwargs=None, timeout=UNSET_RPC_TIMEOUT):
     return fut
 
 
-@_require_initialized
 def remote(to, func, args=None, kwargs=None, timeout=UNSET_RPC_TIMEOUT):
     """Runs ``func(*args, **kwargs)`` on worker ``to`` and returns at once an RRef to the result,
     owned by ``to``."""

@@ -51,6 +51,7 @@ class RemoteException:
         raise self.make()
 
 
+# A Python call travels as the plain tuple (func, args, kwargs): cheaper to pickle than a class.
 PythonUDF = collections.namedtuple("PythonUDF", ["func", "args", "kwargs"])
 
 
@@ -93,15 +94,20 @@ class _Pickler(pickle.Pickler):
 
 def serialize(obj, peer):
     """Returns (pickle, tensors) for sending `obj` to worker `peer` (None: no RRefs allowed)."""
-    old = (getattr(_tls, "send_tensors", None), getattr(_tls, "send_peer", None))
-    _tls.send_tensors = []
+    # A fresh Pickler per call: pool threads get a new Python thread state each time they take the
+    # GIL, so per-thread caches would not survive anyway (and reusing a Pickler across them
+    # crashed the interpreter).
+    old_tensors = getattr(_tls, "send_tensors", None)
+    old_peer = getattr(_tls, "send_peer", None)
+    tensors = _tls.send_tensors = []
     _tls.send_peer = peer
     try:
         f = io.BytesIO()
         _Pickler(f, protocol=pickle.HIGHEST_PROTOCOL).dump(obj)
-        return f.getvalue(), _tls.send_tensors
+        return f.getvalue(), tensors
     finally:
-        _tls.send_tensors, _tls.send_peer = old
+        _tls.send_tensors = old_tensors
+        _tls.send_peer = old_peer
 
 
 def deserialize(data, tensors, peer):
@@ -161,7 +167,8 @@ def _run_udf(responder, udf, async_execution, caller, error):
     try:
         if error is not None:
             raise error
-        result = udf.func(*udf.args, **udf.kwargs)
+        func, args, kwargs = udf
+        result = func(*args, **kwargs)
     except Exception as e:
         return _finish(responder, _remote_exception(e), True, caller)
     if not async_execution:
