@@ -30,6 +30,8 @@
 //   owner exactly once (retried until acknowledged). The owner remembers
 //   deleted forks and freed references, so late or duplicated messages never
 //   re-pin a value; it frees the value when no fork and no local handle remain.
+//   Those records (deleted fork ids, freed reference ids, refused forks) live as long as the
+//   context: a few bytes per reference (see num_deleted_fork_records, num_freed_rref_records).
 // - Failure: when the agent reports a worker failed, the forks it held and the
 // children pending
 //   on it are released; references it owned fail their next use with
