@@ -587,33 +587,79 @@ class Pending {
   // Completes the torch.futures.Future `fut` with the result (set_result) or
   // the error (set_exception) once the reply arrives. The delivery runs on a
   // pool thread.
-  void DeliverTo(py::object fut) {
-    auto target = std::make_shared<PyRef>(std::move(fut));
-    CallContext ctx = ctx_;
-    bool copy = copy_;
-    future_.Then([target, ctx, copy](const absl::StatusOr<Message>& reply) {
-      Decoded d = Decode(reply, copy);
-      ProfiledGil gil;
-      py::object f = target->get();
-      try {
-        py::object value = ToPython(d, ctx);
-        f.attr("set_result")(value);
-      } catch (py::error_already_set& e) {
-        try {
-          f.attr("set_exception")(e.value());
-        } catch (py::error_already_set& e2) {
-          e2.discard_as_unraisable(
-              "tether: delivering an RPC error into its future");
-        }
-      }
-    });
-  }
+  void DeliverTo(py::object fut);
 
  private:
   Future<Message> future_;
   CallContext ctx_;
   bool copy_;
 };
+
+// Completions of rpc_async futures, delivered in batches: whichever pool thread finds no
+// delivery in progress takes the GIL once and completes every future whose reply has arrived
+// meanwhile; the others only queue theirs (decoded without the GIL) and return. Under load this
+// replaces one GIL acquisition per reply (a convoy of pool threads) with one per batch.
+class DeliveryQueue {
+ public:
+  struct Item {
+    std::shared_ptr<PyRef> target;
+    Decoded decoded;
+    CallContext ctx;
+  };
+
+  void Push(Item item) {
+    {
+      absl::MutexLock lock(&mu_);
+      items_.push_back(std::move(item));
+      if (draining_) return;
+      draining_ = true;
+    }
+    while (true) {
+      std::vector<Item> batch;
+      {
+        absl::MutexLock lock(&mu_);
+        if (items_.empty()) {
+          draining_ = false;
+          return;
+        }
+        batch.swap(items_);
+      }
+      ProfiledGil gil;
+      for (Item& it : batch) Deliver(it);
+      batch.clear();  // Drops the Python references with the GIL held.
+    }
+  }
+
+ private:
+  static void Deliver(Item& it) {
+    py::object f = it.target->get();
+    try {
+      py::object value = ToPython(it.decoded, it.ctx);
+      f.attr("set_result")(value);
+    } catch (py::error_already_set& e) {
+      try {
+        f.attr("set_exception")(e.value());
+      } catch (py::error_already_set& e2) {
+        e2.discard_as_unraisable("tether: delivering an RPC error into its future");
+      }
+    }
+  }
+
+  absl::Mutex mu_;
+  std::vector<Item> items_ ABSL_GUARDED_BY(mu_);
+  bool draining_ ABSL_GUARDED_BY(mu_) = false;
+};
+
+DeliveryQueue* g_deliveries = new DeliveryQueue();  // Never freed: pool threads may use it late.
+
+void Pending::DeliverTo(py::object fut) {
+  auto target = std::make_shared<PyRef>(std::move(fut));
+  CallContext ctx = ctx_;
+  bool copy = copy_;
+  future_.Then([target, ctx, copy](const absl::StatusOr<Message>& reply) {
+    g_deliveries->Push(DeliveryQueue::Item{target, Decode(reply, copy), ctx});
+  });
+}
 
 CallContext MakeContext(Worker& w, WorkerId to,
                         std::optional<absl::Duration> timeout) {
