@@ -1170,14 +1170,16 @@ absl::StatusOr<RRefHandle> RRefContext::Receive(const RRefDescriptor& desc,
           "Receive: RRef fork ", fork.ToString(), " was already received"));
     }
     if (desc.owner == self_) {
-      auto it = owners_.find(desc.rref_id);
-      if (it == owners_.end() || it->second->placeholder()) {
-        result = absl::FailedPreconditionError(
-            absl::StrCat("Receive: RRef ", desc.rref_id.ToString(),
-                         " does not exist on its owner (worker ", self_, ")"));
+      if (freed_.count(desc.rref_id) > 0) {
+        result = absl::FailedPreconditionError(absl::StrCat(
+            "Receive: RRef ", desc.rref_id.ToString(),
+            " was already freed on its owner (worker ", self_, ")"));
       } else {
+        // The creation may still be in flight (the sender's user is pinned
+        // meanwhile): hold a placeholder that the remote call fills in.
+        OwnerEntry* entry = FindOrCreatePlaceholderLocked(desc.rref_id);
         result = MakeHandleLocked(desc.rref_id, ForkId{}, self_,
-                                  /*is_owner=*/true, it->second->type_name);
+                                  /*is_owner=*/true, entry->type_name);
       }
       if (from != self_)
         received_[fork] =

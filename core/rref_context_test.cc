@@ -174,6 +174,21 @@ TEST(RRefContextTest, OwnerToUserAndUserToOwnerAndToSelf) {
   EXPECT_EQ(c->ledger().frees(), 1);
 }
 
+TEST(RRefContextTest, OwnerReceivesItsReferenceBeforeTheCreationArrives) {
+  auto c = MakeCluster(2, "type=TEST_REMOTE_CALL:delay=200ms");
+  RRefHandle h = c->Remote(0, 1, "v:early").value();
+  Future<Message> p = c->Pass(0, 1, {h});  // overtakes the remote call
+  h = RRefHandle();
+  ASSERT_TRUE(c->world().RunUntilReady(p));
+  ASSERT_TRUE(p.result().ok()) << p.result().status();
+  ASSERT_EQ(c->held(1).size(), 1u);
+  EXPECT_TRUE(c->held(1)[0].is_owner());
+  EXPECT_EQ(Fetch(*c, 1, c->held(1)[0]), "early");  // waits for the creation
+  c->DropAllHeld();
+  ExpectClean(*c);
+  EXPECT_EQ(c->ledger().frees(), 1);
+}
+
 TEST(RRefContextTest, CallWaitsForConfirmationAndParentStaysPinned) {
   auto c = MakeCluster(3, "type=RREF_FORK_REQUEST:delay=200ms");
   RRefHandle h = c->Remote(0, 1, "v:x").value();
