@@ -159,6 +159,7 @@ void BareServer(int ctl_in, int ctl_out, const Config& cfg) {
 
 struct Results {
   double p50 = 0, p99 = 0, rate = 0, gbps = 0;
+  double async_p50 = 0, async_p99 = 0;
 };
 
 Results BareClient(int ctl_in, const Config& cfg) {
@@ -318,16 +319,19 @@ Results NetClient(int ctl_in, int ctl_out, const Config& cfg) {
 
 // ---- Tether: two agents over TcpNetwork. ----
 struct Node {
-  std::unique_ptr<TcpNetwork> net;
+  ThreadPool pool{2};  // Outlives the network (pooled mode).
   SystemClock clock;
-  ThreadPool pool{2};
+  std::unique_ptr<TcpNetwork> net;
   std::unique_ptr<Agent> agent;
 };
+
+bool pooled_mode = true;
 
 std::unique_ptr<Node> MakeNode(WorkerId self, int ctl_in, int ctl_out) {
   auto node = std::make_unique<Node>();
   TcpNetworkOptions o;
   o.self = self;
+  if (pooled_mode) o.poll_with = &node->pool;
   auto net = TcpNetwork::Listen(o);
   if (!net.ok()) Die(net.status().ToString());
   node->net = std::move(*net);
@@ -372,6 +376,38 @@ Results TetherClient(int ctl_in, int ctl_out, const Config& cfg) {
   std::sort(lat.begin(), lat.end());
   res.p50 = lat[lat.size() / 2];
   res.p99 = lat[lat.size() * 99 / 100];
+
+  // Asynchronous request/response: each reply's callback (on the pool) issues
+  // the next call, as async code does; no thread waits.
+  {
+    std::mutex mu;
+    std::condition_variable cv;
+    std::vector<double> alat;
+    const int total = cfg.iters + cfg.iters / 10;
+    bool finished = false;
+    std::function<void(int)> issue;
+    issue = [&](int i) {
+      auto t0 = Clock::now();
+      agent.Call(1, wire::TEST_CALL, payload, {})
+          .Then([&, i, t0](const absl::StatusOr<Message>& r) {
+            if (!r.ok()) Die(r.status().ToString());
+            if (i >= cfg.iters / 10) alat.push_back(Micros(Clock::now() - t0));
+            if (i + 1 < total) {
+              issue(i + 1);
+              return;
+            }
+            std::lock_guard<std::mutex> lock(mu);
+            finished = true;
+            cv.notify_all();
+          });
+    };
+    issue(0);
+    std::unique_lock<std::mutex> lock(mu);
+    cv.wait(lock, [&] { return finished; });
+    std::sort(alat.begin(), alat.end());
+    res.async_p50 = alat[alat.size() / 2];
+    res.async_p99 = alat[alat.size() * 99 / 100];
+  }
 
   // Pipelined: each completion (on the pool) issues the next call.
   {
@@ -453,13 +489,17 @@ int Main(int argc, char** argv) {
       }
       return true;
     };
+    if (a == "--pooled=0" || a == "--pooled=1") {
+      pooled_mode = a == "--pooled=1";
+      continue;
+    }
     if (!flag("iters", &cfg.iters) && !flag("window", &cfg.window) &&
         !flag("pipelined", &cfg.pipelined) && !flag("mb", &cfg.mb) &&
         !flag("rounds", &cfg.rounds)) {
       std::fprintf(
           stderr,
           "usage: %s [--iters=N] [--window=W] [--pipelined=N] [--mb=M] "
-          "[--rounds=R]\n",
+          "[--rounds=R] [--pooled=0|1]\n",
           argv[0]);
       return 2;
     }
@@ -494,11 +534,15 @@ int Main(int argc, char** argv) {
   };
   std::printf(
       "bench-transport: 2 processes on loopback, %d calls of 64 B, window %d, "
-      "%d MB buffer\n",
-      cfg.iters, cfg.window, cfg.mb);
+      "%d MB buffer, network %s\n",
+      cfg.iters, cfg.window, cfg.mb,
+      pooled_mode ? "polled by the agent's thread pool"
+                  : "on its own event-loop thread");
   line("request/response latency p50", tether.p50, bare.p50, "us",
        "(goal <= 1.30)");
   line("request/response latency p99", tether.p99, bare.p99, "us", "");
+  line("async request/response p50", tether.async_p50, bare.p50, "us", "");
+  line("async request/response p99", tether.async_p99, bare.p99, "us", "");
   line("  TcpNetwork alone (no agent) p50", netonly.p50, bare.p50, "us", "");
   line("  TcpNetwork alone (no agent) p99", netonly.p99, bare.p99, "us", "");
   line(absl::StrCat("pipelined requests (window ", cfg.window, ")"),

@@ -15,6 +15,7 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <condition_variable>
 #include <cstring>
 #include <deque>
 #include <mutex>
@@ -25,6 +26,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "transport/auth.h"
+#include "transport/thread_pool.h"
 
 namespace tether {
 namespace {
@@ -210,7 +212,18 @@ class TcpNetwork::Impl {
   };
 
   void Loop();
+  // One turn of the event loop; false once the network should close
+  // (stopping and flushed or out of time, or aborted).
+  bool Iterate(int max_wait_ms);
+  // Half-closes, lingers briefly, closes every connection.
+  void Close();
+
+ public:
+  // Pooled mode (options.poll_with): run by the pool's poller thread.
+  void Poll(int max_wait_ms);
   void Wake();
+
+ private:
   void HandleEvent(uint64_t key, uint32_t events);
   void AcceptAll();
   void Dial(Peer* peer);
@@ -258,6 +271,24 @@ class TcpNetwork::Impl {
   NetworkObserver* observer_ = nullptr;
   std::thread loop_;
   std::atomic<std::thread::id> loop_id_{};
+  ThreadPool* pool_ = nullptr;  // Pooled mode.
+  class Adapter : public Pollable {
+   public:
+    explicit Adapter(Impl* impl) : impl_(impl) {}
+    void Poll(int max_wait_ms) override { impl_->Poll(max_wait_ms); }
+    void Wake() override { impl_->Wake(); }
+
+   private:
+    Impl* impl_;
+  };
+  Adapter adapter_{this};
+  std::atomic<bool> closed_{false};
+  std::mutex finish_mu_;
+  std::condition_variable finish_cv_;
+  bool finish_claimed_ = false;  // Guarded by finish_mu_.
+  // Whether the caller is the one to finish (flush and close) in pooled mode.
+  bool ClaimFinish();
+  int next_timeout_ms_ = 10;  // Loop only.
   std::mutex stop_mu_;
   SteadyTime start_time_{};
   SteadyTime stop_deadline_{};
@@ -400,6 +431,15 @@ absl::Status TcpNetwork::Impl::Start(NetworkObserver* observer) {
   for (auto& [id, p] : peers_) {
     if (id < options_.self) p->next_dial = start_time_;
   }
+  if (options_.poll_with != nullptr) {
+    pool_ = options_.poll_with;
+    if (!pool_->SetPollable(&adapter_)) {
+      state_ = kStopped;
+      return absl::FailedPreconditionError(
+          "the thread pool already polls another network");
+    }
+    return absl::OkStatus();
+  }
   loop_ = std::thread([this] { Loop(); });
   return absl::OkStatus();
 }
@@ -517,6 +557,11 @@ void TcpNetwork::Impl::SetWantOutLocked(Peer* p, bool want) {
   p->want_out = want;
 }
 
+namespace {
+// The network whose Poll() the calling pool thread is inside, if any.
+thread_local const void* polling_network = nullptr;
+}  // namespace
+
 void TcpNetwork::Impl::Stop(bool abort) {
   if (abort) abort_ = true;
   int state = kIdle;
@@ -524,7 +569,8 @@ void TcpNetwork::Impl::Stop(bool abort) {
     return;  // Never started.
   state = kRunning;
   state_.compare_exchange_strong(state, kStopping);
-  if (std::this_thread::get_id() == loop_id_.load()) {
+  if (std::this_thread::get_id() == loop_id_.load() ||
+      polling_network == this) {
     // Called from an observer callback: the loop finishes the flush and exits
     // on its own; no callback runs after this returns (the loop checks the
     // state before each one).
@@ -532,54 +578,102 @@ void TcpNetwork::Impl::Stop(bool abort) {
   }
   Wake();
   std::lock_guard<std::mutex> lock(stop_mu_);
-  if (loop_.joinable()) loop_.join();
+  if (pool_ != nullptr) {
+    // Once no pool thread polls any more, finish here, unless the last poll
+    // claimed that (then wait for it).
+    pool_->ClearPollable(&adapter_);
+    if (ClaimFinish()) {
+      while (Iterate(10)) {
+      }
+      Close();
+    }
+    std::unique_lock<std::mutex> f(finish_mu_);
+    finish_cv_.wait(f, [&] { return closed_.load(); });
+  } else if (loop_.joinable()) {
+    loop_.join();
+  }
   state_ = kStopped;
+}
+
+void TcpNetwork::Impl::Poll(int max_wait_ms) {
+  if (closed_) return;
+  polling_network = this;
+  bool more = Iterate(max_wait_ms);
+  if (more && state_.load() == kRunning) {
+    polling_network = nullptr;
+    return;
+  }
+  // Stopping: this is the last poll; finish the flush and close here.
+  pool_->ClearPollable(&adapter_);
+  if (ClaimFinish()) {
+    while (more) more = Iterate(10);
+    Close();
+  }
+  polling_network = nullptr;
+}
+
+bool TcpNetwork::Impl::ClaimFinish() {
+  std::lock_guard<std::mutex> lock(finish_mu_);
+  if (finish_claimed_) return false;
+  finish_claimed_ = true;
+  return true;
 }
 
 void TcpNetwork::Impl::Loop() {
   loop_id_ = std::this_thread::get_id();
-  epoll_event events[64];
-  int timeout_ms = 10;
-  while (true) {
-    int state = state_.load();
-    if (state != kRunning) {
-      if (abort_.load()) {
-        while (!conns_.empty())
-          CloseConn(conns_.begin()->second.get(), /*reset=*/true);
-        break;
-      }
-      timeout_ms = 10;
-      if (!stop_deadline_set_) {
-        stop_deadline_ =
-            SteadyClock::now() + ToSteady(options_.stop_flush_timeout);
-        stop_deadline_set_ = true;
-      }
-      if (FlushDone() || SteadyClock::now() >= stop_deadline_) break;
-    }
-    int n = epoll_wait(epoll_fd_, events, 64, timeout_ms);
-    if (n < 0 && errno != EINTR) {
-      Log(absl::StrCat("worker ", options_.self,
-                       ": epoll_wait failed: ", ErrnoText(errno)));
-      break;
-    }
-    for (int i = 0; i < n; ++i)
-      HandleEvent(events[i].data.u64, events[i].events);
-    if (write_errors_.exchange(false)) {
-      for (auto& [id, p] : peers_) {
-        absl::Status err;
-        {
-          std::lock_guard<std::mutex> lock(p->mu);
-          err = p->write_error;
-        }
-        if (!err.ok()) FailPeer(p.get(), err);
-      }
-    }
-    DeliverSelf();
-    timeout_ms = CheckTimers() ? 10 : 200;
+  while (Iterate(200)) {
   }
-  // Closing: half-close every connection so peers read all we wrote, then
-  // close.
-  if (!abort_.load()) {
+  Close();
+}
+
+bool TcpNetwork::Impl::Iterate(int max_wait_ms) {
+  epoll_event events[64];
+  int timeout_ms = std::min(max_wait_ms, next_timeout_ms_);
+  int state = state_.load();
+  if (state != kRunning) {
+    if (abort_.load()) return false;
+    timeout_ms = 10;
+    if (!stop_deadline_set_) {
+      stop_deadline_ =
+          SteadyClock::now() + ToSteady(options_.stop_flush_timeout);
+      stop_deadline_set_ = true;
+    }
+    if (FlushDone() || SteadyClock::now() >= stop_deadline_) return false;
+  }
+  int n = epoll_wait(epoll_fd_, events, 64, timeout_ms);
+  if (n < 0 && errno != EINTR) {
+    Log(absl::StrCat("worker ", options_.self,
+                     ": epoll_wait failed: ", ErrnoText(errno)));
+    return false;
+  }
+  for (int i = 0; i < n; ++i) HandleEvent(events[i].data.u64, events[i].events);
+  if (write_errors_.exchange(false)) {
+    for (auto& [id, p] : peers_) {
+      absl::Status err;
+      {
+        std::lock_guard<std::mutex> lock(p->mu);
+        err = p->write_error;
+      }
+      if (!err.ok()) FailPeer(p.get(), err);
+    }
+  }
+  DeliverSelf();
+  next_timeout_ms_ = CheckTimers() ? 10 : 200;
+  return true;
+}
+
+void TcpNetwork::Impl::Close() {
+  epoll_event events[64];
+  if (abort_.load()) {
+    while (!conns_.empty())
+      CloseConn(conns_.begin()->second.get(), /*reset=*/true);
+  } else {
+    // Half-close every connection so peers read all we wrote, then close.
+    if (!stop_deadline_set_) {
+      stop_deadline_ =
+          SteadyClock::now() + ToSteady(options_.stop_flush_timeout);
+      stop_deadline_set_ = true;
+    }
     auto linger_until =
         std::min(SteadyClock::now() + kCloseLinger, stop_deadline_);
     for (auto& [id, c] : conns_) shutdown(c->fd, SHUT_WR);
@@ -608,6 +702,9 @@ void TcpNetwork::Impl::Loop() {
     p->failed = true;
     if (p->failure.ok()) p->failure = absl::UnavailableError("network stopped");
   }
+  std::lock_guard<std::mutex> lock(finish_mu_);
+  closed_ = true;
+  finish_cv_.notify_all();
 }
 
 bool TcpNetwork::Impl::FlushDone() {

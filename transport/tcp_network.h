@@ -37,8 +37,8 @@
 //   callback (then the bounded flush finishes on the loop thread after Stop()
 //   returns, with no callbacks).
 //
-// Observer callbacks run on the loop thread, one at a time. All public methods
-// are thread-safe.
+// Observer callbacks run on the loop thread (in pooled mode: on the pool thread
+// polling at the time), one at a time. All public methods are thread-safe.
 #ifndef TETHER_TRANSPORT_TCP_NETWORK_H_
 #define TETHER_TRANSPORT_TCP_NETWORK_H_
 
@@ -52,6 +52,7 @@
 #include "absl/time/time.h"
 #include "core/network.h"
 #include "transport/frame.h"
+#include "transport/thread_pool.h"
 
 namespace tether {
 
@@ -79,6 +80,12 @@ struct TcpNetworkOptions {
   absl::Duration keepalive_interval = absl::Seconds(2);
   int keepalive_count = 3;
   absl::Duration user_timeout = absl::Seconds(30);
+  // Pooled mode: no thread of its own; the pool's idle threads take turns
+  // running the event loop (leader/followers, see thread_pool.h), so a
+  // received request's handler and a reply's callbacks run without a thread
+  // switch. The pool (>= 2 threads) must outlive the network. Null: the
+  // network runs its own event-loop thread.
+  ThreadPool* poll_with = nullptr;
 };
 
 class TcpNetwork : public Network {

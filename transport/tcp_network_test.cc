@@ -18,6 +18,7 @@
 #include "testing/network_conformance.h"
 #include "transport/auth.h"
 #include "transport/frame.h"
+#include "transport/thread_pool.h"
 
 namespace tether {
 namespace {
@@ -29,10 +30,15 @@ using testing::NetworkHarness;
 class TcpHarness : public NetworkHarness {
  public:
   TcpHarness(int n,
-             const std::function<void(TcpNetworkOptions&)>& tweak = nullptr) {
+             const std::function<void(TcpNetworkOptions&)>& tweak = nullptr,
+             bool pooled = false) {
     for (int i = 0; i < n; ++i) {
       TcpNetworkOptions o;
       o.self = i;
+      if (pooled) {
+        pools_.push_back(std::make_unique<ThreadPool>(2));
+        o.poll_with = pools_.back().get();
+      }
       o.stop_flush_timeout = absl::Seconds(2);
       if (tweak) tweak(o);
       nets_.push_back(TcpNetwork::Listen(o).value());
@@ -60,6 +66,7 @@ class TcpHarness : public NetworkHarness {
   void Crash(WorkerId id) override { nets_[id]->Abort(); }
 
  private:
+  std::vector<std::unique_ptr<ThreadPool>> pools_;  // Outlive the networks.
   std::vector<std::unique_ptr<TcpNetwork>> nets_;
 };
 
@@ -68,6 +75,11 @@ INSTANTIATE_TEST_SUITE_P(
     ::testing::Values(NetworkFactory{"tcp",
                                      [](int n) {
                                        return std::make_unique<TcpHarness>(n);
+                                     }},
+                      NetworkFactory{"tcp_pooled",
+                                     [](int n) {
+                                       return std::make_unique<TcpHarness>(
+                                           n, nullptr, /*pooled=*/true);
                                      }},
                       NetworkFactory{"tcp_authenticated",
                                      [](int n) {

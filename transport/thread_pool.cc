@@ -1,10 +1,14 @@
 #include "transport/thread_pool.h"
 
+#include <chrono>
 #include <utility>
 
 namespace tether {
 namespace {
 thread_local const ThreadPool* current_pool = nullptr;
+thread_local const ThreadPool* polling_pool = nullptr;
+// How often idle threads check that someone polls (see Loop).
+constexpr auto kFollowerCheck = std::chrono::milliseconds(1);
 }  // namespace
 
 ThreadPool::ThreadPool(int num_threads) {
@@ -17,18 +21,48 @@ ThreadPool::ThreadPool(int num_threads) {
 ThreadPool::~ThreadPool() { Shutdown(kDrain); }
 
 bool ThreadPool::InPool() const { return current_pool == this; }
+bool ThreadPool::InPoll() const { return polling_pool == this; }
+
+bool ThreadPool::SetPollable(Pollable* pollable) {
+  std::unique_lock<std::mutex> lock(mu_);
+  if (pollable == nullptr || pollable_ != nullptr || joined_) return false;
+  pollable_ = pollable;
+  lock.unlock();
+  cv_.notify_one();  // An idle thread becomes the poller.
+  return true;
+}
+
+void ThreadPool::ClearPollable(Pollable* pollable) {
+  std::unique_lock<std::mutex> lock(mu_);
+  if (pollable_ != pollable || pollable == nullptr) return;
+  pollable_ = nullptr;
+  if (InPoll()) return;
+  if (polling_) pollable->Wake();
+  poll_done_.wait(lock, [&] { return !polling_; });
+}
 
 void ThreadPool::Post(std::function<void()> task) {
+  bool notify = false;
+  Pollable* wake = nullptr;
   {
     std::lock_guard<std::mutex> lock(mu_);
     if (joined_ || (shutting_down_ && !InPool())) {
       ++dropped_;
-      return;  // `task` is destroyed on return, outside the lock's protection
-               // needs.
+      return;
     }
     queue_.push_back(std::move(task));
+    if (InPoll()) {
+      // The poller runs it once its Poll() returns; wake a helper only for
+      // more than one task.
+      notify = queue_.size() > 1 && idle_ > 0;
+    } else if (idle_ > 0) {
+      notify = true;
+    } else if (polling_) {
+      wake = pollable_;  // Everyone else is busy: the poller takes it.
+    }
   }
-  cv_.notify_one();
+  if (notify) cv_.notify_one();
+  if (wake != nullptr) wake->Wake();
 }
 
 void ThreadPool::Shutdown(ShutdownMode mode) {
@@ -42,6 +76,7 @@ void ThreadPool::Shutdown(ShutdownMode mode) {
       dropped_ += queue_.size();
       discarded.swap(queue_);
     }
+    if (polling_ && pollable_ != nullptr) pollable_->Wake();
   }
   cv_.notify_all();
   discarded.clear();
@@ -62,21 +97,42 @@ void ThreadPool::Loop() {
   current_pool = this;
   std::unique_lock<std::mutex> lock(mu_);
   while (true) {
-    if (queue_.empty()) {
-      // Draining ends when the queue is empty and no task is left that could
-      // post more: a running task that posts wakes the others through
-      // notify_one, so each thread only leaves once it sees the queue empty
-      // after shutdown began.
-      if (shutting_down_) break;
-      cv_.wait(lock);
+    if (!queue_.empty()) {
+      std::function<void()> task = std::move(queue_.front());
+      queue_.pop_front();
+      lock.unlock();
+      task();
+      task = nullptr;
+      lock.lock();
       continue;
     }
-    std::function<void()> task = std::move(queue_.front());
-    queue_.pop_front();
-    lock.unlock();
-    task();
-    task = nullptr;
-    lock.lock();
+    // Draining ends when the queue is empty and no task is left that could
+    // post more: a running task that posts runs it itself afterwards, so each
+    // thread only leaves once it sees the queue empty after shutdown began.
+    if (shutting_down_) break;
+    if (pollable_ != nullptr && !polling_) {
+      Pollable* p = pollable_;
+      polling_ = true;
+      polling_pool = this;
+      lock.unlock();
+      p->Poll(/*max_wait_ms=*/200);
+      lock.lock();
+      polling_pool = nullptr;
+      polling_ = false;
+      poll_done_.notify_all();
+      // This thread runs what the poll produced, then polls again. Followers
+      // are not woken for that (a wake-up per message costs more than it
+      // saves); they look every kFollowerCheck and take over polling if the
+      // leader is still busy running tasks.
+      continue;
+    }
+    ++idle_;
+    if (pollable_ != nullptr) {
+      cv_.wait_for(lock, kFollowerCheck);
+    } else {
+      cv_.wait(lock);
+    }
+    --idle_;
   }
   current_pool = nullptr;
 }

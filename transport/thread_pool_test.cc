@@ -1,6 +1,9 @@
 #include "transport/thread_pool.h"
 
 #include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <mutex>
 #include <set>
 #include <thread>
 
@@ -122,6 +125,96 @@ TEST(ThreadPoolTest, ShutdownIsIdempotentAndDestructorDrains) {
   pool.Post([&] { ++ran; });
   EXPECT_EQ(ran.load(), 100);
   EXPECT_EQ(pool.dropped(), 1u);
+}
+
+}  // namespace
+}  // namespace tether
+
+namespace tether {
+namespace {
+
+// A pollable event source driven by the test: Trigger() makes the next Poll()
+// post a task from inside the poll.
+class FakePollable : public Pollable {
+ public:
+  explicit FakePollable(ThreadPool* pool) : pool_(pool) {}
+  void Poll(int max_wait_ms) override {
+    int n;
+    {
+      std::unique_lock<std::mutex> lock(mu_);
+      cv_.wait_for(lock, std::chrono::milliseconds(max_wait_ms),
+                   [&] { return pending_ > 0 || woken_; });
+      woken_ = false;
+      n = pending_;
+      pending_ = 0;
+    }
+    // Post outside our lock (the pool calls Wake() under its own).
+    for (int k = 0; k < n; ++k) {
+      std::thread::id poller = std::this_thread::get_id();
+      EXPECT_TRUE(pool_->InPoll());
+      pool_->Post([this, poller] {
+        std::lock_guard<std::mutex> l(mu_);
+        same_thread_ += std::this_thread::get_id() == poller;
+        ++ran_;
+        cv_.notify_all();
+      });
+    }
+  }
+  void Wake() override {
+    std::lock_guard<std::mutex> lock(mu_);
+    woken_ = true;
+    cv_.notify_all();
+  }
+  void Trigger() {
+    std::lock_guard<std::mutex> lock(mu_);
+    ++pending_;
+    cv_.notify_all();
+  }
+  void WaitRan(int n) {
+    std::unique_lock<std::mutex> lock(mu_);
+    cv_.wait(lock, [&] { return ran_ >= n; });
+  }
+  int same_thread() {
+    std::lock_guard<std::mutex> lock(mu_);
+    return same_thread_;
+  }
+
+ private:
+  ThreadPool* pool_;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  int pending_ = 0, ran_ = 0, same_thread_ = 0;
+  bool woken_ = false;
+};
+
+TEST(ThreadPoolPollTest, TasksPostedDuringPollRunOnThePollingThread) {
+  ThreadPool pool(2);
+  FakePollable p(&pool);
+  ASSERT_TRUE(pool.SetPollable(&p));
+  EXPECT_FALSE(pool.SetPollable(&p));  // One at a time.
+  for (int i = 1; i <= 20; ++i) {
+    p.Trigger();
+    p.WaitRan(i);
+  }
+  EXPECT_EQ(p.same_thread(), 20);
+  // Outside tasks still run while a thread polls.
+  absl::Notification done;
+  pool.Post([&] { done.Notify(); });
+  done.WaitForNotification();
+  pool.ClearPollable(&p);  // Waits for the poll in progress.
+  EXPECT_FALSE(pool.InPoll());
+}
+
+TEST(ThreadPoolPollTest, OutsidePostWakesTheOnlyPollingThread) {
+  ThreadPool pool(1);
+  FakePollable p(&pool);
+  ASSERT_TRUE(pool.SetPollable(&p));
+  for (int i = 0; i < 5; ++i) {
+    absl::Notification done;
+    pool.Post([&] { done.Notify(); });
+    done.WaitForNotification();
+  }
+  pool.Shutdown();
 }
 
 }  // namespace
