@@ -414,7 +414,16 @@ void RRefContext::MaybeFreeLocked(const RRefId& rref, Actions* actions) {
   bool forked = options_.bugs.forget_idempotence ? entry->fork_count > 0
                                                  : !entry->forks.empty();
   if (forked) return;
-  if (entry->local_handles > 0 && !shutting_down_) return;
+  if (entry->local_handles > 0) {
+    if (!shutting_down_) return;
+    // Shutting down, local handles no longer pin the value, but one sent to
+    // this very worker and not received yet still does (its call is in flight).
+    for (const auto& [fork, child] : pending_children_) {
+      if (child->rref == rref && child->child == self_ &&
+          !child->parent_fork.valid())
+        return;
+    }
+  }
   if (entry->creation_started && !entry->value.has_value())
     return;  // function still running
   if (entry->placeholder()) {
