@@ -7,7 +7,10 @@
 //
 //   scenario_process --list
 //   scenario_process [--seed=N] [--seeds=K] [--retries=R] [--timeout_s=S]
-//                    SCENARIO...   (or --all [--skip=NAME]...)
+//                    [--pooled] SCENARIO...   (or --all [--skip=NAME]...)
+//
+// --pooled: each worker's network is polled by its agent's thread pool
+// (TcpNetworkOptions::poll_with) instead of running its own thread.
 //
 // Real threads on a shared machine can miss a scenario's timing margins (the
 // `timeouts` scenario replies "just in time"); --retries reruns a failed
@@ -107,9 +110,12 @@ bool WithinRealTimeSlack(const std::string& v) {
 }
 
 // The body of one worker process. Returns its exit code.
+bool pooled_mode = false;
+
 int RunWorker(const ScenarioInfo& info, int rank, uint64_t seed,
               const std::string& store_path, int control_fd,
               absl::Duration timeout) {
+  ThreadPool pool(2);  // Outlives the network (pooled mode).
   std::unique_ptr<Scenario> scenario = info.create();
   const int n = scenario->num_workers();
   const std::string who = absl::StrCat(info.name, " worker ", rank);
@@ -122,6 +128,7 @@ int RunWorker(const ScenarioInfo& info, int rank, uint64_t seed,
   ro.timeout = absl::Seconds(30);
   ro.network.connect_timeout = absl::Seconds(20);
   ro.network.stop_flush_timeout = absl::Seconds(2);
+  if (pooled_mode) ro.network.poll_with = &pool;
   absl::StatusOr<Rendezvous> rdzv = RunRendezvous(ro);
   if (!rdzv.ok()) {
     std::fprintf(stderr, "%s: rendezvous failed: %s\n", who.c_str(),
@@ -130,7 +137,6 @@ int RunWorker(const ScenarioInfo& info, int rank, uint64_t seed,
   }
   std::unique_ptr<TcpNetwork> network = std::move(rdzv->network);
   SystemClock clock;
-  ThreadPool pool(2);
   Recorder recorder;
   sim::Prng rng = sim::Prng(seed).Fork(1000 + rank);
   ProcessControl control(control_fd);
@@ -316,6 +322,8 @@ int Main(int argc, char** argv) {
                     NeedsRestart().count(name) ? " [not over TCP]" : "");
       }
       return 0;
+    } else if (a == "--pooled") {
+      pooled_mode = true;
     } else if (a == "--all") {
       all = true;
     } else if (absl::StartsWith(a, "--seed=")) {
@@ -345,6 +353,7 @@ int Main(int argc, char** argv) {
   if (names.empty()) {
     std::fprintf(stderr,
                  "usage: %s [--seed=N] [--seeds=K] [--retries=R] [--skip=NAME] "
+                 "[--pooled] "
                  "[--timeout_s=S] "
                  "(--all | SCENARIO...) | --list\n",
                  argv[0]);
