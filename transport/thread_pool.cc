@@ -8,7 +8,7 @@ namespace {
 thread_local const ThreadPool* current_pool = nullptr;
 thread_local const ThreadPool* polling_pool = nullptr;
 // How often idle threads check that someone polls (see Loop).
-constexpr auto kFollowerCheck = std::chrono::milliseconds(1);
+constexpr auto kFollowerCheck = std::chrono::milliseconds(5);
 }  // namespace
 
 ThreadPool::ThreadPool(int num_threads) {

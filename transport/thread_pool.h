@@ -19,10 +19,10 @@
 // the leader, runs Pollable::Poll(); tasks posted while it polls (a received
 // request's handler, a reply's callbacks) run on that same thread right after
 // Poll returns, with no thread switch, and then it polls again. Idle followers
-// check every millisecond and take over polling while the leader is busy (a
-// long handler delays other messages by at most about that). This saves the
-// thread wake-ups of a hand-off per message. With a pollable set, idle threads
-// wake up once a millisecond.
+// check every 5 ms and take over polling while the leader is busy running
+// tasks (so a long handler delays other messages by at most about that). This
+// saves the thread wake-ups of a hand-off per message; the price is that idle
+// threads wake up every 5 ms while a pollable is set.
 //
 // Threading: Post() is thread-safe and never runs the task inline.
 #ifndef TETHER_TRANSPORT_THREAD_POOL_H_
