@@ -44,6 +44,8 @@ class ParameterServer:
         self.pending = 0
         self.steps = 0
         self.waiting = torch.futures.Future()
+        self.pushes = 0
+        self.recent_loss = float("nan")
         for p in self.model.parameters():
             p.grad = torch.zeros_like(p)
 
@@ -52,9 +54,11 @@ class ParameterServer:
 
     @staticmethod
     @rpc.functions.async_execution
-    def push_and_fetch(ps_rref, grads: list[torch.Tensor]) -> torch.futures.Future:
+    def push_and_fetch(ps_rref, grads: list[torch.Tensor], loss: float) -> torch.futures.Future:
         self = ps_rref.local_value()
         with self.lock:
+            self.pushes += 1
+            self.recent_loss = loss
             for p, g in zip(self.model.parameters(), grads):
                 p.grad += g
             self.pending += 1
@@ -92,7 +96,8 @@ class Trainer:
             loss.backward()
             grads = [p.grad for p in model.parameters()]
             model = rpc.rpc_async(
-                self.ps_rref.owner(), ParameterServer.push_and_fetch, args=(self.ps_rref, grads)
+                self.ps_rref.owner(), ParameterServer.push_and_fetch,
+                args=(self.ps_rref, grads, loss.item()),
             ).wait()
             losses.append(loss.item())
         return losses
@@ -102,7 +107,18 @@ def run_trainer(ps_rref, rank: int, steps: int) -> list[float]:
     return Trainer(ps_rref, rank).train(steps)
 
 
-def main(rank: int, world_size: int, steps: int = 20, verbose: bool = True) -> None:
+def show_progress(ps: ParameterServer, steps: int, start: float, futs) -> None:
+    """A live line: optimizer steps, recent loss, pushes per second."""
+    while not all(f.done() for f in futs):
+        elapsed = max(time.monotonic() - start, 1e-9)
+        print(f"\r  step {ps.steps:>5}/{steps}  loss {ps.recent_loss:8.4f}  "
+              f"{ps.pushes / elapsed:8.0f} pushes/s", end="", flush=True)
+        time.sleep(0.2)
+    print()
+
+
+def main(rank: int, world_size: int, steps: int = 20, verbose: bool = True,
+         live: bool = False) -> None:
     rpc.init_rpc(
         f"worker{rank}",
         rank=rank,
@@ -117,6 +133,8 @@ def main(rank: int, world_size: int, steps: int = 20, verbose: bool = True) -> N
             rpc.rpc_async(f"worker{r}", run_trainer, args=(ps_rref, r, steps))
             for r in range(1, world_size)
         ]
+        if live:
+            show_progress(ps_rref.local_value(), steps, start, futs)
         curves = [f.wait() for f in futs]
         elapsed = time.monotonic() - start
         first = sum(c[0] for c in curves) / len(curves)
@@ -137,4 +155,4 @@ if __name__ == "__main__":
     for a in sys.argv[1:]:
         if a.startswith("--steps="):
             steps = int(a.split("=", 1)[1])
-    launch(main, parse_world_size(sys.argv[1:], 3), steps=steps)
+    launch(main, parse_world_size(sys.argv[1:], 3), steps=steps, live="--live" in sys.argv)

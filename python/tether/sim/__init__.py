@@ -95,11 +95,13 @@ def _classify(raw: dict) -> List[Failure]:
 
 def run(fn: Callable[[int, int], Any], world_size: int, seed: int = 0, faults: str = "none", *,
         time_limit: float = DEFAULT_TIME_LIMIT, max_events: int = 20_000_000,
-        num_worker_threads: int = 16, record_trace: bool = False) -> SimResult:
+        num_worker_threads: int = 16, record_trace: bool = False,
+        worker_output: bool = True) -> SimResult:
     """Runs `fn(rank, world_size)` for each simulated worker, once, from `seed`.
 
     `time_limit` bounds virtual time (a run past it is a hang); `num_worker_threads` is each
-    worker's thread pool (RPC handlers that block hold a thread, as for real).
+    worker's thread pool (RPC handlers that block hold a thread, as for real);
+    `worker_output=False` discards what the workers print.
     """
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")
@@ -122,6 +124,10 @@ def run(fn: Callable[[int, int], Any], world_size: int, seed: int = 0, faults: s
             pid = os.fork()
             if pid == 0:  # The simulated worker.
                 parent_end.close()
+                if not worker_output:
+                    devnull = os.open(os.devnull, os.O_WRONLY)
+                    os.dup2(devnull, 1)
+                    os.dup2(devnull, 2)
                 for fd in host_fds:
                     os.close(fd)
                 run_worker(fn, rank, world_size, child_end.detach(), seed, num_worker_threads)

@@ -85,6 +85,8 @@ def main(argv=None) -> int:
                         help="virtual seconds before a run counts as hung")
     parser.add_argument("--no-shrink", action="store_true", help="do not shrink failing seeds")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--show-output", action="store_true",
+                        help="show what the workers print (the default for a single seed)")
     args = parser.parse_args(argv)
     if args.world_size < 1:
         parser.error("--world-size must be >= 1")
@@ -110,7 +112,8 @@ def main(argv=None) -> int:
             _bar(done, total, failed_count, started)
 
     report = sim.explore(fn, args.world_size, seeds, args.faults, progress=progress,
-                         time_limit=args.time_limit, record_trace=bool(args.trace) and len(seeds) == 1)
+                         time_limit=args.time_limit, record_trace=bool(args.trace) and len(seeds) == 1,
+                         worker_output=args.show_output or len(seeds) == 1)
     virtual = sum(r.virtual_seconds for r in report.results)
     print()
     print(f"  seeds run        {len(report.results)}")
@@ -126,14 +129,15 @@ def main(argv=None) -> int:
             print("  " + str(f).replace("\n", "\n  "))
         print(f"  replay: {_replay_command(args, r.seed, args.faults)}")
         if not args.no_shrink and r.plan not in ("", "none"):
-            small = sim.shrink(fn, args.world_size, r, time_limit=args.time_limit)
+            small = sim.shrink(fn, args.world_size, r, time_limit=args.time_limit,
+                               worker_output=False)
             if small.plan != r.plan or small.faults != r.faults:
                 print(f"  shrunk: {_replay_command(args, r.seed, small.faults)}")
     if args.trace:
         target = report.failed[0] if report.failed else report.results[0]
         if not target.trace:
             target = sim.run(fn, args.world_size, target.seed, target.faults,
-                             time_limit=args.time_limit, record_trace=True)
+                             time_limit=args.time_limit, record_trace=True, worker_output=False)
         sim.write_trace(target, args.trace)
         print(f"\ntrace of seed {target.seed} written to {args.trace} "
               "(open it in Perfetto or chrome://tracing)")
