@@ -5,12 +5,14 @@
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "absl/strings/str_split.h"
 
 namespace tether {
 
 struct Agent::PendingCall {
   WorkerId to = -1;
+  absl::Time started;
   MessageType type = wire::MESSAGE_TYPE_UNSPECIFIED;
   absl::Duration timeout = absl::ZeroDuration();
   std::optional<Future<Message>> future;
@@ -19,8 +21,10 @@ struct Agent::PendingCall {
 
 struct Agent::PeerState {
   bool failed = false;
+  PeerStats stats;
   uint64_t incarnation = 0;
-  // Request ids up to `watermark` count as seen; `seen` holds the ones above it.
+  // Request ids up to `watermark` count as seen; `seen` holds the ones above
+  // it.
   uint64_t watermark = 0;
   absl::btree_set<uint64_t> seen;
 };
@@ -57,7 +61,9 @@ class IncomingCallImpl : public IncomingCall {
   using ReplyFn = std::function<void(absl::StatusOr<Message>)>;
 
   IncomingCallImpl(Message request, absl::Time deadline, ReplyFn reply)
-      : request_(std::move(request)), deadline_(deadline), reply_(std::move(reply)) {}
+      : request_(std::move(request)),
+        deadline_(deadline),
+        reply_(std::move(reply)) {}
 
   ~IncomingCallImpl() override {
     if (!replied_) {
@@ -78,7 +84,8 @@ class IncomingCallImpl : public IncomingCall {
   }
 
   void ReplyError(const absl::Status& error) override {
-    Finish(error.ok() ? absl::InternalError("handler replied with an OK error") : error);
+    Finish(error.ok() ? absl::InternalError("handler replied with an OK error")
+                      : error);
   }
 
  private:
@@ -99,20 +106,23 @@ class IncomingCallImpl : public IncomingCall {
 };
 
 std::string TimeoutText(absl::Duration timeout) {
-  return absl::StrCat("RPC ran for more than set timeout (", absl::ToInt64Milliseconds(timeout),
+  return absl::StrCat("RPC ran for more than set timeout (",
+                      absl::ToInt64Milliseconds(timeout),
                       " ms) and will now be marked with an error");
 }
 
 std::string EncodeReport(uint64_t round, const BarrierReport& r) {
-  return absl::StrCat(round, ",", r.declared ? 1 : 0, ",", r.activity.pending, ",",
-                      r.activity.events);
+  return absl::StrCat(round, ",", r.declared ? 1 : 0, ",", r.activity.pending,
+                      ",", r.activity.events);
 }
 
-bool DecodeReport(absl::string_view payload, uint64_t* round, BarrierReport* r) {
+bool DecodeReport(absl::string_view payload, uint64_t* round,
+                  BarrierReport* r) {
   std::vector<absl::string_view> parts = absl::StrSplit(payload, ',');
   if (parts.size() != 4) return false;
   int declared = 0;
-  if (!absl::SimpleAtoi(parts[0], round) || !absl::SimpleAtoi(parts[1], &declared) ||
+  if (!absl::SimpleAtoi(parts[0], round) ||
+      !absl::SimpleAtoi(parts[1], &declared) ||
       !absl::SimpleAtoi(parts[2], &r->activity.pending) ||
       !absl::SimpleAtoi(parts[3], &r->activity.events)) {
     return false;
@@ -127,42 +137,52 @@ bool IsShutdownMessage(MessageType type) {
 
 }  // namespace
 
-absl::StatusOr<std::unique_ptr<Agent>> Agent::Create(AgentOptions options, Clock* clock,
-                                                     Network* network, Executor* executor) {
+absl::StatusOr<std::unique_ptr<Agent>> Agent::Create(AgentOptions options,
+                                                     Clock* clock,
+                                                     Network* network,
+                                                     Executor* executor) {
   if (clock == nullptr || network == nullptr || executor == nullptr) {
-    return absl::InvalidArgumentError("agent needs a clock, a network and an executor");
+    return absl::InvalidArgumentError(
+        "agent needs a clock, a network and an executor");
   }
   std::set<WorkerId> ids;
   std::set<std::string> names;
   bool found_self = false;
   for (const WorkerInfo& w : options.workers) {
-    if (w.name.empty()) return absl::InvalidArgumentError("worker names must not be empty");
+    if (w.name.empty())
+      return absl::InvalidArgumentError("worker names must not be empty");
     if (w.id < 0) {
-      return absl::InvalidArgumentError(absl::StrCat("worker '", w.name, "' has negative id ", w.id));
+      return absl::InvalidArgumentError(
+          absl::StrCat("worker '", w.name, "' has negative id ", w.id));
     }
     if (!ids.insert(w.id).second) {
-      return absl::InvalidArgumentError(absl::StrCat("duplicate worker id ", w.id));
+      return absl::InvalidArgumentError(
+          absl::StrCat("duplicate worker id ", w.id));
     }
     if (!names.insert(w.name).second) {
-      return absl::InvalidArgumentError(absl::StrCat("duplicate worker name '", w.name, "'"));
+      return absl::InvalidArgumentError(
+          absl::StrCat("duplicate worker name '", w.name, "'"));
     }
     if (w.id == options.self) found_self = true;
   }
   if (!found_self) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("this worker's id ", options.self, " is not in the worker list"));
+    return absl::InvalidArgumentError(absl::StrCat(
+        "this worker's id ", options.self, " is not in the worker list"));
   }
   if (network->self() != options.self) {
-    return absl::InvalidArgumentError(absl::StrCat("network is for worker ", network->self(),
-                                                   " but the agent is for ", options.self));
+    return absl::InvalidArgumentError(
+        absl::StrCat("network is for worker ", network->self(),
+                     " but the agent is for ", options.self));
   }
   if (options.default_timeout < absl::ZeroDuration()) {
     return absl::InvalidArgumentError("default timeout must not be negative");
   }
-  return std::unique_ptr<Agent>(new Agent(std::move(options), clock, network, executor));
+  return std::unique_ptr<Agent>(
+      new Agent(std::move(options), clock, network, executor));
 }
 
-Agent::Agent(AgentOptions options, Clock* clock, Network* network, Executor* executor)
+Agent::Agent(AgentOptions options, Clock* clock, Network* network,
+             Executor* executor)
     : options_(std::move(options)),
       clock_(clock),
       network_(network),
@@ -170,8 +190,9 @@ Agent::Agent(AgentOptions options, Clock* clock, Network* network, Executor* exe
       workers_(options_.workers),
       default_timeout_(options_.default_timeout),
       shutdown_future_(executor) {
-  std::sort(workers_.begin(), workers_.end(),
-            [](const WorkerInfo& a, const WorkerInfo& b) { return a.id < b.id; });
+  std::sort(
+      workers_.begin(), workers_.end(),
+      [](const WorkerInfo& a, const WorkerInfo& b) { return a.id < b.id; });
   for (const WorkerInfo& w : workers_) {
     ids_by_name_[w.name] = w.id;
     if (w.id == options_.self) self_ = w;
@@ -188,7 +209,8 @@ Agent::~Agent() {
       if (call->timer) timers.push_back(*call->timer);
     }
     if (shutdown_) {
-      if (shutdown_->deadline_timer) timers.push_back(*shutdown_->deadline_timer);
+      if (shutdown_->deadline_timer)
+        timers.push_back(*shutdown_->deadline_timer);
       if (shutdown_->poll_timer) timers.push_back(*shutdown_->poll_timer);
     }
     stop_network = started_ && !(shutdown_ && shutdown_->finished);
@@ -213,7 +235,8 @@ absl::Status Agent::Start() {
   {
     absl::MutexLock lock(&mu_);
     if (started_) return absl::FailedPreconditionError("agent already started");
-    if (shutdown_) return absl::CancelledError("agent was shut down before it started");
+    if (shutdown_)
+      return absl::CancelledError("agent was shut down before it started");
     started_ = true;
   }
   return network_->Start(this);
@@ -222,16 +245,19 @@ absl::Status Agent::Start() {
 absl::StatusOr<WorkerInfo> Agent::GetWorker(absl::string_view name) const {
   auto it = ids_by_name_.find(name);
   if (it == ids_by_name_.end()) {
-    return absl::InvalidArgumentError(absl::StrCat("unknown destination worker '", name, "'"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("unknown destination worker '", name, "'"));
   }
   return GetWorker(it->second);
 }
 
 absl::StatusOr<WorkerInfo> Agent::GetWorker(WorkerId id) const {
-  auto it = std::lower_bound(workers_.begin(), workers_.end(), id,
-                             [](const WorkerInfo& w, WorkerId i) { return w.id < i; });
+  auto it = std::lower_bound(
+      workers_.begin(), workers_.end(), id,
+      [](const WorkerInfo& w, WorkerId i) { return w.id < i; });
   if (it == workers_.end() || it->id != id) {
-    return absl::InvalidArgumentError(absl::StrCat("unknown destination worker id ", id));
+    return absl::InvalidArgumentError(
+        absl::StrCat("unknown destination worker id ", id));
   }
   return *it;
 }
@@ -256,6 +282,69 @@ bool Agent::is_shut_down() const {
   return shutdown_ != nullptr && shutdown_->finished;
 }
 
+namespace {
+
+size_t BufferBytes(const std::vector<Buffer>& buffers) {
+  size_t total = 0;
+  for (const Buffer& b : buffers) total += b.size();
+  return total;
+}
+
+}  // namespace
+
+std::map<WorkerId, PeerStats> Agent::GetPeerStats() const {
+  absl::MutexLock lock(&mu_);
+  std::map<WorkerId, PeerStats> out;
+  for (const auto& [id, peer] : peers_) out[id] = peer->stats;
+  return out;
+}
+
+std::vector<InFlightCall> Agent::GetInFlightCalls() const {
+  absl::MutexLock lock(&mu_);
+  const absl::Time now = clock_->Now();
+  std::vector<InFlightCall> out;
+  for (const auto& [id, call] : pending_) {
+    out.push_back(InFlightCall{id, call->to, call->type, now - call->started});
+  }
+  std::stable_sort(out.begin(), out.end(),
+                   [](const InFlightCall& a, const InFlightCall& b) {
+                     return a.age > b.age;
+                   });
+  return out;
+}
+
+std::string Agent::Summary() const {
+  std::map<std::string, int64_t> info = GetDebugInfo();
+  std::map<WorkerId, PeerStats> peers = GetPeerStats();
+  std::vector<InFlightCall> calls = GetInFlightCalls();
+  std::string out =
+      absl::StrCat("worker '", self_.name, "' (id ", self_.id, ")\n");
+  for (const auto& [key, value] : info)
+    absl::StrAppend(&out, "  ", key, " = ", value, "\n");
+  absl::StrAppend(&out,
+                  "  peer                calls out  calls in   msgs out   msgs "
+                  "in  bytes out   bytes in\n");
+  for (const auto& [id, p] : peers) {
+    auto w = GetWorker(id);
+    absl::StrAppend(
+        &out, "  ",
+        absl::StrFormat("%-18s %10d %9d %10d %9d %10d %10d",
+                        w.ok() ? w->name : absl::StrCat(id), p.calls_sent,
+                        p.calls_received, p.messages_sent, p.messages_received,
+                        p.bytes_sent, p.bytes_received),
+        "\n");
+  }
+  absl::StrAppend(&out, "  calls in flight: ", calls.size(), "\n");
+  for (size_t i = 0; i < calls.size() && i < 10; ++i) {
+    auto w = GetWorker(calls[i].to);
+    absl::StrAppend(&out, "    #", calls[i].request_id, " ",
+                    MessageTypeName(calls[i].type), " to ",
+                    w.ok() ? w->name : absl::StrCat(calls[i].to), ", for ",
+                    absl::FormatDuration(calls[i].age), "\n");
+  }
+  return out;
+}
+
 std::map<std::string, int64_t> Agent::GetDebugInfo() const {
   absl::MutexLock lock(&mu_);
   std::map<std::string, int64_t> info = counters_;
@@ -265,24 +354,33 @@ std::map<std::string, int64_t> Agent::GetDebugInfo() const {
   for (const auto& [id, peer] : peers_) failed += peer->failed ? 1 : 0;
   info["peers_failed_now"] = failed;
   info["world_size"] = static_cast<int64_t>(workers_.size());
+  absl::Duration oldest = absl::ZeroDuration();
+  const absl::Time now = clock_->Now();
+  for (const auto& [id, call] : pending_)
+    oldest = std::max(oldest, now - call->started);
+  info["oldest_call_age_ms"] = absl::ToInt64Milliseconds(oldest);
   return info;
 }
 
 Future<Message> Agent::Call(WorkerId to, MessageType type, std::string payload,
-                            std::vector<Buffer> buffers, std::optional<absl::Duration> timeout) {
+                            std::vector<Buffer> buffers,
+                            std::optional<absl::Duration> timeout) {
   Future<Message> future(executor_);
   if (!GetWorker(to).ok()) {
-    future.Set(absl::InvalidArgumentError(absl::StrCat("unknown destination worker id ", to)));
+    future.Set(absl::InvalidArgumentError(
+        absl::StrCat("unknown destination worker id ", to)));
     return future;
   }
-  if (IsReply(type) || IsShutdownMessage(type) || !wire::MessageType_IsValid(type) ||
+  if (IsReply(type) || IsShutdownMessage(type) ||
+      !wire::MessageType_IsValid(type) ||
       type == wire::MESSAGE_TYPE_UNSPECIFIED) {
     future.Set(absl::InvalidArgumentError(
         absl::StrCat("cannot send a request of type ", MessageTypeName(type))));
     return future;
   }
   if (timeout && *timeout < absl::ZeroDuration()) {
-    future.Set(absl::InvalidArgumentError("a call's timeout must not be negative"));
+    future.Set(
+        absl::InvalidArgumentError("a call's timeout must not be negative"));
     return future;
   }
   Message m;
@@ -290,23 +388,31 @@ Future<Message> Agent::Call(WorkerId to, MessageType type, std::string payload,
   {
     absl::MutexLock lock(&mu_);
     if (!started_ || (shutdown_ && shutdown_->finished)) {
-      future.Set(absl::CancelledError(absl::StrCat(
-          "RPC agent of worker '", self_.name, "' is ", started_ ? "shut down" : "not started")));
+      future.Set(absl::CancelledError(
+          absl::StrCat("RPC agent of worker '", self_.name, "' is ",
+                       started_ ? "shut down" : "not started")));
       return future;
     }
     id = next_request_id_++;
     auto call = std::make_unique<PendingCall>();
     call->to = to;
     call->type = type;
+    call->started = clock_->Now();
     call->timeout = timeout.value_or(default_timeout_);
     call->future = future;
     if (call->timeout > absl::ZeroDuration() && !bugs_.lose_timeout_timer) {
-      call->timer = clock_->Schedule(clock_->Now() + call->timeout, [this, id] { OnCallTimeout(id); });
+      call->timer = clock_->Schedule(clock_->Now() + call->timeout,
+                                     [this, id] { OnCallTimeout(id); });
     }
     m.envelope.set_timeout_ns(absl::ToInt64Nanoseconds(call->timeout));
     pending_[id] = std::move(call);
     ++counters_["calls_sent"];
     ++events_;
+    PeerStats& stats = peers_[to]->stats;
+    ++stats.calls_sent;
+    ++stats.messages_sent;
+    stats.bytes_sent +=
+        static_cast<int64_t>(payload.size() + BufferBytes(buffers));
   }
   m.envelope.set_type(type);
   m.envelope.set_request_id(id);
@@ -347,7 +453,8 @@ void Agent::OnCallTimeout(uint64_t request_id) {
     ++counters_["calls_timed_out"];
     auto to = GetWorker(it->second->to);
     text = absl::StrCat(MessageTypeName(it->second->type), " to '",
-                        to.ok() ? to->name : "?", "': ", TimeoutText(it->second->timeout));
+                        to.ok() ? to->name : "?",
+                        "': ", TimeoutText(it->second->timeout));
   }
   CompleteCall(request_id, absl::DeadlineExceededError(text));
 }
@@ -362,6 +469,9 @@ void Agent::OnMessage(Message message) {
       return;
     }
     PeerState& p = *peer->second;
+    ++p.stats.messages_received;
+    p.stats.bytes_received +=
+        static_cast<int64_t>(env.payload().size() + message.BufferBytes());
     if (env.from_incarnation() < p.incarnation) {
       ++counters_["messages_from_old_incarnation"];
       return;
@@ -402,7 +512,8 @@ void Agent::HandleReply(Message message) {
   }
   absl::Status check = message.CheckBuffers();
   if (!check.ok()) {
-    CompleteCall(id, absl::InternalError(absl::StrCat("malformed reply: ", check.message())));
+    CompleteCall(id, absl::InternalError(
+                         absl::StrCat("malformed reply: ", check.message())));
     return;
   }
   CompleteCall(id, std::move(message));
@@ -439,31 +550,38 @@ void Agent::HandleRequest(Message message) {
     ++server_active_;
     ++events_;
     ++counters_["calls_received"];
+    ++peers_[from]->stats.calls_received;
     auto it = handlers_.find(message.envelope.type());
     if (it != handlers_.end()) handler = it->second;
     if (message.envelope.timeout_ns() > 0) {
-      deadline = clock_->Now() + absl::Nanoseconds(message.envelope.timeout_ns());
+      deadline =
+          clock_->Now() + absl::Nanoseconds(message.envelope.timeout_ns());
     }
   }
   absl::Status check = message.CheckBuffers();
   if (!check.ok()) {
-    SendReply(from, id, absl::InvalidArgumentError(absl::StrCat("malformed request: ", check.message())));
+    SendReply(from, id,
+              absl::InvalidArgumentError(
+                  absl::StrCat("malformed request: ", check.message())));
     return;
   }
   if (!handler) {
     SendReply(from, id,
-              absl::UnimplementedError(absl::StrCat("worker '", self_.name,
-                                                    "' has no handler for message type ",
-                                                    MessageTypeName(message.envelope.type()))));
+              absl::UnimplementedError(absl::StrCat(
+                  "worker '", self_.name, "' has no handler for message type ",
+                  MessageTypeName(message.envelope.type()))));
     return;
   }
   auto call = std::make_shared<IncomingCallImpl>(
       std::move(message), deadline,
-      [this, from, id](absl::StatusOr<Message> reply) { SendReply(from, id, std::move(reply)); });
+      [this, from, id](absl::StatusOr<Message> reply) {
+        SendReply(from, id, std::move(reply));
+      });
   handler(std::move(call));
 }
 
-void Agent::SendReply(WorkerId to, uint64_t request_id, absl::StatusOr<Message> reply) {
+void Agent::SendReply(WorkerId to, uint64_t request_id,
+                      absl::StatusOr<Message> reply) {
   bool drop = false;
   uint64_t incarnation = options_.incarnation;
   {
@@ -486,6 +604,15 @@ void Agent::SendReply(WorkerId to, uint64_t request_id, absl::StatusOr<Message> 
   m.envelope.set_from(self_.id);
   m.envelope.set_to(to);
   m.envelope.set_from_incarnation(incarnation);
+  {
+    absl::MutexLock lock(&mu_);
+    auto peer = peers_.find(to);
+    if (peer != peers_.end()) {
+      ++peer->second->stats.messages_sent;
+      peer->second->stats.bytes_sent +=
+          static_cast<int64_t>(m.envelope.payload().size() + m.BufferBytes());
+    }
+  }
   // A failed send means the caller is gone; it learns so from its own network.
   network_->Send(to, std::move(m)).IgnoreError();
 }
@@ -507,12 +634,13 @@ void Agent::OnPeerFailed(WorkerId peer, const absl::Status& reason) {
   auto info = GetWorker(peer);
   if (info.ok()) name = info->name;
   for (uint64_t id : failed_calls) {
-    CompleteCall(id, absl::UnavailableError(absl::StrCat("worker '", name,
-                                                         "' failed before replying: ",
-                                                         reason.message())));
+    CompleteCall(id, absl::UnavailableError(absl::StrCat(
+                         "worker '", name,
+                         "' failed before replying: ", reason.message())));
   }
   executor_->Post([this, peer, reason] {
-    for (const PeerFailureListener& l : peer_failure_listeners_) l(peer, reason);
+    for (const PeerFailureListener& l : peer_failure_listeners_)
+      l(peer, reason);
     bool finish_unavailable = false;
     {
       absl::MutexLock lock(&mu_);
@@ -526,8 +654,9 @@ void Agent::OnPeerFailed(WorkerId peer, const absl::Status& reason) {
       }
     }
     if (finish_unavailable) {
-      FinishShutdown(absl::UnavailableError(
-          "the shutdown leader failed; this worker stopped without the barrier"));
+      FinishShutdown(
+          absl::UnavailableError("the shutdown leader failed; this worker "
+                                 "stopped without the barrier"));
     } else {
       MaybeCommit();
     }
@@ -569,12 +698,14 @@ Future<Unit> Agent::Shutdown(bool graceful) {
     shutdown_->graceful = graceful && started_;
     start_now = true;
     leader = workers_.front().id == self_.id;
-    if (shutdown_->graceful && options_.shutdown_timeout > absl::ZeroDuration()) {
+    if (shutdown_->graceful &&
+        options_.shutdown_timeout > absl::ZeroDuration()) {
       shutdown_->deadline_timer =
           clock_->Schedule(clock_->Now() + options_.shutdown_timeout, [this] {
             executor_->Post([this] {
               FinishShutdown(absl::DeadlineExceededError(
-                  "graceful shutdown did not complete within its timeout; stopped without it"));
+                  "graceful shutdown did not complete within its timeout; "
+                  "stopped without it"));
             });
           });
     }
@@ -596,8 +727,9 @@ void Agent::LeaderPoll() {
     absl::MutexLock lock(&mu_);
     if (!shutdown_ || shutdown_->finished) return;
     ShutdownState& s = *shutdown_;
-    s.poll_timer = clock_->Schedule(clock_->Now() + options_.shutdown_poll_interval,
-                                    [this] { executor_->Post([this] { LeaderPoll(); }); });
+    s.poll_timer =
+        clock_->Schedule(clock_->Now() + options_.shutdown_poll_interval,
+                         [this] { executor_->Post([this] { LeaderPoll(); }); });
     if (s.committing) {
       commit_resend = true;
       for (const WorkerInfo& w : workers_) {
@@ -608,16 +740,18 @@ void Agent::LeaderPoll() {
     } else {
       bool complete = true;
       for (const WorkerInfo& w : workers_) {
-        if (w.id != self_.id && !peers_[w.id]->failed && !s.reports.count(w.id)) complete = false;
+        if (w.id != self_.id && !peers_[w.id]->failed && !s.reports.count(w.id))
+          complete = false;
       }
-      // An incomplete round is resent to whoever has not answered; a complete one that did not
-      // commit starts the next.
+      // An incomplete round is resent to whoever has not answered; a complete
+      // one that did not commit starts the next.
       if (complete || s.round == 0) {
         ++s.round;
         s.reports.clear();
       }
       for (const WorkerInfo& w : workers_) {
-        if (w.id != self_.id && !peers_[w.id]->failed && !s.reports.count(w.id)) {
+        if (w.id != self_.id && !peers_[w.id]->failed &&
+            !s.reports.count(w.id)) {
           targets.push_back(w.id);
         }
       }
@@ -633,7 +767,8 @@ void Agent::LeaderPoll() {
     absl::MutexLock lock(&mu_);
     if (shutdown_->round == round) shutdown_->reports[self_.id] = mine;
   }
-  for (WorkerId w : targets) SendControl(w, wire::SHUTDOWN_QUERY, absl::StrCat(round));
+  for (WorkerId w : targets)
+    SendControl(w, wire::SHUTDOWN_QUERY, absl::StrCat(round));
   MaybeCommit();
 }
 
@@ -643,12 +778,14 @@ void Agent::MaybeCommit() {
   bool next_round = false;
   {
     absl::MutexLock lock(&mu_);
-    if (!shutdown_ || shutdown_->finished || workers_.front().id != self_.id) return;
+    if (!shutdown_ || shutdown_->finished || workers_.front().id != self_.id)
+      return;
     ShutdownState& s = *shutdown_;
     if (s.committing) {
       finish = true;
       for (const WorkerInfo& w : workers_) {
-        if (w.id != self_.id && !s.acked.count(w.id) && !peers_[w.id]->failed) finish = false;
+        if (w.id != self_.id && !s.acked.count(w.id) && !peers_[w.id]->failed)
+          finish = false;
       }
     } else {
       std::map<WorkerId, BarrierReport> live;
@@ -676,12 +813,14 @@ void Agent::MaybeCommit() {
           }
         }
         if (!finish) {
-          s.poll_timer = clock_->Schedule(clock_->Now() + options_.shutdown_poll_interval,
-                                          [this] { executor_->Post([this] { LeaderPoll(); }); });
+          s.poll_timer = clock_->Schedule(
+              clock_->Now() + options_.shutdown_poll_interval,
+              [this] { executor_->Post([this] { LeaderPoll(); }); });
         }
       } else {
         s.previous = std::move(live);
-        // A quiet round is confirmed by an immediate second one; otherwise wait for the poll.
+        // A quiet round is confirmed by an immediate second one; otherwise wait
+        // for the poll.
         next_round = quiet;
         if (next_round) {
           ++s.round;
@@ -710,7 +849,8 @@ void Agent::MaybeCommit() {
       absl::MutexLock lock(&mu_);
       if (shutdown_->round == round) shutdown_->reports[self_.id] = mine;
     }
-    for (WorkerId w : all) SendControl(w, wire::SHUTDOWN_QUERY, absl::StrCat(round));
+    for (WorkerId w : all)
+      SendControl(w, wire::SHUTDOWN_QUERY, absl::StrCat(round));
     MaybeCommit();
   }
 }

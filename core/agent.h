@@ -1,30 +1,34 @@
-// Agent: one worker's RPC engine. It keeps the worker registry, sends requests and matches their
-// replies, runs registered handlers for incoming requests, enforces per-call timeouts, fails the
-// calls that wait on a failed peer, and shuts down gracefully (a barrier over all workers) or not.
+// Agent: one worker's RPC engine. It keeps the worker registry, sends requests
+// and matches their replies, runs registered handlers for incoming requests,
+// enforces per-call timeouts, fails the calls that wait on a failed peer, and
+// shuts down gracefully (a barrier over all workers) or not.
 //
-// The agent reaches time, threads and the network only through Clock, Executor and Network, so
-// the same agent runs over TCP with a thread pool or inside the simulator.
+// The agent reaches time, threads and the network only through Clock, Executor
+// and Network, so the same agent runs over TCP with a thread pool or inside the
+// simulator.
 //
 //   auto agent = Agent::Create(options, clock, network, executor).value();
-//   agent->RegisterHandler(wire::TEST_CALL, [](std::shared_ptr<IncomingCall> call) {
+//   agent->RegisterHandler(wire::TEST_CALL, [](std::shared_ptr<IncomingCall>
+//   call) {
 //     call->Reply(call->request().envelope.payload(), {});
 //   });
 //   agent->Start();
 //   Future<Message> reply = agent->Call(peer, wire::TEST_CALL, "ping", {});
-//   reply.Then([](const absl::StatusOr<Message>& m) { ... });   // on the executor
-//   agent->Shutdown(/*graceful=*/true).Wait();
+//   reply.Then([](const absl::StatusOr<Message>& m) { ... });   // on the
+//   executor agent->Shutdown(/*graceful=*/true).Wait();
 //
-// Ownership: the Clock, Network and Executor must outlive the agent. The agent is the network's
-// observer from Start() until its shutdown completes. Handlers and future callbacks run on the
-// executor. All methods are thread-safe.
+// Ownership: the Clock, Network and Executor must outlive the agent. The agent
+// is the network's observer from Start() until its shutdown completes. Handlers
+// and future callbacks run on the executor. All methods are thread-safe.
 //
-// Graceful shutdown: every worker calls Shutdown(true). The worker with the lowest id leads: it
-// polls all workers' activity counters until every worker has declared its intent, none has a
-// call in flight or a handler running, and two consecutive polls read the same counters; then it
-// tells every worker to stop. So no worker stops while another still has work that could reach
-// it, and no reply is lost. A failed peer counts as stopped; if the leader fails, or the barrier
-// takes longer than `shutdown_timeout`, each worker stops on its own and pending calls fail
-// with kCancelled.
+// Graceful shutdown: every worker calls Shutdown(true). The worker with the
+// lowest id leads: it polls all workers' activity counters until every worker
+// has declared its intent, none has a call in flight or a handler running, and
+// two consecutive polls read the same counters; then it tells every worker to
+// stop. So no worker stops while another still has work that could reach it,
+// and no reply is lost. A failed peer counts as stopped; if the leader fails,
+// or the barrier takes longer than `shutdown_timeout`, each worker stops on its
+// own and pending calls fail with kCancelled.
 #ifndef TETHER_CORE_AGENT_H_
 #define TETHER_CORE_AGENT_H_
 
@@ -71,21 +75,26 @@ struct AgentOptions {
   absl::Duration default_timeout = absl::Seconds(60);
   // Bound on the graceful-shutdown barrier. absl::ZeroDuration(): no bound.
   absl::Duration shutdown_timeout = absl::Seconds(60);
-  // How often the leader polls workers (and resends unacknowledged barrier messages).
+  // How often the leader polls workers (and resends unacknowledged barrier
+  // messages).
   absl::Duration shutdown_poll_interval = absl::Milliseconds(10);
   // Request ids remembered per caller to discard duplicated requests.
   size_t dedup_window = 4096;
 };
 
-// Bugs planted on purpose, to prove the simulator's oracles find them. Never set outside tests.
+// Bugs planted on purpose, to prove the simulator's oracles find them. Never
+// set outside tests.
 struct PlantedBugs {
-  bool lose_timeout_timer = false;      // Calls never time out.
-  bool drop_reply_at_shutdown = false;  // Replies are not sent once shutdown has begun.
-  bool process_duplicates = false;      // Duplicated requests run their handler again.
+  bool lose_timeout_timer = false;  // Calls never time out.
+  bool drop_reply_at_shutdown =
+      false;  // Replies are not sent once shutdown has begun.
+  bool process_duplicates =
+      false;  // Duplicated requests run their handler again.
 };
 
-// A request being served. The handler (or whatever it hands the call to) must reply exactly
-// once, from any thread; a call dropped without a reply answers the caller with kInternal.
+// A request being served. The handler (or whatever it hands the call to) must
+// reply exactly once, from any thread; a call dropped without a reply answers
+// the caller with kInternal.
 class IncomingCall {
  public:
   virtual ~IncomingCall() = default;
@@ -99,25 +108,46 @@ class IncomingCall {
 
 using Handler = std::function<void(std::shared_ptr<IncomingCall> call)>;
 
-// Extra quiescence source for the shutdown barrier (for instance, the RRef context's
-// unacknowledged control messages): `pending` must reach zero before the workers stop, and
-// `events` must change whenever the source does any work.
+// Traffic with one peer, for people looking at a slow or stuck worker.
+struct PeerStats {
+  int64_t calls_sent = 0;
+  int64_t calls_received = 0;
+  int64_t messages_sent = 0;
+  int64_t messages_received = 0;
+  int64_t bytes_sent = 0;  // envelope payloads and buffers
+  int64_t bytes_received = 0;
+};
+
+// A call of this worker still waiting for its reply.
+struct InFlightCall {
+  uint64_t request_id = 0;
+  WorkerId to = -1;
+  MessageType type = wire::MESSAGE_TYPE_UNSPECIFIED;
+  absl::Duration age;
+};
+
+// Extra quiescence source for the shutdown barrier (for instance, the RRef
+// context's unacknowledged control messages): `pending` must reach zero before
+// the workers stop, and `events` must change whenever the source does any work.
 struct ActivitySnapshot {
   int64_t pending = 0;
   uint64_t events = 0;
 };
 using ActivitySource = std::function<ActivitySnapshot()>;
 
-// Told (on the executor) when a peer is reported failed, after the agent has failed the calls
-// waiting on it.
-using PeerFailureListener = std::function<void(WorkerId peer, const absl::Status& reason)>;
+// Told (on the executor) when a peer is reported failed, after the agent has
+// failed the calls waiting on it.
+using PeerFailureListener =
+    std::function<void(WorkerId peer, const absl::Status& reason)>;
 
 class Agent : public NetworkObserver {
  public:
-  // Returns kInvalidArgument for a malformed registry (duplicate or empty names, duplicate ids,
-  // `self` missing).
-  static absl::StatusOr<std::unique_ptr<Agent>> Create(AgentOptions options, Clock* clock,
-                                                       Network* network, Executor* executor);
+  // Returns kInvalidArgument for a malformed registry (duplicate or empty
+  // names, duplicate ids, `self` missing).
+  static absl::StatusOr<std::unique_ptr<Agent>> Create(AgentOptions options,
+                                                       Clock* clock,
+                                                       Network* network,
+                                                       Executor* executor);
   ~Agent() override;
 
   Agent(const Agent&) = delete;
@@ -129,7 +159,8 @@ class Agent : public NetworkObserver {
   void AddActivitySource(ActivitySource source);
   // Adds a listener for peer failures. Call before Start().
   void AddPeerFailureListener(PeerFailureListener listener);
-  // Starts the network. Requests of a type without a handler are answered with kUnimplemented.
+  // Starts the network. Requests of a type without a handler are answered with
+  // kUnimplemented.
   absl::Status Start();
 
   const WorkerInfo& self() const { return self_; }
@@ -138,27 +169,38 @@ class Agent : public NetworkObserver {
   absl::StatusOr<WorkerInfo> GetWorker(absl::string_view name) const;
   absl::StatusOr<WorkerInfo> GetWorker(WorkerId id) const;
 
-  // Sends a request and returns its reply. `timeout`: unset uses the default; zero means none.
-  // The future fails with the handler's error (code and message intact), kDeadlineExceeded on
-  // timeout, kUnavailable if the peer fails, kCancelled if this agent shuts down first, and
-  // kInvalidArgument for an unknown worker.
+  // Sends a request and returns its reply. `timeout`: unset uses the default;
+  // zero means none. The future fails with the handler's error (code and
+  // message intact), kDeadlineExceeded on timeout, kUnavailable if the peer
+  // fails, kCancelled if this agent shuts down first, and kInvalidArgument for
+  // an unknown worker.
   Future<Message> Call(WorkerId to, MessageType type, std::string payload,
                        std::vector<Buffer> buffers,
                        std::optional<absl::Duration> timeout = std::nullopt);
 
-  // Begins shutdown (idempotent: later calls return the same future). Graceful: the barrier
-  // described above; the future fails with kDeadlineExceeded or kUnavailable if the barrier was
-  // cut short (the agent is stopped all the same). Ungraceful: fails pending calls with
-  // kCancelled and stops at once. Either way the network is stopped when the future completes.
+  // Begins shutdown (idempotent: later calls return the same future). Graceful:
+  // the barrier described above; the future fails with kDeadlineExceeded or
+  // kUnavailable if the barrier was cut short (the agent is stopped all the
+  // same). Ungraceful: fails pending calls with kCancelled and stops at once.
+  // Either way the network is stopped when the future completes.
   Future<Unit> Shutdown(bool graceful);
   bool is_shut_down() const;
 
   absl::Duration default_timeout() const;
   void set_default_timeout(absl::Duration timeout);
 
-  // Counters for people and tests: client_active_calls, server_active_calls, calls_sent,
-  // calls_received, calls_timed_out, calls_failed_peer, duplicates_dropped, peers_failed, ...
+  // Counters for people and tests: client_active_calls, server_active_calls,
+  // calls_sent, calls_received, calls_timed_out, calls_failed_peer,
+  // duplicates_dropped, peers_failed, ...
   std::map<std::string, int64_t> GetDebugInfo() const;
+
+  // Per-peer traffic, by worker id.
+  std::map<WorkerId, PeerStats> GetPeerStats() const;
+  // Calls in flight, oldest first.
+  std::vector<InFlightCall> GetInFlightCalls() const;
+  // A one-screen text summary: counters, traffic per peer, the oldest calls in
+  // flight.
+  std::string Summary() const;
 
   void set_planted_bugs(PlantedBugs bugs);
 
@@ -171,13 +213,15 @@ class Agent : public NetworkObserver {
   struct ShutdownState;
   struct PeerState;
 
-  Agent(AgentOptions options, Clock* clock, Network* network, Executor* executor);
+  Agent(AgentOptions options, Clock* clock, Network* network,
+        Executor* executor);
 
   // Everything below is defined in agent.cc.
   void HandleRequest(Message message);
   void HandleReply(Message message);
   void HandleShutdownMessage(Message message);
-  void SendReply(WorkerId to, uint64_t request_id, absl::StatusOr<Message> reply);
+  void SendReply(WorkerId to, uint64_t request_id,
+                 absl::StatusOr<Message> reply);
   void CompleteCall(uint64_t request_id, absl::StatusOr<Message> result);
   void OnCallTimeout(uint64_t request_id);
   void ServerCallDone();
@@ -194,7 +238,8 @@ class Agent : public NetworkObserver {
   Executor* const executor_;
   WorkerInfo self_;
   std::vector<WorkerInfo> workers_;
-  absl::flat_hash_map<std::string, WorkerId> ids_by_name_;  // seam-ok: lookup only
+  absl::flat_hash_map<std::string, WorkerId>
+      ids_by_name_;  // seam-ok: lookup only
   std::map<MessageType, Handler> handlers_;
   std::vector<ActivitySource> activity_sources_;
   std::vector<PeerFailureListener> peer_failure_listeners_;
@@ -203,7 +248,8 @@ class Agent : public NetworkObserver {
   bool started_ ABSL_GUARDED_BY(mu_) = false;
   uint64_t next_request_id_ ABSL_GUARDED_BY(mu_) = 1;
   absl::Duration default_timeout_ ABSL_GUARDED_BY(mu_);
-  std::map<uint64_t, std::unique_ptr<PendingCall>> pending_ ABSL_GUARDED_BY(mu_);
+  std::map<uint64_t, std::unique_ptr<PendingCall>> pending_
+      ABSL_GUARDED_BY(mu_);
   std::map<WorkerId, std::unique_ptr<PeerState>> peers_ ABSL_GUARDED_BY(mu_);
   int64_t server_active_ ABSL_GUARDED_BY(mu_) = 0;
   std::map<std::string, int64_t> counters_ ABSL_GUARDED_BY(mu_);

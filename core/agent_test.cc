@@ -1,4 +1,5 @@
-// Agent behaviour, driven by the deterministic simulator (no threads, virtual time).
+// Agent behaviour, driven by the deterministic simulator (no threads, virtual
+// time).
 #include "core/agent.h"
 
 #include <memory>
@@ -19,9 +20,9 @@ void Echo(std::shared_ptr<IncomingCall> call) {
   call->Reply(call->request().envelope.payload(), call->request().buffers);
 }
 
-std::unique_ptr<SimWorld> MakeWorld(int n, const std::string& faults = "none",
-                                    uint64_t seed = 1,
-                                    std::function<void(SimWorld&, WorkerId, Agent&)> on_agent = {}) {
+std::unique_ptr<SimWorld> MakeWorld(
+    int n, const std::string& faults = "none", uint64_t seed = 1,
+    std::function<void(SimWorld&, WorkerId, Agent&)> on_agent = {}) {
   SimWorldOptions o;
   o.num_workers = n;
   o.seed = seed;
@@ -43,7 +44,8 @@ TEST(AgentTest, CreateRejectsBadRegistries) {
   auto world = SimWorld::Create(o);
   ASSERT_FALSE(world.ok());
   EXPECT_EQ(world.status().code(), absl::StatusCode::kInvalidArgument);
-  EXPECT_NE(world.status().message().find("duplicate worker name 'a'"), std::string::npos)
+  EXPECT_NE(world.status().message().find("duplicate worker name 'a'"),
+            std::string::npos)
       << world.status();
 }
 
@@ -62,8 +64,9 @@ TEST(AgentTest, WorkerRegistryLooksUpByNameAndId) {
 
 TEST(AgentTest, CallReturnsReplyWithBuffers) {
   auto world = MakeWorld(2);
-  Future<Message> f = world->agent(0).Call(1, wire::TEST_CALL, "ping",
-                                           {Buffer::CopyFrom("abc"), Buffer::CopyFrom("")});
+  Future<Message> f =
+      world->agent(0).Call(1, wire::TEST_CALL, "ping",
+                           {Buffer::CopyFrom("abc"), Buffer::CopyFrom("")});
   ASSERT_TRUE(world->RunUntilReady(f));
   ASSERT_TRUE(f.result().ok()) << f.result().status();
   EXPECT_EQ(f.result()->envelope.payload(), "ping");
@@ -83,13 +86,15 @@ TEST(AgentTest, CallToSelfWorks) {
 TEST(AgentTest, RemoteErrorTravelsIntact) {
   auto world = MakeWorld(2, "none", 1, [](SimWorld&, WorkerId, Agent& a) {
     a.RegisterHandler(wire::TEST_CALL, [](std::shared_ptr<IncomingCall> call) {
-      call->ReplyError(absl::FailedPreconditionError("ValueError: bad thing\nTraceback: ..."));
+      call->ReplyError(absl::FailedPreconditionError(
+          "ValueError: bad thing\nTraceback: ..."));
     });
   });
   Future<Message> f = world->agent(0).Call(1, wire::TEST_CALL, "", {});
   ASSERT_TRUE(world->RunUntilReady(f));
   EXPECT_EQ(f.result().status().code(), absl::StatusCode::kFailedPrecondition);
-  EXPECT_EQ(f.result().status().message(), "ValueError: bad thing\nTraceback: ...");
+  EXPECT_EQ(f.result().status().message(),
+            "ValueError: bad thing\nTraceback: ...");
 }
 
 TEST(AgentTest, MissingHandlerIsUnimplemented) {
@@ -97,7 +102,8 @@ TEST(AgentTest, MissingHandlerIsUnimplemented) {
   Future<Message> f = world->agent(0).Call(1, wire::PYTHON_CALL, "", {});
   ASSERT_TRUE(world->RunUntilReady(f));
   EXPECT_EQ(f.result().status().code(), absl::StatusCode::kUnimplemented);
-  EXPECT_NE(f.result().status().message().find("PYTHON_CALL"), std::string::npos);
+  EXPECT_NE(f.result().status().message().find("PYTHON_CALL"),
+            std::string::npos);
 }
 
 TEST(AgentTest, HandlerDroppingTheCallAnswersInternal) {
@@ -114,14 +120,17 @@ TEST(AgentTest, BadArgumentsFailAtOnce) {
   Agent& a = world->agent(0);
   auto unknown = a.Call(9, wire::TEST_CALL, "", {});
   ASSERT_TRUE(unknown.ready());
-  EXPECT_EQ(unknown.result().status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(unknown.result().status().code(),
+            absl::StatusCode::kInvalidArgument);
   EXPECT_NE(unknown.result().status().message().find("9"), std::string::npos);
   auto reply_type = a.Call(1, wire::RESPONSE, "", {});
   ASSERT_TRUE(reply_type.ready());
-  EXPECT_EQ(reply_type.result().status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(reply_type.result().status().code(),
+            absl::StatusCode::kInvalidArgument);
   auto negative = a.Call(1, wire::TEST_CALL, "", {}, absl::Seconds(-1));
   ASSERT_TRUE(negative.ready());
-  EXPECT_EQ(negative.result().status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(negative.result().status().code(),
+            absl::StatusCode::kInvalidArgument);
 }
 
 // Never replies; keeps the call so it is not answered as dropped.
@@ -133,7 +142,9 @@ TEST(AgentTest, TimeoutsDefaultOverrideAndNone) {
   auto hoard = std::make_shared<Hoarder>();
   auto world = MakeWorld(2, "none", 1, [hoard](SimWorld&, WorkerId, Agent& a) {
     a.RegisterHandler(wire::TEST_CALL,
-                      [hoard](std::shared_ptr<IncomingCall> c) { hoard->calls.push_back(c); });
+                      [hoard](std::shared_ptr<IncomingCall> c) {
+                        hoard->calls.push_back(c);
+                      });
   });
   Agent& a = world->agent(0);
   absl::Time start = world->Now();
@@ -142,15 +153,18 @@ TEST(AgentTest, TimeoutsDefaultOverrideAndNone) {
   auto none = a.Call(1, wire::TEST_CALL, "", {}, absl::ZeroDuration());
 
   ASSERT_TRUE(world->RunUntilReady(overridden));
-  EXPECT_EQ(overridden.result().status().code(), absl::StatusCode::kDeadlineExceeded);
-  EXPECT_NE(overridden.result().status().message().find("RPC ran for more than set timeout (2000 ms)"),
+  EXPECT_EQ(overridden.result().status().code(),
+            absl::StatusCode::kDeadlineExceeded);
+  EXPECT_NE(overridden.result().status().message().find(
+                "RPC ran for more than set timeout (2000 ms)"),
             std::string::npos)
       << overridden.result().status();
   EXPECT_GE(world->Now() - start, absl::Seconds(2));
   EXPECT_FALSE(by_default.ready());
 
   ASSERT_TRUE(world->RunUntilReady(by_default));
-  EXPECT_EQ(by_default.result().status().code(), absl::StatusCode::kDeadlineExceeded);
+  EXPECT_EQ(by_default.result().status().code(),
+            absl::StatusCode::kDeadlineExceeded);
   EXPECT_GE(world->Now() - start, absl::Seconds(10));
   EXPECT_LT(world->Now() - start, absl::Seconds(11));
 
@@ -164,12 +178,14 @@ TEST(AgentTest, TimeoutsDefaultOverrideAndNone) {
   a.set_default_timeout(absl::Milliseconds(5));
   auto short_default = a.Call(1, wire::TEST_CALL, "", {});
   ASSERT_TRUE(world->RunUntilReady(short_default));
-  EXPECT_EQ(short_default.result().status().code(), absl::StatusCode::kDeadlineExceeded);
+  EXPECT_EQ(short_default.result().status().code(),
+            absl::StatusCode::kDeadlineExceeded);
 
   // A late reply to a timed-out call is ignored.
   hoard->calls[0]->Reply("late", {});
   world->RunFor(absl::Seconds(1));
-  EXPECT_EQ(by_default.result().status().code(), absl::StatusCode::kDeadlineExceeded);
+  EXPECT_EQ(by_default.result().status().code(),
+            absl::StatusCode::kDeadlineExceeded);
   EXPECT_EQ(a.GetDebugInfo()["stale_replies"], 1);
   hoard->calls.clear();
 }
@@ -193,17 +209,18 @@ TEST(AgentTest, NestedCallsDoNotBlock) {
   // worker0 -> worker1 -> worker2, worker1 replies once worker2 has.
   auto world = MakeWorld(3, "none", 1, [](SimWorld&, WorkerId w, Agent& a) {
     Agent* agent = &a;
-    a.RegisterHandler(wire::TEST_CALL, [agent, w](std::shared_ptr<IncomingCall> c) {
-      if (w == 2) {
-        c->Reply("leaf", {});
-        return;
-      }
-      agent->Call(w + 1, wire::TEST_CALL, "", {})
-          .Then([c, w](const absl::StatusOr<Message>& r) {
-            if (!r.ok()) return c->ReplyError(r.status());
-            c->Reply(absl::StrCat(w, ">", r->envelope.payload()), {});
-          });
-    });
+    a.RegisterHandler(
+        wire::TEST_CALL, [agent, w](std::shared_ptr<IncomingCall> c) {
+          if (w == 2) {
+            c->Reply("leaf", {});
+            return;
+          }
+          agent->Call(w + 1, wire::TEST_CALL, "", {})
+              .Then([c, w](const absl::StatusOr<Message>& r) {
+                if (!r.ok()) return c->ReplyError(r.status());
+                c->Reply(absl::StrCat(w, ">", r->envelope.payload()), {});
+              });
+        });
   });
   auto f = world->agent(0).Call(1, wire::TEST_CALL, "", {});
   ASSERT_TRUE(world->RunUntilReady(f));
@@ -214,18 +231,20 @@ TEST(AgentTest, NestedCallsDoNotBlock) {
 TEST(AgentTest, PeerCrashFailsOnlyItsCalls) {
   auto hoard = std::make_shared<Hoarder>();
   std::vector<std::pair<WorkerId, absl::StatusCode>> told;
-  auto world = MakeWorld(3, "none", 1, [&, hoard](SimWorld&, WorkerId, Agent& a) {
-    a.RegisterHandler(wire::TEST_CALL, [hoard](std::shared_ptr<IncomingCall> c) {
-      if (c->request().envelope.payload() == "hold") {
-        hoard->calls.push_back(c);
-      } else {
-        c->Reply("ok", {});
-      }
-    });
-    a.AddPeerFailureListener([&told](WorkerId peer, const absl::Status& s) {
-      told.emplace_back(peer, s.code());
-    });
-  });
+  auto world =
+      MakeWorld(3, "none", 1, [&, hoard](SimWorld&, WorkerId, Agent& a) {
+        a.RegisterHandler(wire::TEST_CALL,
+                          [hoard](std::shared_ptr<IncomingCall> c) {
+                            if (c->request().envelope.payload() == "hold") {
+                              hoard->calls.push_back(c);
+                            } else {
+                              c->Reply("ok", {});
+                            }
+                          });
+        a.AddPeerFailureListener([&told](WorkerId peer, const absl::Status& s) {
+          told.emplace_back(peer, s.code());
+        });
+      });
   Agent& a = world->agent(0);
   auto to_victim = a.Call(1, wire::TEST_CALL, "hold", {}, absl::ZeroDuration());
   auto to_other = a.Call(2, wire::TEST_CALL, "hold", {}, absl::ZeroDuration());
@@ -234,7 +253,8 @@ TEST(AgentTest, PeerCrashFailsOnlyItsCalls) {
   world->Crash(1);
   ASSERT_TRUE(world->RunUntilReady(to_victim));
   EXPECT_EQ(to_victim.result().status().code(), absl::StatusCode::kUnavailable);
-  EXPECT_NE(to_victim.result().status().message().find("worker1"), std::string::npos)
+  EXPECT_NE(to_victim.result().status().message().find("worker1"),
+            std::string::npos)
       << to_victim.result().status();
   world->RunFor(absl::Seconds(1));
   EXPECT_FALSE(to_other.ready());
@@ -252,7 +272,9 @@ TEST(AgentTest, UngracefulShutdownCancelsPendingCalls) {
   auto hoard = std::make_shared<Hoarder>();
   auto world = MakeWorld(2, "none", 1, [hoard](SimWorld&, WorkerId, Agent& a) {
     a.RegisterHandler(wire::TEST_CALL,
-                      [hoard](std::shared_ptr<IncomingCall> c) { hoard->calls.push_back(c); });
+                      [hoard](std::shared_ptr<IncomingCall> c) {
+                        hoard->calls.push_back(c);
+                      });
   });
   Agent& a = world->agent(0);
   auto pending = a.Call(1, wire::TEST_CALL, "", {}, absl::ZeroDuration());
@@ -266,7 +288,8 @@ TEST(AgentTest, UngracefulShutdownCancelsPendingCalls) {
   auto after = a.Call(1, wire::TEST_CALL, "", {});
   ASSERT_TRUE(after.ready());
   EXPECT_EQ(after.result().status().code(), absl::StatusCode::kCancelled);
-  EXPECT_NE(after.result().status().message().find("shut down"), std::string::npos);
+  EXPECT_NE(after.result().status().message().find("shut down"),
+            std::string::npos);
   hoard->calls.clear();
 }
 
@@ -274,13 +297,16 @@ TEST(AgentTest, GracefulShutdownWaitsForCallsInFlight) {
   // worker1 answers after 3 s of virtual time; everyone shuts down at once.
   auto world = MakeWorld(3, "none", 1, [](SimWorld& w, WorkerId id, Agent& a) {
     Clock* clock = &w.clock(id);
-    a.RegisterHandler(wire::TEST_CALL, [clock](std::shared_ptr<IncomingCall> c) {
-      clock->Schedule(clock->Now() + absl::Seconds(3), [c] { c->Reply("slow", {}); });
-    });
+    a.RegisterHandler(wire::TEST_CALL,
+                      [clock](std::shared_ptr<IncomingCall> c) {
+                        clock->Schedule(clock->Now() + absl::Seconds(3),
+                                        [c] { c->Reply("slow", {}); });
+                      });
   });
   std::vector<Future<Message>> calls;
   for (WorkerId from = 0; from < 3; ++from) {
-    calls.push_back(world->agent(from).Call((from + 1) % 3, wire::TEST_CALL, "", {}));
+    calls.push_back(
+        world->agent(from).Call((from + 1) % 3, wire::TEST_CALL, "", {}));
   }
   world->RunFor(absl::Milliseconds(1));
   std::vector<Future<Unit>> done = world->ShutdownAll(true);
@@ -298,11 +324,13 @@ TEST(AgentTest, GracefulShutdownWaitsForCallsInFlight) {
 
 TEST(AgentTest, GracefulShutdownInEveryOrderUnderFaults) {
   for (uint64_t seed = 1; seed <= 30; ++seed) {
-    auto world = MakeWorld(4, "drop=0.05,dup=0.05,delay=0..20ms,reorder=0.2", seed);
+    auto world =
+        MakeWorld(4, "drop=0.05,dup=0.05,delay=0..20ms,reorder=0.2", seed);
     std::vector<Future<Message>> calls;
     for (WorkerId from = 0; from < 4; ++from) {
       for (WorkerId to = 0; to < 4; ++to) {
-        calls.push_back(world->agent(from).Call(to, wire::TEST_CALL, "", {}, absl::Seconds(1)));
+        calls.push_back(world->agent(from).Call(to, wire::TEST_CALL, "", {},
+                                                absl::Seconds(1)));
       }
     }
     std::vector<Future<Unit>> done;
@@ -316,14 +344,16 @@ TEST(AgentTest, GracefulShutdownInEveryOrderUnderFaults) {
     for (auto& c : calls) {
       ASSERT_TRUE(c.ready()) << "seed " << seed;
       if (!c.result().ok()) {
-        EXPECT_EQ(c.result().status().code(), absl::StatusCode::kDeadlineExceeded)
+        EXPECT_EQ(c.result().status().code(),
+                  absl::StatusCode::kDeadlineExceeded)
             << "seed " << seed << ": " << c.result().status();
       }
     }
     for (auto& d : done) {
       ASSERT_TRUE(d.ready()) << "seed " << seed;
     }
-    for (WorkerId w = 0; w < 4; ++w) EXPECT_TRUE(world->agent(w).is_shut_down());
+    for (WorkerId w = 0; w < 4; ++w)
+      EXPECT_TRUE(world->agent(w).is_shut_down());
   }
 }
 
@@ -336,7 +366,8 @@ TEST(AgentTest, DuplicatedRequestsRunOnce) {
     });
   });
   std::vector<Future<Message>> calls;
-  for (int i = 0; i < 20; ++i) calls.push_back(world->agent(0).Call(1, wire::TEST_CALL, "", {}));
+  for (int i = 0; i < 20; ++i)
+    calls.push_back(world->agent(0).Call(1, wire::TEST_CALL, "", {}));
   world->RunFor(absl::Seconds(5));
   for (auto& c : calls) {
     ASSERT_TRUE(c.ready());
@@ -344,6 +375,44 @@ TEST(AgentTest, DuplicatedRequestsRunOnce) {
   }
   EXPECT_EQ(runs, 20);
   EXPECT_GT(world->agent(1).GetDebugInfo()["duplicates_dropped"], 0);
+}
+
+TEST(AgentTest, PeerStatsInFlightAgesAndSummary) {
+  auto hoard = std::make_shared<Hoarder>();
+  auto world = MakeWorld(3, "none", 1, [hoard](SimWorld&, WorkerId, Agent& a) {
+    a.RegisterHandler(wire::TEST_CALL,
+                      [hoard](std::shared_ptr<IncomingCall> c) {
+                        if (c->request().envelope.payload() == "hold") {
+                          hoard->calls.push_back(c);
+                        } else {
+                          c->Reply("ok", {});
+                        }
+                      });
+  });
+  Agent& a = world->agent(0);
+  auto done = a.Call(1, wire::TEST_CALL, "12345", {Buffer::CopyFrom("abc")});
+  ASSERT_TRUE(world->RunUntilReady(done));
+  auto held = a.Call(2, wire::TEST_CALL, "hold", {}, absl::ZeroDuration());
+  world->RunFor(absl::Seconds(3));
+  std::map<WorkerId, PeerStats> stats = a.GetPeerStats();
+  EXPECT_EQ(stats[1].calls_sent, 1);
+  EXPECT_EQ(stats[1].bytes_sent, 8);  // "12345" + "abc"
+  EXPECT_EQ(stats[1].messages_received, 1);
+  EXPECT_EQ(stats[1].bytes_received, 2);  // "ok"
+  EXPECT_EQ(stats[2].calls_sent, 1);
+  EXPECT_EQ(stats[2].messages_received, 0);
+  EXPECT_EQ(world->agent(1).GetPeerStats()[0].calls_received, 1);
+  std::vector<InFlightCall> calls = a.GetInFlightCalls();
+  ASSERT_EQ(calls.size(), 1u);
+  EXPECT_EQ(calls[0].to, 2);
+  EXPECT_GE(calls[0].age, absl::Seconds(3));
+  EXPECT_GE(a.GetDebugInfo()["oldest_call_age_ms"], 3000);
+  std::string summary = a.Summary();
+  EXPECT_NE(summary.find("worker2"), std::string::npos) << summary;
+  EXPECT_NE(summary.find("TEST_CALL to worker2, for 3"), std::string::npos)
+      << summary;
+  hoard->calls.clear();
+  world->RunUntilIdle();
 }
 
 TEST(AgentTest, PlantedDuplicateBugRunsHandlerTwice) {
