@@ -403,18 +403,22 @@ class PeerCrash : public Scenario {
       const bool can_crash = env.control != nullptr;
       const StatusCode lost =
           can_crash ? StatusCode::kUnavailable : StatusCode::kOk;
+      // A call that depends on worker 2 fails with an error that names it.
+      auto lost_expect = [lost](std::optional<std::string> value) {
+        CallExpectation e = ExpectCode(lost);
+        e.value = std::move(value);
+        e.error_mentions = {"worker2", "worker 2"};
+        return e;
+      };
       int calls = 0;
       if (env.id == 0) {
         for (int i = 0; i < 3; ++i) {
-          CallExpectation e = ExpectCode(lost);
-          e.value = "re:late";
-          TrackedCall(env, 2, "late:500", std::nullopt, e, Track());
+          TrackedCall(env, 2, "late:500", std::nullopt, lost_expect("re:late"),
+                      Track());
           ++calls;
         }
-        CallExpectation relayed = ExpectCode(lost);
-        relayed.value = "re:late<1";
         TrackedCall(env, 1, "relay:2:late:500", std::nullopt,
-                    Forwarding(relayed), Track());
+                    Forwarding(lost_expect("re:late<1")), Track());
         ++calls;
         if (can_crash) {
           After(env, absl::Milliseconds(100),
@@ -430,9 +434,9 @@ class PeerCrash : public Scenario {
           }
         }
         if (!restart_) {
-          After(env, absl::Milliseconds(300), [this, &env, lost] {
-            TrackedCall(env, 2, "echo:after", std::nullopt, ExpectCode(lost),
-                        Track());
+          After(env, absl::Milliseconds(300), [this, &env, lost_expect] {
+            TrackedCall(env, 2, "echo:after", std::nullopt,
+                        lost_expect("re:after"), Track());
           });
           ++calls;
         }

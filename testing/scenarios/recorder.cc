@@ -2,7 +2,9 @@
 
 #include <utility>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 
 namespace tether::scenarios {
 namespace {
@@ -152,6 +154,19 @@ std::vector<std::string> Recorder::CheckInvariants(bool lossless) const {
       v.push_back(absl::StrCat(
           "status: ", who, " should end ", Code(*c.expect.if_lossless),
           " when nothing is lost, but ended ", c.status.ToString()));
+    }
+    if (lossless && !c.status.ok() && c.expect.if_lossless &&
+        c.status.code() == *c.expect.if_lossless &&
+        !c.expect.error_mentions.empty()) {
+      bool mentioned = false;
+      for (const std::string& m : c.expect.error_mentions) {
+        mentioned |= absl::StrContains(c.status.message(), m);
+      }
+      if (!mentioned) {
+        v.push_back(absl::StrCat("clear error: ", who, " failed with '",
+                                 c.status.message(), "', which names none of: ",
+                                 absl::StrJoin(c.expect.error_mentions, ", ")));
+      }
     }
     if (c.status.ok() && c.expect.value && c.value != *c.expect.value) {
       v.push_back(absl::StrCat("value: ", who, " returned '", c.value,

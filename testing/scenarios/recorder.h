@@ -60,6 +60,10 @@ struct CallExpectation {
   // from one of them, earlier than this call's own deadline (their clocks may
   // run fast): the "timed out early" check is skipped.
   bool forwards = false;
+  // When the call ends with `if_lossless`'s error code (and nothing could be
+  // lost), its message must contain one of these (e.g. the failed worker's
+  // name): a clear error.
+  std::vector<std::string> error_mentions;
 };
 
 class Recorder {

@@ -70,6 +70,21 @@ TEST(RecorderTest, LosslessExpectationsOnlyWhenLossless) {
   EXPECT_TRUE(Mentions(r.CheckInvariants(true), "should end OK"));
 }
 
+TEST(RecorderTest, ClearErrorsNameTheFailedWorker) {
+  Recorder r;
+  CallExpectation e;
+  e.if_lossless = absl::StatusCode::kUnavailable;
+  e.error_mentions = {"worker2", "worker 2"};
+  r.CallIssued(1, 0, 0, 2, t0, absl::Seconds(1), e);
+  r.CallCompleted(1, t0, absl::UnavailableError("worker 'worker2' failed"), "");
+  r.CallIssued(2, 0, 0, 2, t0, absl::Seconds(1), e);
+  r.CallCompleted(2, t0, absl::UnavailableError("something broke"), "");
+  const std::vector<std::string> v = r.CheckInvariants(true);
+  ASSERT_EQ(v.size(), 1u);
+  EXPECT_TRUE(Mentions(v, "names none of: worker2, worker 2"));
+  EXPECT_TRUE(r.CheckInvariants(false).empty());
+}
+
 TEST(RecorderTest, CrashedCallersAreExempt) {
   Recorder r;
   r.WorkerStarted(2, 0);
