@@ -238,8 +238,8 @@ class Agent : public NetworkObserver {
   Executor* const executor_;
   WorkerInfo self_;
   std::vector<WorkerInfo> workers_;
-  absl::flat_hash_map<std::string, WorkerId>
-      ids_by_name_;  // seam-ok: lookup only
+  // seam-ok: lookups only, never iterated.
+  absl::flat_hash_map<std::string, WorkerId> ids_by_name_;
   std::map<MessageType, Handler> handlers_;
   std::vector<ActivitySource> activity_sources_;
   std::vector<PeerFailureListener> peer_failure_listeners_;

@@ -7,6 +7,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "core/trace_event.h"
 #include "sim/random.h"
 
 namespace tether::sim {
@@ -167,85 +168,21 @@ void ProcessHost::Finish(WorkerId k) {
   WriteFrame(w.fd, std::move(exit)).IgnoreError();
 }
 
-namespace {
-
-std::string JsonString(absl::string_view s) {
-  std::string out = "\"";
-  for (char c : s) {
-    switch (c) {
-      case '"':
-        out += "\\\"";
-        break;
-      case '\\':
-        out += "\\\\";
-        break;
-      case '\n':
-        out += "\\n";
-        break;
-      case '\t':
-        out += "\\t";
-        break;
-      default:
-        if (static_cast<unsigned char>(c) < 0x20) {
-          absl::StrAppend(&out, "\\u00", absl::Hex(c, absl::kZeroPad2));
-        } else {
-          out += c;
-        }
-    }
-  }
-  return out + "\"";
-}
-
-bool IsCallType(MessageType t) {
-  return !IsReply(t) &&
-         !(t >= wire::SHUTDOWN_INTENT && t <= wire::SHUTDOWN_ACK);
-}
-
-}  // namespace
-
 void ProcessHost::Record(WorkerId k, const std::string& phase,
                          const std::string& name, const std::string& category,
                          const std::string& fields) {
   if (!options_.record_trace) return;
-  std::string json = absl::StrCat(
-      "{\"name\":", JsonString(name), ",\"cat\":", JsonString(category),
-      ",\"ph\":\"", phase, "\",\"pid\":", k,
-      ",\"tid\":0,\"ts\":", absl::ToInt64Microseconds(scheduler_->Elapsed()));
-  if (phase == "i") absl::StrAppend(&json, ",\"s\":\"t\"");
-  if (!fields.empty()) absl::StrAppend(&json, ",", fields);
-  json += "}";
-  result_.trace.push_back(TraceEvent{k, std::move(json)});
+  result_.trace.push_back(TraceEvent{
+      k, TraceEventJson(k, phase, name, category,
+                        absl::ToInt64Microseconds(scheduler_->Elapsed()),
+                        fields)});
 }
 
 void ProcessHost::RecordMessage(WorkerId k, bool sent, const Message& m) {
   if (!options_.record_trace) return;
-  const wire::Envelope& e = m.envelope;
-  const std::string type = MessageTypeName(e.type());
-  const WorkerId from = sent ? k : e.from();
-  const WorkerId to = sent ? e.to() : k;
-  const uint64_t flow = MessageDigest(m) ^ (static_cast<uint64_t>(from) << 48) ^
-                        (static_cast<uint64_t>(to) << 56);
-  const std::string args = absl::StrCat(
-      "\"args\":{\"from\":", from, ",\"to\":", to,
-      ",\"request_id\":", e.request_id(),
-      ",\"bytes\":", e.payload().size() + m.BufferBytes(),
-      e.type() == wire::ERROR_RESPONSE
-          ? absl::StrCat(",\"error\":", JsonString(e.error().message()))
-          : "",
-      "}");
-  Record(k, "i", absl::StrCat(sent ? "send " : "recv ", type), "message", args);
-  Record(k, sent ? "s" : "f", type, "flow",
-         absl::StrCat("\"id\":", flow & 0xffffffffffffull,
-                      sent ? "" : ",\"bp\":\"e\""));
-  // A call is a span on the caller's track, from its request to its reply.
-  const uint64_t call_id = (static_cast<uint64_t>(from) << 40) ^ e.request_id();
-  if (sent && IsCallType(e.type()) && e.request_id() != 0) {
-    Record(k, "b", absl::StrCat(type, " -> worker", to), "call",
-           absl::StrCat("\"id\":", call_id));
-  } else if (!sent && IsReply(e.type())) {
-    const uint64_t reply_call =
-        (static_cast<uint64_t>(k) << 40) ^ e.request_id();
-    Record(k, "e", "", "call", absl::StrCat("\"id\":", reply_call));
+  for (std::string& json : MessageTraceEvents(
+           k, sent, m, absl::ToInt64Microseconds(scheduler_->Elapsed()))) {
+    result_.trace.push_back(TraceEvent{k, std::move(json)});
   }
 }
 
@@ -361,10 +298,7 @@ void ProcessHost::HandleRequest(WorkerId k, LinkFrame& in) {
       w.outcome.name = name;
       if (options_.record_trace) {
         result_.trace.push_back(TraceEvent{
-            k, absl::StrCat(
-                   "{\"name\":\"process_name\",\"ph\":\"M\",\"pid\":", k,
-                   ",\"args\":{\"name\":",
-                   JsonString(absl::StrCat(name, " (rank ", k, ")")), "}}")});
+            k, ProcessNameEvent(k, absl::StrCat(name, " (rank ", k, ")"))});
       }
       if (absl::Status s = w.network->Start(w.observer.get()); s.ok()) {
         w.network_started = true;
@@ -458,12 +392,16 @@ ProcessRunResult ProcessHost::Run() {
   }
   if (!AllDone()) {
     if (scheduler_->idle()) {
-      result_.hang = "deadlock: nothing left to run, but some workers are still waiting";
-    } else if (scheduler_->events_run() - events_before >= options_.max_events) {
-      result_.hang = absl::StrCat("livelock: more than ", options_.max_events, " events ran");
+      result_.hang =
+          "deadlock: nothing left to run, but some workers are still waiting";
+    } else if (scheduler_->events_run() - events_before >=
+               options_.max_events) {
+      result_.hang = absl::StrCat("livelock: more than ", options_.max_events,
+                                  " events ran");
     } else {
       result_.hang = absl::StrCat("time limit: the run took more than ",
-                                  absl::FormatDuration(options_.time_limit), " of virtual time");
+                                  absl::FormatDuration(options_.time_limit),
+                                  " of virtual time");
     }
   }
 
