@@ -1,0 +1,90 @@
+#include "transport/tracing/tracing_network.h"
+
+#include <cstdio>
+#include <fstream>
+#include <memory>
+#include <sstream>
+
+#include "core/agent.h"
+#include "gtest/gtest.h"
+#include "sim/sim_world.h"
+
+namespace tether {
+namespace {
+
+std::string ReadFile(const std::string& path) {
+  std::ifstream in(path);
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
+int Count(const std::string& text, const std::string& what) {
+  int n = 0;
+  for (size_t at = text.find(what); at != std::string::npos;
+       at = text.find(what, at + 1))
+    ++n;
+  return n;
+}
+
+TEST(TracingNetworkTest, WritesCallsMessagesAndFailures) {
+  sim::SimWorldOptions o;
+  o.num_workers = 3;
+  o.on_agent = [](sim::SimWorld&, WorkerId, Agent& a) {
+    a.RegisterHandler(wire::TEST_CALL, [](std::shared_ptr<IncomingCall> c) {
+      if (c->request().envelope.payload() == "fail") {
+        c->ReplyError(absl::InvalidArgumentError("bad \"input\""));
+      } else {
+        c->Reply("ok", {});
+      }
+    });
+  };
+  auto world = sim::SimWorld::Create(o).value();
+  ASSERT_TRUE(world->StartWorker(1).ok());
+  ASSERT_TRUE(world->StartWorker(2).ok());
+  const std::string path = ::testing::TempDir() + "/trace-worker0.json";
+  auto traced = std::make_unique<TracingNetwork>(
+      &world->network(0), &world->clock(0), path, "worker0");
+  AgentOptions a;
+  a.self = 0;
+  a.workers = world->worker_infos();
+  auto agent =
+      Agent::Create(a, &world->clock(0), traced.get(), &world->executor(0))
+          .value();
+  ASSERT_TRUE(agent->Start().ok());
+  auto ok = agent->Call(1, wire::TEST_CALL, "x", {});
+  auto failed = agent->Call(1, wire::TEST_CALL, "fail", {});
+  ASSERT_TRUE(world->RunUntil([&] { return ok.ready() && failed.ready(); }));
+  world->Crash(2);
+  world->RunFor(absl::Seconds(1));
+  auto done = agent->Shutdown(false);
+  world->RunUntilIdle();
+  std::string text = ReadFile(path);
+  EXPECT_EQ(text.rfind("{\"traceEvents\":[", 0), 0u) << text.substr(0, 100);
+  EXPECT_EQ(Count(text, "\"send TEST_CALL\""), 2);
+  EXPECT_EQ(Count(text, "\"recv RESPONSE\""), 1);
+  EXPECT_EQ(Count(text, "\"recv ERROR_RESPONSE\""), 1);
+  EXPECT_EQ(Count(text, "bad \\\"input\\\""),
+            1);  // The error travels, escaped.
+  EXPECT_EQ(Count(text, "\"ph\":\"b\""), 2);
+  EXPECT_EQ(Count(text, "\"ph\":\"e\""), 2);
+  EXPECT_EQ(Count(text, "\"peer 2 failed\""), 1);
+  EXPECT_EQ(Count(text, "\"process_name\""), 1);
+  EXPECT_NE(text.find("\"otherData\":{\"worker\":\"worker0\",\"id\":0}"),
+            std::string::npos);
+  std::remove(path.c_str());
+}
+
+TEST(TracingNetworkTest, UnwritablePathIsAnError) {
+  sim::SimWorldOptions o;
+  o.num_workers = 1;
+  auto world = sim::SimWorld::Create(o).value();
+  TracingNetwork traced(&world->network(0), &world->clock(0),
+                        "/nonexistent/dir/t.json", "w");
+  absl::Status s = traced.Flush();
+  EXPECT_EQ(s.code(), absl::StatusCode::kUnavailable);
+  EXPECT_NE(s.message().find("/nonexistent/dir/t.json"), std::string::npos);
+}
+
+}  // namespace
+}  // namespace tether
