@@ -48,7 +48,7 @@ void EncodeFrameHeader(const FrameHeader& header,
                        uint8_t out[kFrameHeaderSize]) {
   Put32(out, kFrameMagic);
   Put16(out + 4, kFrameVersion);
-  Put16(out + 6, 0);
+  Put16(out + 6, header.goodbye ? kFrameGoodbye : 0);
   Put32(out + 8, header.envelope_bytes);
   Put32(out + 12, header.buffer_count);
 }
@@ -68,13 +68,18 @@ absl::StatusOr<FrameHeader> DecodeFrameHeader(
                      " (this worker speaks ", kFrameVersion, ")"));
   }
   uint16_t flags = Get16(in + 6);
-  if (flags != 0) {
+  if (flags != 0 && flags != kFrameGoodbye) {
     return absl::InvalidArgumentError(
         absl::StrCat("bad frame: unknown flags 0x", absl::Hex(flags)));
   }
   FrameHeader h;
   h.envelope_bytes = Get32(in + 8);
   h.buffer_count = Get32(in + 12);
+  h.goodbye = flags == kFrameGoodbye;
+  if (h.goodbye && (h.envelope_bytes != 0 || h.buffer_count != 0)) {
+    return absl::InvalidArgumentError(
+        "bad frame: a goodbye frame must not carry a message");
+  }
   if (h.envelope_bytes > limits.max_envelope_bytes) {
     return absl::InvalidArgumentError(absl::StrCat(
         "bad frame: envelope of ", h.envelope_bytes,
@@ -168,6 +173,10 @@ absl::Status FrameReader::Feed(const uint8_t* data, size_t size,
         }
         header_ = *h;
         have_ = 0;
+        if (header_.goodbye) {
+          goodbye_ = true;  // Nothing follows it that matters.
+          break;
+        }
         envelope_bytes_.resize(header_.envelope_bytes);
         state_ = kEnvelope;
         break;  // An empty envelope completes at once, below.

@@ -5,9 +5,14 @@
 // out-of-band buffers back to back, their sizes taken from the envelope's
 // buffer descriptors:
 //
-//   offset 0  u32 magic "TTHR" (0x52485454 little-endian)   offset 8   u32
-//   envelope length offset 4  u16 version (1)  u16 flags (0) offset 12  u32
-//   buffer count
+//   offset 0   u32 magic "TTHR" (0x52485454 little-endian)
+//   offset 4   u16 version (1)
+//   offset 6   u16 flags: 0, or kFrameGoodbye (then both lengths are 0)
+//   offset 8   u32 envelope length
+//   offset 12  u32 buffer count
+//
+// A goodbye frame carries no message: a worker that stops sends it last, so
+// its peers can tell an orderly stop from a crash.
 //
 // All integers little-endian. Sending: EncodeFrame() serializes the envelope
 // and keeps the message's Buffers by reference, so a scatter-gather write sends
@@ -37,6 +42,7 @@ namespace tether {
 inline constexpr uint32_t kFrameMagic = 0x52485454;  // "TTHR" on the wire.
 inline constexpr uint16_t kFrameVersion = 1;
 inline constexpr size_t kFrameHeaderSize = 16;
+inline constexpr uint16_t kFrameGoodbye = 1;
 
 // Sanity limits on what a peer may send; anything beyond is rejected as bad
 // input.
@@ -50,12 +56,14 @@ struct FrameLimits {
 struct FrameHeader {
   uint32_t envelope_bytes = 0;
   uint32_t buffer_count = 0;
+  bool goodbye = false;
 };
 
 void EncodeFrameHeader(const FrameHeader& header,
                        uint8_t out[kFrameHeaderSize]);
 // kInvalidArgument naming the problem (wrong magic, unsupported version,
-// non-zero flags, an envelope or buffer count beyond `limits`).
+// unknown flags, a goodbye with lengths, an envelope or buffer count beyond
+// `limits`).
 absl::StatusOr<FrameHeader> DecodeFrameHeader(
     const uint8_t in[kFrameHeaderSize], const FrameLimits& limits);
 
@@ -101,6 +109,8 @@ class FrameReader {
   // The error that stopped the stream, if any.
   const absl::Status& error() const { return error_; }
 
+  // Whether a goodbye frame was received (the peer is stopping).
+  bool goodbye() const { return goodbye_; }
   // Whether the reader is between frames (nothing partial buffered).
   bool at_frame_boundary() const { return state_ == kHeader && have_ == 0; }
 
@@ -111,6 +121,7 @@ class FrameReader {
 
   const FrameLimits limits_;
   absl::Status error_;
+  bool goodbye_ = false;
   State state_ = kHeader;
   uint8_t header_bytes_[kFrameHeaderSize];
   size_t have_ = 0;  // Bytes of the header or envelope collected so far.

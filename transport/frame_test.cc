@@ -120,7 +120,7 @@ TEST(FrameTest, RejectsBadHeaders) {
   bad[4] = 9;
   ExpectRejected(bad, "unsupported version 9");
   bad = good;
-  bad[6] = 1;
+  bad[6] = 2;
   ExpectRejected(bad, "unknown flags");
   uint8_t h[kFrameHeaderSize];
   EncodeFrameHeader({0xffffffffu, 0}, h);
@@ -158,6 +158,24 @@ TEST(FrameTest, RejectsBadEnvelopes) {
   ExpectRejected(
       std::string(reinterpret_cast<char*>(h), kFrameHeaderSize) + env,
       "exceeds");
+}
+
+TEST(FrameTest, Goodbye) {
+  uint8_t h[kFrameHeaderSize];
+  FrameHeader goodbye;
+  goodbye.goodbye = true;
+  EncodeFrameHeader(goodbye, h);
+  FrameReader r;
+  std::vector<Message> out;
+  std::string bytes = WireOf(Sample(1, 3)) +
+                      std::string(reinterpret_cast<char*>(h), kFrameHeaderSize);
+  ASSERT_TRUE(FeedAll(r, bytes, &out).ok());
+  EXPECT_EQ(out.size(), 1u);
+  EXPECT_TRUE(r.goodbye());
+  // A goodbye that claims to carry a message is bad input.
+  EncodeFrameHeader({4, 0, true}, h);
+  ExpectRejected(std::string(reinterpret_cast<char*>(h), kFrameHeaderSize),
+                 "goodbye frame must not carry");
 }
 
 TEST(FrameTest, TruncatedFrameIsNotDelivered) {

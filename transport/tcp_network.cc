@@ -242,7 +242,8 @@ class TcpNetwork::Impl {
   // (once ready, or when dialing), else just closes and logs.
   void ConnError(Conn* c, const absl::Status& status, bool bad_input);
   void CloseConn(Conn* c, bool reset);
-  void FailPeer(Peer* p, const absl::Status& status);
+  // Reports `p` failed (once); `quiet`: an orderly stop, not logged.
+  void FailPeer(Peer* p, const absl::Status& status, bool quiet = false);
   // Dials, gives up on peers and handshakes. Returns whether anything is still
   // being set up.
   bool CheckTimers();
@@ -676,6 +677,19 @@ void TcpNetwork::Impl::Close() {
     }
     auto linger_until =
         std::min(SteadyClock::now() + kCloseLinger, stop_deadline_);
+    // Say goodbye (after whatever is still queued, best effort), so peers see
+    // an orderly stop rather than a crash.
+    for (auto& [id, p] : peers_) {
+      std::lock_guard<std::mutex> lock(p->mu);
+      if (p->fd < 0 || p->failed) continue;
+      Outgoing bye;
+      FrameHeader h;
+      h.goodbye = true;
+      EncodeFrameHeader(h, bye.frame.header);
+      bye.size = kFrameHeaderSize;
+      p->queue.push_back(std::move(bye));
+      FlushLocked(p.get());
+    }
     for (auto& [id, c] : conns_) shutdown(c->fd, SHUT_WR);
     while (!conns_.empty() && SteadyClock::now() < linger_until) {
       int n = epoll_wait(epoll_fd_, events, 64, 10);
@@ -1085,8 +1099,14 @@ void TcpNetwork::Impl::ReadFrames(Conn* c) {
       return;
     }
     if (r == 0) {
-      FailPeer(p, absl::UnavailableError(
-                      absl::StrCat(PeerName(p), " closed the connection")));
+      if (c->reader->goodbye()) {
+        FailPeer(p,
+                 absl::UnavailableError(absl::StrCat(PeerName(p), " stopped")),
+                 /*quiet=*/true);
+      } else {
+        FailPeer(p, absl::UnavailableError(
+                        absl::StrCat(PeerName(p), " closed the connection")));
+      }
       return;
     }
     absl::Status s;
@@ -1160,7 +1180,8 @@ void TcpNetwork::Impl::CloseConn(Conn* c, bool reset) {
   conns_.erase(c->id);
 }
 
-void TcpNetwork::Impl::FailPeer(Peer* p, const absl::Status& status) {
+void TcpNetwork::Impl::FailPeer(Peer* p, const absl::Status& status,
+                                bool quiet) {
   std::deque<Outgoing> dropped;
   {
     std::lock_guard<std::mutex> lock(p->mu);
@@ -1177,8 +1198,9 @@ void TcpNetwork::Impl::FailPeer(Peer* p, const absl::Status& status) {
   }
   ++peers_failed_;
   if (state_.load() != kRunning) return;
-  Log(absl::StrCat("worker ", options_.self, ": ", PeerName(p),
-                   " failed: ", status.message()));
+  if (!quiet)
+    Log(absl::StrCat("worker ", options_.self, ": ", PeerName(p),
+                     " failed: ", status.message()));
   observer_->OnPeerFailed(p->id, absl::UnavailableError(status.message()));
 }
 

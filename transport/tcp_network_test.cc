@@ -330,6 +330,27 @@ TEST(TcpNetworkTest, SilentConnectionIsClosedAfterHandshakeTimeout) {
   pair.ExpectStillServing();
 }
 
+TEST(TcpNetworkTest, StopSaysGoodbyeAndAbortDoesNot) {
+  {
+    Pair pair;
+    pair.ExpectStillServing();
+    pair.harness.network(1)->Stop();
+    ASSERT_TRUE(WaitFor([&] { return !pair.rec[0].failures().empty(); }));
+    auto f = pair.rec[0].failures();
+    EXPECT_NE(f[0].second.message().find("stopped"), std::string::npos)
+        << f[0].second;
+  }
+  {
+    Pair pair;
+    pair.ExpectStillServing();
+    pair.harness.tcp(1)->Abort();
+    ASSERT_TRUE(WaitFor([&] { return !pair.rec[0].failures().empty(); }));
+    auto f = pair.rec[0].failures();
+    EXPECT_EQ(f[0].second.message().find("stopped"), std::string::npos)
+        << f[0].second;
+  }
+}
+
 TEST(TcpNetworkTest, SendToSelfIsDeliveredInOrder) {
   Pair pair;
   for (int i = 0; i < 10; ++i)
