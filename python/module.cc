@@ -16,11 +16,12 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 #include <torch/csrc/jit/python/pybind_utils.h>
+#include <torch/csrc/jit/python/python_ivalue.h>
 #include <torch/csrc/utils/pybind.h>
 
 #include <atomic>
-#include <cstdlib>
 #include <chrono>
+#include <cstdlib>
 #include <map>
 #include <memory>
 #include <optional>
@@ -211,9 +212,10 @@ bool WaitInterruptibly(const Future<T>& future,
                        absl::Time deadline = absl::InfiniteFuture()) {
   if (InSimulatedWorker()) {
     // Yield to the simulator; the deadline counts in the worker's virtual time.
-    absl::Time sim_deadline = deadline == absl::InfiniteFuture()
-                                  ? absl::InfiniteFuture()
-                                  : SimWorkerClock()->Now() + (deadline - absl::Now());
+    absl::Time sim_deadline =
+        deadline == absl::InfiniteFuture()
+            ? absl::InfiniteFuture()
+            : SimWorkerClock()->Now() + (deadline - absl::Now());
     std::string where = "waiting for an RPC result";
     try {
       where = py::module_::import("tether.sim._child")
@@ -321,6 +323,26 @@ py::object ValueToPython(const RRefValue& v, WorkerId sender, bool copy) {
 // ---------------------------------------------------------------------------------------------
 // Callee side.
 
+// Releases the GIL only around sends big enough that writing them may take a
+// while. A small send only queues or writes a few bytes; releasing the GIL
+// there would hand it to any thread waiting for it (a pool thread delivering
+// results) and cost two context switches per call under load. Only for agent
+// calls: RRef-context calls always release it (the context may hold its lock
+// while it waits for the GIL).
+class ReleaseGilIfLarge {
+ public:
+  static constexpr size_t kLargeSend = 256 << 10;
+  ReleaseGilIfLarge(const std::string& bytes,
+                    const std::vector<Buffer>& buffers) {
+    size_t total = bytes.size();
+    for (const Buffer& b : buffers) total += b.size();
+    if (total > kLargeSend) release_.emplace();
+  }
+
+ private:
+  std::optional<py::gil_scoped_release> release_;
+};
+
 // Handed to the Python handler of a Python call (or of a remote() creating an
 // RRef's value); answers exactly once: reply() with the pickled result for a
 // call, set_value() with the value itself for a remote().
@@ -356,13 +378,15 @@ class Responder {
     payload.set_remote_exception(is_exception);
     std::vector<Buffer> buffers;
     absl::Status s = pycall::AppendTensors(tensors, &payload, &buffers);
-    py::gil_scoped_release release;
     if (!s.ok()) {
+      py::gil_scoped_release release;
       call_->ReplyError(absl::InvalidArgumentError(absl::StrCat(
           "On ", WorkerText(), ": cannot send the result: ", s.message())));
       return;
     }
-    call_->Reply(pycall::Serialize(payload), std::move(buffers));
+    std::string bytes = pycall::Serialize(payload);
+    ReleaseGilIfLarge release(bytes, buffers);
+    call_->Reply(std::move(bytes), std::move(buffers));
   }
 
   // GIL held on entry.
@@ -595,10 +619,11 @@ class Pending {
   bool copy_;
 };
 
-// Completions of rpc_async futures, delivered in batches: whichever pool thread finds no
-// delivery in progress takes the GIL once and completes every future whose reply has arrived
-// meanwhile; the others only queue theirs (decoded without the GIL) and return. Under load this
-// replaces one GIL acquisition per reply (a convoy of pool threads) with one per batch.
+// Completions of rpc_async futures, delivered in batches: whichever pool thread
+// finds no delivery in progress takes the GIL once and completes every future
+// whose reply has arrived meanwhile; the others only queue theirs (decoded
+// without the GIL) and return. Under load this replaces one GIL acquisition per
+// reply (a convoy of pool threads) with one per batch.
 class DeliveryQueue {
  public:
   struct Item {
@@ -635,12 +660,26 @@ class DeliveryQueue {
     py::object f = it.target->get();
     try {
       py::object value = ToPython(it.decoded, it.ctx);
-      f.attr("set_result")(value);
+      // Complete the future directly: torch's set_result() releases the GIL
+      // around it, which would hand the GIL to a waiting thread in the middle
+      // of the batch.
+      std::shared_ptr<torch::jit::PythonFutureWrapper> wrapper;
+      try {
+        wrapper = py::cast<std::shared_ptr<torch::jit::PythonFutureWrapper>>(f);
+      } catch (const py::cast_error&) {
+      }
+      if (wrapper != nullptr) {
+        wrapper->fut->markCompleted(c10::IValue(
+            c10::ivalue::ConcretePyObjectHolder::create(std::move(value))));
+      } else {
+        f.attr("set_result")(value);
+      }
     } catch (py::error_already_set& e) {
       try {
         f.attr("set_exception")(e.value());
       } catch (py::error_already_set& e2) {
-        e2.discard_as_unraisable("tether: delivering an RPC error into its future");
+        e2.discard_as_unraisable(
+            "tether: delivering an RPC error into its future");
       }
     }
   }
@@ -650,7 +689,8 @@ class DeliveryQueue {
   bool draining_ ABSL_GUARDED_BY(mu_) = false;
 };
 
-DeliveryQueue* g_deliveries = new DeliveryQueue();  // Never freed: pool threads may use it late.
+DeliveryQueue* g_deliveries =
+    new DeliveryQueue();  // Never freed: pool threads may use it late.
 
 void Pending::DeliverTo(py::object fut) {
   auto target = std::make_shared<PyRef>(std::move(fut));
@@ -763,7 +803,7 @@ std::shared_ptr<Pending> Send(Prepared p, WorkerId to, double timeout_s) {
   std::string bytes = pycall::Serialize(p.payload);
   Future<Message> future(nullptr);
   {
-    py::gil_scoped_release release;
+    ReleaseGilIfLarge release(bytes, p.buffers);
     future = w.runtime->agent()->Call(to, type, std::move(bytes),
                                       std::move(p.buffers), timeout);
   }
@@ -973,8 +1013,8 @@ std::string Listen(const std::string& name, int rank, int num_worker_threads,
   return g_listening->address();
 }
 
-// Inside tether.sim: the rendezvous goes through the simulator's host. Returns every worker's
-// (name, id, address); the addresses are empty.
+// Inside tether.sim: the rendezvous goes through the simulator's host. Returns
+// every worker's (name, id, address); the addresses are empty.
 std::vector<std::tuple<std::string, int, std::string>> SimListen(
     const std::string& name, int rank, int world_size, int num_worker_threads,
     double rpc_timeout) {
@@ -991,10 +1031,12 @@ std::vector<std::tuple<std::string, int, std::string>> SimListen(
   options.rpc_timeout =
       rpc_timeout <= 0 ? absl::ZeroDuration() : absl::Seconds(rpc_timeout);
   options.rref_options.serializer = SerializeOwned;
-  // Protocol bugs planted on purpose (tether.sim's own tests): never in real runs.
+  // Protocol bugs planted on purpose (tether.sim's own tests): never in real
+  // runs.
   if (const char* plant = std::getenv("TETHER_SIM_PLANTED_RREF_BUGS")) {
     std::string bugs = plant;
-    options.rref_options.bugs.skip_child_wait = bugs.find("skip_child_wait") != std::string::npos;
+    options.rref_options.bugs.skip_child_wait =
+        bugs.find("skip_child_wait") != std::string::npos;
     options.rref_options.bugs.forget_idempotence =
         bugs.find("forget_idempotence") != std::string::npos;
     options.rref_options.bugs.free_on_first_delete =
@@ -1004,7 +1046,8 @@ std::vector<std::tuple<std::string, int, std::string>> SimListen(
   std::vector<std::string> names =
       c.attr("sim_register")(name).cast<std::vector<std::string>>();
   if (static_cast<int>(names.size()) != world_size) {
-    throw std::runtime_error(absl::StrCat("world_size is ", world_size, " but the simulation has ",
+    throw std::runtime_error(absl::StrCat("world_size is ", world_size,
+                                          " but the simulation has ",
                                           names.size(), " workers"));
   }
   SetSimWorkerThreads(num_worker_threads);
@@ -1013,7 +1056,8 @@ std::vector<std::tuple<std::string, int, std::string>> SimListen(
   if (!runtime.ok()) Raise(runtime.status());
   g_listening = *std::move(runtime);
   std::vector<std::tuple<std::string, int, std::string>> workers;
-  for (int i = 0; i < static_cast<int>(names.size()); ++i) workers.emplace_back(names[i], i, "");
+  for (int i = 0; i < static_cast<int>(names.size()); ++i)
+    workers.emplace_back(names[i], i, "");
   return workers;
 }
 
@@ -1119,10 +1163,11 @@ void Shutdown(bool graceful, double timeout) {
     // After a clean graceful shutdown no reference may remain (a leak).
     std::vector<LeakedRRef> leaks = w->runtime->rrefs()->Leaks();
     if (!leaks.empty()) {
-      std::string text = absl::StrCat("RRef leak on worker '", w->self.name, "': ",
-                                      leaks.size(),
-                                      " reference(s) alive after a graceful shutdown:");
-      for (const LeakedRRef& l : leaks) absl::StrAppend(&text, "\n  ", l.ToString());
+      std::string text = absl::StrCat(
+          "RRef leak on worker '", w->self.name, "': ", leaks.size(),
+          " reference(s) alive after a graceful shutdown:");
+      for (const LeakedRRef& l : leaks)
+        absl::StrAppend(&text, "\n  ", l.ToString());
       if (InSimulatedWorker()) {
         status = absl::DataLossError(text);
       } else {
@@ -1185,6 +1230,9 @@ py::dict RRefDebugInfo() {
 
 PYBIND11_MODULE(_C, m) {
   using namespace tether;
+  // Debian's Abseil tracks every Mutex in a lock graph to detect deadlocks (a
+  // debug feature that costs a graph update per lock): off in the extension.
+  absl::SetMutexDeadlockDetectionMode(absl::OnDeadlockCycle::kIgnore);
   m.doc() =
       "Tether's extension: the RPC engine behind tether.rpc (see "
       "python/module.cc).";
@@ -1243,8 +1291,9 @@ PYBIND11_MODULE(_C, m) {
         py::arg("num_worker_threads"), py::arg("rpc_timeout"),
         py::arg("auth_token"), py::arg("listen_host"));
   m.def("abandon_listen", &AbandonListen);
-  m.def("sim_listen", &SimListen, py::arg("name"), py::arg("rank"), py::arg("world_size"),
-        py::arg("num_worker_threads"), py::arg("rpc_timeout"));
+  m.def("sim_listen", &SimListen, py::arg("name"), py::arg("rank"),
+        py::arg("world_size"), py::arg("num_worker_threads"),
+        py::arg("rpc_timeout"));
   RegisterSimBindings(m);
   m.def("connect", &Connect, py::arg("workers"));
   m.def("shutdown", &Shutdown, py::arg("graceful"), py::arg("timeout"));
