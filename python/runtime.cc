@@ -1,11 +1,16 @@
 #include "python/runtime.h"
 
+#include <cstdlib>
 #include <utility>
+
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_split.h"
 
 #include "absl/strings/str_cat.h"
 #include "transport/system_clock.h"
 #include "transport/tcp_network.h"
 #include "transport/thread_pool.h"
+#include "transport/tracing/tracing_network.h"
 
 namespace tether {
 
@@ -15,6 +20,8 @@ class Runtime::Impl {
   std::unique_ptr<SystemClock> clock;
   ThreadPool* pool = nullptr;  // Never freed; see runtime.h.
   std::unique_ptr<TcpNetwork> network;
+  std::unique_ptr<FaultyNetwork> faulty;
+  std::unique_ptr<TracingNetwork> tracing;
   std::unique_ptr<Agent> agent;
   std::shared_ptr<RRefContext> rrefs;
   // What the agent runs on: the above, or the simulator's (ForSimulation).
@@ -24,6 +31,49 @@ class Runtime::Impl {
 };
 
 Runtime::Runtime(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+
+namespace {
+
+// RuntimeOptions' faults and trace path, completed from the environment.
+absl::Status FromEnvironment(RuntimeOptions* options) {
+  if (options->faults.empty()) {
+    std::vector<std::string> types;
+    if (const char* v = std::getenv("TETHER_FAULTY_MESSAGES")) {
+      types = absl::StrSplit(v, ',', absl::SkipWhitespace());
+    }
+    int num_fail_sends = 0;
+    if (const char* v = std::getenv("TETHER_NUM_FAIL_SENDS")) {
+      if (!absl::SimpleAtoi(v, &num_fail_sends)) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("TETHER_NUM_FAIL_SENDS is not a number: '", v, "'"));
+      }
+    }
+    std::map<std::string, double> delays;
+    if (const char* v = std::getenv("TETHER_MESSAGES_TO_DELAY")) {
+      for (absl::string_view item : absl::StrSplit(v, ',', absl::SkipWhitespace())) {
+        std::pair<std::string, std::string> kv = absl::StrSplit(item, '=');
+        double seconds = 0;
+        if (!absl::SimpleAtod(kv.second, &seconds)) {
+          return absl::InvalidArgumentError(absl::StrCat(
+              "TETHER_MESSAGES_TO_DELAY wants TYPE=seconds items, got '", item, "'"));
+        }
+        delays[kv.first] = seconds;
+      }
+    }
+    absl::StatusOr<FaultyNetworkOptions> faults =
+        FaultyNetworkOptions::FromNames(types, num_fail_sends, delays);
+    if (!faults.ok()) return faults.status();
+    options->faults = *std::move(faults);
+  }
+  if (options->trace_path.empty()) {
+    if (const char* dir = std::getenv("TETHER_TRACE_DIR")) {
+      if (*dir != '\0') options->trace_path = absl::StrCat(dir, "/trace-", options->name, ".json");
+    }
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
 
 absl::StatusOr<std::unique_ptr<Runtime>> Runtime::Listen(
     const RuntimeOptions& options) {
@@ -38,6 +88,8 @@ absl::StatusOr<std::unique_ptr<Runtime>> Runtime::Listen(
   }
   auto impl = std::make_unique<Impl>();
   impl->options = options;
+  absl::Status env = FromEnvironment(&impl->options);
+  if (!env.ok()) return env;
   TcpNetworkOptions net;
   net.self = options.rank;
   net.listen_host = options.listen_host;
@@ -52,6 +104,16 @@ absl::StatusOr<std::unique_ptr<Runtime>> Runtime::Listen(
   impl->clock_view = impl->clock.get();
   impl->executor_view = impl->pool;
   impl->network_view = impl->network.get();
+  if (!impl->options.faults.empty()) {
+    impl->faulty = std::make_unique<FaultyNetwork>(impl->network_view, impl->clock_view,
+                                                   impl->options.faults);
+    impl->network_view = impl->faulty.get();
+  }
+  if (!impl->options.trace_path.empty()) {
+    impl->tracing = std::make_unique<TracingNetwork>(impl->network_view, impl->clock_view,
+                                                     impl->options.trace_path, options.name);
+    impl->network_view = impl->tracing.get();
+  }
   return std::unique_ptr<Runtime>(new Runtime(std::move(impl)));
 }
 
@@ -124,6 +186,8 @@ Runtime::~Runtime() {
   if (impl_->rrefs != nullptr) impl_->rrefs->Close(/*ignore_leaks=*/true);
   impl_->rrefs.reset();
   impl_->agent.reset();
+  impl_->tracing.reset();
+  impl_->faulty.reset();
   impl_->network.reset();
   impl_->clock.reset();
 }

@@ -33,6 +33,7 @@
 #include "core/executor.h"
 #include "core/network.h"
 #include "core/rref_context.h"
+#include "transport/faulty/faulty_network.h"
 
 namespace tether {
 
@@ -50,6 +51,12 @@ struct RuntimeOptions {
   // How long to wait for the other workers' connections.
   absl::Duration connect_timeout = absl::Seconds(60);
   RRefContextOptions rref_options;
+  // Faults to inject, like PyTorch's faulty agent (empty: $TETHER_FAULTY_MESSAGES,
+  // $TETHER_NUM_FAIL_SENDS and $TETHER_MESSAGES_TO_DELAY, "TYPE=seconds,...").
+  FaultyNetworkOptions faults;
+  // Where to write this worker's Chrome trace (empty: $TETHER_TRACE_DIR/trace-NAME.json if
+  // that is set, else no trace). Merge the workers' files with tools/merge-traces.
+  std::string trace_path;
 };
 
 class Runtime {
