@@ -1,0 +1,40 @@
+"""Programs for real_runs_test: each is main(rank, world_size) launched as real processes."""
+import os
+
+import torch
+
+import tether.rpc as rpc
+
+
+def _init(rank, world_size):
+    opts = rpc.TensorPipeRpcBackendOptions(init_method=os.environ["TETHER_EXAMPLE_INIT_METHOD"],
+                                           rpc_timeout=30)
+    rpc.init_rpc(f"worker{rank}", rank=rank, world_size=world_size, rpc_backend_options=opts)
+
+
+def double(x):
+    return x * 2
+
+
+def traced(rank, world_size):
+    _init(rank, world_size)
+    for peer in range(world_size):
+        if peer != rank:
+            assert rpc.rpc_sync(f"worker{peer}", double, args=(torch.ones(2),)).tolist() == [2, 2]
+    rpc.shutdown()
+
+
+def first_send_fails(rank, world_size):
+    if rank == 0:  # Only worker0's first PYTHON_CALL fails.
+        os.environ["TETHER_FAULTY_MESSAGES"] = "PYTHON_CALL"
+        os.environ["TETHER_NUM_FAIL_SENDS"] = "1"
+    _init(rank, world_size)
+    if rank == 0:
+        try:
+            rpc.rpc_sync("worker1", double, args=(torch.ones(1),))
+        except RuntimeError as e:
+            assert "failed intentionally for PYTHON_CALL" in str(e), str(e)
+        else:
+            raise AssertionError("the first PYTHON_CALL should have failed")
+        assert rpc.rpc_sync("worker1", double, args=(torch.ones(1),)).item() == 2.0
+    rpc.shutdown()
