@@ -79,9 +79,17 @@ absl::Status SimWorld::BuildWorker(WorkerId id) {
 }
 
 SimWorld::~SimWorld() {
-  // Queued events first (destroying them may run destructors that reach
-  // agents), then the agents (they may stop their networks or cancel timers),
-  // then everything else.
+  // Agents' pending calls and queued events can hold objects (replies owed by
+  // handlers of other agents) whose destructors reach other agents, so no agent
+  // may go while another still holds such things: first every agent (crashed
+  // ones too) stops ungracefully, which completes its pending calls (their
+  // callbacks are queued, never run); then the queued events are dropped; only
+  // then do the agents go, then everything else.
+  for (std::vector<Worker>* list : {&graveyard_, &workers_}) {
+    for (Worker& w : *list) {
+      if (w.agent != nullptr) w.agent->Shutdown(false);
+    }
+  }
   scheduler_->Clear();
   for (Worker& w : workers_) w.agent.reset();
   for (Worker& w : graveyard_) w.agent.reset();
