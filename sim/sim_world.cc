@@ -85,9 +85,17 @@ SimWorld::~SimWorld() {
   // ones too) stops ungracefully, which completes its pending calls (their
   // callbacks are queued, never run); then the queued events are dropped; only
   // then do the agents go, then everything else.
+  // An agent that crashed mid-way through a graceful shutdown ignores
+  // Shutdown(false); telling it that every worker failed completes whatever
+  // calls it still has pending.
+  const absl::Status torn_down =
+      absl::UnavailableError("the simulation is being torn down");
   for (std::vector<Worker>* list : {&graveyard_, &workers_}) {
     for (Worker& w : *list) {
-      if (w.agent != nullptr) w.agent->Shutdown(false);
+      if (w.agent == nullptr) continue;
+      w.agent->Shutdown(false);
+      for (const WorkerInfo& peer : infos_)
+        w.agent->OnPeerFailed(peer.id, torn_down);
     }
   }
   scheduler_->Clear();

@@ -178,8 +178,12 @@ TEST(SimWorldTest, TeardownWithForwardedCallsInFlight) {
     EXPECT_FALSE(f.ready());
     EXPECT_EQ(held.size(), 1u);
     world->Crash(0);
+    // Worker 1 crashes in the middle of a graceful shutdown, its forwarded call pending.
+    world->agent(1).Shutdown(true);
+    world->RunFor(absl::Milliseconds(5));
+    world->Crash(1);
     held.clear();  // worker 2's reply is owed by the test: settle it while its agent lives
-  }  // the world goes with calls pending in agents 0 (crashed) and 1
+  }  // the world goes with calls pending in crashed agents 0 and 1
 }
 
 TEST(SimWorldTest, BadOptionsAreInvalidArgument) {
