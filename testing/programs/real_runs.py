@@ -38,3 +38,18 @@ def first_send_fails(rank, world_size):
             raise AssertionError("the first PYTHON_CALL should have failed")
         assert rpc.rpc_sync("worker1", double, args=(torch.ones(1),)).item() == 2.0
     rpc.shutdown()
+
+
+def profiled(rank, world_size):
+    _init(rank, world_size)
+    if rank == 0:
+        with torch.autograd.profiler_legacy.profile() as prof:
+            rpc.rpc_sync("worker1", torch.add, args=(torch.ones(2), 1))
+            rpc.rpc_async("worker1", double, args=(torch.ones(2),)).wait()
+            rpc.remote("worker1", double, args=(torch.ones(2),)).to_here()
+        names = {e.name for e in prof.function_events}
+        for want in ("rpc_sync#aten::add(worker0 -> worker1)",
+                     "rpc_async#double(worker0 -> worker1)",
+                     "rpc_remote#double(worker0 -> worker1)"):
+            assert want in names, (want, sorted(names)[:30])
+    rpc.shutdown()

@@ -61,6 +61,9 @@ class RealRunTest(unittest.TestCase):
     def test_faulty_sends_like_pytorchs_faulty_agent(self):
         launch(real_runs.first_send_fails, 2, timeout=120)
 
+    def test_rpcs_appear_in_the_autograd_profiler_with_pytorchs_names(self):
+        launch(real_runs.profiled, 2, timeout=120)
+
     def test_bad_fault_options_are_refused(self):
         with EnvVars(TETHER_FAULTY_MESSAGES="NOT_A_TYPE", TETHER_NUM_FAIL_SENDS="1"):
             with self.assertRaises(SystemExit):

@@ -13,6 +13,7 @@ import torch.jit._builtins
 
 from tether import _C
 
+from . import _profiling
 from . import internal
 from .constants import DEFAULT_SHUTDOWN_TIMEOUT, UNSET_RPC_TIMEOUT
 
@@ -226,11 +227,23 @@ def _send(to, func, args, kwargs, timeout, remote=False):
 def rpc_sync(to, func, args=None, kwargs=None, timeout=UNSET_RPC_TIMEOUT):
     """Runs ``func(*args, **kwargs)`` on worker ``to`` (a name, id or WorkerInfo) and returns
     its result. ``timeout`` in seconds: -1 uses the default, 0 means none."""
+    if _profiling.should_profile():
+        with _profiling.record("sync", func, _self_info.name, _to_worker_info(to).name):
+            return _send(to, func, args, kwargs, timeout).wait()
     return _send(to, func, args, kwargs, timeout).wait()
 
 
 def rpc_async(to, func, args=None, kwargs=None, timeout=UNSET_RPC_TIMEOUT):
     """Like rpc_sync, but returns at once a torch.futures.Future of the result."""
+    if _profiling.should_profile():
+        with _profiling.record("async", func, _self_info.name, _to_worker_info(to).name) as rf:
+            fut = _rpc_async(to, func, args, kwargs, timeout)
+            # The event ends when the result arrives; wait() on the returned future sees it.
+            return rf._call_end_callbacks_on_future(fut)
+    return _rpc_async(to, func, args, kwargs, timeout)
+
+
+def _rpc_async(to, func, args, kwargs, timeout):
     pending = _send(to, func, args, kwargs, timeout)
     fut = _RpcFuture()
     fut._pending = pending
@@ -243,6 +256,9 @@ def rpc_async(to, func, args=None, kwargs=None, timeout=UNSET_RPC_TIMEOUT):
 def remote(to, func, args=None, kwargs=None, timeout=UNSET_RPC_TIMEOUT):
     """Runs ``func(*args, **kwargs)`` on worker ``to`` and returns at once an RRef to the result,
     owned by ``to``."""
+    if _profiling.should_profile():
+        with _profiling.record("remote", func, _self_info.name, _to_worker_info(to).name):
+            return _send(to, func, args, kwargs, timeout, remote=True)
     return _send(to, func, args, kwargs, timeout, remote=True)
 
 
