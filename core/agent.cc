@@ -202,6 +202,7 @@ Agent::Agent(AgentOptions options, Clock* clock, Network* network,
 
 Agent::~Agent() {
   std::vector<TimerId> timers;
+  std::map<uint64_t, std::unique_ptr<PendingCall>> abandoned;
   bool stop_network = false;
   {
     absl::MutexLock lock(&mu_);
@@ -214,9 +215,15 @@ Agent::~Agent() {
       if (shutdown_->poll_timer) timers.push_back(*shutdown_->poll_timer);
     }
     stop_network = started_ && !(shutdown_ && shutdown_->finished);
+    // From here on nothing is sent: replies owed by requests that pending calls' callbacks
+    // still hold are dropped when those callbacks go, below, while every member is alive.
+    if (!shutdown_) shutdown_ = std::make_unique<ShutdownState>();
+    shutdown_->finished = true;
+    abandoned.swap(pending_);
   }
   for (TimerId t : timers) clock_->Cancel(t);
   if (stop_network) network_->Stop();
+  abandoned.clear();
 }
 
 void Agent::RegisterHandler(MessageType type, Handler handler) {
