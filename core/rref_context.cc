@@ -1491,6 +1491,11 @@ void RRefContext::MaybeDeleteUserLocked(const ForkId& fork, Actions* actions) {
     CheckShutdownDone();
     return;
   }
+  if (options_.bugs.forget_user_delete) {
+    users_.erase(it);
+    CheckShutdownDone();
+    return;
+  }
   user->delete_sent = true;
   EmitLocked(RRefEvent::kUserDeleteSent, user->rref, fork, user->owner);
   std::weak_ptr<RRefContext> weak = weak_from_this();

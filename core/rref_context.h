@@ -30,8 +30,9 @@
 //   owner exactly once (retried until acknowledged). The owner remembers
 //   deleted forks and freed references, so late or duplicated messages never
 //   re-pin a value; it frees the value when no fork and no local handle remain.
-//   Those records (deleted fork ids, freed reference ids, refused forks) live as long as the
-//   context: a few bytes per reference (see num_deleted_fork_records, num_freed_rref_records).
+//   Those records (deleted fork ids, freed reference ids, refused forks) live
+//   as long as the context: a few bytes per reference (see
+//   num_deleted_fork_records, num_freed_rref_records).
 // - Failure: when the agent reports a worker failed, the forks it held and the
 // children pending
 //   on it are released; references it owned fail their next use with
@@ -202,6 +203,8 @@ struct RRefPlantedBugs {
       false;  // Owner counts fork messages instead of fork ids.
   bool free_on_first_delete =
       false;  // Owner frees the value on the first user delete.
+  bool forget_user_delete =
+      false;  // Users go without telling the owner (the owner leaks).
 };
 
 struct RRefContextOptions {

@@ -1041,6 +1041,8 @@ std::vector<std::tuple<std::string, int, std::string>> SimListen(
         bugs.find("forget_idempotence") != std::string::npos;
     options.rref_options.bugs.free_on_first_delete =
         bugs.find("free_on_first_delete") != std::string::npos;
+    options.rref_options.bugs.forget_user_delete =
+        bugs.find("forget_user_delete") != std::string::npos;
   }
   py::module_ c = py::module_::import("tether._C");
   std::vector<std::string> names =

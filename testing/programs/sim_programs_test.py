@@ -17,6 +17,7 @@ EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(HERE)), "examples")
 sys.path.insert(0, EXAMPLES)
 
 import correct  # noqa: E402
+import leaked_rref  # noqa: E402
 import missing_timeout  # noqa: E402
 import nested_deadlock  # noqa: E402
 import user_exception  # noqa: E402
@@ -73,6 +74,11 @@ class PlantedBugTest(unittest.TestCase):
         self.assertIn("missing_timeout.py:16", "\n".join(f.detail for f in r.failures))
         again = sim.run(missing_timeout.main, 2, seed=3, time_limit=30)
         self.assertEqual(again.trace_hash, r.trace_hash)
+
+    def test_leaked_rref_is_a_leak_naming_the_reference(self):
+        r = sim.run(leaked_rref.main, 2, seed=1)
+        self.assertEqual(r.kinds(), ["leak"])
+        self.assertIn("RRef leak on worker 'worker1'", r.failures[0].detail)
 
     def test_user_exception_has_its_traceback(self):
         r = sim.run(user_exception.main, 2, seed=1)
