@@ -1369,6 +1369,11 @@ PYBIND11_MODULE(_C, m) {
         seconds <= 0 ? absl::ZeroDuration() : absl::Seconds(seconds));
   });
   m.def("agent_debug_info", &AgentDebugInfo);
+  m.def("agent_summary", [] {
+    std::shared_ptr<Worker> w = RequireWorker();
+    py::gil_scoped_release release;
+    return w->runtime->agent()->Summary();
+  });
   m.def("rref_debug_info", &RRefDebugInfo);
   m.def("enable_gil_profiling", [](bool on) { g_gil_profiling = on; });
 }

@@ -21,6 +21,8 @@ def traced(rank, world_size):
     for peer in range(world_size):
         if peer != rank:
             assert rpc.rpc_sync(f"worker{peer}", double, args=(torch.ones(2),)).tolist() == [2, 2]
+    summary = rpc._worker_summary()
+    assert f"worker '{f'worker{rank}'}'" in summary and "calls in flight: 0" in summary, summary
     rpc.shutdown()
 
 

@@ -30,6 +30,7 @@ from .api import (  # noqa: F401
     _require_initialized,
     _set_rpc_timeout,
     _wait_all,
+    _worker_summary,
     enable_gil_profiling,
     get_rpc_timeout,
     get_worker_info,

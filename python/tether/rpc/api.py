@@ -426,3 +426,10 @@ def _get_current_rpc_agent():
             "Current RPC agent is not set! Did you initialize the RPC framework (init_rpc)?"
         )
     return _AgentView()
+
+
+@_require_initialized
+def _worker_summary() -> str:
+    """A one-screen summary of this live worker: counters, traffic per peer (calls, messages,
+    bytes), and the oldest calls still in flight with their age."""
+    return _C.agent_summary()
