@@ -10,25 +10,15 @@
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "transport/little_endian.h"
 
 namespace tether {
 namespace {
 
-void Put16(uint8_t* p, uint16_t v) {
-  p[0] = v & 0xff;
-  p[1] = v >> 8;
-}
-void Put32(uint8_t* p, uint32_t v) {
-  for (int i = 0; i < 4; ++i) p[i] = (v >> (8 * i)) & 0xff;
-}
-uint16_t Get16(const uint8_t* p) {
-  return static_cast<uint16_t>(p[0] | (p[1] << 8));
-}
-uint32_t Get32(const uint8_t* p) {
-  uint32_t v = 0;
-  for (int i = 0; i < 4; ++i) v |= static_cast<uint32_t>(p[i]) << (8 * i);
-  return v;
-}
+using le::Get16;
+using le::Get32;
+using le::Put16;
+using le::Put32;
 
 Mac ComputeMac(absl::string_view token, absl::string_view label, int32_t dialer,
                int32_t acceptor, const Nonce& first, const Nonce& second) {
