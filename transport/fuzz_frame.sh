@@ -36,7 +36,7 @@ srcs=(transport/frame_fuzzer.cc transport/frame.cc transport/auth.cc core/messag
 bin="$work/frame_fuzzer"
 rebuild=0
 [ -x "$bin" ] || rebuild=1
-for f in "${srcs[@]}" transport/frame.h transport/auth.h core/message.h core/buffer.h \
+for f in "${srcs[@]}" transport/frame.h transport/auth.h transport/little_endian.h core/message.h core/buffer.h \
          core/envelope.proto; do
   [ "$root/$f" -nt "$bin" ] && rebuild=1
 done
