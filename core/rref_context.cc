@@ -538,8 +538,7 @@ void RRefContext::HandleRemoteCall(std::shared_ptr<IncomingCall> call) {
 }
 
 void RRefContext::StartFunction(const RRefId& rref, RemoteRequest request,
-                                MessageType type,
-                                std::shared_ptr<IncomingCall> /*call*/) {
+                                MessageType type, CreationCallback on_created) {
   auto it = runners_.find(type);
   if (it == runners_.end()) {
     OnFunctionDone(
@@ -549,7 +548,9 @@ void RRefContext::StartFunction(const RRefId& rref, RemoteRequest request,
   }
   Future<RRefValue> value = it->second(std::move(request));
   std::weak_ptr<RRefContext> weak = weak_from_this();
-  value.Then([weak, rref](const absl::StatusOr<RRefValue>& result) {
+  value.Then([weak, rref, on_created = std::move(on_created)](
+                 const absl::StatusOr<RRefValue>& result) {
+    if (on_created && result.ok()) on_created(result->creation_reply);
     if (std::shared_ptr<RRefContext> self = weak.lock())
       self->OnFunctionDone(rref, result);
   });
@@ -566,14 +567,17 @@ void RRefContext::OnFunctionDone(const RRefId& rref,
     if (it == owners_.end()) return;  // freed by Close(); nothing to tell
     OwnerEntry* entry = it->second.get();
     entry->value.emplace(result);
+    std::string creation_reply;
+    if (entry->value->ok())
+      creation_reply.swap((*entry->value)->creation_reply);
     EmitLocked(RRefEvent::kValueSet, rref, ForkId{}, -1);
     std::vector<std::shared_ptr<IncomingCall>> calls;
     calls.swap(entry->creation_calls);
     absl::Status status = result.status();
-    actions.push_back([calls, status] {
+    actions.push_back([calls, status, creation_reply] {
       for (auto& call : calls) {
         if (status.ok()) {
-          call->Reply("", {});
+          call->Reply(creation_reply, {});
         } else {
           call->ReplyError(status);
         }
@@ -763,7 +767,8 @@ void RRefContext::HandleUserDelete(std::shared_ptr<IncomingCall> call) {
 absl::StatusOr<RRefHandle> RRefContext::Remote(
     WorkerId owner, MessageType type, std::string payload,
     std::vector<Buffer> buffers, std::optional<absl::Duration> timeout,
-    std::string created_by, std::string type_name) {
+    std::string created_by, std::string type_name,
+    CreationCallback on_created) {
   if (!IsRemoteCallType(type)) {
     return absl::InvalidArgumentError(absl::StrCat(
         "remote(): ", MessageTypeName(type), " is not a remote call type"));
@@ -823,8 +828,8 @@ absl::StatusOr<RRefHandle> RRefContext::Remote(
     if (timeout.has_value() && *timeout > absl::ZeroDuration()) {
       req.deadline = clock_->Now() + *timeout;
     }
-    PostSelf([rref, req, type](RRefContext* c) {
-      c->StartFunction(rref, req, type, nullptr);
+    PostSelf([rref, req, type, on_created](RRefContext* c) {
+      c->StartFunction(rref, req, type, on_created);
     });
     return handle;
   }
@@ -837,7 +842,9 @@ absl::StatusOr<RRefHandle> RRefContext::Remote(
   Future<Message> reply = agent_->Call(owner, type, msg.SerializeAsString(),
                                        std::move(buffers), timeout);
   std::weak_ptr<RRefContext> weak = weak_from_this();
-  reply.Then([weak, fork](const absl::StatusOr<Message>& result) {
+  reply.Then([weak, fork, on_created = std::move(on_created)](
+                 const absl::StatusOr<Message>& result) {
+    if (on_created && result.ok()) on_created(result->envelope.payload());
     if (std::shared_ptr<RRefContext> self = weak.lock())
       self->OnCreationReply(fork, result);
   });

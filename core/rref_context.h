@@ -61,6 +61,7 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "core/agent.h"
@@ -99,6 +100,10 @@ struct RRefValue {
   std::shared_ptr<const void> object;
   std::string payload;
   std::vector<Buffer> buffers;
+  // Set by a remote runner: bytes handed to the creator's `on_created` with
+  // the creation's acknowledgement (the callee's profiled events, say). Not
+  // kept with the value.
+  std::string creation_reply;
 };
 
 // What is pickled in place of an RRef inside a call's arguments.
@@ -157,6 +162,9 @@ struct RemoteRequest {
 };
 // Runs a remote call's function and completes with its value (or its error).
 using RemoteRunner = std::function<Future<RRefValue>(RemoteRequest request)>;
+// Told the runner's RRefValue::creation_reply when a creation succeeds, before
+// the user reference is confirmed. Runs on an executor thread.
+using CreationCallback = std::function<void(absl::string_view creation_reply)>;
 
 // Events for the simulator's ghost ledger (testing/scenarios/rref_ledger.h).
 // `worker` is where the event happened; `peer` is the other worker involved, if
@@ -259,12 +267,14 @@ class RRefContext : public std::enable_shared_from_this<RRefContext> {
   // Creates a reference whose value `owner` computes by running the call.
   // Returns at once: a user handle (owner elsewhere) or an owner handle (owner
   // == self). `timeout` bounds the creation (unset: the agent's default).
+  // `on_created`, if set, receives the owner's creation reply.
   // kInvalidArgument for an unknown worker or a non-remote type.
   absl::StatusOr<RRefHandle> Remote(
       WorkerId owner, MessageType type, std::string payload,
       std::vector<Buffer> buffers,
       std::optional<absl::Duration> timeout = std::nullopt,
-      std::string created_by = "", std::string type_name = "");
+      std::string created_by = "", std::string type_name = "",
+      CreationCallback on_created = nullptr);
 
   // Creates an owner reference holding `value` (rpc.RRef(obj)).
   RRefHandle CreateOwned(RRefValue value, std::string created_by = "",
@@ -345,7 +355,7 @@ class RRefContext : public std::enable_shared_from_this<RRefContext> {
   void OnForkRequestReply(const ForkId& fork,
                           const absl::StatusOr<Message>& reply);
   void StartFunction(const RRefId& rref, RemoteRequest request,
-                     MessageType type, std::shared_ptr<IncomingCall> call);
+                     MessageType type, CreationCallback on_created);
   void OnFunctionDone(const RRefId& rref,
                       const absl::StatusOr<RRefValue>& result);
   void OnChildQueryTimer(const ForkId& fork);

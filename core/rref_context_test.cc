@@ -81,6 +81,33 @@ TEST(RRefContextTest, RemoteToSelfGivesAnOwnerHandle) {
   EXPECT_EQ(c->ledger().frees(), 1);
 }
 
+TEST(RRefContextTest, CreatorReceivesTheCreationReplyOnceAndOwnerDropsIt) {
+  auto c = MakeCluster(2);
+  for (WorkerId owner : {1, 0}) {  // elsewhere, then self
+    std::vector<std::string> replies;
+    RRefHandle h =
+        c->ctx(0)
+            .Remote(
+                owner, wire::TEST_REMOTE_CALL, "v:x", {}, std::nullopt, "", "",
+                [&replies](absl::string_view r) { replies.emplace_back(r); })
+            .value();
+    EXPECT_EQ(Fetch(*c, 0, h), "x");
+    ASSERT_TRUE(c->world().RunUntilIdle());
+    EXPECT_EQ(replies, std::vector<std::string>{"created x"}) << owner;
+  }
+  // A failed creation tells nobody.
+  bool told = false;
+  RRefHandle failed =
+      c->ctx(0)
+          .Remote(1, wire::TEST_REMOTE_CALL, "e:boom", {}, std::nullopt, "", "",
+                  [&told](absl::string_view) { told = true; })
+          .value();
+  ASSERT_TRUE(c->world().RunUntilIdle());
+  EXPECT_FALSE(told);
+  failed = RRefHandle();
+  ExpectClean(*c);
+}
+
 TEST(RRefContextTest, CreationErrorIsRaisedByTheNextUse) {
   auto c = MakeCluster(2);
   RRefHandle h = c->Remote(0, 1, "e:boom").value();

@@ -102,6 +102,7 @@ void RRefCluster::SetUpWorker(sim::SimWorld& world, WorkerId w, Agent& agent) {
         if (absl::ConsumePrefix(&p, "v:")) {
           RRefValue v;
           v.payload = std::string(p);
+          v.creation_reply = absl::StrCat("created ", p);
           out.Set(std::move(v));
         } else if (absl::ConsumePrefix(&p, "e:")) {
           out.Set(absl::InternalError(std::string(p)));
