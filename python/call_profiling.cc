@@ -1,0 +1,215 @@
+#include "python/call_profiling.h"
+
+#include <ATen/record_function.h>
+#include <torch/csrc/jit/serialization/pickle.h>
+#include <torch/csrc/profiler/api.h>
+
+#include <mutex>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+
+namespace tether {
+namespace pycall {
+
+namespace profiler = ::torch::autograd::profiler;
+using ::torch::profiler::impl::ActiveProfilerType;
+using ::torch::profiler::impl::ProfilerConfig;
+using ::torch::profiler::impl::ProfilerState;
+
+// One enable of the server-process profiler; `outer` is the one it nests in.
+struct HandlerProfile::ServerEntry {
+  explicit ServerEntry(ProfilerConfig c, std::shared_ptr<ServerEntry> o)
+      : config(std::move(c)), outer(std::move(o)) {}
+  const ProfilerConfig config;
+  const std::shared_ptr<ServerEntry> outer;
+  std::mutex mu;
+  std::vector<profiler::thread_event_lists> results;  // guarded by mu
+};
+
+namespace {
+
+std::mutex g_server_mu;
+std::shared_ptr<HandlerProfile::ServerEntry> g_server;  // guarded
+
+std::shared_ptr<HandlerProfile::ServerEntry> CurrentServerEntry() {
+  std::lock_guard<std::mutex> lock(g_server_mu);
+  return g_server;
+}
+
+bool LegacyProfilerOn() {
+  return torch::profiler::impl::profilerEnabled() &&
+         torch::profiler::impl::profilerType() == ActiveProfilerType::LEGACY;
+}
+
+ProfilerConfig FromRequest(const ProfilingRequest& r) {
+  return ProfilerConfig(ProfilerState::CPU, r.record_shapes(),
+                        r.profile_memory(), r.with_stack(), r.with_flops(),
+                        r.with_modules());
+}
+
+}  // namespace
+
+void SetNodeId(int worker_id) {
+  at::RecordFunction::setDefaultNodeId(worker_id);
+}
+
+// ---------------------------------------------------------------------------
+// Caller.
+
+CallerProfile::CallerProfile(std::string key, ProfilingRequest request)
+    : key_(std::move(key)), request_(std::move(request)) {}
+
+std::shared_ptr<const CallerProfile> CallerProfile::Capture(std::string key) {
+  if (!LegacyProfilerOn()) return nullptr;
+  ProfilerConfig config = torch::profiler::impl::getProfilerConfig();
+  ProfilingRequest request;
+  request.set_record_shapes(config.report_input_shapes);
+  request.set_profile_memory(config.profile_memory);
+  request.set_with_stack(config.with_stack);
+  request.set_with_flops(config.with_flops);
+  request.set_with_modules(config.with_modules);
+  return std::make_shared<const CallerProfile>(std::move(key),
+                                               std::move(request));
+}
+
+absl::Status CallerProfile::AddRemoteEvents(const std::string& bytes) const {
+  if (bytes.empty()) return absl::OkStatus();
+  absl::StatusOr<std::vector<profiler::LegacyEvent>> events =
+      DecodeEvents(bytes);
+  if (!events.ok()) return events.status();
+  const std::string prefix = absl::StrCat(key_, kRemoteOpPrefix);
+  for (profiler::LegacyEvent& e : *events) {
+    e.setName(at::StringView(absl::StrCat(prefix, e.name())));
+  }
+  try {
+    at::ThreadLocalStateGuard guard(state_);
+    // The profile may have ended before the reply came: nothing to add to.
+    if (!LegacyProfilerOn()) return absl::OkStatus();
+    profiler::addEventList(std::move(*events));
+  } catch (const std::exception& e) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("cannot add remote profiling events: ", e.what()));
+  }
+  return absl::OkStatus();
+}
+
+// ---------------------------------------------------------------------------
+// Callee.
+
+HandlerProfile::HandlerProfile(bool requested,
+                               std::shared_ptr<ServerEntry> server)
+    : requested_(requested), server_(std::move(server)) {}
+
+std::shared_ptr<HandlerProfile> HandlerProfile::Start(
+    const ProfilingRequest* request) {
+  std::shared_ptr<ServerEntry> server = CurrentServerEntry();
+  if (request == nullptr && server == nullptr) return nullptr;
+  if (torch::profiler::impl::profilerEnabled()) return nullptr;
+  try {
+    profiler::enableProfilerLegacy(request != nullptr ? FromRequest(*request)
+                                                      : server->config);
+  } catch (const std::exception&) {
+    return nullptr;
+  }
+  // Constructed after the enable: its state_ holds this thread's profiler.
+  return std::make_shared<HandlerProfile>(request != nullptr,
+                                          std::move(server));
+}
+
+void HandlerProfile::LeaveThread() {
+  if (left_.exchange(true)) return;
+  try {
+    // Turn this thread's profiler off; the events stay in the state for
+    // Finish().
+    profiler::disableProfilerLegacy(profiler::ProfilerDisableOptions(
+        /*shouldCleanupTLSState=*/true, /*shouldConsolidate=*/false));
+  } catch (const std::exception&) {
+  }
+}
+
+std::string HandlerProfile::Finish() {
+  if (finished_.exchange(true)) return "";
+  profiler::thread_event_lists lists;
+  try {
+    at::ThreadLocalStateGuard guard(state_);
+    lists = profiler::disableProfilerLegacy(profiler::ProfilerDisableOptions(
+        /*shouldCleanupTLSState=*/true, /*shouldConsolidate=*/true));
+  } catch (const std::exception&) {
+    return "";
+  }
+  for (ServerEntry* e = server_.get(); e != nullptr; e = e->outer.get()) {
+    std::lock_guard<std::mutex> lock(e->mu);
+    e->results.push_back(lists);
+  }
+  if (!requested_) return "";
+  std::vector<profiler::LegacyEvent> flat;
+  for (auto& list : lists) {
+    for (auto& event : list) flat.push_back(std::move(event));
+  }
+  return EncodeEvents(flat);
+}
+
+HandlerProfile::~HandlerProfile() { Finish(); }
+
+// ---------------------------------------------------------------------------
+// Server-process profiler.
+
+void EnableServerProfiler(const ProfilerConfig& config) {
+  std::lock_guard<std::mutex> lock(g_server_mu);
+  g_server = std::make_shared<HandlerProfile::ServerEntry>(config, g_server);
+}
+
+absl::StatusOr<std::vector<profiler::thread_event_lists>>
+DisableServerProfiler() {
+  std::shared_ptr<HandlerProfile::ServerEntry> top;
+  {
+    std::lock_guard<std::mutex> lock(g_server_mu);
+    if (g_server == nullptr) {
+      return absl::FailedPreconditionError(
+          "the server-process profiler is not enabled");
+    }
+    top = g_server;
+    g_server = top->outer;
+  }
+  std::lock_guard<std::mutex> lock(top->mu);
+  return std::move(top->results);
+}
+
+// ---------------------------------------------------------------------------
+// Wire form: a TorchScript pickle of the list of LegacyEvent::toIValue().
+
+std::string EncodeEvents(const std::vector<profiler::LegacyEvent>& events) {
+  c10::impl::GenericList list(c10::AnyType::get());
+  list.reserve(events.size());
+  for (const profiler::LegacyEvent& e : events) list.push_back(e.toIValue());
+  std::vector<char> bytes = torch::jit::pickle(c10::IValue(std::move(list)));
+  return std::string(bytes.data(), bytes.size());
+}
+
+absl::StatusOr<std::vector<profiler::LegacyEvent>> DecodeEvents(
+    const std::string& bytes) {
+  std::vector<profiler::LegacyEvent> events;
+  try {
+    c10::IValue value =
+        torch::jit::unpickle(bytes.data(), bytes.size(), nullptr, {});
+    if (!value.isList()) {
+      return absl::InvalidArgumentError(
+          "profiled events: expected a list of events");
+    }
+    for (const c10::IValue& item : value.toListRef()) {
+      if (!item.isList()) {
+        return absl::InvalidArgumentError(
+            "profiled events: an event is not a list");
+      }
+      events.push_back(profiler::LegacyEvent::fromIValue(item));
+    }
+  } catch (const std::exception& e) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("malformed profiled events: ", e.what()));
+  }
+  return events;
+}
+
+}  // namespace pycall
+}  // namespace tether
