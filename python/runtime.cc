@@ -10,6 +10,7 @@
 #include "transport/system_clock.h"
 #include "transport/tcp_network.h"
 #include "transport/thread_pool.h"
+#include "transport/tracing/rref_trace_observer.h"
 #include "transport/tracing/tracing_network.h"
 
 namespace tether {
@@ -23,6 +24,10 @@ class Runtime::Impl {
   std::unique_ptr<FaultyNetwork> faulty;
   std::unique_ptr<TracingNetwork> tracing;
   std::unique_ptr<Agent> agent;
+  // When tracing: puts the RRef events on the trace (chained to
+  // options.rref_options.observer). Owned here, used by `rrefs`: the
+  // destructor frees it after `rrefs` and before `tracing`.
+  std::unique_ptr<RRefTraceObserver> rref_tracer;
   std::shared_ptr<RRefContext> rrefs;
   // What the agent runs on: the above, or the simulator's (ForSimulation).
   Clock* clock_view = nullptr;
@@ -157,8 +162,14 @@ absl::Status Runtime::Connect(
       options, impl_->clock_view, impl_->network_view, impl_->executor_view);
   if (!agent.ok()) return agent.status();
   impl_->agent = *std::move(agent);
+  RRefContextOptions rref_options = impl_->options.rref_options;
+  if (impl_->tracing != nullptr) {
+    impl_->rref_tracer = std::make_unique<RRefTraceObserver>(
+        impl_->tracing.get(), rref_options.observer);
+    rref_options.observer = impl_->rref_tracer.get();
+  }
   impl_->rrefs = RRefContext::Create(impl_->agent.get(), impl_->clock_view,
-                                     impl_->executor_view, impl_->options.rref_options);
+                                     impl_->executor_view, rref_options);
   return absl::OkStatus();
 }
 
@@ -185,6 +196,7 @@ Runtime::~Runtime() {
   if (impl_->pool != nullptr) impl_->pool->Shutdown(ThreadPool::kDrain);
   if (impl_->rrefs != nullptr) impl_->rrefs->Close(/*ignore_leaks=*/true);
   impl_->rrefs.reset();
+  impl_->rref_tracer.reset();  // After the context that calls it.
   impl_->agent.reset();
   impl_->tracing.reset();
   impl_->faulty.reset();

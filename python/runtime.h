@@ -54,8 +54,9 @@ struct RuntimeOptions {
   // Faults to inject, like PyTorch's faulty agent (empty: $TETHER_FAULTY_MESSAGES,
   // $TETHER_NUM_FAIL_SENDS and $TETHER_MESSAGES_TO_DELAY, "TYPE=seconds,...").
   FaultyNetworkOptions faults;
-  // Where to write this worker's Chrome trace (empty: $TETHER_TRACE_DIR/trace-NAME.json if
-  // that is set, else no trace). Merge the workers' files with tools/merge-traces.
+  // Where to write this worker's Chrome trace: calls, messages, errors and RRef
+  // events (empty: $TETHER_TRACE_DIR/trace-NAME.json if that is set, else no
+  // trace). Merge the workers' files with tools/merge-traces.
   std::string trace_path;
 };
 

@@ -18,11 +18,15 @@ def double(x):
 
 def traced(rank, world_size):
     _init(rank, world_size)
+    # A reference owned by the next worker: its RRef events go on both workers' tracks.
+    rref = rpc.remote(f"worker{(rank + 1) % world_size}", double, args=(torch.ones(2),))
+    assert rref.to_here().tolist() == [2, 2]
     for peer in range(world_size):
         if peer != rank:
             assert rpc.rpc_sync(f"worker{peer}", double, args=(torch.ones(2),)).tolist() == [2, 2]
     summary = rpc._worker_summary()
     assert f"worker '{f'worker{rank}'}'" in summary and "calls in flight: 0" in summary, summary
+    del rref
     rpc.shutdown()
 
 

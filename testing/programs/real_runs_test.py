@@ -57,9 +57,32 @@ class RealRunTest(unittest.TestCase):
         self.assertEqual(names, {"worker0", "worker1", "worker2"})
         spans = [e for e in events if e.get("cat") == "call" and e["ph"] in "be"]
         self.assertGreaterEqual(len(spans), 12)
+        # Worker w made a remote() owned by worker (w + 1) % 3 and fetched it: the user's
+        # events on w's track, the owner's on the next one's, naming the same reference.
+        rref = [e for e in events if e.get("cat") == "rref"]
+        by_track = Counter((e["pid"], e["name"]) for e in rref)
+        for w in range(3):
+            for name in ("rref user created", "rref user confirmed", "rref owner created",
+                         "rref fork added", "rref value set", "rref value served"):
+                self.assertGreaterEqual(by_track[(w, name)], 1, (w, name, by_track))
+            user = next(e["args"]["detail"] for e in rref
+                        if e["pid"] == w and e["name"] == "rref user confirmed")
+            rref_id, fork_id = user.split()[1], user.split()[3]  # "rref ID fork ID peer N"
+            owner = (w + 1) % 3
+            self.assertTrue(user.endswith(f"peer {owner}"), user)
+            self.assertIn(f"rref {rref_id} fork {fork_id} peer {w}",
+                          [e["args"]["detail"] for e in rref
+                           if e["pid"] == owner and e["name"] == "rref fork added"])
 
     def test_faulty_sends_like_pytorchs_faulty_agent(self):
-        launch(real_runs.first_send_fails, 2, timeout=120)
+        with tempfile.TemporaryDirectory() as d, EnvVars(TETHER_TRACE_DIR=d):
+            launch(real_runs.first_send_fails, 2, timeout=120)
+            with open(os.path.join(d, "trace-worker0.json")) as fh:
+                events = json.load(fh)["traceEvents"]
+        # The failed send is an error on worker0's track.
+        failed = [e for e in events if e.get("cat") == "error" and e["name"] == "send failed"]
+        self.assertEqual(len(failed), 1, events)
+        self.assertIn("failed intentionally for PYTHON_CALL", failed[0]["args"]["error"])
 
     def test_rpcs_appear_in_the_autograd_profiler_with_pytorchs_names(self):
         launch(real_runs.profiled, 2, timeout=120)

@@ -7,6 +7,23 @@
 #include "core/trace_event.h"
 
 namespace tether {
+namespace {
+
+// An "error" marker for a reply that carries an error: "call failed" on the
+// caller's track (received), "replied with error" on the callee's (sent).
+// Empty for any other message.
+std::string ErrorReplyEvent(WorkerId self, bool sent, const Message& m,
+                            int64_t ts_us) {
+  const wire::Envelope& e = m.envelope;
+  if (e.type() != wire::ERROR_RESPONSE) return "";
+  return TraceEventJson(
+      self, "i", sent ? "replied with error" : "call failed", "error", ts_us,
+      absl::StrCat("\"args\":{\"", sent ? "to" : "from", "\":",
+                   sent ? e.to() : e.from(), ",\"request_id\":", e.request_id(),
+                   ",\"error\":", JsonString(e.error().message()), "}"));
+}
+
+}  // namespace
 
 TracingNetwork::TracingNetwork(Network* inner, Clock* clock, std::string path,
                                std::string worker_name)
@@ -29,8 +46,11 @@ absl::Status TracingNetwork::Start(NetworkObserver* observer) {
 
 absl::Status TracingNetwork::Send(WorkerId to, Message message) {
   message.envelope.set_to(to);
+  const int64_t now = NowUs();
   std::vector<std::string> events =
-      MessageTraceEvents(self(), /*sent=*/true, message, NowUs());
+      MessageTraceEvents(self(), /*sent=*/true, message, now);
+  std::string error = ErrorReplyEvent(self(), /*sent=*/true, message, now);
+  if (!error.empty()) events.push_back(std::move(error));
   absl::Status s = inner_->Send(to, std::move(message));
   absl::MutexLock lock(&mu_);
   for (std::string& e : events) events_.push_back(std::move(e));
@@ -44,8 +64,11 @@ absl::Status TracingNetwork::Send(WorkerId to, Message message) {
 }
 
 void TracingNetwork::OnMessage(Message message) {
+  const int64_t now = NowUs();
   std::vector<std::string> events =
-      MessageTraceEvents(self(), /*sent=*/false, message, NowUs());
+      MessageTraceEvents(self(), /*sent=*/false, message, now);
+  std::string error = ErrorReplyEvent(self(), /*sent=*/false, message, now);
+  if (!error.empty()) events.push_back(std::move(error));
   {
     absl::MutexLock lock(&mu_);
     for (std::string& e : events) events_.push_back(std::move(e));

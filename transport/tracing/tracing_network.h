@@ -8,6 +8,11 @@
 //   "worker0");
 //   ... give `traced` to the agent ...   // the file is written by Stop()
 //
+// Errors are markers of category "error": a reply with an error ("call
+// failed" on the caller's track, "replied with error" on the callee's), a
+// failed send, a failed peer. RRef events go on the track through an
+// RRefTraceObserver (rref_trace_observer.h).
+//
 // Timestamps are the clock's Now() in Unix microseconds (a SystemClock follows
 // the wall clock), so files from one host line up as they are; the merge
 // command also corrects skew between hosts from the messages themselves.

@@ -64,14 +64,50 @@ TEST(TracingNetworkTest, WritesCallsMessagesAndFailures) {
   EXPECT_EQ(Count(text, "\"send TEST_CALL\""), 2);
   EXPECT_EQ(Count(text, "\"recv RESPONSE\""), 1);
   EXPECT_EQ(Count(text, "\"recv ERROR_RESPONSE\""), 1);
-  EXPECT_EQ(Count(text, "bad \\\"input\\\""),
-            1);  // The error travels, escaped.
+  // The error travels, escaped: in the reply's event and its marker.
+  EXPECT_EQ(Count(text, "bad \\\"input\\\""), 2);
+  EXPECT_EQ(Count(text, "{\"name\":\"call failed\",\"cat\":\"error\""), 1);
+  EXPECT_EQ(Count(text, "\"replied with error\""), 0);
   EXPECT_EQ(Count(text, "\"ph\":\"b\""), 2);
   EXPECT_EQ(Count(text, "\"ph\":\"e\""), 2);
   EXPECT_EQ(Count(text, "\"peer 2 failed\""), 1);
   EXPECT_EQ(Count(text, "\"process_name\""), 1);
   EXPECT_NE(text.find("\"otherData\":{\"worker\":\"worker0\",\"id\":0}"),
             std::string::npos);
+  std::remove(path.c_str());
+}
+
+TEST(TracingNetworkTest, MarksAnErrorReplyOnTheCalleesTrack) {
+  sim::SimWorldOptions o;
+  o.num_workers = 2;
+  auto world = sim::SimWorld::Create(o).value();
+  ASSERT_TRUE(world->StartWorker(0).ok());
+  const std::string path = ::testing::TempDir() + "/trace-callee.json";
+  auto traced = std::make_unique<TracingNetwork>(
+      &world->network(1), &world->clock(1), path, "worker1");
+  AgentOptions a;
+  a.self = 1;
+  a.workers = world->worker_infos();
+  auto agent =
+      Agent::Create(a, &world->clock(1), traced.get(), &world->executor(1))
+          .value();
+  agent->RegisterHandler(wire::TEST_CALL, [](std::shared_ptr<IncomingCall> c) {
+    c->ReplyError(absl::NotFoundError("no such thing"));
+  });
+  ASSERT_TRUE(agent->Start().ok());
+  auto failed = world->agent(0).Call(1, wire::TEST_CALL, "x", {});
+  ASSERT_TRUE(world->RunUntilReady(failed));
+  EXPECT_FALSE(failed.result().ok());
+  auto done = agent->Shutdown(false);
+  world->RunUntilIdle();
+  traced->Stop();
+  std::string text = ReadFile(path);
+  EXPECT_EQ(Count(text, "\"send ERROR_RESPONSE\""), 1) << text;
+  EXPECT_EQ(Count(text, "{\"name\":\"replied with error\",\"cat\":\"error\""),
+            1)
+      << text;
+  EXPECT_EQ(Count(text, "\"error\":\"no such thing\""), 2);
+  EXPECT_EQ(Count(text, "\"call failed\""), 0);
   std::remove(path.c_str());
 }
 
