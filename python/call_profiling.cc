@@ -4,6 +4,7 @@
 #include <torch/csrc/jit/serialization/pickle.h>
 #include <torch/csrc/profiler/api.h>
 
+#include <algorithm>
 #include <mutex>
 #include <utility>
 
@@ -40,6 +41,14 @@ std::shared_ptr<HandlerProfile::ServerEntry> CurrentServerEntry() {
 bool LegacyProfilerOn() {
   return torch::profiler::impl::profilerEnabled() &&
          torch::profiler::impl::profilerType() == ActiveProfilerType::LEGACY;
+}
+
+// The handles of this thread's RecordFunction callbacks.
+std::vector<at::CallbackHandle> ThreadCallbacks() {
+  std::vector<at::CallbackHandle> out;
+  for (const auto& e : at::get_record_function_tls_().sorted_tls_callbacks_)
+    out.push_back(e.handle_);
+  return out;
 }
 
 ProfilerConfig FromRequest(const ProfilingRequest& r) {
@@ -106,6 +115,7 @@ std::shared_ptr<HandlerProfile> HandlerProfile::Start(
   std::shared_ptr<ServerEntry> server = CurrentServerEntry();
   if (request == nullptr && server == nullptr) return nullptr;
   if (torch::profiler::impl::profilerEnabled()) return nullptr;
+  std::vector<at::CallbackHandle> before = ThreadCallbacks();
   try {
     profiler::enableProfilerLegacy(request != nullptr ? FromRequest(*request)
                                                       : server->config);
@@ -113,8 +123,13 @@ std::shared_ptr<HandlerProfile> HandlerProfile::Start(
     return nullptr;
   }
   // Constructed after the enable: its state_ holds this thread's profiler.
-  return std::make_shared<HandlerProfile>(request != nullptr,
-                                          std::move(server));
+  auto profile =
+      std::make_shared<HandlerProfile>(request != nullptr, std::move(server));
+  for (at::CallbackHandle h : ThreadCallbacks()) {
+    if (std::find(before.begin(), before.end(), h) == before.end())
+      profile->callback_ = h;
+  }
+  return profile;
 }
 
 void HandlerProfile::LeaveThread() {
@@ -126,6 +141,14 @@ void HandlerProfile::LeaveThread() {
         /*shouldCleanupTLSState=*/true, /*shouldConsolidate=*/false));
   } catch (const std::exception&) {
   }
+  // A Finish() that ran on this thread first (under a guard of its saved
+  // state) has made the profiler forget its callback's handle, and the guard
+  // put the callback back: remove it by the handle noted at Start.
+  std::vector<at::CallbackHandle> now = ThreadCallbacks();
+  if (callback_ != at::INVALID_CALLBACK_HANDLE &&
+      std::find(now.begin(), now.end(), callback_) != now.end()) {
+    at::removeCallback(callback_);
+  }
 }
 
 std::string HandlerProfile::Finish() {
@@ -133,8 +156,10 @@ std::string HandlerProfile::Finish() {
   profiler::thread_event_lists lists;
   try {
     at::ThreadLocalStateGuard guard(state_);
+    // The guard's thread state is dropped when it ends; the starting thread's
+    // profiler and callback are LeaveThread()'s to remove.
     lists = profiler::disableProfilerLegacy(profiler::ProfilerDisableOptions(
-        /*shouldCleanupTLSState=*/true, /*shouldConsolidate=*/true));
+        /*shouldCleanupTLSState=*/false, /*shouldConsolidate=*/true));
   } catch (const std::exception&) {
     return "";
   }

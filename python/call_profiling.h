@@ -31,6 +31,7 @@
 #define TETHER_PYTHON_CALL_PROFILING_H_
 
 #include <ATen/ThreadLocalState.h>
+#include <ATen/record_function.h>
 #include <torch/csrc/autograd/profiler_legacy.h>
 
 #include <atomic>
@@ -105,6 +106,8 @@ class HandlerProfile {
   const bool requested_;
   const std::shared_ptr<ServerEntry> server_;
   const at::ThreadLocalState state_;
+  // The RecordFunction callback the profiler added to the starting thread.
+  at::CallbackHandle callback_ = at::INVALID_CALLBACK_HANDLE;
   std::atomic<bool> finished_{false};
   std::atomic<bool> left_{false};
 };

@@ -2,6 +2,7 @@
 
 #include <ATen/ATen.h>
 #include <torch/csrc/jit/serialization/pickle.h>
+#include <torch/csrc/profiler/api.h>
 
 #include <string>
 #include <thread>
@@ -52,6 +53,32 @@ std::string HandleOnAnotherThread(const ProfilingRequest* request,
   });
   t.join();
   return reply;
+}
+
+// A reply ready before the handler returns (a synchronous call) must not leave
+// the profiler's callback on the thread: the next profiled call on that thread
+// would record every operator twice.
+TEST(CallProfilingTest, ReplyBeforeLeavingLeavesTheThreadClean) {
+  std::thread t([] {
+    ProfilingRequest request;
+    for (int i = 0; i < 3; ++i) {
+      std::shared_ptr<HandlerProfile> p = HandlerProfile::Start(&request);
+      ASSERT_NE(p, nullptr);
+      at::mul(at::ones({2}), at::ones({2}));
+      absl::StatusOr<std::vector<profiler::LegacyEvent>> events =
+          DecodeEvents(p->Finish());
+      p->LeaveThread();
+      ASSERT_TRUE(events.ok());
+      int muls = 0;
+      for (const auto& e : *events) {
+        if (e.kindStr() == "push" && std::string(e.name()) == "aten::mul")
+          ++muls;
+      }
+      EXPECT_EQ(muls, 1) << "call " << i;
+      EXPECT_FALSE(torch::profiler::impl::profilerEnabled());
+    }
+  });
+  t.join();
 }
 
 TEST(CallProfilingTest, NothingToCaptureWithoutAProfiler) {

@@ -38,6 +38,7 @@
 #include "core/future.h"
 #include "core/rref_context.h"
 #include "python/call.pb.h"
+#include "python/call_profiling.h"
 #include "python/runtime.h"
 #include "python/sim_bindings.h"
 #include "python/torch_calls.h"
@@ -343,20 +344,44 @@ class ReleaseGilIfLarge {
   std::optional<py::gil_scoped_release> release_;
 };
 
+// Starts profiling a call's handling if its caller or the server-process
+// profiler asks for it (null otherwise).
+std::shared_ptr<pycall::HandlerProfile> StartProfile(
+    const pycall::Payload& request) {
+  return pycall::HandlerProfile::Start(
+      request.has_profiling() ? &request.profiling() : nullptr);
+}
+
+// What a remote() creation acknowledges with: the profiled events, if any.
+std::string CreationReply(pycall::HandlerProfile* profile) {
+  if (profile == nullptr) return "";
+  std::string events = profile->Finish();
+  if (events.empty()) return "";
+  pycall::Payload reply;
+  reply.set_profiled_events(std::move(events));
+  return pycall::Serialize(reply);
+}
+
 // Handed to the Python handler of a Python call (or of a remote() creating an
 // RRef's value); answers exactly once: reply() with the pickled result for a
 // call, set_value() with the value itself for a remote().
 class Responder {
  public:
-  Responder(std::shared_ptr<IncomingCall> call, Worker* worker, bool async)
+  Responder(std::shared_ptr<IncomingCall> call, Worker* worker, bool async,
+            std::shared_ptr<pycall::HandlerProfile> profile)
       : call_(std::move(call)),
         result_(nullptr),
         worker_(worker),
-        async_(async) {
+        async_(async),
+        profile_(std::move(profile)) {
     if (async_) ++worker_->server_active_async_calls;
   }
-  Responder(Future<RRefValue> result, Worker* worker, bool async)
-      : result_(std::move(result)), worker_(worker), async_(async) {
+  Responder(Future<RRefValue> result, Worker* worker, bool async,
+            std::shared_ptr<pycall::HandlerProfile> profile)
+      : result_(std::move(result)),
+        worker_(worker),
+        async_(async),
+        profile_(std::move(profile)) {
     if (async_) ++worker_->server_active_async_calls;
   }
   ~Responder() {
@@ -376,6 +401,7 @@ class Responder {
     pycall::Payload payload;
     payload.set_pickle(std::string(pickle));
     payload.set_remote_exception(is_exception);
+    if (profile_ != nullptr) payload.set_profiled_events(profile_->Finish());
     std::vector<Buffer> buffers;
     absl::Status s = pycall::AppendTensors(tensors, &payload, &buffers);
     if (!s.ok()) {
@@ -400,11 +426,13 @@ class Responder {
     owned->is_exception = is_exception;
     RRefValue v = MakeOwned(std::move(owned));
     py::gil_scoped_release release;
+    v.creation_reply = CreationReply(profile_.get());
     result_.Set(std::move(v));
   }
 
   void Fail(const std::string& message) {
     if (replied_.exchange(true)) return;
+    if (profile_ != nullptr) profile_->Finish();
     absl::Status error =
         absl::InternalError(absl::StrCat("On ", WorkerText(), ":\n", message));
     py::gil_scoped_release release;
@@ -425,6 +453,7 @@ class Responder {
   Future<RRefValue> result_;
   Worker* worker_;
   bool async_;
+  std::shared_ptr<pycall::HandlerProfile> profile_;
   std::atomic<bool> replied_{false};
 };
 
@@ -443,18 +472,22 @@ absl::Status Prefixed(Worker* w, const absl::Status& s) {
 // Runs the Python hook for a call or a remote() (GIL taken here).
 void RunPythonHook(Worker* w, std::shared_ptr<Responder> responder,
                    const pycall::Payload& payload,
-                   const std::vector<at::Tensor>& tensors, WorkerId caller) {
-  ProfiledGil gil;
-  try {
-    py::object hook =
-        py::reinterpret_borrow<py::object>(g_hooks.run_python_call);
-    hook(responder, py::bytes(payload.pickle()), py::cast(tensors),
-         payload.async_execution(), caller);
-  } catch (py::error_already_set& e) {
-    responder->Fail(e.what());
-  } catch (const std::exception& e) {
-    responder->Fail(e.what());
+                   const std::vector<at::Tensor>& tensors, WorkerId caller,
+                   pycall::HandlerProfile* profile) {
+  {
+    ProfiledGil gil;
+    try {
+      py::object hook =
+          py::reinterpret_borrow<py::object>(g_hooks.run_python_call);
+      hook(responder, py::bytes(payload.pickle()), py::cast(tensors),
+           payload.async_execution(), caller);
+    } catch (py::error_already_set& e) {
+      responder->Fail(e.what());
+    } catch (const std::exception& e) {
+      responder->Fail(e.what());
+    }
   }
+  if (profile != nullptr) profile->LeaveThread();
 }
 
 void HandlePythonCall(Worker* w, std::shared_ptr<IncomingCall> call) {
@@ -466,30 +499,39 @@ void HandlePythonCall(Worker* w, std::shared_ptr<IncomingCall> call) {
       pycall::TakeTensors(*payload, call->request().buffers, copy);
   if (!tensors.ok()) return ReplyStatus(w, *call, tensors.status());
   WorkerId caller = call->caller();
-  auto responder = std::make_shared<Responder>(std::move(call), w,
-                                               payload->async_execution());
-  RunPythonHook(w, std::move(responder), *payload, *tensors, caller);
+  std::shared_ptr<pycall::HandlerProfile> profile = StartProfile(*payload);
+  auto responder = std::make_shared<Responder>(
+      std::move(call), w, payload->async_execution(), profile);
+  RunPythonHook(w, std::move(responder), *payload, *tensors, caller,
+                profile.get());
 }
 
-// Runs a builtin (`script` false) or TorchScript call without the GIL.
-absl::StatusOr<c10::IValue> RunTorchCall(Worker* w, bool script,
-                                         const std::string& bytes,
-                                         const std::vector<Buffer>& buffers,
-                                         bool copy) {
+// Runs a builtin (`script` false) or TorchScript call without the GIL, profiled
+// if asked (`*profile` is then the started profile, its thread part over).
+absl::StatusOr<c10::IValue> RunTorchCall(
+    Worker* w, bool script, const std::string& bytes,
+    const std::vector<Buffer>& buffers, bool copy,
+    std::shared_ptr<pycall::HandlerProfile>* profile) {
   absl::StatusOr<pycall::Payload> payload = pycall::Parse(bytes);
   if (!payload.ok()) return payload.status();
-  return script ? pycall::RunScriptCall(*w->cu, *payload, buffers, copy)
-                : pycall::RunBuiltinCall(*payload, buffers, copy);
+  *profile = StartProfile(*payload);
+  absl::StatusOr<c10::IValue> result =
+      script ? pycall::RunScriptCall(*w->cu, *payload, buffers, copy)
+             : pycall::RunBuiltinCall(*payload, buffers, copy);
+  if (*profile != nullptr) (*profile)->LeaveThread();
+  return result;
 }
 
 void HandleTorchCall(Worker* w, bool script,
                      std::shared_ptr<IncomingCall> call) {
-  absl::StatusOr<c10::IValue> result =
-      RunTorchCall(w, script, call->request().envelope.payload(),
-                   call->request().buffers, call->caller() == w->self.id);
+  std::shared_ptr<pycall::HandlerProfile> profile;
+  absl::StatusOr<c10::IValue> result = RunTorchCall(
+      w, script, call->request().envelope.payload(), call->request().buffers,
+      call->caller() == w->self.id, &profile);
   if (!result.ok()) return ReplyStatus(w, *call, result.status());
   pycall::Payload reply;
   reply.set_torchscript_value(true);
+  if (profile != nullptr) reply.set_profiled_events(profile->Finish());
   std::vector<Buffer> buffers;
   absl::Status s = pycall::EncodeIValue(*result, &reply, &buffers);
   if (!s.ok()) return ReplyStatus(w, *call, s);
@@ -509,25 +551,30 @@ Future<RRefValue> RunPythonRemote(Worker* w, RemoteRequest request) {
     out.Set(Prefixed(w, tensors.status()));
     return out;
   }
+  std::shared_ptr<pycall::HandlerProfile> profile = StartProfile(*payload);
   auto responder =
-      std::make_shared<Responder>(out, w, payload->async_execution());
-  RunPythonHook(w, std::move(responder), *payload, *tensors, request.caller);
+      std::make_shared<Responder>(out, w, payload->async_execution(), profile);
+  RunPythonHook(w, std::move(responder), *payload, *tensors, request.caller,
+                profile.get());
   return out;
 }
 
 Future<RRefValue> RunTorchRemote(Worker* w, bool script,
                                  RemoteRequest request) {
   Future<RRefValue> out(w->runtime->executor());
+  std::shared_ptr<pycall::HandlerProfile> profile;
   absl::StatusOr<c10::IValue> result =
       RunTorchCall(w, script, request.payload, request.buffers,
-                   request.caller == w->self.id);
+                   request.caller == w->self.id, &profile);
   if (!result.ok()) {
     out.Set(Prefixed(w, result.status()));
     return out;
   }
   auto owned = std::make_shared<OwnedValue>();
   owned->ivalue = *std::move(result);
-  out.Set(MakeOwned(std::move(owned)));
+  RRefValue value = MakeOwned(std::move(owned));
+  value.creation_reply = CreationReply(profile.get());
+  out.Set(std::move(value));
   return out;
 }
 
@@ -542,7 +589,10 @@ struct Decoded {
   c10::IValue value;
 };
 
-Decoded Decode(const absl::StatusOr<Message>& reply, bool copy) {
+// `profile`: the caller's profile if the call was profiled; the callee's
+// events are added to it here, before the call's result is delivered.
+Decoded Decode(const absl::StatusOr<Message>& reply, bool copy,
+               const pycall::CallerProfile* profile) {
   Decoded d;
   if (!reply.ok()) {
     d.status = reply.status();
@@ -555,6 +605,10 @@ Decoded Decode(const absl::StatusOr<Message>& reply, bool copy) {
     return d;
   }
   d.payload = *std::move(payload);
+  if (profile != nullptr) {
+    // Malformed events cost the profile, never the call's result.
+    profile->AddRemoteEvents(d.payload.profiled_events()).IgnoreError();
+  }
   if (!d.payload.torchscript_value()) {
     absl::StatusOr<std::vector<at::Tensor>> tensors =
         pycall::TakeTensors(d.payload, reply->buffers, copy);
@@ -589,8 +643,12 @@ py::object ToPython(Decoded& d, const CallContext& ctx) {
 // An outstanding call made from Python.
 class Pending {
  public:
-  Pending(Future<Message> future, CallContext ctx, bool copy)
-      : future_(std::move(future)), ctx_(std::move(ctx)), copy_(copy) {}
+  Pending(Future<Message> future, CallContext ctx, bool copy,
+          std::shared_ptr<const pycall::CallerProfile> profile)
+      : future_(std::move(future)),
+        ctx_(std::move(ctx)),
+        copy_(copy),
+        profile_(std::move(profile)) {}
 
   bool done() const { return future_.ready(); }
 
@@ -603,7 +661,7 @@ class Pending {
     Decoded d;
     {
       py::gil_scoped_release release;
-      d = Decode(future_.result(), copy_);
+      d = Decode(future_.result(), copy_, profile_.get());
     }
     return ToPython(d, ctx_);
   }
@@ -617,6 +675,7 @@ class Pending {
   Future<Message> future_;
   CallContext ctx_;
   bool copy_;
+  std::shared_ptr<const pycall::CallerProfile> profile_;
 };
 
 // Completions of rpc_async futures, delivered in batches: whichever pool thread
@@ -696,9 +755,12 @@ void Pending::DeliverTo(py::object fut) {
   auto target = std::make_shared<PyRef>(std::move(fut));
   CallContext ctx = ctx_;
   bool copy = copy_;
-  future_.Then([target, ctx, copy](const absl::StatusOr<Message>& reply) {
-    g_deliveries->Push(DeliveryQueue::Item{target, Decode(reply, copy), ctx});
-  });
+  std::shared_ptr<const pycall::CallerProfile> profile = profile_;
+  future_.Then(
+      [target, ctx, copy, profile](const absl::StatusOr<Message>& reply) {
+        g_deliveries->Push(DeliveryQueue::Item{
+            target, Decode(reply, copy, profile.get()), ctx});
+      });
 }
 
 CallContext MakeContext(Worker& w, WorkerId to,
@@ -725,7 +787,19 @@ struct Prepared {
   Kind kind = Kind::kPython;
   pycall::Payload payload;
   std::vector<Buffer> buffers;
+  std::shared_ptr<const pycall::CallerProfile> profile;
 };
+
+// Asks the callee to profile the call if this thread's legacy profiler is on;
+// `key` names the call in the profile ("rpc_sync#f(worker0 -> worker1)"; empty:
+// never profile).
+Prepared Profiled(Prepared p, const std::string& key) {
+  if (key.empty()) return p;
+  p.profile = pycall::CallerProfile::Capture(key);
+  if (p.profile != nullptr)
+    *p.payload.mutable_profiling() = p.profile->request();
+  return p;
+}
 
 Prepared PreparePython(const py::bytes& pickle,
                        const std::vector<at::Tensor>& tensors,
@@ -808,7 +882,7 @@ std::shared_ptr<Pending> Send(Prepared p, WorkerId to, double timeout_s) {
                                       std::move(p.buffers), timeout);
   }
   return std::make_shared<Pending>(std::move(future), std::move(ctx),
-                                   to == w.self.id);
+                                   to == w.self.id, std::move(p.profile));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -856,9 +930,17 @@ class PyRRef {
       f = w->runtime->rrefs()->ToHere(handle_, timeout);
     }
     WaitInterruptibly(f);
+    // A profiled remote(): its creation reply carries the callee's operators;
+    // let it be processed before the value is returned (and the profile ends).
+    if (profiled_creation_.has_value()) WaitInterruptibly(*profiled_creation_);
     const absl::StatusOr<RRefValue>& v = f.result();
     if (!v.ok()) Raise(v.status(), &ctx);
     return ValueToPython(*v, handle_.owner(), handle_.owner() == w->self.id);
+  }
+
+  // For a profiled remote() (user handle): to_here() also waits for `acked`.
+  void set_profiled_creation(Future<Unit> acked) {
+    profiled_creation_.emplace(std::move(acked));
   }
 
   py::object LocalValue() const {
@@ -893,6 +975,7 @@ class PyRRef {
 
  private:
   RRefHandle handle_;
+  std::optional<Future<Unit>> profiled_creation_;
 };
 
 std::shared_ptr<PyRRef> ReceiveRRef(const py::bytes& descriptor,
@@ -928,15 +1011,30 @@ std::shared_ptr<PyRRef> Remote(Prepared p, WorkerId to, double timeout_s,
                      : p.kind == Kind::kBuiltin ? wire::BUILTIN_REMOTE_CALL
                                                 : wire::SCRIPT_REMOTE_CALL;
   std::string bytes = pycall::Serialize(p.payload);
+  CreationCallback on_created;
+  if (p.profile != nullptr) {
+    on_created = [profile = p.profile](absl::string_view reply) {
+      absl::StatusOr<pycall::Payload> payload =
+          pycall::Parse(std::string(reply));
+      if (payload.ok())
+        profile->AddRemoteEvents(payload->profiled_events()).IgnoreError();
+    };
+  }
   absl::StatusOr<RRefHandle> h;
   {
     py::gil_scoped_release release;
-    h = w.runtime->rrefs()->Remote(to, type, std::move(bytes),
-                                   std::move(p.buffers), ToTimeout(timeout_s),
-                                   w.self.name, type_name);
+    h = w.runtime->rrefs()->Remote(
+        to, type, std::move(bytes), std::move(p.buffers), ToTimeout(timeout_s),
+        w.self.name, type_name, std::move(on_created));
   }
   if (!h.ok()) Raise(h.status());
-  return std::make_shared<PyRRef>(*std::move(h));
+  auto rref = std::make_shared<PyRRef>(*std::move(h));
+  if (p.profile != nullptr && !rref->is_owner()) {
+    py::gil_scoped_release release;
+    rref->set_profiled_creation(
+        w.runtime->rrefs()->WaitForConfirmations({rref->handle()}));
+  }
+  return rref;
 }
 
 // Calls `callback(None)` once every RRef in `rrefs` is confirmed by its owner,
@@ -1094,6 +1192,7 @@ std::vector<std::pair<std::string, int>> Connect(
   if (!s.ok()) Raise(s);
   worker->runtime = std::move(runtime);
   worker->self = worker->runtime->agent()->self();
+  pycall::SetNodeId(worker->self.id);  // profiled events carry the worker id
   Worker* w = worker.get();
   Agent* agent = w->runtime->agent();
   agent->RegisterHandler(wire::PYTHON_CALL,
@@ -1307,54 +1406,66 @@ PYBIND11_MODULE(_C, m) {
       "send_python",
       [](WorkerId to, const py::bytes& pickle,
          const std::vector<at::Tensor>& tensors, double timeout,
-         bool async_execution) {
-        return Send(PreparePython(pickle, tensors, async_execution), to,
-                    timeout);
+         bool async_execution, const std::string& profiling_key) {
+        return Send(Profiled(PreparePython(pickle, tensors, async_execution),
+                             profiling_key),
+                    to, timeout);
       },
       py::arg("to"), py::arg("pickle"), py::arg("tensors"), py::arg("timeout"),
-      py::arg("async_execution"));
+      py::arg("async_execution"), py::arg("profiling_key") = "");
   m.def(
       "send_builtin",
       [](WorkerId to, const std::string& name, const py::tuple& args,
-         const py::dict& kwargs, double timeout) {
-        return Send(PrepareBuiltin(name, args, kwargs), to, timeout);
+         const py::dict& kwargs, double timeout,
+         const std::string& profiling_key) {
+        return Send(Profiled(PrepareBuiltin(name, args, kwargs), profiling_key),
+                    to, timeout);
       },
       py::arg("to"), py::arg("qualified_name"), py::arg("args"),
-      py::arg("kwargs"), py::arg("timeout"));
+      py::arg("kwargs"), py::arg("timeout"), py::arg("profiling_key") = "");
   m.def(
       "send_script",
       [](WorkerId to, const std::string& name, const py::tuple& args,
-         const py::dict& kwargs, double timeout) {
-        return Send(PrepareScript(name, args, kwargs), to, timeout);
+         const py::dict& kwargs, double timeout,
+         const std::string& profiling_key) {
+        return Send(Profiled(PrepareScript(name, args, kwargs), profiling_key),
+                    to, timeout);
       },
       py::arg("to"), py::arg("qualified_name"), py::arg("args"),
-      py::arg("kwargs"), py::arg("timeout"));
+      py::arg("kwargs"), py::arg("timeout"), py::arg("profiling_key") = "");
   m.def(
       "remote_python",
       [](WorkerId to, const py::bytes& pickle,
          const std::vector<at::Tensor>& tensors, double timeout,
-         bool async_execution) {
-        return Remote(PreparePython(pickle, tensors, async_execution), to,
-                      timeout, "");
+         bool async_execution, const std::string& profiling_key) {
+        return Remote(Profiled(PreparePython(pickle, tensors, async_execution),
+                               profiling_key),
+                      to, timeout, "");
       },
       py::arg("to"), py::arg("pickle"), py::arg("tensors"), py::arg("timeout"),
-      py::arg("async_execution"));
+      py::arg("async_execution"), py::arg("profiling_key") = "");
   m.def(
       "remote_builtin",
       [](WorkerId to, const std::string& name, const py::tuple& args,
-         const py::dict& kwargs, double timeout) {
-        return Remote(PrepareBuiltin(name, args, kwargs), to, timeout, "");
+         const py::dict& kwargs, double timeout,
+         const std::string& profiling_key) {
+        return Remote(
+            Profiled(PrepareBuiltin(name, args, kwargs), profiling_key), to,
+            timeout, "");
       },
       py::arg("to"), py::arg("qualified_name"), py::arg("args"),
-      py::arg("kwargs"), py::arg("timeout"));
+      py::arg("kwargs"), py::arg("timeout"), py::arg("profiling_key") = "");
   m.def(
       "remote_script",
       [](WorkerId to, const std::string& name, const py::tuple& args,
-         const py::dict& kwargs, double timeout) {
-        return Remote(PrepareScript(name, args, kwargs), to, timeout, "");
+         const py::dict& kwargs, double timeout,
+         const std::string& profiling_key) {
+        return Remote(
+            Profiled(PrepareScript(name, args, kwargs), profiling_key), to,
+            timeout, "");
       },
       py::arg("to"), py::arg("qualified_name"), py::arg("args"),
-      py::arg("kwargs"), py::arg("timeout"));
+      py::arg("kwargs"), py::arg("timeout"), py::arg("profiling_key") = "");
   m.def("create_owned_rref", &CreateOwnedRRef, py::arg("value"),
         py::arg("type_name") = "");
   m.def("receive_rref", &ReceiveRRef, py::arg("descriptor"), py::arg("sender"));
@@ -1375,5 +1486,13 @@ PYBIND11_MODULE(_C, m) {
     return w->runtime->agent()->Summary();
   });
   m.def("rref_debug_info", &RRefDebugInfo);
+  m.def(
+      "enable_server_process_global_profiler",
+      [](const torch::profiler::impl::ProfilerConfig& config) {
+        pycall::EnableServerProfiler(config);
+      },
+      py::arg("config"));
+  m.def("disable_server_process_global_profiler",
+        [] { return ValueOrRaise(pycall::DisableServerProfiler()); });
   m.def("enable_gil_profiling", [](bool on) { g_gil_profiling = on; });
 }

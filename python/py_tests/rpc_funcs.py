@@ -147,3 +147,12 @@ def hold_rref(rref):
 
 def clear_held():
     _held.clear()
+
+
+def torch_ops(t):
+    """Runs aten::add then aten::mul (what a profiled callee should report)."""
+    return torch.mul(torch.add(t, 1), 2)
+
+
+def profiler_enabled():
+    return torch.autograd._profiler_enabled()

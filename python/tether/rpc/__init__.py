@@ -40,6 +40,11 @@ from .api import (  # noqa: F401
     shutdown,
 )
 from .backend_registry import BackendType
+from .server_process_global_profiler import (  # noqa: F401
+    _disable_server_process_global_profiler,
+    _enable_server_process_global_profiler,
+    _server_process_global_profile,
+)
 from .options import RpcBackendOptions, TensorPipeRpcBackendOptions, TetherRpcBackendOptions
 
 __all__ = [

@@ -1,11 +1,15 @@
-"""RPCs in PyTorch's legacy autograd profiler, named as torch.distributed.rpc names them:
-``rpc_sync#add(worker0 -> worker1)``, ``rpc_async#...``, ``remote#...``.
+"""RPCs in PyTorch's legacy autograd profiler, as torch.distributed.rpc records them.
 
-Only the caller's side is recorded: the event spans the call, from its send to its result.
+Each ``rpc_sync``, ``rpc_async`` and ``remote`` made while the legacy profiler
+(``torch.autograd.profiler_legacy.profile``) is on records an event on the caller named
+``rpc_sync#add(worker0 -> worker1)`` (``rpc_async#``, ``rpc_remote#``) that spans the call from
+its send to its result (a ``remote``: its send), and asks the callee to profile its handling: the operators the callee
+ran come back with the reply and join the caller's profile as remote events named
+``<key>#remote_op: <operator>`` whose ``node_id`` is the callee's id (python/call_profiling.h).
+A ``remote``'s operators come with its creation reply, which ``to_here()`` waits for.
 """
 from __future__ import annotations
 
-import contextlib
 from typing import Any, Callable, Optional
 
 import torch
@@ -30,10 +34,13 @@ def profiling_key(rpc_type: str, func: Callable[..., Any], qualified_name: Optio
     return f"rpc_{rpc_type}#{name}({current} -> {dst})"
 
 
-def record(rpc_type: str, func: Callable[..., Any], current: str, dst: str):
-    """A record_function context for the call, or a no-op one when not profiling."""
+def call_key(rpc_type: str, func: Callable[..., Any], current: str, dst: str) -> Optional[str]:
+    """The call's event name if the legacy profiler is on, else None."""
     if not should_profile():
-        return contextlib.nullcontext()
-    qualified = torch.jit._builtins._find_builtin(func)
-    return torch.autograd.profiler.record_function(
-        profiling_key(rpc_type, func, qualified, current, dst))
+        return None
+    return profiling_key(rpc_type, func, torch.jit._builtins._find_builtin(func), current, dst)
+
+
+def record(key: str) -> torch.autograd.profiler.record_function:
+    """The caller's event for the call named ``key``."""
+    return torch.autograd.profiler.record_function(key)

@@ -195,7 +195,7 @@ def _timeout_arg(timeout):
     return timeout
 
 
-def _send(to, func, args, kwargs, timeout, remote=False):
+def _send(to, func, args, kwargs, timeout, remote=False, profiling_key=""):
     if not callable(func):
         raise TypeError("function should be callable.")
     info = _workers_by_name.get(to) if type(to) is str else None
@@ -215,36 +215,47 @@ def _send(to, func, args, kwargs, timeout, remote=False):
     qualified_name = torch.jit._builtins._find_builtin(func)
     if qualified_name is not None:
         send = _C.remote_builtin if remote else _C.send_builtin
-        return send(info.id, qualified_name, args, kwargs, timeout)
+        return send(info.id, qualified_name, args, kwargs, timeout, profiling_key)
     if isinstance(func, torch.jit.ScriptFunction):
         send = _C.remote_script if remote else _C.send_script
-        return send(info.id, torch._jit_internal._qualified_name(func), args, kwargs, timeout)
+        return send(info.id, torch._jit_internal._qualified_name(func), args, kwargs, timeout,
+                    profiling_key)
     data, tensors = internal.serialize((func, args, kwargs), info.id)
     send = _C.remote_python if remote else _C.send_python
-    return send(info.id, data, tensors, timeout, async_exec)
+    return send(info.id, data, tensors, timeout, async_exec, profiling_key)
+
+
+def _profiling_key(rpc_type, func, to):
+    if not _profiling.should_profile():
+        return None
+    if not _C.is_initialized():
+        return None  # _send raises the clear error
+    return _profiling.call_key(rpc_type, func, _self_info.name, _to_worker_info(to).name)
 
 
 def rpc_sync(to, func, args=None, kwargs=None, timeout=UNSET_RPC_TIMEOUT):
     """Runs ``func(*args, **kwargs)`` on worker ``to`` (a name, id or WorkerInfo) and returns
     its result. ``timeout`` in seconds: -1 uses the default, 0 means none."""
-    if _profiling.should_profile():
-        with _profiling.record("sync", func, _self_info.name, _to_worker_info(to).name):
-            return _send(to, func, args, kwargs, timeout).wait()
+    key = _profiling_key("sync", func, to)
+    if key is not None:
+        with _profiling.record(key):
+            return _send(to, func, args, kwargs, timeout, profiling_key=key).wait()
     return _send(to, func, args, kwargs, timeout).wait()
 
 
 def rpc_async(to, func, args=None, kwargs=None, timeout=UNSET_RPC_TIMEOUT):
     """Like rpc_sync, but returns at once a torch.futures.Future of the result."""
-    if _profiling.should_profile():
-        with _profiling.record("async", func, _self_info.name, _to_worker_info(to).name) as rf:
-            fut = _rpc_async(to, func, args, kwargs, timeout)
+    key = _profiling_key("async", func, to)
+    if key is not None:
+        with _profiling.record(key) as rf:
+            fut = _rpc_async(to, func, args, kwargs, timeout, profiling_key=key)
             # The event ends when the result arrives; wait() on the returned future sees it.
             return rf._call_end_callbacks_on_future(fut)
     return _rpc_async(to, func, args, kwargs, timeout)
 
 
-def _rpc_async(to, func, args, kwargs, timeout):
-    pending = _send(to, func, args, kwargs, timeout)
+def _rpc_async(to, func, args, kwargs, timeout, profiling_key=""):
+    pending = _send(to, func, args, kwargs, timeout, profiling_key=profiling_key)
     fut = _RpcFuture()
     fut._pending = pending
     pending.deliver_to(fut)
@@ -256,9 +267,12 @@ def _rpc_async(to, func, args, kwargs, timeout):
 def remote(to, func, args=None, kwargs=None, timeout=UNSET_RPC_TIMEOUT):
     """Runs ``func(*args, **kwargs)`` on worker ``to`` and returns at once an RRef to the result,
     owned by ``to``."""
-    if _profiling.should_profile():
-        with _profiling.record("remote", func, _self_info.name, _to_worker_info(to).name):
-            return _send(to, func, args, kwargs, timeout, remote=True)
+    key = _profiling_key("remote", func, to)
+    if key is not None:
+        # The event spans the call's send; the owner's operators join the profile when its
+        # creation reply arrives, which to_here() and rref._get_future() wait for.
+        with _profiling.record(key):
+            return _send(to, func, args, kwargs, timeout, remote=True, profiling_key=key)
     return _send(to, func, args, kwargs, timeout, remote=True)
 
 
@@ -364,6 +378,24 @@ def _shutdown_at_exit():
 
 # --- RRef -----------------------------------------------------------------------------------
 RRef = _C.RRef
+
+
+def _rref_get_future(self) -> torch.futures.Future:
+    """A future completed when the owner has created this RRef's value (set_exception with the
+    creation's error if it failed), as torch.distributed.rpc's RRef._get_future()."""
+    fut: torch.futures.Future = torch.futures.Future()
+
+    def done(error):
+        if error is None:
+            fut.set_result(None)
+        else:
+            fut.set_exception(error)
+
+    _C.on_confirmed([self], done)
+    return fut
+
+
+RRef._get_future = _rref_get_future
 
 
 def _rref_owner(self) -> WorkerInfo:
