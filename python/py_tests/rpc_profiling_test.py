@@ -94,6 +94,13 @@ def test_async_execution_and_record_shapes():
     assert add.input_shapes and add.input_shapes[0] == [4], add.input_shapes
 
 
+def test_kineto_profiler_records_the_caller_event():
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        rpc.rpc_sync("worker1", f.torch_ops, args=(torch.ones(2),))
+    names = {e.name for e in prof.events()}
+    assert "rpc_sync#torch_ops(worker0 -> worker1)" in names, sorted(names)
+
+
 def test_callee_profiles_only_while_asked():
     with profile():
         assert rpc.rpc_sync("worker1", f.profiler_enabled) is True

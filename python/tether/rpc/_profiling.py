@@ -16,11 +16,9 @@ import torch
 
 
 def should_profile() -> bool:
-    """Whether the legacy profiler (the one PyTorch 1.13's RPC records into) is on."""
-    if not torch.autograd._profiler_enabled():
-        return False
-    active = torch._C._profiler.ActiveProfilerType
-    return torch._C._autograd._profiler_type() == active.LEGACY
+    """Whether a profiler is on: the caller's event is recorded under any (the Kineto one,
+    ``torch.profiler.profile``, included); remote events only come with the legacy one."""
+    return torch.autograd._profiler_enabled()
 
 
 def profiling_key(rpc_type: str, func: Callable[..., Any], qualified_name: Optional[str],
