@@ -43,6 +43,18 @@ def start_servers(world_size, init_method, num_worker_threads=4):
     return procs
 
 
+def group(world_size, num_worker_threads=4):
+    """A module fixture's body: this process is worker0 of a group of `world_size` whose other
+    workers are spawned servers; yields while the group runs, then shuts it down gracefully."""
+    init_method = new_init_method()
+    procs = start_servers(world_size, init_method)
+    rpc.init_rpc(worker_name(0), rank=0, world_size=world_size,
+                 rpc_backend_options=options(init_method, num_worker_threads=num_worker_threads))
+    yield
+    rpc.shutdown()
+    assert join_all(procs) == [0] * (world_size - 1)
+
+
 def join_all(procs):
     for p in procs:
         p.join(GROUP_TIMEOUT_S)

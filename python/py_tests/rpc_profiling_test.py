@@ -20,13 +20,7 @@ REMOTE_OP = "#remote_op: "
 
 @pytest.fixture(scope="module", autouse=True)
 def group():
-    init_method = harness.new_init_method()
-    procs = harness.start_servers(WORLD, init_method)
-    rpc.init_rpc("worker0", rank=0, world_size=WORLD,
-                 rpc_backend_options=harness.options(init_method, num_worker_threads=4))
-    yield
-    rpc.shutdown()
-    assert harness.join_all(procs) == [0] * (WORLD - 1)
+    yield from harness.group(WORLD)
 
 
 def remote_ops(events, key):
