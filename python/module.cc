@@ -1326,6 +1326,41 @@ py::dict RRefDebugInfo() {
   return ToDict(info, "");
 }
 
+// Binds `name`(to, pickle, tensors, timeout, async_execution, profiling_key):
+// a Python call, sent by `send` (a call or a remote()).
+template <typename SendFn>
+void DefPythonCall(py::module_& m, const char* name, SendFn send) {
+  m.def(
+      name,
+      [send](WorkerId to, const py::bytes& pickle,
+             const std::vector<at::Tensor>& tensors, double timeout,
+             bool async_execution, const std::string& profiling_key) {
+        return send(Profiled(PreparePython(pickle, tensors, async_execution),
+                             profiling_key),
+                    to, timeout);
+      },
+      py::arg("to"), py::arg("pickle"), py::arg("tensors"), py::arg("timeout"),
+      py::arg("async_execution"), py::arg("profiling_key") = "");
+}
+
+// Binds `name`(to, qualified_name, args, kwargs, timeout, profiling_key): a
+// builtin-operator or TorchScript call made by `prepare`, sent by `send`.
+template <typename PrepareFn, typename SendFn>
+void DefTorchCall(py::module_& m, const char* name, PrepareFn prepare,
+                  SendFn send) {
+  m.def(
+      name,
+      [prepare, send](WorkerId to, const std::string& qualified_name,
+                      const py::tuple& args, const py::dict& kwargs,
+                      double timeout, const std::string& profiling_key) {
+        return send(
+            Profiled(prepare(qualified_name, args, kwargs), profiling_key), to,
+            timeout);
+      },
+      py::arg("to"), py::arg("qualified_name"), py::arg("args"),
+      py::arg("kwargs"), py::arg("timeout"), py::arg("profiling_key") = "");
+}
+
 }  // namespace
 }  // namespace tether
 
@@ -1402,70 +1437,18 @@ PYBIND11_MODULE(_C, m) {
   m.def("workers", [] { return Workers(*RequireWorker()); });
   m.def("self_id", [] { return RequireWorker()->self.id; });
 
-  m.def(
-      "send_python",
-      [](WorkerId to, const py::bytes& pickle,
-         const std::vector<at::Tensor>& tensors, double timeout,
-         bool async_execution, const std::string& profiling_key) {
-        return Send(Profiled(PreparePython(pickle, tensors, async_execution),
-                             profiling_key),
-                    to, timeout);
-      },
-      py::arg("to"), py::arg("pickle"), py::arg("tensors"), py::arg("timeout"),
-      py::arg("async_execution"), py::arg("profiling_key") = "");
-  m.def(
-      "send_builtin",
-      [](WorkerId to, const std::string& name, const py::tuple& args,
-         const py::dict& kwargs, double timeout,
-         const std::string& profiling_key) {
-        return Send(Profiled(PrepareBuiltin(name, args, kwargs), profiling_key),
-                    to, timeout);
-      },
-      py::arg("to"), py::arg("qualified_name"), py::arg("args"),
-      py::arg("kwargs"), py::arg("timeout"), py::arg("profiling_key") = "");
-  m.def(
-      "send_script",
-      [](WorkerId to, const std::string& name, const py::tuple& args,
-         const py::dict& kwargs, double timeout,
-         const std::string& profiling_key) {
-        return Send(Profiled(PrepareScript(name, args, kwargs), profiling_key),
-                    to, timeout);
-      },
-      py::arg("to"), py::arg("qualified_name"), py::arg("args"),
-      py::arg("kwargs"), py::arg("timeout"), py::arg("profiling_key") = "");
-  m.def(
-      "remote_python",
-      [](WorkerId to, const py::bytes& pickle,
-         const std::vector<at::Tensor>& tensors, double timeout,
-         bool async_execution, const std::string& profiling_key) {
-        return Remote(Profiled(PreparePython(pickle, tensors, async_execution),
-                               profiling_key),
-                      to, timeout, "");
-      },
-      py::arg("to"), py::arg("pickle"), py::arg("tensors"), py::arg("timeout"),
-      py::arg("async_execution"), py::arg("profiling_key") = "");
-  m.def(
-      "remote_builtin",
-      [](WorkerId to, const std::string& name, const py::tuple& args,
-         const py::dict& kwargs, double timeout,
-         const std::string& profiling_key) {
-        return Remote(
-            Profiled(PrepareBuiltin(name, args, kwargs), profiling_key), to,
-            timeout, "");
-      },
-      py::arg("to"), py::arg("qualified_name"), py::arg("args"),
-      py::arg("kwargs"), py::arg("timeout"), py::arg("profiling_key") = "");
-  m.def(
-      "remote_script",
-      [](WorkerId to, const std::string& name, const py::tuple& args,
-         const py::dict& kwargs, double timeout,
-         const std::string& profiling_key) {
-        return Remote(
-            Profiled(PrepareScript(name, args, kwargs), profiling_key), to,
-            timeout, "");
-      },
-      py::arg("to"), py::arg("qualified_name"), py::arg("args"),
-      py::arg("kwargs"), py::arg("timeout"), py::arg("profiling_key") = "");
+  auto call = [](Prepared p, WorkerId to, double timeout) {
+    return Send(std::move(p), to, timeout);
+  };
+  auto remote = [](Prepared p, WorkerId to, double timeout) {
+    return Remote(std::move(p), to, timeout, "");
+  };
+  DefPythonCall(m, "send_python", call);
+  DefPythonCall(m, "remote_python", remote);
+  DefTorchCall(m, "send_builtin", &PrepareBuiltin, call);
+  DefTorchCall(m, "send_script", &PrepareScript, call);
+  DefTorchCall(m, "remote_builtin", &PrepareBuiltin, remote);
+  DefTorchCall(m, "remote_script", &PrepareScript, remote);
   m.def("create_owned_rref", &CreateOwnedRRef, py::arg("value"),
         py::arg("type_name") = "");
   m.def("receive_rref", &ReceiveRRef, py::arg("descriptor"), py::arg("sender"));
