@@ -32,6 +32,7 @@ namespace {
 
 std::mutex g_server_mu;
 std::shared_ptr<HandlerProfile::ServerEntry> g_server;  // guarded
+std::atomic<bool> g_server_on{false};  // g_server != nullptr, read unlocked
 
 std::shared_ptr<HandlerProfile::ServerEntry> CurrentServerEntry() {
   std::lock_guard<std::mutex> lock(g_server_mu);
@@ -112,6 +113,9 @@ HandlerProfile::HandlerProfile(bool requested,
 
 std::shared_ptr<HandlerProfile> HandlerProfile::Start(
     const ProfilingRequest* request) {
+  // The common case (no profiling at all) takes no lock.
+  if (request == nullptr && !g_server_on.load(std::memory_order_relaxed))
+    return nullptr;
   std::shared_ptr<ServerEntry> server = CurrentServerEntry();
   if (request == nullptr && server == nullptr) return nullptr;
   if (torch::profiler::impl::profilerEnabled()) return nullptr;
@@ -183,6 +187,7 @@ HandlerProfile::~HandlerProfile() { Finish(); }
 void EnableServerProfiler(const ProfilerConfig& config) {
   std::lock_guard<std::mutex> lock(g_server_mu);
   g_server = std::make_shared<HandlerProfile::ServerEntry>(config, g_server);
+  g_server_on = true;
 }
 
 absl::StatusOr<std::vector<profiler::thread_event_lists>>
@@ -196,6 +201,7 @@ DisableServerProfiler() {
     }
     top = g_server;
     g_server = top->outer;
+    g_server_on = g_server != nullptr;
   }
   std::lock_guard<std::mutex> lock(top->mu);
   return std::move(top->results);
