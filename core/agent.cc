@@ -51,6 +51,10 @@ struct Agent::ShutdownState {
   std::optional<std::map<WorkerId, BarrierReport>> previous;
   bool committing = false;
   std::set<WorkerId> acked;
+  // Follower only: the leader's commit arrived, so the barrier is complete.
+  // Set before the ack goes out: once the leader has it, it may stop, and
+  // its stop must not then count as a failure.
+  bool committed = false;
 };
 
 namespace {
@@ -654,6 +658,9 @@ void Agent::OnPeerFailed(WorkerId peer, const absl::Status& reason) {
       if (!shutdown_ || shutdown_->finished || !shutdown_->graceful) return;
       const WorkerId leader = workers_.front().id;
       if (self_.id != leader && peer == leader) {
+        // After its commit the leader stops as soon as it has our ack: that
+        // is the barrier's end, not a failure (the commit finishes us).
+        if (shutdown_->committed) return;
         finish_unavailable = true;
       } else if (self_.id == leader) {
         shutdown_->reports.erase(peer);
@@ -898,13 +905,15 @@ void Agent::HandleShutdownMessage(Message message) {
       return;
     }
     case wire::SHUTDOWN_COMMIT: {
-      SendControl(env.from(), wire::SHUTDOWN_ACK, "");
+      bool commit = false;
       {
         absl::MutexLock lock(&mu_);
         // A commit only follows this worker's own declaration.
-        if (!shutdown_ || !shutdown_->graceful) return;
+        commit = shutdown_ && shutdown_->graceful;
+        if (commit) shutdown_->committed = true;
       }
-      FinishShutdown(absl::OkStatus());
+      SendControl(env.from(), wire::SHUTDOWN_ACK, "");
+      if (commit) FinishShutdown(absl::OkStatus());
       return;
     }
     case wire::SHUTDOWN_ACK: {

@@ -26,9 +26,10 @@
 // has declared its intent, none has a call in flight or a handler running, and
 // two consecutive polls read the same counters; then it tells every worker to
 // stop. So no worker stops while another still has work that could reach it,
-// and no reply is lost. A failed peer counts as stopped; if the leader fails,
-// or the barrier takes longer than `shutdown_timeout`, each worker stops on its
-// own and pending calls fail with kCancelled.
+// and no reply is lost. A failed peer counts as stopped; if the leader fails
+// (before its commit reached this worker: once it has every ack it stops, and
+// that is no failure), or the barrier takes longer than `shutdown_timeout`,
+// each worker stops on its own and pending calls fail with kCancelled.
 #ifndef TETHER_CORE_AGENT_H_
 #define TETHER_CORE_AGENT_H_
 

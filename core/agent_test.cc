@@ -8,6 +8,7 @@
 
 #include "gtest/gtest.h"
 #include "sim/sim_world.h"
+#include "testing/inline_executor.h"
 
 namespace tether {
 namespace {
@@ -427,6 +428,105 @@ TEST(AgentTest, PlantedDuplicateBugRunsHandlerTwice) {
   auto f = world->agent(0).Call(1, wire::TEST_CALL, "", {});
   world->RunFor(absl::Seconds(5));
   EXPECT_GT(runs, 1);
+}
+
+// --- Graceful shutdown as a follower, against a leader played by the test ---
+//
+// The simulator runs each executor task to completion, but a real thread pool
+// does not: while one pool thread runs a task, another may run the next. These
+// tests pin such an interleaving down with a scripted network and a queue
+// executor the test drains itself.
+
+// Virtual time that never advances; timers never fire.
+class FrozenClock : public Clock {
+ public:
+  absl::Time Now() override { return absl::UnixEpoch(); }
+  TimerId Schedule(absl::Time, std::function<void()>) override {
+    return ++next_;
+  }
+  bool Cancel(TimerId) override { return true; }
+
+ private:
+  TimerId next_ = 0;
+};
+
+// Records what the agent sends and calls `on_send` (outside any agent lock).
+class ScriptedNetwork : public Network {
+ public:
+  explicit ScriptedNetwork(WorkerId self) : self_(self) {}
+  WorkerId self() const override { return self_; }
+  absl::Status Start(NetworkObserver*) override { return absl::OkStatus(); }
+  absl::Status Send(WorkerId to, Message message) override {
+    if (stopped_) return absl::UnavailableError("network stopped");
+    sent_.push_back(message.envelope.type());
+    if (on_send) on_send(to, message);
+    return absl::OkStatus();
+  }
+  void Stop() override { stopped_ = true; }
+
+  const std::vector<MessageType>& sent() const { return sent_; }
+  std::function<void(WorkerId, const Message&)> on_send;
+
+ private:
+  const WorkerId self_;
+  bool stopped_ = false;
+  std::vector<MessageType> sent_;
+};
+
+struct Follower {
+  Follower() : network(1) {
+    AgentOptions o;
+    o.self = 1;
+    o.workers = {{"leader", 0}, {"follower", 1}};
+    agent = Agent::Create(o, &clock, &network, &executor).value();
+    EXPECT_TRUE(agent->Start().ok());
+  }
+  // A control message from the leader, as the network delivers it.
+  void FromLeader(MessageType type) {
+    Message m;
+    m.envelope.set_type(type);
+    m.envelope.set_from(0);
+    m.envelope.set_to(1);
+    agent->OnMessage(std::move(m));
+  }
+
+  FrozenClock clock;
+  ScriptedNetwork network;
+  testing::QueueExecutor executor;
+  std::unique_ptr<Agent> agent;
+};
+
+TEST(AgentTest, LeaderStoppingAfterTheCommitIsNotAFailure) {
+  Follower f;
+  Future<Unit> done = f.agent->Shutdown(true);
+  f.executor.RunAll();
+  // The leader commits. As soon as it has the ack it stops, and this worker's
+  // transport reports it (a goodbye or a close looks the same to the agent);
+  // another pool thread runs the failure task while the thread that sent the
+  // ack has not yet finished the commit.
+  f.network.on_send = [&](WorkerId to, const Message& m) {
+    if (to != 0 || m.envelope.type() != wire::SHUTDOWN_ACK) return;
+    f.agent->OnPeerFailed(0, absl::UnavailableError("worker 0 stopped"));
+    f.executor.RunAll();
+  };
+  f.FromLeader(wire::SHUTDOWN_COMMIT);
+  f.executor.RunAll();
+  EXPECT_EQ(f.network.sent().back(), wire::SHUTDOWN_ACK);
+  ASSERT_TRUE(done.ready());
+  EXPECT_TRUE(done.result().ok()) << done.result().status();
+  EXPECT_TRUE(f.agent->is_shut_down());
+}
+
+TEST(AgentTest, LeaderFailingBeforeItsCommitCutsTheBarrierShort) {
+  Follower f;
+  Future<Unit> done = f.agent->Shutdown(true);
+  f.executor.RunAll();
+  f.agent->OnPeerFailed(0, absl::UnavailableError("worker 0 crashed"));
+  f.executor.RunAll();
+  ASSERT_TRUE(done.ready());
+  EXPECT_EQ(done.result().status().code(), absl::StatusCode::kUnavailable)
+      << done.result().status();
+  EXPECT_TRUE(f.agent->is_shut_down());
 }
 
 }  // namespace
