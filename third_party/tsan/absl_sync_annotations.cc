@@ -35,6 +35,24 @@ Fn Real(const char* mangled) {
 void Acquire(const void* p) { __tsan_acquire(const_cast<void*>(p)); }
 void Release(const void* p) { __tsan_release(const_cast<void*>(p)); }
 
+// A condition evaluated as a critical section of its mutex for TSan: Abseil
+// evaluates a waiter's condition while it holds the mutex, inside the library
+// (on the waiter's thread when it wakes, or on the thread letting go of the
+// mutex). Constructed before the waiter releases the mutex.
+struct AnnotatedCondition {
+  const absl::Condition* cond;
+  const void* mu;
+  static bool Eval(void* self) {
+    auto* a = static_cast<AnnotatedCondition*>(self);
+    // Held by whoever evaluates; whoever takes the mutex next must see these
+    // reads as before it.
+    Acquire(a->mu);
+    bool met = a->cond->Eval();
+    Release(a->mu);
+    return met;
+  }
+};
+
 }  // namespace
 
 namespace absl {
@@ -80,15 +98,17 @@ void Mutex::ReaderUnlock() {
 void Mutex::LockWhen(const Condition& cond) {
   static auto real =
       Real<AwaitFn>("_ZN4absl7debian35Mutex8LockWhenERKNS0_9ConditionE");
-  real(this, cond);
+  AnnotatedCondition a{&cond, this};
+  real(this, Condition(&AnnotatedCondition::Eval, &a));
   Acquire(this);
 }
 
 void Mutex::Await(const Condition& cond) {
   static auto real =
       Real<AwaitFn>("_ZN4absl7debian35Mutex5AwaitERKNS0_9ConditionE");
+  AnnotatedCondition a{&cond, this};
   Release(this);
-  real(this, cond);
+  real(this, Condition(&AnnotatedCondition::Eval, &a));
   Acquire(this);
 }
 
@@ -96,8 +116,9 @@ bool Mutex::AwaitWithTimeout(const Condition& cond, Duration timeout) {
   static auto real = Real<AwaitTimeoutFn>(
       "_ZN4absl7debian35Mutex16AwaitWithTimeoutERKNS0_9ConditionENS0_"
       "8DurationE");
+  AnnotatedCondition a{&cond, this};
   Release(this);
-  bool met = real(this, cond, timeout);
+  bool met = real(this, Condition(&AnnotatedCondition::Eval, &a), timeout);
   Acquire(this);
   return met;
 }
@@ -105,8 +126,9 @@ bool Mutex::AwaitWithTimeout(const Condition& cond, Duration timeout) {
 bool Mutex::AwaitWithDeadline(const Condition& cond, Time deadline) {
   static auto real = Real<AwaitDeadlineFn>(
       "_ZN4absl7debian35Mutex17AwaitWithDeadlineERKNS0_9ConditionENS0_4TimeE");
+  AnnotatedCondition a{&cond, this};
   Release(this);
-  bool met = real(this, cond, deadline);
+  bool met = real(this, Condition(&AnnotatedCondition::Eval, &a), deadline);
   Acquire(this);
   return met;
 }
