@@ -219,8 +219,9 @@ Agent::~Agent() {
       if (shutdown_->poll_timer) timers.push_back(*shutdown_->poll_timer);
     }
     stop_network = started_ && !(shutdown_ && shutdown_->finished);
-    // From here on nothing is sent: replies owed by requests that pending calls' callbacks
-    // still hold are dropped when those callbacks go, below, while every member is alive.
+    // From here on nothing is sent: replies owed by requests that pending
+    // calls' callbacks still hold are dropped when those callbacks go, below,
+    // while every member is alive.
     if (!shutdown_) shutdown_ = std::make_unique<ShutdownState>();
     shutdown_->finished = true;
     abandoned.swap(pending_);
@@ -437,20 +438,28 @@ Future<Message> Agent::Call(WorkerId to, MessageType type, std::string payload,
   return future;
 }
 
-void Agent::CompleteCall(uint64_t request_id, absl::StatusOr<Message> result) {
+void Agent::CompleteCall(uint64_t request_id, absl::StatusOr<Message> result,
+                         bool from_reply) {
   std::optional<Future<Message>> future;
   std::optional<TimerId> timer;
+  WorkerId to = -1;
+  MessageType type = wire::MESSAGE_TYPE_UNSPECIFIED;
   {
     absl::MutexLock lock(&mu_);
     auto it = pending_.find(request_id);
     if (it == pending_.end()) return;
     future = std::move(it->second->future);
     timer = it->second->timer;
+    to = it->second->to;
+    type = it->second->type;
     pending_.erase(it);
     ++events_;
     if (!result.ok()) ++counters_["calls_failed"];
   }
   if (timer) clock_->Cancel(*timer);
+  if (!result.ok() && !from_reply && options_.call_observer != nullptr) {
+    options_.call_observer->OnCallFailed(to, type, request_id, result.status());
+  }
   future->Set(std::move(result));
 }
 
@@ -518,7 +527,7 @@ void Agent::HandleReply(Message message) {
     }
   }
   if (message.envelope.type() == wire::ERROR_RESPONSE) {
-    CompleteCall(id, ErrorFromEnvelope(message.envelope));
+    CompleteCall(id, ErrorFromEnvelope(message.envelope), /*from_reply=*/true);
     return;
   }
   absl::Status check = message.CheckBuffers();
@@ -527,7 +536,7 @@ void Agent::HandleReply(Message message) {
                          absl::StrCat("malformed reply: ", check.message())));
     return;
   }
-  CompleteCall(id, std::move(message));
+  CompleteCall(id, std::move(message), /*from_reply=*/true);
 }
 
 bool Agent::IsDuplicateLocked(WorkerId from, uint64_t request_id) {

@@ -66,6 +66,17 @@ struct WorkerInfo {
   }
 };
 
+// Told of each call of this agent that it ended with an error itself: a
+// timeout, a failed peer, a failed send, shutdown (not an error reply: that
+// came from the callee). Runs on the thread ending the call, outside the
+// agent's locks; must not block. For traces and logs.
+class CallObserver {
+ public:
+  virtual ~CallObserver() = default;
+  virtual void OnCallFailed(WorkerId to, MessageType type, uint64_t request_id,
+                            const absl::Status& status) = 0;
+};
+
 struct AgentOptions {
   WorkerId self = -1;
   // Every worker, this one included. Names and ids must be unique.
@@ -81,6 +92,8 @@ struct AgentOptions {
   absl::Duration shutdown_poll_interval = absl::Milliseconds(10);
   // Request ids remembered per caller to discard duplicated requests.
   size_t dedup_window = 4096;
+  // Not owned; must outlive the agent. Null: nobody is told.
+  CallObserver* call_observer = nullptr;
 };
 
 // Bugs planted on purpose, to prove the simulator's oracles find them. Never
@@ -223,7 +236,9 @@ class Agent : public NetworkObserver {
   void HandleShutdownMessage(Message message);
   void SendReply(WorkerId to, uint64_t request_id,
                  absl::StatusOr<Message> reply);
-  void CompleteCall(uint64_t request_id, absl::StatusOr<Message> result);
+  // `from_reply`: the result is the callee's reply (not decided here).
+  void CompleteCall(uint64_t request_id, absl::StatusOr<Message> result,
+                    bool from_reply = false);
   void OnCallTimeout(uint64_t request_id);
   void ServerCallDone();
   void SendControl(WorkerId to, MessageType type, std::string payload);

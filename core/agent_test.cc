@@ -269,6 +269,58 @@ TEST(AgentTest, PeerCrashFailsOnlyItsCalls) {
   world->RunUntilIdle();
 }
 
+class RecordingCallObserver : public CallObserver {
+ public:
+  void OnCallFailed(WorkerId to, MessageType, uint64_t,
+                    const absl::Status& status) override {
+    failures.emplace_back(to, status.code());
+  }
+  std::vector<std::pair<WorkerId, absl::StatusCode>> failures;
+};
+
+TEST(AgentTest, CallObserverHearsOfTheFailuresTheAgentDecided) {
+  RecordingCallObserver observer;
+  auto hoard = std::make_shared<Hoarder>();
+  SimWorldOptions o;
+  o.num_workers = 3;
+  o.agent.call_observer = &observer;
+  o.on_agent = [hoard](SimWorld&, WorkerId, Agent& a) {
+    a.RegisterHandler(
+        wire::TEST_CALL, [hoard](std::shared_ptr<IncomingCall> c) {
+          const std::string& p = c->request().envelope.payload();
+          if (p == "hold") {
+            hoard->calls.push_back(c);
+          } else if (p == "fail") {
+            c->ReplyError(absl::InvalidArgumentError("the callee says no"));
+          } else {
+            Echo(c);
+          }
+        });
+  };
+  auto world = SimWorld::Create(std::move(o)).value();
+  ASSERT_TRUE(world->Start().ok());
+  Agent& a = world->agent(0);
+  auto timed_out = a.Call(1, wire::TEST_CALL, "hold", {}, absl::Seconds(1));
+  auto refused = a.Call(1, wire::TEST_CALL, "fail", {});
+  auto fine = a.Call(1, wire::TEST_CALL, "ok", {});
+  ASSERT_TRUE(world->RunUntilReady(timed_out));
+  ASSERT_TRUE(world->RunUntilReady(refused));
+  ASSERT_TRUE(world->RunUntilReady(fine));
+  EXPECT_EQ(refused.result().status().code(),
+            absl::StatusCode::kInvalidArgument);
+  auto lost = a.Call(2, wire::TEST_CALL, "hold", {}, absl::ZeroDuration());
+  world->RunFor(absl::Milliseconds(100));
+  world->Crash(2);
+  ASSERT_TRUE(world->RunUntilReady(lost));
+  // The callee's own error is its reply, not the agent's decision.
+  std::vector<std::pair<WorkerId, absl::StatusCode>> want = {
+      {1, absl::StatusCode::kDeadlineExceeded},
+      {2, absl::StatusCode::kUnavailable}};
+  EXPECT_EQ(observer.failures, want);
+  hoard->calls.clear();
+  world->RunUntilIdle();
+}
+
 TEST(AgentTest, UngracefulShutdownCancelsPendingCalls) {
   auto hoard = std::make_shared<Hoarder>();
   auto world = MakeWorld(2, "none", 1, [hoard](SimWorld&, WorkerId, Agent& a) {

@@ -4,12 +4,12 @@
 #include <utility>
 
 #include "absl/strings/numbers.h"
-#include "absl/strings/str_split.h"
-
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
 #include "transport/system_clock.h"
 #include "transport/tcp_network.h"
 #include "transport/thread_pool.h"
+#include "transport/tracing/call_trace_observer.h"
 #include "transport/tracing/rref_trace_observer.h"
 #include "transport/tracing/tracing_network.h"
 
@@ -23,6 +23,9 @@ class Runtime::Impl {
   std::unique_ptr<TcpNetwork> network;
   std::unique_ptr<FaultyNetwork> faulty;
   std::unique_ptr<TracingNetwork> tracing;
+  // When tracing: puts the calls the agent failed on the trace. Freed after
+  // `agent`.
+  std::unique_ptr<CallTraceObserver> call_tracer;
   std::unique_ptr<Agent> agent;
   // When tracing: puts the RRef events on the trace (chained to
   // options.rref_options.observer). Owned here, used by `rrefs`: the
@@ -55,12 +58,14 @@ absl::Status FromEnvironment(RuntimeOptions* options) {
     }
     std::map<std::string, double> delays;
     if (const char* v = std::getenv("TETHER_MESSAGES_TO_DELAY")) {
-      for (absl::string_view item : absl::StrSplit(v, ',', absl::SkipWhitespace())) {
+      for (absl::string_view item :
+           absl::StrSplit(v, ',', absl::SkipWhitespace())) {
         std::pair<std::string, std::string> kv = absl::StrSplit(item, '=');
         double seconds = 0;
         if (!absl::SimpleAtod(kv.second, &seconds)) {
           return absl::InvalidArgumentError(absl::StrCat(
-              "TETHER_MESSAGES_TO_DELAY wants TYPE=seconds items, got '", item, "'"));
+              "TETHER_MESSAGES_TO_DELAY wants TYPE=seconds items, got '", item,
+              "'"));
         }
         delays[kv.first] = seconds;
       }
@@ -72,7 +77,9 @@ absl::Status FromEnvironment(RuntimeOptions* options) {
   }
   if (options->trace_path.empty()) {
     if (const char* dir = std::getenv("TETHER_TRACE_DIR")) {
-      if (*dir != '\0') options->trace_path = absl::StrCat(dir, "/trace-", options->name, ".json");
+      if (*dir != '\0')
+        options->trace_path =
+            absl::StrCat(dir, "/trace-", options->name, ".json");
     }
   }
   return absl::OkStatus();
@@ -110,26 +117,29 @@ absl::StatusOr<std::unique_ptr<Runtime>> Runtime::Listen(
   impl->executor_view = impl->pool;
   impl->network_view = impl->network.get();
   if (!impl->options.faults.empty()) {
-    impl->faulty = std::make_unique<FaultyNetwork>(impl->network_view, impl->clock_view,
-                                                   impl->options.faults);
+    impl->faulty = std::make_unique<FaultyNetwork>(
+        impl->network_view, impl->clock_view, impl->options.faults);
     impl->network_view = impl->faulty.get();
   }
   if (!impl->options.trace_path.empty()) {
-    impl->tracing = std::make_unique<TracingNetwork>(impl->network_view, impl->clock_view,
-                                                     impl->options.trace_path, options.name);
+    impl->tracing = std::make_unique<TracingNetwork>(
+        impl->network_view, impl->clock_view, impl->options.trace_path,
+        options.name);
     impl->network_view = impl->tracing.get();
   }
   return std::unique_ptr<Runtime>(new Runtime(std::move(impl)));
 }
 
-absl::StatusOr<std::unique_ptr<Runtime>> Runtime::ForSimulation(const RuntimeOptions& options,
-                                                                Clock* clock, Executor* executor,
-                                                                Network* network) {
+absl::StatusOr<std::unique_ptr<Runtime>> Runtime::ForSimulation(
+    const RuntimeOptions& options, Clock* clock, Executor* executor,
+    Network* network) {
   if (options.rank < 0) {
-    return absl::InvalidArgumentError(absl::StrCat("rank must be >= 0, got ", options.rank));
+    return absl::InvalidArgumentError(
+        absl::StrCat("rank must be >= 0, got ", options.rank));
   }
   if (clock == nullptr || executor == nullptr || network == nullptr) {
-    return absl::InvalidArgumentError("a simulated runtime needs a clock, executor and network");
+    return absl::InvalidArgumentError(
+        "a simulated runtime needs a clock, executor and network");
   }
   auto impl = std::make_unique<Impl>();
   impl->options = options;
@@ -158,6 +168,11 @@ absl::Status Runtime::Connect(
   options.default_timeout = impl_->options.rpc_timeout;
   // tether.rpc.shutdown() bounds the barrier itself (its `timeout` argument).
   options.shutdown_timeout = absl::ZeroDuration();
+  if (impl_->tracing != nullptr) {
+    impl_->call_tracer =
+        std::make_unique<CallTraceObserver>(impl_->tracing.get());
+    options.call_observer = impl_->call_tracer.get();
+  }
   absl::StatusOr<std::unique_ptr<Agent>> agent = Agent::Create(
       options, impl_->clock_view, impl_->network_view, impl_->executor_view);
   if (!agent.ok()) return agent.status();
@@ -177,7 +192,8 @@ Agent* Runtime::agent() const { return impl_->agent.get(); }
 RRefContext* Runtime::rrefs() const { return impl_->rrefs.get(); }
 Executor* Runtime::executor() const { return impl_->executor_view; }
 int Runtime::num_worker_threads() const {
-  return impl_->pool != nullptr ? impl_->pool->num_threads() : impl_->options.num_worker_threads;
+  return impl_->pool != nullptr ? impl_->pool->num_threads()
+                                : impl_->options.num_worker_threads;
 }
 
 absl::Status Runtime::Start() {
@@ -198,6 +214,7 @@ Runtime::~Runtime() {
   impl_->rrefs.reset();
   impl_->rref_tracer.reset();  // After the context that calls it.
   impl_->agent.reset();
+  impl_->call_tracer.reset();  // After the agent that calls it.
   impl_->tracing.reset();
   impl_->faulty.reset();
   impl_->network.reset();

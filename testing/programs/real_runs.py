@@ -1,5 +1,6 @@
 """Programs for real_runs_test: each is main(rank, world_size) launched as real processes."""
 import os
+import time
 
 import torch
 
@@ -24,6 +25,13 @@ def traced(rank, world_size):
     for peer in range(world_size):
         if peer != rank:
             assert rpc.rpc_sync(f"worker{peer}", double, args=(torch.ones(2),)).tolist() == [2, 2]
+    # One call that times out: an error marker on this worker's track.
+    try:
+        rpc.rpc_sync(f"worker{(rank + 1) % world_size}", time.sleep, args=(1.0,), timeout=0.1)
+    except RuntimeError as e:
+        assert "RPC ran for more than set timeout" in str(e), str(e)
+    else:
+        raise AssertionError("the call should have timed out")
     summary = rpc._worker_summary()
     assert f"worker '{f'worker{rank}'}'" in summary and "calls in flight: 0" in summary, summary
     del rref

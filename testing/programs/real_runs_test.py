@@ -57,6 +57,11 @@ class RealRunTest(unittest.TestCase):
         self.assertEqual(names, {"worker0", "worker1", "worker2"})
         spans = [e for e in events if e.get("cat") == "call" and e["ph"] in "be"]
         self.assertGreaterEqual(len(spans), 12)
+        # Each worker's timed-out call is an error marker on its own track.
+        for w in range(3):
+            self.assertTrue(any(
+                e.get("cat") == "error" and e["pid"] == w and e["name"] == "call failed"
+                and "DEADLINE_EXCEEDED" in e["args"]["detail"] for e in events), w)
         # Worker w made a remote() owned by worker (w + 1) % 3 and fetched it: the user's
         # events on w's track, the owner's on the next one's, naming the same reference.
         rref = [e for e in events if e.get("cat") == "rref"]
