@@ -52,10 +52,11 @@ std::vector<at::CallbackHandle> ThreadCallbacks() {
   return out;
 }
 
+// What PyTorch's callee records too: CPU events, shapes and memory if asked.
+// (Stacks would make every operator of a builtin call take the GIL.)
 ProfilerConfig FromRequest(const ProfilingRequest& r) {
   return ProfilerConfig(ProfilerState::CPU, r.record_shapes(),
-                        r.profile_memory(), r.with_stack(), r.with_flops(),
-                        r.with_modules());
+                        r.profile_memory());
 }
 
 }  // namespace
@@ -93,9 +94,9 @@ absl::Status CallerProfile::AddRemoteEvents(const std::string& bytes) const {
     e.setName(at::StringView(absl::StrCat(prefix, e.name())));
   }
   try {
+    // If the profile has ended before the reply came, the captured state is
+    // no longer the profile's: the events go nowhere (as in PyTorch).
     at::ThreadLocalStateGuard guard(state_);
-    // The profile may have ended before the reply came: nothing to add to.
-    if (!LegacyProfilerOn()) return absl::OkStatus();
     profiler::addEventList(std::move(*events));
   } catch (const std::exception& e) {
     return absl::FailedPreconditionError(
@@ -138,6 +139,7 @@ std::shared_ptr<HandlerProfile> HandlerProfile::Start(
 
 void HandlerProfile::LeaveThread() {
   if (left_.exchange(true)) return;
+  std::lock_guard<std::mutex> lock(mu_);
   try {
     // Turn this thread's profiler off; the events stay in the state for
     // Finish().
@@ -159,6 +161,7 @@ std::string HandlerProfile::Finish() {
   if (finished_.exchange(true)) return "";
   profiler::thread_event_lists lists;
   try {
+    std::lock_guard<std::mutex> lock(mu_);
     at::ThreadLocalStateGuard guard(state_);
     // The guard's thread state is dropped when it ends; the starting thread's
     // profiler and callback are LeaveThread()'s to remove.
@@ -179,7 +182,12 @@ std::string HandlerProfile::Finish() {
   return EncodeEvents(flat);
 }
 
-HandlerProfile::~HandlerProfile() { Finish(); }
+HandlerProfile::~HandlerProfile() {
+  try {
+    Finish();
+  } catch (...) {  // Nothing may leave a destructor.
+  }
+}
 
 // ---------------------------------------------------------------------------
 // Server-process profiler.
@@ -234,6 +242,7 @@ absl::StatusOr<std::vector<profiler::LegacyEvent>> DecodeEvents(
             "profiled events: an event is not a list");
       }
       events.push_back(profiler::LegacyEvent::fromIValue(item));
+      events.back().kindStr();  // Throws for a kind that is not one.
     }
   } catch (const std::exception& e) {
     return absl::InvalidArgumentError(

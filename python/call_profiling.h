@@ -36,6 +36,7 @@
 
 #include <atomic>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -84,8 +85,11 @@ class HandlerProfile {
   static std::shared_ptr<HandlerProfile> Start(const ProfilingRequest* request);
 
   // On the starting thread, once its synchronous part of the handling is over:
-  // turns this thread's profiler off. Work the call continues elsewhere (a
-  // torch Future's callbacks carry the profiler) is still recorded.
+  // turns this thread's profiler off. Work the call continues on a thread
+  // running under the state captured here (at::ThreadLocalStateGuard, as
+  // module.cc does for a call postponed until its RRef arguments are
+  // confirmed, and a profiled nested rpc_async's callbacks) is still recorded;
+  // a plain torch Future's callbacks are not.
   void LeaveThread();
 
   // Once the reply is ready (any thread; later calls return ""): stops
@@ -108,6 +112,8 @@ class HandlerProfile {
   const at::ThreadLocalState state_;
   // The RecordFunction callback the profiler added to the starting thread.
   at::CallbackHandle callback_ = at::INVALID_CALLBACK_HANDLE;
+  // Serializes the two disables (they share the profiler's callback handle).
+  std::mutex mu_;
   std::atomic<bool> finished_{false};
   std::atomic<bool> left_{false};
 };

@@ -138,6 +138,21 @@ TEST(CallProfilingTest, DecodeRejectsWhatIsNotAListOfEvents) {
       DecodeEvents(std::string(bytes.data(), bytes.size())).status().code(),
       absl::StatusCode::kInvalidArgument);
   EXPECT_TRUE(DecodeEvents(EncodeEvents({})).value().empty());
+  // An event whose kind is none of the four.
+  profiler::LegacyEvent push(profiler::EventKind::PushRange,
+                             at::StringView("x"), 0, false);
+  c10::IValue event = push.toIValue();
+  ASSERT_TRUE(event.isList());
+  c10::List<c10::IValue> fields = event.toList();
+  ASSERT_EQ(fields.get(0), c10::IValue(int64_t{1}));  // the kind comes first
+  fields.set(0, c10::IValue(int64_t{99}));
+  c10::impl::GenericList bad(c10::AnyType::get());
+  bad.push_back(event);
+  std::vector<char> bad_bytes = torch::jit::pickle(c10::IValue(bad));
+  EXPECT_EQ(DecodeEvents(std::string(bad_bytes.data(), bad_bytes.size()))
+                .status()
+                .code(),
+            absl::StatusCode::kInvalidArgument);
 }
 
 TEST(CallProfilingTest, ServerProfilerCollectsEveryHandledCallAndNests) {

@@ -13,6 +13,9 @@
 // Errors: every absl::Status becomes a Python exception in one place,
 // MakeException().
 #include <Python.h>
+// clang-format off
+#include <ATen/ThreadLocalState.h>
+// clang-format on
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 #include <torch/csrc/jit/python/pybind_utils.h>
@@ -932,8 +935,10 @@ class PyRRef {
     WaitInterruptibly(f);
     // A profiled remote(): its creation reply carries the callee's operators;
     // let it be processed before the value is returned (and the profile ends).
-    if (profiled_creation_.has_value()) WaitInterruptibly(*profiled_creation_);
+    // (The owner sends that reply before it serves the value: a short wait.)
     const absl::StatusOr<RRefValue>& v = f.result();
+    if (v.ok() && profiled_creation_.has_value())
+      WaitInterruptibly(*profiled_creation_);
     if (!v.ok()) Raise(v.status(), &ctx);
     return ValueToPython(*v, handle_.owner(), handle_.owner() == w->self.id);
   }
@@ -1058,7 +1063,11 @@ void OnConfirmed(const std::vector<std::shared_ptr<PyRRef>>& rrefs,
     return;
   }
   auto target = std::make_shared<PyRef>(std::move(callback));
-  f.Then([target, deliver](const absl::StatusOr<Unit>& r) {
+  // The callback runs with this thread's state: a call handled under the
+  // profiler stays profiled when it runs later on another thread.
+  at::ThreadLocalState state;
+  f.Then([target, deliver, state](const absl::StatusOr<Unit>& r) {
+    at::ThreadLocalStateGuard guard(state);
     ProfiledGil gil;
     try {
       deliver(target->get(), r);

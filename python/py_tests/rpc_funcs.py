@@ -156,3 +156,8 @@ def torch_ops(t):
 
 def profiler_enabled():
     return torch.autograd._profiler_enabled()
+
+
+def torch_ops_with_rref(rref, t):
+    """torch_ops(t), in a call that waits for its RRef argument to be confirmed first."""
+    return torch_ops(t)

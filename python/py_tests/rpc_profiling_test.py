@@ -74,6 +74,14 @@ def test_torchscript_and_self_calls_are_profiled_too():
     assert all(e.node_id == 0 and e.is_remote for e in own.values())
 
 
+def test_a_call_waiting_for_its_rref_arguments_is_profiled_when_it_runs():
+    rref = rpc.remote("worker2", f.echo, args=(torch.ones(2),))
+    with profile() as prof:
+        rpc.rpc_sync("worker1", f.torch_ops_with_rref, args=(rref, torch.ones(2)))
+    ops = remote_ops(prof.function_events, "rpc_sync#torch_ops_with_rref(worker0 -> worker1)")
+    assert {"aten::add", "aten::mul"} <= set(ops), sorted(ops)
+
+
 def test_async_execution_and_record_shapes():
     t = torch.ones(4)
     with profile(record_shapes=True) as prof:
