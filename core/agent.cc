@@ -87,6 +87,14 @@ class IncomingCallImpl : public IncomingCall {
     Finish(std::move(m));
   }
 
+  void ReplyRaised(std::string payload, std::vector<Buffer> buffers) override {
+    Message m;
+    m.envelope.set_payload(std::move(payload));
+    m.envelope.set_raised(true);
+    m.buffers = std::move(buffers);
+    Finish(std::move(m));
+  }
+
   void ReplyError(const absl::Status& error) override {
     Finish(error.ok() ? absl::InternalError("handler replied with an OK error")
                       : error);

@@ -117,6 +117,10 @@ class IncomingCall {
   // When the caller will give up; absl::InfiniteFuture() if never.
   virtual absl::Time deadline() const = 0;
   virtual void Reply(std::string payload, std::vector<Buffer> buffers) = 0;
+  // Reply() for a payload that is an exception the function raised: a result
+  // for the caller, flagged in the envelope (Envelope.raised) for traces.
+  virtual void ReplyRaised(std::string payload,
+                           std::vector<Buffer> buffers) = 0;
   virtual void ReplyError(const absl::Status& error) = 0;
 };
 

@@ -415,7 +415,11 @@ class Responder {
     }
     std::string bytes = pycall::Serialize(payload);
     ReleaseGilIfLarge release(bytes, buffers);
-    call_->Reply(std::move(bytes), std::move(buffers));
+    if (is_exception) {
+      call_->ReplyRaised(std::move(bytes), std::move(buffers));
+    } else {
+      call_->Reply(std::move(bytes), std::move(buffers));
+    }
   }
 
   // GIL held on entry.

@@ -17,6 +17,10 @@ def double(x):
     return x * 2
 
 
+def fail():
+    raise ValueError("raised on purpose")
+
+
 def traced(rank, world_size):
     _init(rank, world_size)
     # A reference owned by the next worker: its RRef events go on both workers' tracks.
@@ -25,7 +29,13 @@ def traced(rank, world_size):
     for peer in range(world_size):
         if peer != rank:
             assert rpc.rpc_sync(f"worker{peer}", double, args=(torch.ones(2),)).tolist() == [2, 2]
-    # One call that times out: an error marker on this worker's track.
+    # One call whose function raises, one that times out: error markers.
+    try:
+        rpc.rpc_sync(f"worker{(rank + 1) % world_size}", fail)
+    except ValueError as e:
+        assert "raised on purpose" in str(e), str(e)
+    else:
+        raise AssertionError("the call should have raised")
     try:
         rpc.rpc_sync(f"worker{(rank + 1) % world_size}", time.sleep, args=(1.0,), timeout=0.1)
     except RuntimeError as e:

@@ -57,8 +57,12 @@ class RealRunTest(unittest.TestCase):
         self.assertEqual(names, {"worker0", "worker1", "worker2"})
         spans = [e for e in events if e.get("cat") == "call" and e["ph"] in "be"]
         self.assertGreaterEqual(len(spans), 12)
-        # Each worker's timed-out call is an error marker on its own track.
+        # Each worker's timed-out and raising calls are error markers on its own track; the
+        # exception also on the track of the worker that raised it.
+        errors = Counter((e["pid"], e["name"]) for e in events if e.get("cat") == "error")
         for w in range(3):
+            self.assertEqual(errors[(w, "call raised")], 1, errors)
+            self.assertEqual(errors[(w, "replied with exception")], 1, errors)
             self.assertTrue(any(
                 e.get("cat") == "error" and e["pid"] == w and e["name"] == "call failed"
                 and "DEADLINE_EXCEEDED" in e["args"]["detail"] for e in events), w)

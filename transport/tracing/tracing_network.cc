@@ -10,11 +10,20 @@ namespace tether {
 namespace {
 
 // An "error" marker for a reply that carries an error: "call failed" on the
-// caller's track (received), "replied with error" on the callee's (sent).
-// Empty for any other message.
+// caller's track (received), "replied with error" on the callee's (sent); or
+// an exception the callee's function raised: "call raised" / "replied with
+// exception". Empty for any other message.
 std::string ErrorReplyEvent(WorkerId self, bool sent, const Message& m,
                             int64_t ts_us) {
   const wire::Envelope& e = m.envelope;
+  if (e.type() == wire::RESPONSE && e.raised()) {
+    return TraceEventJson(
+        self, "i", sent ? "replied with exception" : "call raised", "error",
+        ts_us,
+        absl::StrCat("\"args\":{\"", sent ? "to" : "from",
+                     "\":", sent ? e.to() : e.from(),
+                     ",\"request_id\":", e.request_id(), "}"));
+  }
   if (e.type() != wire::ERROR_RESPONSE) return "";
   return TraceEventJson(
       self, "i", sent ? "replied with error" : "call failed", "error", ts_us,

@@ -34,6 +34,8 @@ TEST(TracingNetworkTest, WritesCallsMessagesAndFailures) {
     a.RegisterHandler(wire::TEST_CALL, [](std::shared_ptr<IncomingCall> c) {
       if (c->request().envelope.payload() == "fail") {
         c->ReplyError(absl::InvalidArgumentError("bad \"input\""));
+      } else if (c->request().envelope.payload() == "raise") {
+        c->ReplyRaised("an exception", {});
       } else {
         c->Reply("ok", {});
       }
@@ -54,22 +56,29 @@ TEST(TracingNetworkTest, WritesCallsMessagesAndFailures) {
   ASSERT_TRUE(agent->Start().ok());
   auto ok = agent->Call(1, wire::TEST_CALL, "x", {});
   auto failed = agent->Call(1, wire::TEST_CALL, "fail", {});
-  ASSERT_TRUE(world->RunUntil([&] { return ok.ready() && failed.ready(); }));
+  auto raised = agent->Call(1, wire::TEST_CALL, "raise", {});
+  ASSERT_TRUE(world->RunUntil(
+      [&] { return ok.ready() && failed.ready() && raised.ready(); }));
+  // An exception the function raised is the call's result, flagged.
+  ASSERT_TRUE(raised.result().ok());
+  EXPECT_TRUE(raised.result()->envelope.raised());
+  EXPECT_FALSE(ok.result()->envelope.raised());
   world->Crash(2);
   world->RunFor(absl::Seconds(1));
   auto done = agent->Shutdown(false);
   world->RunUntilIdle();
   std::string text = ReadFile(path);
   EXPECT_EQ(text.rfind("{\"traceEvents\":[", 0), 0u) << text.substr(0, 100);
-  EXPECT_EQ(Count(text, "\"send TEST_CALL\""), 2);
-  EXPECT_EQ(Count(text, "\"recv RESPONSE\""), 1);
+  EXPECT_EQ(Count(text, "\"send TEST_CALL\""), 3);
+  EXPECT_EQ(Count(text, "\"recv RESPONSE\""), 2);
+  EXPECT_EQ(Count(text, "{\"name\":\"call raised\",\"cat\":\"error\""), 1);
   EXPECT_EQ(Count(text, "\"recv ERROR_RESPONSE\""), 1);
   // The error travels, escaped: in the reply's event and its marker.
   EXPECT_EQ(Count(text, "bad \\\"input\\\""), 2);
   EXPECT_EQ(Count(text, "{\"name\":\"call failed\",\"cat\":\"error\""), 1);
   EXPECT_EQ(Count(text, "\"replied with error\""), 0);
-  EXPECT_EQ(Count(text, "\"ph\":\"b\""), 2);
-  EXPECT_EQ(Count(text, "\"ph\":\"e\""), 2);
+  EXPECT_EQ(Count(text, "\"ph\":\"b\""), 3);
+  EXPECT_EQ(Count(text, "\"ph\":\"e\""), 3);
   EXPECT_EQ(Count(text, "\"peer 2 failed\""), 1);
   EXPECT_EQ(Count(text, "\"process_name\""), 1);
   EXPECT_NE(text.find("\"otherData\":{\"worker\":\"worker0\",\"id\":0}"),
