@@ -9,6 +9,7 @@
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
 #include "sim/scenario_runner.h"
+#include "testing/scenarios/rref_scenarios.h"
 #include "testing/scenarios/scenario.h"
 
 namespace tether::sim {
@@ -37,7 +38,7 @@ std::string Usage() {
       "               [--faults=none|all|SPEC] [--check-determinism] "
       "[--trace-hash]\n"
       "               "
-      "[--plant=lose_timeout_timer|drop_reply_at_shutdown|process_duplicates]\n"
+      "[--plant=BUG]\n"
       "               [--verbose] [--max-reports=N] [--list]\n"
       "scenarios: ",
       ScenarioNames(),
@@ -45,11 +46,23 @@ std::string Usage() {
       "partition=G-G[@T1..T2] partition=G>G[@..] partition=random "
       "crash=W@T[..R] "
       "crash=random skew=D drift=X type=NAME:KEY=VALUE (see "
-      "sim/fault_spec.h)\n");
+      "sim/fault_spec.h)\n"
+      "planted BUG (tests of the oracles): lose_timeout_timer "
+      "drop_reply_at_shutdown process_duplicates (agent), skip_child_wait "
+      "forget_idempotence free_on_first_delete forget_user_delete (RRefs)\n");
 }
 
-absl::Status ParsePlantedBug(const std::string& name, PlantedBugs* bugs) {
-  if (name == "lose_timeout_timer") {
+absl::Status ParsePlantedBug(const std::string& name, PlantedBugs* bugs,
+                             RRefPlantedBugs* rref_bugs) {
+  if (name == "skip_child_wait") {
+    rref_bugs->skip_child_wait = true;
+  } else if (name == "forget_idempotence") {
+    rref_bugs->forget_idempotence = true;
+  } else if (name == "free_on_first_delete") {
+    rref_bugs->free_on_first_delete = true;
+  } else if (name == "forget_user_delete") {
+    rref_bugs->forget_user_delete = true;
+  } else if (name == "lose_timeout_timer") {
     bugs->lose_timeout_timer = true;
   } else if (name == "drop_reply_at_shutdown") {
     bugs->drop_reply_at_shutdown = true;
@@ -58,7 +71,9 @@ absl::Status ParsePlantedBug(const std::string& name, PlantedBugs* bugs) {
   } else {
     return absl::InvalidArgumentError(absl::StrCat(
         "unknown planted bug '", name,
-        "' (lose_timeout_timer, drop_reply_at_shutdown, process_duplicates)"));
+        "' (lose_timeout_timer, drop_reply_at_shutdown, process_duplicates, "
+        "skip_child_wait, forget_idempotence, free_on_first_delete, "
+        "forget_user_delete)"));
   }
   return absl::OkStatus();
 }
@@ -107,7 +122,8 @@ absl::StatusOr<ExploreOptions> ParseExploreArgs(
       o.faults = *spec;
       o.faults_text = value;
     } else if (key == "--plant") {
-      if (absl::Status s = ParsePlantedBug(value, &o.bugs); !s.ok()) {
+      if (absl::Status s = ParsePlantedBug(value, &o.bugs, &o.rref_bugs);
+          !s.ok()) {
         return BadFlag(arg, s.message());
       }
       o.plant = value;
@@ -175,6 +191,8 @@ ExploreSummary Explore(const ExploreOptions& o, std::ostream& out) {
     return summary;
   }
   int reported = 0;
+  // The RRef scenarios read their planted bugs from here (none unless asked).
+  scenarios::PlantedRRefBugs() = o.rref_bugs;
   for (const std::string& name : o.scenarios) {
     const ScenarioInfo& info = *ScenarioRegistry::Global().Find(name);
     ++summary.scenarios;

@@ -29,6 +29,7 @@
 
 #include "absl/status/statusor.h"
 #include "core/agent.h"
+#include "core/rref_context.h"
 #include "sim/fault_spec.h"
 
 namespace tether::sim {
@@ -41,6 +42,7 @@ struct ExploreOptions {
   FaultSpec faults;
   std::string plant;  // empty: none
   PlantedBugs bugs;
+  RRefPlantedBugs rref_bugs;
   bool check_determinism = false;
   bool trace_hash = false;
   bool verbose = false;
@@ -63,7 +65,8 @@ absl::StatusOr<ExploreOptions> ParseExploreArgs(
     const std::vector<std::string>& args);
 
 // Sets `bugs` from a planted bug's name; kInvalidArgument for an unknown name.
-absl::Status ParsePlantedBug(const std::string& name, PlantedBugs* bugs);
+absl::Status ParsePlantedBug(const std::string& name, PlantedBugs* bugs,
+                             RRefPlantedBugs* rref_bugs);
 
 // The command that replays one run.
 std::string ReplayCommand(const ExploreOptions& options,

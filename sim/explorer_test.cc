@@ -82,6 +82,24 @@ TEST(ExplorerTest, AgentScenariosPassAndAreDeterministic) {
   }
 }
 
+TEST(ExplorerTest, PlantedRRefBugIsFoundAndItsReplayPlantsItAgain) {
+  absl::StatusOr<ExploreOptions> o =
+      Parse({"--scenario=rref", "--seeds=1..100", "--faults=all",
+             "--plant=free_on_first_delete", "--max-reports=1"});
+  ASSERT_TRUE(o.ok()) << o.status();
+  EXPECT_TRUE(o->rref_bugs.free_on_first_delete);
+  std::ostringstream out;
+  ExploreSummary s = Explore(*o, out);
+  EXPECT_GT(s.failed, 0u) << out.str();
+  EXPECT_NE(out.str().find("--plant=free_on_first_delete"), std::string::npos)
+      << out.str();
+  // Without the plant the same seeds pass.
+  o = Parse({"--scenario=rref", "--seeds=1..20", "--faults=all"});
+  ASSERT_TRUE(o.ok());
+  std::ostringstream clean;
+  EXPECT_EQ(Explore(*o, clean).failed, 0u) << clean.str();
+}
+
 TEST(ExplorerTest, TraceHashIsPrintedAndStable) {
   absl::StatusOr<ExploreOptions> o = Parse(
       {"--scenario=request_storm", "--seed=3", "--trace-hash", "--faults=all"});
