@@ -7,10 +7,17 @@
 //
 //   scenario_process --list
 //   scenario_process [--seed=N] [--seeds=K] [--retries=R] [--timeout_s=S]
-//                    [--pooled] SCENARIO...   (or --all [--skip=NAME]...)
+//                    [--pooled] [--time_scale=F]
+//                    SCENARIO...   (or --all [--skip=NAME]...)
 //
 // --pooled: each worker's network is polled by its agent's thread pool
 // (TcpNetworkOptions::poll_with) instead of running its own thread.
+//
+// --time_scale=F (an integer >= 1): multiplies the real-time margins of the
+// timing-sensitive scenarios (WorkerEnv::time_scale: e.g. `timeouts` replies
+// "just in time") and the slack allowed to a late completion, for slowed-down
+// processes. Defaults to 1, or to kSanitizerTimeScale in a build with a
+// sanitizer (ThreadSanitizer slows a process 5-15x).
 //
 // Real threads on a shared machine can miss a scenario's timing margins (the
 // `timeouts` scenario replies "just in time"); --retries reruns a failed
@@ -88,6 +95,25 @@ class ProcessControl : public scenarios::WorldControl {
 // not counted.
 constexpr absl::Duration kRealTimeSlack = absl::Milliseconds(50);
 
+// The default time scale (see --time_scale) of a build with a sanitizer.
+constexpr int kSanitizerTimeScale = 10;
+
+#if defined(__SANITIZE_THREAD__) || defined(__SANITIZE_ADDRESS__)
+#define TETHER_SANITIZED_BUILD 1
+#elif defined(__has_feature)
+#if __has_feature(thread_sanitizer) || __has_feature(address_sanitizer)
+#define TETHER_SANITIZED_BUILD 1
+#endif
+#endif
+#ifdef TETHER_SANITIZED_BUILD
+int time_scale = kSanitizerTimeScale;
+#else
+int time_scale = 1;
+#endif
+
+// kRealTimeSlack at the run's time scale.
+absl::Duration RealTimeSlack() { return kRealTimeSlack * time_scale; }
+
 bool WithinRealTimeSlack(const std::string& v) {
   // "completion: call ... completed <took> after issue with <code>, later than
   // its timeout <timeout> + tolerance ..."
@@ -106,7 +132,7 @@ bool WithinRealTimeSlack(const std::string& v) {
                            &timeout)) {
     return false;
   }
-  return took <= timeout + kRealTimeSlack;
+  return took <= timeout + RealTimeSlack();
 }
 
 // The body of one worker process. Returns its exit code.
@@ -117,6 +143,7 @@ int RunWorker(const ScenarioInfo& info, int rank, uint64_t seed,
               absl::Duration timeout) {
   ThreadPool pool(2);  // Outlives the network (pooled mode).
   std::unique_ptr<Scenario> scenario = info.create();
+  scenario->set_time_scale(time_scale);
   const int n = scenario->num_workers();
   const std::string who = absl::StrCat(info.name, " worker ", rank);
 
@@ -165,6 +192,7 @@ int RunWorker(const ScenarioInfo& info, int rank, uint64_t seed,
   env.lossy = false;
   env.control = &control;
   env.run_seed = seed;
+  env.time_scale = scenario->time_scale();
   std::unique_ptr<ScenarioWorker> worker = scenario->NewWorker(env);
   worker->Setup(env);
   recorder.WorkerStarted(rank, 0);
@@ -188,7 +216,7 @@ int RunWorker(const ScenarioInfo& info, int rank, uint64_t seed,
     for (std::string& line : v) {
       if (WithinRealTimeSlack(line)) {
         std::fprintf(stderr, "%s: note (within real-time slack of %s): %s\n",
-                     who.c_str(), absl::FormatDuration(kRealTimeSlack).c_str(),
+                     who.c_str(), absl::FormatDuration(RealTimeSlack()).c_str(),
                      line.c_str());
       } else {
         kept.push_back(std::move(line));
@@ -197,7 +225,8 @@ int RunWorker(const ScenarioInfo& info, int rank, uint64_t seed,
     return kept;
   };
   std::vector<std::string> violations = recorder.CheckInvariants(true);
-  const absl::Time settle = std::min(deadline, absl::Now() + absl::Seconds(2));
+  const absl::Time settle =
+      std::min(deadline, absl::Now() + absl::Seconds(2) * time_scale);
   while (!violations.empty() && absl::Now() < settle) {
     absl::SleepFor(absl::Milliseconds(5));
     violations = recorder.CheckInvariants(true);
@@ -336,6 +365,11 @@ int Main(int argc, char** argv) {
       if (!absl::SimpleAtoi(a.substr(10), &retries)) return 2;
     } else if (absl::StartsWith(a, "--timeout_s=")) {
       if (!absl::SimpleAtoi(a.substr(12), &timeout_s)) return 2;
+    } else if (absl::StartsWith(a, "--time_scale=")) {
+      if (!absl::SimpleAtoi(a.substr(13), &time_scale) || time_scale < 1) {
+        std::fprintf(stderr, "--time_scale wants an integer >= 1\n");
+        return 2;
+      }
     } else if (absl::StartsWith(a, "--")) {
       std::fprintf(stderr, "unknown flag %s\n", a.c_str());
       return 2;
@@ -353,7 +387,7 @@ int Main(int argc, char** argv) {
   if (names.empty()) {
     std::fprintf(stderr,
                  "usage: %s [--seed=N] [--seeds=K] [--retries=R] [--skip=NAME] "
-                 "[--pooled] "
+                 "[--pooled] [--time_scale=F] "
                  "[--timeout_s=S] "
                  "(--all | SCENARIO...) | --list\n",
                  argv[0]);

@@ -28,6 +28,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
+#include "absl/synchronization/mutex.h"
 #include "testing/scenarios/scenario.h"
 
 namespace tether::scenarios {
@@ -88,40 +89,63 @@ class ServingWorker : public ScenarioWorker {
 
   void RunRestarted(WorkerEnv& env) override { Shutdown(env, true, false); }
 
-  ~ServingWorker() override { held_.clear(); }
+  ~ServingWorker() override { ReleaseHeld(); }
 
  protected:
   // Shuts down; releases held calls once done.
   void Shutdown(WorkerEnv& env, bool graceful, bool expect_ok,
                 std::function<void()> then = {}) {
     ShutdownWorker(env, graceful, expect_ok, [this, then](const absl::Status&) {
-      held_.clear();
+      ReleaseHeld();
       if (then) then();
     });
   }
 
   // Runs `done` once `count` tracked calls have completed (see Track()).
+  // Completions may come (on other threads) before AwaitCalls() is called.
   void AwaitCalls(int count, std::function<void()> done) {
-    outstanding_ += count;
-    on_all_done_ = std::move(done);
-    MaybeAllDone();
+    std::function<void()> f;
+    {
+      absl::MutexLock lock(&mu_);
+      outstanding_ += count;
+      on_all_done_ = std::move(done);
+      f = TakeIfAllDone();
+    }
+    if (f) f();
   }
   std::function<void(const absl::StatusOr<Message>&)> Track() {
     return [this](const absl::StatusOr<Message>&) {
-      --outstanding_;
-      MaybeAllDone();
+      std::function<void()> f;
+      {
+        absl::MutexLock lock(&mu_);
+        --outstanding_;
+        f = TakeIfAllDone();
+      }
+      if (f) f();
     };
   }
 
   WorkerEnv* env_ = nullptr;
 
  private:
-  void MaybeAllDone() {
+  // The function to run now that all awaited calls completed, if they did.
+  std::function<void()> TakeIfAllDone() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    std::function<void()> f;
     if (outstanding_ == 0 && on_all_done_) {
-      auto f = std::move(on_all_done_);
+      f = std::move(on_all_done_);
       on_all_done_ = nullptr;
-      f();
     }
+    return f;
+  }
+
+  // Drops the held calls (outside the lock: releasing a call may reply).
+  void ReleaseHeld() {
+    std::vector<std::shared_ptr<IncomingCall>> held;
+    {
+      absl::MutexLock lock(&mu_);
+      held.swap(held_);
+    }
+    held.clear();
   }
 
   void Serve(std::shared_ptr<IncomingCall> call) {
@@ -150,6 +174,7 @@ class ServingWorker : public ScenarioWorker {
       After(env, absl::Milliseconds(ms),
             [call] { call->Reply("re:late", {}); });
     } else if (op == "never") {
+      absl::MutexLock lock(&mu_);
       held_.push_back(std::move(call));
     } else if (op == "fail" && parts.size() == 2) {
       int code = 0;
@@ -214,9 +239,12 @@ class ServingWorker : public ScenarioWorker {
         });
   }
 
-  std::vector<std::shared_ptr<IncomingCall>> held_;
-  int outstanding_ = 0;
-  std::function<void()> on_all_done_;
+  // Handlers, call callbacks and After() functions may run concurrently on a
+  // real worker's thread pool.
+  absl::Mutex mu_;
+  std::vector<std::shared_ptr<IncomingCall>> held_ ABSL_GUARDED_BY(mu_);
+  int outstanding_ ABSL_GUARDED_BY(mu_) = 0;
+  std::function<void()> on_all_done_ ABSL_GUARDED_BY(mu_);
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -322,8 +350,10 @@ class Timeouts : public Scenario {
       "reply just in time, a changed default, and a remote error";
   int num_workers() const override { return 3; }
   void Configure(AgentOptions* o) const override {
-    o->default_timeout = absl::Milliseconds(300);
-    o->shutdown_timeout = absl::Seconds(2);
+    // Real-time runs on slow processes scale every duration below alike (see
+    // WorkerEnv::time_scale): the margins ("just in time") grow with them.
+    o->default_timeout = ScaledTime(absl::Milliseconds(300));
+    o->shutdown_timeout = ScaledTime(absl::Seconds(2));
     o->shutdown_poll_interval = absl::Milliseconds(20);
   }
   class Worker : public ServingWorker {
@@ -336,31 +366,33 @@ class Timeouts : public Scenario {
                     ExpectCode(StatusCode::kCancelled));
         TrackedCall(env, 1, "never", std::nullopt,
                     ExpectCode(StatusCode::kDeadlineExceeded), Track());
-        TrackedCall(env, 1, "never", absl::Milliseconds(100),
+        TrackedCall(env, 1, "never", Scaled(env, absl::Milliseconds(100)),
                     ExpectCode(StatusCode::kDeadlineExceeded), Track());
-        TrackedCall(env, 1, "late:80", absl::Milliseconds(50),
+        TrackedCall(env, 1, absl::StrCat("late:", ScaledCount(env, 80)),
+                    Scaled(env, absl::Milliseconds(50)),
                     ExpectCode(StatusCode::kDeadlineExceeded), Track());
-        TrackedCall(env, 1, "late:20", absl::Milliseconds(100),
-                    ExpectOk("re:late"), Track());
-        TrackedCall(env, 2, "echo:t:1000", absl::Seconds(1), ExpectOk("re:t"),
+        TrackedCall(env, 1, absl::StrCat("late:", ScaledCount(env, 20)),
+                    Scaled(env, absl::Milliseconds(100)), ExpectOk("re:late"),
                     Track());
+        TrackedCall(env, 2, absl::StrCat("echo:t:", ScaledCount(env, 1000)),
+                    Scaled(env, absl::Seconds(1)), ExpectOk("re:t"), Track());
         CallExpectation remote = ExpectCode(StatusCode::kAborted);
         remote.remote_codes = {StatusCode::kAborted};
         TrackedCall(
             env, 2,
             absl::StrCat("fail:", static_cast<int>(StatusCode::kAborted)),
-            absl::Seconds(1), remote, Track());
+            Scaled(env, absl::Seconds(1)), remote, Track());
         AwaitCalls(6, [this, &env] { Shutdown(env, true, false); });
       } else if (env.id == 1) {
         // Holds its "never" calls, so the barrier cannot settle: shutdown ends
         // by its timeout.
-        After(env, absl::Milliseconds(400),
+        After(env, Scaled(env, absl::Milliseconds(400)),
               [this, &env] { Shutdown(env, true, false); });
       } else {
-        TrackedCall(env, 1, "late:250", std::nullopt, ExpectOk("re:late"),
-                    Track());
-        env.agent->set_default_timeout(absl::Milliseconds(150));
-        TrackedCall(env, 1, "late:250", std::nullopt,
+        const std::string late = absl::StrCat("late:", ScaledCount(env, 250));
+        TrackedCall(env, 1, late, std::nullopt, ExpectOk("re:late"), Track());
+        env.agent->set_default_timeout(Scaled(env, absl::Milliseconds(150)));
+        TrackedCall(env, 1, late, std::nullopt,
                     ExpectCode(StatusCode::kDeadlineExceeded), Track());
         AwaitCalls(2, [this, &env] { Shutdown(env, true, false); });
       }
@@ -607,6 +639,9 @@ class ShutdownOrders : public Scenario {
       const absl::Duration at = absl::Milliseconds(20) * pos +
                                 absl::Microseconds(env.rng->Uniform(5000));
       After(env, at, [this, &env] {
+        // Under the lock: a call Tick() is issuing goes out before the
+        // shutdown begins (on a real pool they may run concurrently).
+        absl::MutexLock lock(&tick_mu_);
         declared_ = true;
         Shutdown(env, true, true);
       });
@@ -615,6 +650,7 @@ class ShutdownOrders : public Scenario {
 
    private:
     void Tick(WorkerEnv& env) {
+      absl::MutexLock lock(&tick_mu_);
       if (declared_) return;
       WorkerId to =
           static_cast<WorkerId>(env.rng->Uniform(env.num_workers - 1));
@@ -626,8 +662,10 @@ class ShutdownOrders : public Scenario {
       After(env, absl::Microseconds(1000 + env.rng->Uniform(3000)),
             [this, &env] { Tick(env); });
     }
-    bool declared_ = false;
-    int n_ = 0;
+    // Tick() and the shutdown function may run on different threads.
+    absl::Mutex tick_mu_;
+    bool declared_ ABSL_GUARDED_BY(tick_mu_) = false;
+    int n_ ABSL_GUARDED_BY(tick_mu_) = 0;
   };
   std::unique_ptr<ScenarioWorker> NewWorker(const WorkerEnv&) override {
     return std::make_unique<Worker>();

@@ -11,6 +11,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
+#include "absl/synchronization/mutex.h"
 #include "sim/random.h"
 #include "testing/scenarios/rref_ledger.h"
 #include "testing/scenarios/scenario.h"
@@ -314,7 +315,12 @@ class RRefWorker : public ScenarioWorker {
  public:
   explicit RRefWorker(RRefScenario* scenario) : scenario_(scenario) {}
   ~RRefWorker() override {
-    held_.clear();
+    std::map<uint64_t, RRefHandle> held;
+    {
+      absl::MutexLock lock(&mu_);
+      held.swap(held_);
+    }
+    held.clear();
     if (ctx_) ctx_->Close(/*ignore_leaks=*/true).IgnoreError();
   }
 
@@ -332,11 +338,16 @@ class RRefWorker : public ScenarioWorker {
   void Serve(std::shared_ptr<IncomingCall> call);
   void Finish();
 
+  // Set by Setup(), before the agent starts; read-only afterwards.
   RRefScenario* scenario_;
   WorkerEnv* env_ = nullptr;
   std::shared_ptr<RRefContext> ctx_;
-  uint64_t next_hold_ = 1;
-  std::map<uint64_t, RRefHandle> held_;
+  // Hold() and the functions that drop what it holds run on the worker's
+  // executor, concurrently on a real worker's pool. Handles are created and
+  // dropped outside the lock (dropping one calls into the RRef context).
+  absl::Mutex mu_;
+  uint64_t next_hold_ ABSL_GUARDED_BY(mu_) = 1;
+  std::map<uint64_t, RRefHandle> held_ ABSL_GUARDED_BY(mu_);
 };
 
 class RRefScenario : public Scenario {
@@ -363,7 +374,14 @@ class RRefScenario : public Scenario {
         absl::StrCat("rref/", VariantName(plan_->variant), ": ");
     for (const std::string& v : ledger_.violations())
       out->push_back(where + "ledger: " + v);
-    for (const auto& [key, life] : lives_) {
+    // A copy: over real processes, shutdowns may still complete on the pool
+    // (and the contexts are asked outside the lock).
+    std::map<std::pair<WorkerId, uint64_t>, Life> lives;
+    {
+      absl::MutexLock lock(&mu_);
+      lives = lives_;
+    }
+    for (const auto& [key, life] : lives) {
       if (!life.shutdown_done || !life.shutdown_status.ok()) continue;
       std::shared_ptr<RRefContext> ctx = life.ctx.lock();
       if (!ctx) continue;
@@ -389,9 +407,11 @@ class RRefScenario : public Scenario {
   const RRefPlantedBugs& bugs() const { return bugs_; }
 
   void Register(WorkerId w, uint64_t inc, std::shared_ptr<RRefContext> ctx) {
+    absl::MutexLock lock(&mu_);
     lives_[{w, inc}].ctx = ctx;
   }
   void ShutdownDone(WorkerId w, uint64_t inc, const absl::Status& status) {
+    absl::MutexLock lock(&mu_);
     Life& life = lives_[{w, inc}];
     life.shutdown_done = true;
     life.shutdown_status = status;
@@ -406,9 +426,12 @@ class RRefScenario : public Scenario {
   const Variant variant_;
   const int num_workers_;
   const RRefPlantedBugs bugs_;
+  // Made by the first NewWorker(), before any worker runs; read-only after.
   std::optional<Plan> plan_;
-  testing::RRefLedger ledger_;
-  std::map<std::pair<WorkerId, uint64_t>, Life> lives_;
+  testing::RRefLedger ledger_;  // thread-safe
+  // Workers' callbacks (on their executors) and Check() share it.
+  mutable absl::Mutex mu_;
+  std::map<std::pair<WorkerId, uint64_t>, Life> lives_ ABSL_GUARDED_BY(mu_);
 };
 
 void RRefWorker::Setup(WorkerEnv& env) {
@@ -507,16 +530,29 @@ void RRefWorker::Create(const RefPlan& ref) {
 
 void RRefWorker::Hold(const RRefHandle& handle, const Node& node,
                       const std::string& function) {
-  uint64_t id = next_hold_++;
-  held_[id] = handle;
+  uint64_t id;
+  {
+    absl::MutexLock lock(&mu_);
+    id = next_hold_++;
+    held_[id] = handle;
+  }
   if (node.fetch) Fetch(handle, function);
   for (const Node& child : node.children) {
     Node c = child;
     After(*env_, absl::Milliseconds(c.delay_ms),
           [this, handle, c, function] { PassTo(handle, c, function); });
   }
-  After(*env_, absl::Milliseconds(node.hold_ms),
-        [this, id] { held_.erase(id); });
+  After(*env_, absl::Milliseconds(node.hold_ms), [this, id] {
+    std::optional<RRefHandle> dropped;
+    {
+      absl::MutexLock lock(&mu_);
+      auto it = held_.find(id);
+      if (it == held_.end()) return;
+      dropped = std::move(it->second);
+      held_.erase(it);
+    }
+    // `dropped` goes out of scope here, outside the lock.
+  });
 }
 
 void RRefWorker::PassTo(const RRefHandle& handle, const Node& node,
@@ -531,7 +567,7 @@ void RRefWorker::PassTo(const RRefHandle& handle, const Node& node,
 
 void RRefWorker::Fetch(const RRefHandle& handle, const std::string& function) {
   Recorder::Token token =
-      Recorder::MakeToken(env_->id, env_->incarnation, env_->next_seq++);
+      Recorder::MakeToken(env_->id, env_->incarnation, env_->NextSeq());
   absl::Duration timeout = absl::Milliseconds(500);
   Recorder* recorder = env_->recorder;
   Clock* clock = env_->clock;

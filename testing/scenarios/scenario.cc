@@ -53,7 +53,7 @@ Future<Message> TrackedCall(
     std::function<void(const absl::StatusOr<Message>&)> then,
     MessageType type) {
   const Recorder::Token token =
-      Recorder::MakeToken(env.id, env.incarnation, env.next_seq++);
+      Recorder::MakeToken(env.id, env.incarnation, env.NextSeq());
   const absl::Duration effective =
       timeout.value_or(env.agent->default_timeout());
   env.recorder->CallIssued(token, env.id, env.incarnation, to, env.clock->Now(),

@@ -14,8 +14,21 @@
 //      down (use ShutdownWorker());
 //   4. checks Recorder::CheckInvariants() plus Scenario::Check().
 // All scenario code runs on the worker's executor (handlers, future callbacks,
-// After()), so a ScenarioWorker needs no locks when it touches only its own
-// state. Workers coordinate only through RPCs, as separate processes would.
+// After()). In the simulator that executor is single-threaded, but over real
+// processes (transport/scenario_process.cc) it is a thread pool: handlers,
+// callbacks and After() functions of one worker may run concurrently, so a
+// ScenarioWorker's state that more than one of them touches must be guarded
+// (an absl::Mutex, or an atomic), as must a Scenario's state that its workers
+// share and that Check() reads. Never run a callback, or a call into the agent
+// or an RRef context, while holding such a lock. Locks do not change the
+// simulator's (deterministic) order of events or random draws. Workers
+// coordinate only through RPCs, as separate processes would.
+//
+// Real-time runs on slow processes (sanitizers, loaded machines) set a time
+// scale (WorkerEnv::time_scale, Scenario::time_scale()); scenarios whose
+// expectations hang on timing margins (a reply "just in time") multiply their
+// durations by it (Scaled(), Scenario::ScaledTime()). The simulator leaves it
+// at 1: what it checks is unchanged.
 //
 // Registering: a scenario library defines its scenarios and registers them with
 //   TETHER_REGISTER_SCENARIO(MyScenario);
@@ -24,6 +37,7 @@
 #ifndef TETHER_TESTING_SCENARIOS_SCENARIO_H_
 #define TETHER_TESTING_SCENARIOS_SCENARIO_H_
 
+#include <atomic>
 #include <cstdint>
 #include <functional>
 #include <map>
@@ -61,7 +75,10 @@ struct WorkerEnv {
   Clock* clock = nullptr;
   Executor* executor = nullptr;
   Recorder* recorder = nullptr;
-  // Seeded per worker incarnation; scenario choices draw from it.
+  // Seeded per worker incarnation; scenario choices draw from it. Not
+  // thread-safe: draw from it only in Run()/RunRestarted() or in a chain of
+  // functions each started (After()) by the previous one, never from handlers
+  // or call callbacks that may run concurrently.
   sim::Prng* rng = nullptr;
   // True if the faults in force can lose messages or workers; scenarios then
   // expect less.
@@ -71,9 +88,28 @@ struct WorkerEnv {
   // The run's seed, the same for every worker (for choices all workers must
   // agree on).
   uint64_t run_seed = 0;
-  // The next call token's counter (see TrackedCall).
-  uint32_t next_seq = 1;
+  // The next call token's counter (see TrackedCall, NextSeq()); atomic: calls
+  // may be issued from several threads of a real worker's pool.
+  std::atomic<uint32_t> next_seq{1};
+  // Multiplies the real-time margins of timing-sensitive scenarios (see
+  // Scaled()); >= 1. Always 1 in the simulator.
+  int time_scale = 1;
+
+  // Returns a fresh call sequence number (1, 2, ...) of this incarnation.
+  uint32_t NextSeq() {
+    return next_seq.fetch_add(1, std::memory_order_relaxed);
+  }
 };
+
+// `d` multiplied by the run's time scale (exactly `d` at scale 1).
+inline absl::Duration Scaled(const WorkerEnv& env, absl::Duration d) {
+  return env.time_scale == 1 ? d : d * env.time_scale;
+}
+// A count of time units (e.g. the MS of a "late:MS" request) multiplied by the
+// run's time scale.
+inline int64_t ScaledCount(const WorkerEnv& env, int64_t n) {
+  return n * env.time_scale;
+}
 
 class ScenarioWorker {
  public:
@@ -96,9 +132,22 @@ class Scenario {
   // created.
   virtual void Configure(AgentOptions* options) const {}
   virtual std::unique_ptr<ScenarioWorker> NewWorker(const WorkerEnv& env) = 0;
-  // Scenario-wide checks after the run; add violations to `out`.
+  // Scenario-wide checks after the run; add violations to `out`. Over real
+  // processes it may run while the worker's pool still runs callbacks.
   virtual void Check(const Recorder& recorder, bool lossless,
                      std::vector<std::string>* out) const {}
+
+  // The time scale of the run (see WorkerEnv::time_scale): a real-time driver
+  // sets it before Configure() and NewWorker(); the simulator leaves it at 1.
+  void set_time_scale(int scale) { time_scale_ = scale < 1 ? 1 : scale; }
+  int time_scale() const { return time_scale_; }
+  // `d` multiplied by time_scale() (exactly `d` at scale 1).
+  absl::Duration ScaledTime(absl::Duration d) const {
+    return time_scale_ == 1 ? d : d * time_scale_;
+  }
+
+ private:
+  int time_scale_ = 1;
 };
 
 struct ScenarioInfo {
