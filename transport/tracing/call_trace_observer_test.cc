@@ -1,24 +1,18 @@
 #include "transport/tracing/call_trace_observer.h"
 
-#include <fstream>
 #include <memory>
-#include <sstream>
 #include <string>
 
 #include "core/agent.h"
 #include "gtest/gtest.h"
 #include "sim/sim_world.h"
+#include "transport/tracing/trace_text.h"
 #include "transport/tracing/tracing_network.h"
 
 namespace tether {
 namespace {
 
-std::string ReadFile(const std::string& path) {
-  std::ifstream in(path);
-  std::stringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
-}
+using ::tether::testing::ReadFile;
 
 TEST(CallTraceObserverTest, MarksTheCallsTheAgentEndedWithAnError) {
   sim::SimWorldOptions o;

@@ -1,10 +1,8 @@
 #include "transport/tracing/rref_trace_observer.h"
 
 #include <cstdio>
-#include <fstream>
 #include <memory>
 #include <set>
-#include <sstream>
 #include <string>
 #include <vector>
 
@@ -12,29 +10,15 @@
 #include "core/rref_context.h"
 #include "gtest/gtest.h"
 #include "sim/sim_world.h"
+#include "transport/tracing/trace_text.h"
 #include "transport/tracing/tracing_network.h"
 
 namespace tether {
 namespace {
 
-std::string ReadFile(const std::string& path) {
-  std::ifstream in(path);
-  std::stringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
-}
-
-bool Has(const std::string& text, const std::string& what) {
-  return text.find(what) != std::string::npos;
-}
-
-int Count(const std::string& text, const std::string& what) {
-  int n = 0;
-  for (size_t at = text.find(what); at != std::string::npos;
-       at = text.find(what, at + 1))
-    ++n;
-  return n;
-}
+using ::tether::testing::Count;
+using ::tether::testing::Has;
+using ::tether::testing::ReadFile;
 
 class Recorder : public RRefObserver {
  public:

@@ -1,31 +1,18 @@
 #include "transport/tracing/tracing_network.h"
 
 #include <cstdio>
-#include <fstream>
 #include <memory>
-#include <sstream>
 
 #include "core/agent.h"
 #include "gtest/gtest.h"
 #include "sim/sim_world.h"
+#include "transport/tracing/trace_text.h"
 
 namespace tether {
 namespace {
 
-std::string ReadFile(const std::string& path) {
-  std::ifstream in(path);
-  std::stringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
-}
-
-int Count(const std::string& text, const std::string& what) {
-  int n = 0;
-  for (size_t at = text.find(what); at != std::string::npos;
-       at = text.find(what, at + 1))
-    ++n;
-  return n;
-}
+using ::tether::testing::Count;
+using ::tether::testing::ReadFile;
 
 TEST(TracingNetworkTest, WritesCallsMessagesAndFailures) {
   sim::SimWorldOptions o;
