@@ -139,6 +139,17 @@ struct Hoarder {
   std::vector<std::shared_ptr<IncomingCall>> calls;
 };
 
+// Keeps "hold" calls unanswered in `hoard`; answers any other with "ok".
+Handler HoldOrReplyOk(std::shared_ptr<Hoarder> hoard) {
+  return [hoard](std::shared_ptr<IncomingCall> c) {
+    if (c->request().envelope.payload() == "hold") {
+      hoard->calls.push_back(c);
+    } else {
+      c->Reply("ok", {});
+    }
+  };
+}
+
 TEST(AgentTest, TimeoutsDefaultOverrideAndNone) {
   auto hoard = std::make_shared<Hoarder>();
   auto world = MakeWorld(2, "none", 1, [hoard](SimWorld&, WorkerId, Agent& a) {
@@ -234,14 +245,7 @@ TEST(AgentTest, PeerCrashFailsOnlyItsCalls) {
   std::vector<std::pair<WorkerId, absl::StatusCode>> told;
   auto world =
       MakeWorld(3, "none", 1, [&, hoard](SimWorld&, WorkerId, Agent& a) {
-        a.RegisterHandler(wire::TEST_CALL,
-                          [hoard](std::shared_ptr<IncomingCall> c) {
-                            if (c->request().envelope.payload() == "hold") {
-                              hoard->calls.push_back(c);
-                            } else {
-                              c->Reply("ok", {});
-                            }
-                          });
+        a.RegisterHandler(wire::TEST_CALL, HoldOrReplyOk(hoard));
         a.AddPeerFailureListener([&told](WorkerId peer, const absl::Status& s) {
           told.emplace_back(peer, s.code());
         });
@@ -433,14 +437,7 @@ TEST(AgentTest, DuplicatedRequestsRunOnce) {
 TEST(AgentTest, PeerStatsInFlightAgesAndSummary) {
   auto hoard = std::make_shared<Hoarder>();
   auto world = MakeWorld(3, "none", 1, [hoard](SimWorld&, WorkerId, Agent& a) {
-    a.RegisterHandler(wire::TEST_CALL,
-                      [hoard](std::shared_ptr<IncomingCall> c) {
-                        if (c->request().envelope.payload() == "hold") {
-                          hoard->calls.push_back(c);
-                        } else {
-                          c->Reply("ok", {});
-                        }
-                      });
+    a.RegisterHandler(wire::TEST_CALL, HoldOrReplyOk(hoard));
   });
   Agent& a = world->agent(0);
   auto done = a.Call(1, wire::TEST_CALL, "12345", {Buffer::CopyFrom("abc")});
