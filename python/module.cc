@@ -20,6 +20,7 @@
 #include <pybind11/stl.h>
 #include <torch/csrc/jit/python/pybind_utils.h>
 #include <torch/csrc/jit/python/python_ivalue.h>
+#include <torch/csrc/profiler/api.h>
 #include <torch/csrc/utils/pybind.h>
 
 #include <atomic>
@@ -1067,11 +1068,13 @@ void OnConfirmed(const std::vector<std::shared_ptr<PyRRef>>& rrefs,
     return;
   }
   auto target = std::make_shared<PyRef>(std::move(callback));
-  // The callback runs with this thread's state: a call handled under the
-  // profiler stays profiled when it runs later on another thread.
-  at::ThreadLocalState state;
+  // A call handled under the profiler stays profiled when it runs later on
+  // another thread: the callback then runs with this thread's state.
+  std::optional<at::ThreadLocalState> state;
+  if (torch::profiler::impl::profilerEnabled()) state.emplace();
   f.Then([target, deliver, state](const absl::StatusOr<Unit>& r) {
-    at::ThreadLocalStateGuard guard(state);
+    std::optional<at::ThreadLocalStateGuard> guard;
+    if (state.has_value()) guard.emplace(*state);
     ProfiledGil gil;
     try {
       deliver(target->get(), r);

@@ -44,11 +44,14 @@ def test_callee_operators_come_back_as_remote_events():
         rpc.rpc_sync("worker1", f.torch_ops, args=(t,))
         rpc.rpc_async("worker2", torch.add, args=(t, 1)).wait()
         rpc.remote("worker1", f.torch_ops, args=(t,)).to_here()
+        # Waiting for the creation instead of the value brings the operators in too.
+        rpc.remote("worker2", f.torch_ops, args=(t,))._get_future().wait()
     events = prof.function_events
     for key, dst, ops in (
             ("rpc_sync#torch_ops(worker0 -> worker1)", 1, {"aten::add", "aten::mul"}),
             ("rpc_async#aten::add(worker0 -> worker2)", 2, {"aten::add"}),
-            ("rpc_remote#torch_ops(worker0 -> worker1)", 1, {"aten::add", "aten::mul"})):
+            ("rpc_remote#torch_ops(worker0 -> worker1)", 1, {"aten::add", "aten::mul"}),
+            ("rpc_remote#torch_ops(worker0 -> worker2)", 2, {"aten::add", "aten::mul"})):
         rpc_event = the_event(events, key)
         assert rpc_event.node_id == 0 and not rpc_event.is_remote
         remote = remote_ops(events, key)
