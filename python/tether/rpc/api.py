@@ -381,8 +381,10 @@ RRef = _C.RRef
 
 
 def _rref_get_future(self) -> torch.futures.Future:
-    """A future completed when the owner has created this RRef's value (set_exception with the
-    creation's error if it failed), as torch.distributed.rpc's RRef._get_future()."""
+    """A future completed when the owner has acknowledged creating this user RRef's value
+    (set_exception with the creation's error if it failed), as torch.distributed.rpc's
+    RRef._get_future(); done at once for an owner RRef (unlike PyTorch's, which waits for the
+    owner's value)."""
     fut: torch.futures.Future = torch.futures.Future()
 
     def done(error):
