@@ -14,6 +14,17 @@
 // threads. Once it has returned, every Post() drops its task. It must not be
 // called from a pool thread. The destructor calls Shutdown(kDrain).
 //
+// Bounded shutdown (ShutdownWithin): the same, but it waits at most a bound for
+// the threads to leave; a thread still inside a task by then (a handler stuck
+// in user code, say, blocked forever on a lock) is detached, left behind, and
+// described in the result, so the caller (a process on its way out) is never
+// blocked by it. A thread left behind touches only the pool object once its
+// task returns (it takes no further task: every Post() drops, the queue is
+// empty, and it leaves its loop), so the pool must then never be freed; the
+// destructor of a pool that left threads behind waits for them to leave. What
+// the stuck task itself may touch later is the task owner's business (see
+// python/runtime.h for the guarantee the real-run worker gives).
+//
 // Polling (leader/followers): an event source such as a TcpNetwork can hand its
 // event loop to the pool (SetPollable). Then one idle pool thread at a time,
 // the leader, runs Pollable::Poll(); tasks posted while it polls (a received
@@ -24,19 +35,25 @@
 // saves the thread wake-ups of a hand-off per message; the price is that idle
 // threads wake up every 5 ms while a pollable is set.
 //
-// Threading: Post() is thread-safe and never runs the task inline.
+// Threading: Post() is thread-safe and never runs the task inline. Shutdown()
+// and ShutdownWithin() are thread-safe, from threads outside the pool.
 #ifndef TETHER_TRANSPORT_THREAD_POOL_H_
 #define TETHER_TRANSPORT_THREAD_POOL_H_
 
+#include <atomic>
 #include <condition_variable>
 #include <cstdint>
 #include <deque>
 #include <functional>
+#include <memory>
 #include <mutex>
 #include <string>
 #include <thread>
 #include <vector>
 
+#include "absl/base/thread_annotations.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
 #include "core/executor.h"
 
 namespace tether {
@@ -52,6 +69,16 @@ class Pollable {
   virtual void Wake() = 0;
 };
 
+// A pool thread that a bounded shutdown left behind, still inside one task.
+struct StuckThread {
+  int index = 0;            // 0 .. num_threads()-1, in creation order.
+  int64_t os_tid = 0;       // Linux thread id (as in /proc, gdb, py-spy).
+  absl::Duration busy_for;  // How long it has been inside its current task.
+
+  // "pool thread 3 (tid 12345), inside one task for 7.2s".
+  std::string ToString() const;
+};
+
 class ThreadPool : public Executor {
  public:
   enum ShutdownMode { kDrain, kDrop };
@@ -65,6 +92,11 @@ class ThreadPool : public Executor {
 
   void Post(std::function<void()> task) override;
   void Shutdown(ShutdownMode mode = kDrain);
+  // Shutdown(mode), waiting at most `join_bound` for the threads to leave (see
+  // above); returns the threads left behind (empty if every thread was
+  // joined). If a Shutdown is already complete, returns an empty list at once.
+  std::vector<StuckThread> ShutdownWithin(ShutdownMode mode,
+                                          absl::Duration join_bound);
 
   int num_threads() const { return static_cast<int>(threads_.size()); }
   // Lets idle threads poll `pollable` (the pool may call its Wake() while
@@ -84,9 +116,22 @@ class ThreadPool : public Executor {
   // Tasks dropped because they were posted after shutdown began (or discarded
   // by kDrop).
   uint64_t dropped() const;
+  // Threads that a bounded shutdown left behind and that have not left yet.
+  int threads_left_behind() const;
 
  private:
-  void Loop();
+  // One pool thread. `busy_since_ns` (steady clock; 0: between tasks) is
+  // written only by the thread itself, read by ShutdownWithin.
+  struct ThreadState {
+    int index = 0;
+    std::atomic<int64_t> os_tid{0};
+    std::atomic<int64_t> busy_since_ns{0};
+    std::thread thread;
+  };
+
+  void Loop(ThreadState* self);
+  // Waits until every thread has left Loop or `deadline` passes.
+  void WaitForExits(absl::Time deadline);
 
   mutable std::mutex mu_;
   std::condition_variable cv_;
@@ -98,8 +143,14 @@ class ThreadPool : public Executor {
   bool polling_ = false;  // A thread is inside pollable's Poll().
   int idle_ = 0;          // Threads waiting on cv_.
   std::condition_variable poll_done_;
-  std::vector<std::thread> threads_;
+  std::vector<std::unique_ptr<ThreadState>> threads_;  // Fixed at construction.
   std::mutex shutdown_mu_;  // Serializes Shutdown() callers.
+
+  // Which threads have left Loop (by index), and how many were left behind.
+  mutable absl::Mutex exit_mu_;
+  absl::CondVar exit_cv_;
+  std::vector<bool> exited_ ABSL_GUARDED_BY(exit_mu_);
+  std::vector<bool> detached_ ABSL_GUARDED_BY(exit_mu_);
 };
 
 }  // namespace tether

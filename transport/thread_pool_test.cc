@@ -219,3 +219,108 @@ TEST(ThreadPoolPollTest, OutsidePostWakesTheOnlyPollingThread) {
 
 }  // namespace
 }  // namespace tether
+
+namespace tether {
+namespace {
+
+// A task blocked until the test releases it: what a handler stuck in user code
+// (blocked on a lock) looks like to the pool.
+TEST(ThreadPoolBoundedShutdownTest, LeavesAStuckThreadBehindAndReportsIt) {
+  // Never freed: a thread left behind uses the pool when its task returns.
+  auto* pool = new ThreadPool(3);
+  absl::Notification started, release;
+  std::atomic<int> ran{0};
+  pool->Post([&] {
+    started.Notify();
+    release.WaitForNotification();
+  });
+  started.WaitForNotification();
+  for (int i = 0; i < 4; ++i) pool->Post([&] { ++ran; });
+  // Hangs here (the test's timeout fails it) if the stuck thread is joined.
+  std::vector<StuckThread> stuck =
+      pool->ShutdownWithin(ThreadPool::kDrain, absl::Milliseconds(300));
+  ASSERT_EQ(stuck.size(), 1u);
+  EXPECT_GE(stuck[0].index, 0);
+  EXPECT_LT(stuck[0].index, 3);
+  EXPECT_GT(stuck[0].os_tid, 0);
+  EXPECT_GE(stuck[0].busy_for, absl::Milliseconds(300));
+  EXPECT_NE(stuck[0].ToString().find("inside one task for"), std::string::npos);
+  EXPECT_EQ(ran.load(), 4);  // The free threads drained the queue.
+  EXPECT_EQ(pool->threads_left_behind(), 1);
+  // Shut down: posts are dropped, a second shutdown returns at once.
+  pool->Post([&] { ++ran; });
+  EXPECT_TRUE(
+      pool->ShutdownWithin(ThreadPool::kDrain, absl::Seconds(1)).empty());
+  // The stuck task returns: its thread leaves without running anything more,
+  // not even what it posts itself.
+  pool->Post([] {});  // (dropped too)
+  release.Notify();
+  while (pool->threads_left_behind() > 0) std::this_thread::yield();
+  EXPECT_EQ(ran.load(), 4);
+  EXPECT_EQ(pool->dropped(), 2u);
+}
+
+TEST(ThreadPoolBoundedShutdownTest, StuckTaskPostingAfterItReturnsRunsNothing) {
+  auto* pool = new ThreadPool(1);  // Never freed (see above).
+  absl::Notification started, release;
+  std::atomic<int> ran{0};
+  pool->Post([&] {
+    started.Notify();
+    release.WaitForNotification();
+    pool->Post([&] { ++ran; });  // A continuation posted from the pool thread.
+  });
+  started.WaitForNotification();
+  std::vector<StuckThread> stuck =
+      pool->ShutdownWithin(ThreadPool::kDrop, absl::Milliseconds(100));
+  ASSERT_EQ(stuck.size(), 1u);
+  EXPECT_EQ(stuck[0].index, 0);
+  release.Notify();
+  while (pool->threads_left_behind() > 0) std::this_thread::yield();
+  EXPECT_EQ(ran.load(), 0);
+  EXPECT_EQ(pool->dropped(), 1u);
+}
+
+TEST(ThreadPoolBoundedShutdownTest, JoinsEveryThreadThatLeavesWithinTheBound) {
+  ThreadPool pool(4);
+  std::atomic<int> ran{0};
+  absl::Notification release;
+  for (int i = 0; i < 4; ++i) {
+    pool.Post([&] {
+      release.WaitForNotification();
+      ++ran;
+    });
+  }
+  std::thread releaser([&] {
+    absl::SleepFor(absl::Milliseconds(50));
+    release.Notify();
+  });
+  // Generous bound: the tasks end long before it, so nobody is left behind.
+  std::vector<StuckThread> stuck =
+      pool.ShutdownWithin(ThreadPool::kDrain, absl::Seconds(60));
+  releaser.join();
+  EXPECT_TRUE(stuck.empty());
+  EXPECT_EQ(ran.load(), 4);
+  EXPECT_EQ(pool.threads_left_behind(), 0);
+}
+
+TEST(ThreadPoolBoundedShutdownTest, DestructorWaitsForThreadsLeftBehind) {
+  std::atomic<bool> task_done{false};
+  absl::Notification started, release;
+  auto pool = std::make_unique<ThreadPool>(1);
+  pool->Post([&] {
+    started.Notify();
+    release.WaitForNotification();
+    absl::SleepFor(absl::Milliseconds(20));
+    task_done = true;
+  });
+  started.WaitForNotification();
+  ASSERT_EQ(
+      pool->ShutdownWithin(ThreadPool::kDrain, absl::Milliseconds(50)).size(),
+      1u);
+  release.Notify();
+  pool.reset();  // Must not free the pool under the thread still using it.
+  EXPECT_TRUE(task_done.load());
+}
+
+}  // namespace
+}  // namespace tether
