@@ -1,5 +1,6 @@
 #include "python/runtime.h"
 
+#include <cstdio>
 #include <cstdlib>
 #include <utility>
 
@@ -36,6 +37,9 @@ class Runtime::Impl {
   Clock* clock_view = nullptr;
   Executor* executor_view = nullptr;
   Network* network_view = nullptr;
+  // Stop() has run (and what it returned).
+  bool stopped = false;
+  std::vector<StuckThread> left_behind;
 };
 
 Runtime::Runtime(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
@@ -74,6 +78,17 @@ absl::Status FromEnvironment(RuntimeOptions* options) {
         FaultyNetworkOptions::FromNames(types, num_fail_sends, delays);
     if (!faults.ok()) return faults.status();
     options->faults = *std::move(faults);
+  }
+  if (options->stop_join_timeout < absl::ZeroDuration()) {
+    options->stop_join_timeout = absl::Seconds(5);
+    if (const char* v = std::getenv("TETHER_SHUTDOWN_JOIN_TIMEOUT")) {
+      double seconds = 0;
+      if (!absl::SimpleAtod(v, &seconds) || seconds < 0) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "TETHER_SHUTDOWN_JOIN_TIMEOUT wants seconds >= 0, got '", v, "'"));
+      }
+      options->stop_join_timeout = absl::Seconds(seconds);
+    }
   }
   if (options->trace_path.empty()) {
     if (const char* dir = std::getenv("TETHER_TRACE_DIR")) {
@@ -202,23 +217,50 @@ absl::Status Runtime::Start() {
   return impl_->agent->Start();
 }
 
-Runtime::~Runtime() {
-  if (impl_->agent != nullptr && !impl_->agent->is_shut_down()) {
-    impl_->agent->Shutdown(/*graceful=*/false).Wait();
+std::vector<StuckThread> Runtime::Stop() {
+  Impl& impl = *impl_;
+  if (impl.stopped) return impl.left_behind;
+  impl.stopped = true;
+  if (impl.agent != nullptr && !impl.agent->is_shut_down()) {
+    impl.agent->Shutdown(/*graceful=*/false).Wait();
   }
-  impl_->network_view->Stop();
+  impl.network_view->Stop();
   // Runs what is queued (callbacks failing the last calls), then joins the
-  // threads.
-  if (impl_->pool != nullptr) impl_->pool->Shutdown(ThreadPool::kDrain);
-  if (impl_->rrefs != nullptr) impl_->rrefs->Close(/*ignore_leaks=*/true);
-  impl_->rrefs.reset();
-  impl_->rref_tracer.reset();  // After the context that calls it.
-  impl_->agent.reset();
-  impl_->call_tracer.reset();  // After the agent that calls it.
-  impl_->tracing.reset();
-  impl_->faulty.reset();
-  impl_->network.reset();
-  impl_->clock.reset();
+  // threads, leaving behind those still in a task after the bound.
+  if (impl.pool != nullptr) {
+    impl.left_behind = impl.pool->ShutdownWithin(
+        ThreadPool::kDrain, impl.options.stop_join_timeout);
+  }
+  if (!impl.left_behind.empty()) {
+    // Their tasks may still reach everything below: keep all of it (runtime.h).
+    std::string text = absl::StrCat(
+        "tether: worker '", impl.options.name, "': ", impl.left_behind.size(),
+        " thread(s) still inside a task (most likely a handler in user code) ",
+        absl::FormatDuration(impl.options.stop_join_timeout),
+        " after the pool began to stop; left behind so the process can exit "
+        "(set TETHER_SHUTDOWN_JOIN_TIMEOUT to wait longer):");
+    for (const StuckThread& t : impl.left_behind)
+      absl::StrAppend(&text, "\n  ", t.ToString());
+    std::fprintf(stderr, "%s\n", text.c_str());
+    std::fflush(stderr);
+    return impl.left_behind;
+  }
+  if (impl.rrefs != nullptr) impl.rrefs->Close(/*ignore_leaks=*/true);
+  impl.rrefs.reset();
+  impl.rref_tracer.reset();  // After the context that calls it.
+  impl.agent.reset();
+  impl.call_tracer.reset();  // After the agent that calls it.
+  impl.tracing.reset();
+  impl.faulty.reset();
+  impl.network.reset();
+  impl.clock.reset();
+  return {};
+}
+
+Runtime::~Runtime() {
+  Stop();
+  // Threads left behind may still use the state: never free it (runtime.h).
+  if (!impl_->left_behind.empty()) (void)impl_.release();
 }
 
 }  // namespace tether

@@ -13,11 +13,24 @@
 //   rt.reset();                                        // stops the network,
 //   joins the threads
 //
-// Threading: the destructor blocks until the pool's threads are joined (call it
-// without the GIL, never on a pool thread). Handlers, runners and future
-// callbacks run on the thread pool. The pool object itself is deliberately
-// never freed (a stopped pool drops what is posted to it), so a stray future
-// completed after shutdown cannot post into freed memory.
+// Threading: Stop() (and the destructor, which calls it) blocks until the
+// pool's threads have left, but at most `stop_join_timeout` (call it without
+// the GIL, never on a pool thread). Handlers, runners and future callbacks run
+// on the thread pool. The pool object itself is deliberately never freed (a
+// stopped pool drops what is posted to it), so a stray future completed after
+// shutdown cannot post into freed memory.
+//
+// Threads left behind: a pool thread still inside a task when the bound passes
+// (a handler stuck in user code, e.g. blocked forever on a lock) does not hold
+// the process: Stop() detaches it, writes one report to stderr (how many, their
+// tids, for how long) and returns them. What such a thread may touch once its
+// user code returns is kept alive for good: the pool, and the whole of this
+// runtime's state (clock, network, agent, RRef context, tracers: none is freed,
+// the RRef context is not closed, so no owned value is released under it; the
+// network is stopped and the agent shut down, so what it sends is dropped).
+// The Runtime object itself is only a handle: deleting it after such a Stop()
+// frees nothing else. Whatever the caller's handlers capture (python/: the
+// Worker) is the caller's to keep alive when Stop() returned threads.
 #ifndef TETHER_PYTHON_RUNTIME_H_
 #define TETHER_PYTHON_RUNTIME_H_
 
@@ -34,6 +47,7 @@
 #include "core/network.h"
 #include "core/rref_context.h"
 #include "transport/faulty/faulty_network.h"
+#include "transport/thread_pool.h"
 
 namespace tether {
 
@@ -51,13 +65,18 @@ struct RuntimeOptions {
   // How long to wait for the other workers' connections.
   absl::Duration connect_timeout = absl::Seconds(60);
   RRefContextOptions rref_options;
-  // Faults to inject, like PyTorch's faulty agent (empty: $TETHER_FAULTY_MESSAGES,
-  // $TETHER_NUM_FAIL_SENDS and $TETHER_MESSAGES_TO_DELAY, "TYPE=seconds,...").
+  // Faults to inject, like PyTorch's faulty agent (empty:
+  // $TETHER_FAULTY_MESSAGES, $TETHER_NUM_FAIL_SENDS and
+  // $TETHER_MESSAGES_TO_DELAY, "TYPE=seconds,...").
   FaultyNetworkOptions faults;
   // Where to write this worker's Chrome trace: calls, messages, errors and RRef
   // events (empty: $TETHER_TRACE_DIR/trace-NAME.json if that is set, else no
   // trace). Merge the workers' files with tools/merge-traces.
   std::string trace_path;
+  // How long Stop() waits for the pool's threads to leave before it leaves
+  // the ones still in a task behind (negative: $TETHER_SHUTDOWN_JOIN_TIMEOUT
+  // seconds if set, else 5 s; absl::InfiniteDuration(): wait for ever).
+  absl::Duration stop_join_timeout = absl::Seconds(-1);
 };
 
 class Runtime {
@@ -90,6 +109,13 @@ class Runtime {
 
   // Starts the agent (register handlers and runners first).
   absl::Status Start();
+
+  // Stops the worker (idempotent): shuts the agent down at once if it is not
+  // already, stops the network, runs what the pool has queued and joins its
+  // threads within `stop_join_timeout`, then frees the worker's state, unless
+  // threads were left behind (see above): returns those (empty: every thread
+  // was joined). Later calls return the first call's result.
+  std::vector<StuckThread> Stop();
 
   class Impl;
 

@@ -5,8 +5,7 @@ import atexit
 import functools
 import re
 import threading
-import time
-from typing import Any, Dict, Generic, Optional, TypeVar
+from typing import Dict, Generic, Optional, TypeVar
 
 import torch
 import torch.jit._builtins
@@ -14,6 +13,7 @@ import torch.jit._builtins
 from tether import _C
 
 from . import _profiling
+from . import _shutdown
 from . import internal
 from .constants import DEFAULT_SHUTDOWN_TIMEOUT, UNSET_RPC_TIMEOUT
 
@@ -295,54 +295,11 @@ def _wait_all():
     return _WaitAll()
 
 
-# The barrier every worker passes at the start of a graceful shutdown (as PyTorch's
-# _wait_all_workers): worker 0 collects every worker's arrival, then tells each to proceed.
-_barrier_lock = threading.Lock()
-_barrier_events: Dict[Any, threading.Event] = {}
-_barrier_arrived: Dict[Any, set] = {}
-_shutdown_generation = 0
-
-
-def _barrier_event(key):
-    with _barrier_lock:
-        return _barrier_events.setdefault(key, threading.Event())
-
-
-def _barrier_arrive(generation, name, world_size):
-    with _barrier_lock:
-        arrived = _barrier_arrived.setdefault(generation, set())
-        arrived.add(name)
-        complete = len(arrived) == world_size
-    if complete:
-        _barrier_event(("all", generation)).set()
-
-
-def _barrier_proceed(generation):
-    _barrier_event(("go", generation)).set()
-
-
-def _wait_event(event, deadline, what):
-    while not event.wait(0.1 if deadline is None else max(0.0, min(0.1, deadline - time.monotonic()))):
-        if deadline is not None and time.monotonic() >= deadline:
-            raise RuntimeError(f"RPC shutdown timed out waiting for {what}")
-
-
 def _wait_all_workers(timeout):
-    generation = _shutdown_generation
-    me = _self_info
-    world = len(_workers_by_id)
-    leader = _workers_by_id[min(_workers_by_id)]
-    deadline = time.monotonic() + timeout if timeout > 0 else None
-    rpc_timeout = timeout if timeout > 0 else 0
-    if me == leader:
-        _barrier_arrive(generation, me.name, world)
-        _wait_event(_barrier_event(("all", generation)), deadline, "every worker to call shutdown()")
-        futs = [rpc_async(w, _barrier_proceed, args=(generation,), timeout=rpc_timeout)
-                for w in _workers_by_id.values() if w != me]
-        torch.futures.wait_all(futs)
-    else:
-        rpc_sync(leader, _barrier_arrive, args=(generation, me.name, world), timeout=rpc_timeout)
-        _wait_event(_barrier_event(("go", generation)), deadline, f"{leader.name} to proceed")
+    """The barrier every worker passes at the start of a graceful shutdown (as PyTorch's
+    _wait_all_workers); it reports what it waits for and fails at once, naming it, if a worker is
+    gone (see _shutdown)."""
+    _shutdown.wait_all_workers(timeout, _self_info, dict(_workers_by_id))
 
 
 @_require_initialized
@@ -350,7 +307,6 @@ def shutdown(graceful=True, timeout=DEFAULT_SHUTDOWN_TIMEOUT):
     """Shuts down RPC. Graceful (default): waits until every worker has called shutdown(), then
     deletes this worker's user RRefs and waits until no work is left anywhere (everything
     bounded by ``timeout`` seconds if > 0). Otherwise stops at once; pending calls fail."""
-    global _shutdown_generation
     try:
         if graceful:
             try:
@@ -358,9 +314,14 @@ def shutdown(graceful=True, timeout=DEFAULT_SHUTDOWN_TIMEOUT):
             except BaseException:
                 _C.shutdown(False, 0.0)
                 raise
+        else:
+            _shutdown.leave("it called shutdown(graceful=False)")
         _C.shutdown(bool(graceful), float(timeout))
     finally:
-        _shutdown_generation += 1
+        # A handler stuck in user code does not hold the stop up for more than a bound (the
+        # runtime leaves its thread behind); say which ones.
+        _shutdown.report_left_behind()
+        _shutdown.finish()
         _clear_workers()
         from . import _release_store
 
@@ -371,9 +332,11 @@ def shutdown(graceful=True, timeout=DEFAULT_SHUTDOWN_TIMEOUT):
 def _shutdown_at_exit():
     if _C.is_initialized():
         try:
+            _shutdown.leave("its process is exiting without a graceful shutdown()")
             _C.shutdown(False, 0.0)
         except Exception:
             pass
+        _shutdown.report_left_behind()
 
 
 # --- RRef -----------------------------------------------------------------------------------

@@ -1,0 +1,47 @@
+// Statuses become Python exceptions here, and only here.
+//
+// The code says what kind of error it is (kDeadlineExceeded: a timeout, raised as tether.rpc's
+// RpcTimeoutError, both a TimeoutError and a RuntimeError; kCancelled: RPC shut down;
+// kUnavailable: the peer is gone; anything else: RuntimeError with the message). A call's
+// context adds the worker the call went to.
+#ifndef TETHER_PYTHON_ERRORS_H_
+#define TETHER_PYTHON_ERRORS_H_
+
+#include <pybind11/pybind11.h>
+
+#include <string>
+#include <utility>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/time/time.h"
+#include "core/network.h"
+
+namespace tether {
+
+// The call an error belongs to, for its message.
+struct CallContext {
+  WorkerId to = -1;
+  std::string to_name;
+  absl::Duration timeout = absl::ZeroDuration();
+};
+
+// The exception class of timeouts (set once by tether.rpc at import; TimeoutError until then).
+// GIL held.
+void SetTimeoutErrorClass(pybind11::object cls);
+
+// The Python exception for `status` (not raised). GIL held.
+pybind11::object MakeException(const absl::Status& status, const CallContext* ctx);
+
+// Raises the exception for `status` (throws pybind11::error_already_set). GIL held.
+[[noreturn]] void Raise(const absl::Status& status, const CallContext* ctx = nullptr);
+
+template <typename T>
+T ValueOrRaise(absl::StatusOr<T> s) {
+  if (!s.ok()) Raise(s.status());
+  return *std::move(s);
+}
+
+}  // namespace tether
+
+#endif  // TETHER_PYTHON_ERRORS_H_

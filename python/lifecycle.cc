@@ -1,0 +1,293 @@
+#include "python/lifecycle.h"
+
+#include <pybind11/stl.h>
+#include <torch/csrc/jit/python/pybind_utils.h>
+#include <torch/csrc/profiler/api.h>
+#include <torch/csrc/utils/pybind.h>
+
+#include <cstdlib>
+#include <map>
+#include <memory>
+#include <stdexcept>
+#include <string>
+#include <tuple>
+#include <utility>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "core/agent.h"
+#include "core/future.h"
+#include "core/rref_context.h"
+#include "python/call_profiling.h"
+#include "python/callee.h"
+#include "python/errors.h"
+#include "python/owned_value.h"
+#include "python/process_state.h"
+#include "python/py_ownership.h"
+#include "python/sim_bindings.h"
+#include "python/wait.h"
+
+namespace py = pybind11;
+
+namespace tether {
+namespace {
+
+std::vector<std::pair<std::string, int>> Workers(const Worker& w) {
+  std::vector<std::pair<std::string, int>> out;
+  for (const WorkerInfo& info : w.runtime->agent()->workers()) out.emplace_back(info.name, info.id);
+  return out;
+}
+
+void RequireNotInitialized() {
+  if (CurrentWorker() != nullptr || ListeningRuntime() != nullptr) {
+    throw std::runtime_error("RPC is already initialized");
+  }
+}
+
+RuntimeOptions BaseOptions(const std::string& name, int rank, int num_worker_threads,
+                           double rpc_timeout) {
+  RuntimeOptions options;
+  options.name = name;
+  options.rank = rank;
+  options.num_worker_threads = num_worker_threads;
+  options.rpc_timeout = rpc_timeout <= 0 ? absl::ZeroDuration() : absl::Seconds(rpc_timeout);
+  options.rref_options.serializer = SerializeOwned;
+  return options;
+}
+
+std::string Listen(const std::string& name, int rank, int num_worker_threads, double rpc_timeout,
+                   const std::string& auth_token, const std::string& listen_host) {
+  RequireNotInitialized();
+  if (GetHooks().run_python_call == nullptr) {
+    throw std::runtime_error("tether._C is used before tether.rpc installed its hooks");
+  }
+  RuntimeOptions options = BaseOptions(name, rank, num_worker_threads, rpc_timeout);
+  options.auth_token = auth_token;
+  options.listen_host = listen_host;
+  absl::StatusOr<std::unique_ptr<Runtime>> runtime;
+  {
+    ScopedGilRelease release;
+    runtime = Runtime::Listen(options);
+  }
+  if (!runtime.ok()) Raise(runtime.status());
+  ListeningRuntime() = *std::move(runtime);
+  return ListeningRuntime()->address();
+}
+
+#ifdef TETHER_PLANTED_BUGS
+// Protocol bugs planted on purpose for tether.sim's own tests (test-only builds).
+void PlantBugs(RRefContextOptions* options) {
+  const char* plant = std::getenv("TETHER_SIM_PLANTED_RREF_BUGS");
+  if (plant == nullptr) return;
+  std::string bugs = plant;
+  options->bugs.skip_child_wait = bugs.find("skip_child_wait") != std::string::npos;
+  options->bugs.forget_idempotence = bugs.find("forget_idempotence") != std::string::npos;
+  options->bugs.free_on_first_delete = bugs.find("free_on_first_delete") != std::string::npos;
+  options->bugs.forget_user_delete = bugs.find("forget_user_delete") != std::string::npos;
+}
+#endif
+
+// Inside tether.sim: the rendezvous goes through the simulator's host. Returns every worker's
+// (name, id, address); the addresses are empty.
+std::vector<std::tuple<std::string, int, std::string>> SimListen(const std::string& name,
+                                                                 int rank, int world_size,
+                                                                 int num_worker_threads,
+                                                                 double rpc_timeout) {
+  RequireNotInitialized();
+  if (!InSimulatedWorker()) throw std::runtime_error("sim_listen outside a tether.sim worker");
+  RuntimeOptions options = BaseOptions(name, rank, num_worker_threads, rpc_timeout);
+#ifdef TETHER_PLANTED_BUGS
+  PlantBugs(&options.rref_options);
+#endif
+  py::module_ c = py::module_::import("tether._C");
+  std::vector<std::string> names = c.attr("sim_register")(name).cast<std::vector<std::string>>();
+  if (static_cast<int>(names.size()) != world_size) {
+    throw std::runtime_error(absl::StrCat("world_size is ", world_size, " but the simulation has ",
+                                          names.size(), " workers"));
+  }
+  SetSimWorkerThreads(num_worker_threads);
+  absl::StatusOr<std::unique_ptr<Runtime>> runtime = Runtime::ForSimulation(
+      options, SimWorkerClock(), SimWorkerExecutor(), SimWorkerNetwork());
+  if (!runtime.ok()) Raise(runtime.status());
+  ListeningRuntime() = *std::move(runtime);
+  std::vector<std::tuple<std::string, int, std::string>> workers;
+  for (int i = 0; i < static_cast<int>(names.size()); ++i) workers.emplace_back(names[i], i, "");
+  return workers;
+}
+
+void AbandonListen() {
+  std::unique_ptr<Runtime> rt = std::move(ListeningRuntime());
+  ScopedGilRelease release;
+  rt.reset();
+}
+
+// `workers`: (name, id, address) for every worker, this one included.
+std::vector<std::pair<std::string, int>> Connect(
+    const std::vector<std::tuple<std::string, int, std::string>>& workers) {
+  if (ListeningRuntime() == nullptr) throw std::runtime_error("listen() first");
+  std::unique_ptr<Runtime> runtime = std::move(ListeningRuntime());
+  auto worker = std::make_shared<Worker>();
+  worker->cu = torch::jit::get_python_cu();
+  std::vector<WorkerInfo> infos;
+  std::map<WorkerId, std::string> addresses;
+  absl::Status s;
+  {
+    ScopedGilRelease release;
+    for (const auto& [name, id, address] : workers) {
+      infos.push_back(WorkerInfo{name, id});
+      if (address != runtime->address()) addresses[id] = address;
+    }
+    s = runtime->Connect(infos, addresses);
+    if (!s.ok()) runtime.reset();
+  }
+  if (!s.ok()) Raise(s);
+  worker->runtime = std::move(runtime);
+  worker->self = worker->runtime->agent()->self();
+  pycall::SetNodeId(worker->self.id);  // profiled events carry the worker id
+  InstallCallee(worker.get());
+  {
+    ScopedGilRelease release;
+    s = worker->runtime->Start();
+    if (!s.ok()) worker->runtime.reset();
+  }
+  if (!s.ok()) Raise(s);
+  SetCurrentWorker(worker);
+  return Workers(*worker);
+}
+
+// Stops the worker: deletes this worker's user RRefs, then the graceful barrier (everything
+// bounded by `timeout` seconds if > 0), or stops at once; then the network and the threads.
+// Raises if a graceful shutdown could not complete.
+void Shutdown(bool graceful, double timeout) {
+  std::shared_ptr<Worker> w = RequireWorker();
+  absl::Time deadline =
+      timeout > 0 ? absl::Now() + absl::Seconds(timeout) : absl::InfiniteFuture();
+  absl::Status status;
+  if (graceful) {
+    Future<Unit> deleted(nullptr);
+    {
+      ScopedGilRelease release;
+      deleted = w->runtime->rrefs()->DeleteAllUsersAndUnforkedOwners(
+          timeout > 0 ? absl::Seconds(timeout) : absl::Seconds(60));
+    }
+    WaitInterruptibly(deleted);
+    status = deleted.result().status();
+  }
+  Future<Unit> done(nullptr);
+  {
+    ScopedGilRelease release;
+    done = w->runtime->agent()->Shutdown(graceful);
+  }
+  bool finished = WaitInterruptibly(done, deadline);
+  absl::Status barrier =
+      finished ? done.result().status()
+               : absl::DeadlineExceededError(absl::StrCat(
+                     "the graceful shutdown barrier did not complete within ", timeout, " s"));
+  if (status.ok()) status = barrier;
+  if (graceful && finished && status.ok()) {
+    // After a clean graceful shutdown no reference may remain (a leak).
+    std::vector<LeakedRRef> leaks = w->runtime->rrefs()->Leaks();
+    if (!leaks.empty()) {
+      std::string text = absl::StrCat("RRef leak on worker '", w->self.name, "': ", leaks.size(),
+                                      " reference(s) alive after a graceful shutdown:");
+      for (const LeakedRRef& l : leaks) absl::StrAppend(&text, "\n  ", l.ToString());
+      if (InSimulatedWorker()) {
+        status = absl::DataLossError(text);
+      } else {
+        PySys_WriteStderr("tether: %s\n", text.substr(0, 4000).c_str());
+      }
+    }
+  }
+  SetCurrentWorker(nullptr);
+  {
+    ScopedGilRelease release;
+    w->runtime.reset();
+  }
+  if (!status.ok() && graceful) {
+    throw std::runtime_error(absl::StrCat("RPC shutdown was not graceful: ", status.message()));
+  }
+}
+
+py::dict ToDict(const std::map<std::string, int64_t>& info, const std::string& prefix) {
+  py::dict out;
+  for (const auto& [key, value] : info) out[py::str(prefix + key)] = py::str(std::to_string(value));
+  return out;
+}
+
+py::dict AgentDebugInfo() {
+  std::shared_ptr<Worker> w = RequireWorker();
+  std::map<std::string, int64_t> info;
+  {
+    ScopedGilRelease release;
+    info = w->runtime->agent()->GetDebugInfo();
+  }
+  info["server_active_async_calls"] = w->server_active_async_calls.load();
+  info["thread_pool_size"] = w->runtime->num_worker_threads();
+  if (GilProfiling()) info["gil_average_wait_time_us"] = GilAverageWaitMicros();
+  return ToDict(info, "agent.");
+}
+
+py::dict RRefDebugInfo() {
+  std::shared_ptr<Worker> w = RequireWorker();
+  std::map<std::string, int64_t> info;
+  {
+    ScopedGilRelease release;
+    info = w->runtime->rrefs()->GetDebugInfo();
+  }
+  return ToDict(info, "");
+}
+
+}  // namespace
+
+void RegisterLifecycleBindings(py::module_& m) {
+  m.def(
+      "_set_hooks",
+      [](py::object run_python_call, py::object decode_reply, py::object serialize_value,
+         py::object timeout_error) {
+        SetHooks(std::move(run_python_call), std::move(decode_reply), std::move(serialize_value));
+        SetTimeoutErrorClass(std::move(timeout_error));
+      },
+      "Installs tether.rpc's Python hooks (once, at import).");
+  m.def("listen", &Listen, py::arg("name"), py::arg("rank"), py::arg("num_worker_threads"),
+        py::arg("rpc_timeout"), py::arg("auth_token"), py::arg("listen_host"));
+  m.def("abandon_listen", &AbandonListen);
+  m.def("sim_listen", &SimListen, py::arg("name"), py::arg("rank"), py::arg("world_size"),
+        py::arg("num_worker_threads"), py::arg("rpc_timeout"));
+  m.def("connect", &Connect, py::arg("workers"));
+  m.def("shutdown", &Shutdown, py::arg("graceful"), py::arg("timeout"));
+  m.def("is_initialized", [] { return CurrentWorker() != nullptr; });
+  m.def("workers", [] { return Workers(*RequireWorker()); });
+  m.def("self_id", [] { return RequireWorker()->self.id; });
+  m.def("get_rpc_timeout", [] {
+    return absl::ToDoubleSeconds(RequireWorker()->runtime->agent()->default_timeout());
+  });
+  m.def("set_rpc_timeout", [](double seconds) {
+    RequireWorker()->runtime->agent()->set_default_timeout(
+        seconds <= 0 ? absl::ZeroDuration() : absl::Seconds(seconds));
+  });
+  m.def("agent_debug_info", &AgentDebugInfo);
+  m.def("agent_summary", [] {
+    std::shared_ptr<Worker> w = RequireWorker();
+    ScopedGilRelease release;
+    return w->runtime->agent()->Summary();
+  });
+  m.def("rref_debug_info", &RRefDebugInfo);
+  m.def(
+      "enable_server_process_global_profiler",
+      [](const torch::profiler::impl::ProfilerConfig& config) {
+        pycall::EnableServerProfiler(config);
+      },
+      py::arg("config"));
+  m.def("disable_server_process_global_profiler",
+        [] { return ValueOrRaise(pycall::DisableServerProfiler()); });
+  m.def("enable_gil_profiling", [](bool on) { SetGilProfiling(on); });
+  m.def("planted_bugs_enabled", [] {
+#ifdef TETHER_PLANTED_BUGS
+    return true;
+#else
+    return false;
+#endif
+  });
+}
+
+}  // namespace tether

@@ -1,0 +1,91 @@
+#include "python/owned_value.h"
+
+#include <torch/csrc/jit/python/pybind_utils.h>
+#include <torch/csrc/utils/pybind.h>
+
+#include <string>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "python/call.pb.h"
+#include "python/errors.h"
+#include "python/process_state.h"
+#include "python/torch_calls.h"
+
+namespace py = pybind11;
+
+namespace tether {
+namespace {
+
+const OwnedValue* AsOwned(const RRefValue& v) {
+  return static_cast<const OwnedValue*>(v.object.get());
+}
+
+}  // namespace
+
+RRefValue MakeOwned(std::shared_ptr<OwnedValue> value) {
+  RRefValue v;
+  v.object = std::shared_ptr<const void>(std::move(value));
+  return v;
+}
+
+RRefValue MakeOwnedPython(py::object value, bool is_exception) {
+  auto owned = std::make_shared<OwnedValue>();
+  owned->py = std::make_unique<PyRef>(std::move(value));
+  owned->is_exception = is_exception;
+  return MakeOwned(std::move(owned));
+}
+
+absl::StatusOr<RRefValue> SerializeOwned(const RRefValue& v) {
+  const OwnedValue* owned = AsOwned(v);
+  if (owned == nullptr) return v;
+  pycall::Payload payload;
+  std::vector<Buffer> buffers;
+  if (owned->ivalue.has_value()) {
+    payload.set_torchscript_value(true);
+    absl::Status s = pycall::EncodeIValue(*owned->ivalue, &payload, &buffers);
+    if (!s.ok()) return s;
+  } else {
+    std::vector<at::Tensor> tensors;
+    {
+      Gil gil;
+      try {
+        py::object hook = py::reinterpret_borrow<py::object>(GetHooks().serialize_value);
+        py::tuple r = hook(owned->py->get(), owned->is_exception);
+        payload.set_pickle(std::string(r[0].cast<py::bytes>()));
+        tensors = r[1].cast<std::vector<at::Tensor>>();
+      } catch (py::error_already_set& e) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("cannot serialize the RRef's value: ", e.what()));
+      }
+    }
+    payload.set_remote_exception(owned->is_exception);
+    absl::Status s = pycall::AppendTensors(tensors, &payload, &buffers);
+    if (!s.ok()) return s;
+  }
+  RRefValue out;
+  out.payload = pycall::Serialize(payload);
+  out.buffers = std::move(buffers);
+  return out;
+}
+
+py::object ValueToPython(const RRefValue& v, WorkerId sender, bool copy) {
+  CheckGilHeld("ValueToPython");
+  if (const OwnedValue* owned = AsOwned(v)) {
+    if (owned->ivalue.has_value()) return torch::jit::toPyObject(*owned->ivalue);
+    if (owned->is_exception) {
+      owned->py->get().attr("reraise")();
+      throw std::logic_error("remote exception record did not raise");
+    }
+    return owned->py->get();
+  }
+  pycall::Payload payload = ValueOrRaise(pycall::Parse(v.payload));
+  if (payload.torchscript_value()) {
+    return torch::jit::toPyObject(ValueOrRaise(pycall::DecodeIValue(payload, v.buffers, copy)));
+  }
+  std::vector<at::Tensor> tensors = ValueOrRaise(pycall::TakeTensors(payload, v.buffers, copy));
+  py::object hook = py::reinterpret_borrow<py::object>(GetHooks().decode_reply);
+  return hook(py::bytes(payload.pickle()), py::cast(tensors), payload.remote_exception(), sender);
+}
+
+}  // namespace tether

@@ -1,0 +1,64 @@
+// Process-wide state of the extension, in one place: the Python hooks tether.rpc installs at
+// import, the live worker, and the runtime between listen() and connect().
+//
+//   Hooks         set once at import (GIL held), never released: live as long as the interpreter.
+//   the worker    a shared_ptr swapped under a mutex: any thread may take a reference to it;
+//                 set by connect(), cleared by shutdown().
+//   listening     between listen() and connect(); touched only by bound functions (GIL held).
+#ifndef TETHER_PYTHON_PROCESS_STATE_H_
+#define TETHER_PYTHON_PROCESS_STATE_H_
+
+#include <pybind11/pybind11.h>
+#include <torch/csrc/jit/api/compilation_unit.h>
+
+#include <atomic>
+#include <memory>
+#include <optional>
+
+#include "absl/time/time.h"
+#include "core/agent.h"
+#include "python/runtime.h"
+
+namespace tether {
+
+// tether.rpc's Python hooks, borrowed (never released). Called with the GIL held.
+struct Hooks {
+  // (responder, pickle: bytes, tensors: list, async_execution: bool, caller: int) -> None; must
+  // end with responder.reply(...) / set_value(...) exactly once, now or later.
+  PyObject* run_python_call = nullptr;
+  // (pickle: bytes, tensors: list, is_exception: bool, sender: int) -> value; raises the remote
+  // exception.
+  PyObject* decode_reply = nullptr;
+  // (value, is_exception) -> (pickle: bytes, tensors: list): an RRef's value for a fetch.
+  PyObject* serialize_value = nullptr;
+};
+
+// GIL held; steals the references.
+void SetHooks(pybind11::object run_python_call, pybind11::object decode_reply,
+              pybind11::object serialize_value);
+const Hooks& GetHooks();
+
+// The live worker.
+struct Worker : std::enable_shared_from_this<Worker> {
+  std::unique_ptr<Runtime> runtime;
+  std::shared_ptr<torch::jit::CompilationUnit> cu;
+  WorkerInfo self;
+  std::atomic<int64_t> server_active_async_calls{0};
+};
+
+// Any thread.
+std::shared_ptr<Worker> CurrentWorker();
+void SetCurrentWorker(std::shared_ptr<Worker> w);
+// Throws a RuntimeError naming init_rpc if no worker is live.
+std::shared_ptr<Worker> RequireWorker();
+
+// The runtime between listen() and connect() (GIL held).
+std::unique_ptr<Runtime>& ListeningRuntime();
+
+// A Python timeout in seconds: negative (UNSET_RPC_TIMEOUT, -1): the agent's default (nullopt);
+// 0: none.
+std::optional<absl::Duration> ToTimeout(double seconds);
+
+}  // namespace tether
+
+#endif  // TETHER_PYTHON_PROCESS_STATE_H_

@@ -1,0 +1,237 @@
+#include "python/rref_binding.h"
+
+// clang-format off
+#include <ATen/ThreadLocalState.h>
+// clang-format on
+#include <pybind11/stl.h>
+#include <torch/csrc/profiler/api.h>
+#include <torch/csrc/utils/pybind.h>
+
+#include <memory>
+#include <optional>
+#include <stdexcept>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "core/future.h"
+#include "core/rref_context.h"
+#include "python/caller.h"
+#include "python/torch_calls.h"
+#include "python/errors.h"
+#include "python/owned_value.h"
+#include "python/process_state.h"
+#include "python/py_ownership.h"
+#include "python/wait.h"
+
+namespace py = pybind11;
+
+namespace tether {
+namespace {
+
+class PyRRef {
+ public:
+  explicit PyRRef(RRefHandle handle) : handle_(std::move(handle)) {}
+  // Default: dropping the handle only posts to the RRef context (see the file comment).
+  ~PyRRef() = default;
+  PyRRef(const PyRRef&) = delete;
+  PyRRef& operator=(const PyRRef&) = delete;
+
+  const RRefHandle& handle() const { return handle_; }
+  int owner_id() const { return handle_.owner(); }
+  bool is_owner() const { return handle_.is_owner(); }
+
+  std::string owner_name() const {
+    std::shared_ptr<Worker> w = RequireWorker();
+    absl::StatusOr<WorkerInfo> info = w->runtime->agent()->GetWorker(handle_.owner());
+    if (!info.ok()) Raise(info.status());
+    return info->name;
+  }
+
+  bool confirmed_by_owner() const {
+    std::shared_ptr<Worker> w = RequireWorker();
+    if (handle_.is_owner()) return true;
+    ScopedGilRelease release;
+    Future<Unit> f = w->runtime->rrefs()->WaitForConfirmations({handle_});
+    return f.ready() && f.result().ok();
+  }
+
+  py::object ToHere(double timeout_s) const {
+    std::shared_ptr<Worker> w = RequireWorker();
+    std::optional<absl::Duration> timeout = ToTimeout(timeout_s);
+    CallContext ctx = MakeContext(*w, handle_.owner(), timeout);
+    Future<RRefValue> f(nullptr);
+    {
+      ScopedGilRelease release;
+      f = w->runtime->rrefs()->ToHere(handle_, timeout);
+    }
+    WaitInterruptibly(f);
+    // A profiled remote(): its creation reply carries the callee's operators; let it be
+    // processed before the value is returned (and the profile ends). (The owner sends that
+    // reply before it serves the value: a short wait.)
+    const absl::StatusOr<RRefValue>& v = f.result();
+    if (v.ok() && profiled_creation_.has_value()) WaitInterruptibly(*profiled_creation_);
+    if (!v.ok()) Raise(v.status(), &ctx);
+    return ValueToPython(*v, handle_.owner(), handle_.owner() == w->self.id);
+  }
+
+  // For a profiled remote() (user handle): to_here() also waits for `acked`.
+  void set_profiled_creation(Future<Unit> acked) { profiled_creation_.emplace(std::move(acked)); }
+
+  py::object LocalValue() const {
+    if (!handle_.is_owner()) {
+      throw std::runtime_error(absl::StrCat(
+          "Cannot call local_value() on a non-local reference. Call it on the owner (worker id ",
+          handle_.owner(), ")."));
+    }
+    return ToHere(0);
+  }
+
+  // The descriptor that travels in place of this RRef to worker `to`.
+  py::bytes Fork(WorkerId to) const {
+    std::shared_ptr<Worker> w = RequireWorker();
+    absl::StatusOr<RRefDescriptor> d;
+    {
+      ScopedGilRelease release;
+      d = w->runtime->rrefs()->Fork(handle_, to);
+    }
+    if (!d.ok()) Raise(d.status());
+    return py::bytes(d->Serialize());
+  }
+
+  std::string Repr() const {
+    if (handle_.is_owner()) return absl::StrCat("OwnerRRef(", handle_.rref_id().ToString(), ")");
+    return absl::StrCat("UserRRef(RRefId = ", handle_.rref_id().ToString(),
+                        ", ForkId = ", handle_.fork_id().ToString(), ")");
+  }
+
+ private:
+  RRefHandle handle_;
+  std::optional<Future<Unit>> profiled_creation_;
+};
+
+std::shared_ptr<PyRRef> ReceiveRRef(const py::bytes& descriptor, WorkerId from) {
+  std::shared_ptr<Worker> w = RequireWorker();
+  RRefDescriptor d = ValueOrRaise(RRefDescriptor::Parse(std::string(descriptor)));
+  absl::StatusOr<RRefHandle> h;
+  {
+    ScopedGilRelease release;
+    h = w->runtime->rrefs()->Receive(d, from);
+  }
+  if (!h.ok()) Raise(h.status());
+  return std::make_shared<PyRRef>(*std::move(h));
+}
+
+std::shared_ptr<PyRRef> CreateOwnedRRef(py::object value, const std::string& type_name) {
+  std::shared_ptr<Worker> w = RequireWorker();
+  RRefValue v = MakeOwnedPython(std::move(value), /*is_exception=*/false);
+  RRefHandle h;
+  {
+    ScopedGilRelease release;
+    h = w->runtime->rrefs()->CreateOwned(std::move(v), w->self.name, type_name);
+  }
+  return std::make_shared<PyRRef>(std::move(h));
+}
+
+std::shared_ptr<PyRRef> Remote(Prepared p, WorkerId to, double timeout_s,
+                               const std::string& type_name) {
+  Worker& w = *p.worker;
+  CheckDestination(w, to);
+  MessageType type = p.kind == Kind::kPython    ? wire::PYTHON_REMOTE_CALL
+                     : p.kind == Kind::kBuiltin ? wire::BUILTIN_REMOTE_CALL
+                                                : wire::SCRIPT_REMOTE_CALL;
+  std::string bytes = pycall::Serialize(p.payload);
+  CreationCallback on_created;
+  if (p.profile != nullptr) {
+    on_created = [profile = p.profile](absl::string_view reply) {
+      absl::StatusOr<pycall::Payload> payload = pycall::Parse(std::string(reply));
+      if (payload.ok()) profile->AddRemoteEvents(payload->profiled_events()).IgnoreError();
+    };
+  }
+  absl::StatusOr<RRefHandle> h;
+  {
+    ScopedGilRelease release;
+    h = w.runtime->rrefs()->Remote(to, type, std::move(bytes), std::move(p.buffers),
+                                   ToTimeout(timeout_s), w.self.name, type_name,
+                                   std::move(on_created));
+  }
+  if (!h.ok()) Raise(h.status());
+  auto rref = std::make_shared<PyRRef>(*std::move(h));
+  if (p.profile != nullptr && !rref->is_owner()) {
+    ScopedGilRelease release;
+    rref->set_profiled_creation(w.runtime->rrefs()->WaitForConfirmations({rref->handle()}));
+  }
+  return rref;
+}
+
+// Calls `callback(None)` once every RRef in `rrefs` is confirmed by its owner, or
+// `callback(exception)`; inline if they already are, else later on a pool thread.
+void OnConfirmed(const std::vector<std::shared_ptr<PyRRef>>& rrefs, py::object callback) {
+  std::shared_ptr<Worker> w = RequireWorker();
+  std::vector<RRefHandle> handles;
+  for (const auto& r : rrefs) handles.push_back(r->handle());
+  Future<Unit> f(nullptr);
+  {
+    ScopedGilRelease release;
+    f = w->runtime->rrefs()->WaitForConfirmations(handles);
+  }
+  auto deliver = [](const py::object& cb, const absl::StatusOr<Unit>& r) {
+    cb(r.ok() ? py::none() : MakeException(r.status(), nullptr));
+  };
+  if (f.ready()) {
+    deliver(callback, f.result());
+    return;
+  }
+  auto target = std::make_shared<PyRef>(std::move(callback));
+  // A call handled under the profiler stays profiled when it runs later on another thread: the
+  // callback then runs with this thread's state.
+  std::optional<at::ThreadLocalState> state;
+  if (torch::profiler::impl::profilerEnabled()) state.emplace();
+  f.Then([target, deliver, state](const absl::StatusOr<Unit>& r) {
+    std::optional<at::ThreadLocalStateGuard> guard;
+    if (state.has_value()) guard.emplace(*state);
+    Gil gil;
+    try {
+      deliver(target->get(), r);
+    } catch (py::error_already_set& e) {
+      e.discard_as_unraisable("tether: running a call after its RRef arguments were confirmed");
+    }
+  });
+}
+
+}  // namespace
+
+void RegisterRRefBindings(py::module_& m) {
+  py::class_<PyRRef, std::shared_ptr<PyRRef>>(m, "RRef", py::dynamic_attr())
+      .def(py::init([](py::object value, py::object type_hint) {
+             return CreateOwnedRRef(std::move(value), "");
+           }),
+           py::arg("value"), py::arg("type_hint") = py::none(),
+           "Creates an RRef owned by this worker that holds `value`.")
+      .def("_owner_id", &PyRRef::owner_id)
+      .def("is_owner", &PyRRef::is_owner, "Whether the current worker owns this RRef.")
+      .def("owner_name", &PyRRef::owner_name, "The name of the worker that owns this RRef.")
+      .def("confirmed_by_owner", &PyRRef::confirmed_by_owner,
+           "Whether the owner has confirmed this RRef (always true on the owner).")
+      .def("to_here", &PyRRef::ToHere, py::arg("timeout") = -1.0,
+           "Blocking: copies the value from the owner and returns it (the value itself on the "
+           "owner). `timeout` in seconds; -1: the default RPC timeout; 0: none.")
+      .def("local_value", &PyRRef::LocalValue,
+           "The value held by the owner; raises on a non-owner.")
+      .def("_fork", &PyRRef::Fork, py::arg("to"))
+      .def("__repr__", &PyRRef::Repr)
+      .def("__str__", &PyRRef::Repr);
+
+  auto remote = [](Prepared p, WorkerId to, double timeout) {
+    return Remote(std::move(p), to, timeout, "");
+  };
+  DefPythonCall(m, "remote_python", remote);
+  DefTorchCall(m, "remote_builtin", &PrepareBuiltin, remote);
+  DefTorchCall(m, "remote_script", &PrepareScript, remote);
+  m.def("create_owned_rref", &CreateOwnedRRef, py::arg("value"), py::arg("type_name") = "");
+  m.def("receive_rref", &ReceiveRRef, py::arg("descriptor"), py::arg("sender"));
+  m.def("on_confirmed", &OnConfirmed, py::arg("rrefs"), py::arg("callback"));
+}
+
+}  // namespace tether
