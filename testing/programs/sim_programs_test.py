@@ -9,7 +9,14 @@ import unittest
 
 import torch  # noqa: F401
 
-import tether.sim as sim
+# The planted RRef bugs live only in the test-only extension variant (never in the shipped one).
+_PLANTED = os.path.join(os.environ.get("TEST_SRCDIR", ""), os.environ.get("TEST_WORKSPACE", ""),
+                        "python", "_C_planted.so")
+if os.path.exists(_PLANTED):
+    os.environ["TETHER_C_EXTENSION"] = _PLANTED
+
+import tether.sim as sim  # noqa: E402
+from tether import _C  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -76,6 +83,7 @@ class PlantedBugTest(unittest.TestCase):
         self.assertEqual(again.trace_hash, r.trace_hash)
 
     def test_leaked_rref_is_a_leak_naming_the_reference(self):
+        self.assertTrue(_C.planted_bugs_enabled(), "the test-only planted extension is not loaded")
         r = sim.run(leaked_rref.main, 2, seed=1)
         self.assertEqual(r.kinds(), ["leak"])
         self.assertIn("RRef leak on worker 'worker1'", r.failures[0].detail)
