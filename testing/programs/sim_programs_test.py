@@ -10,8 +10,10 @@ import unittest
 import torch  # noqa: F401
 
 # The planted RRef bugs live only in the test-only extension variant (never in the shipped one).
-_PLANTED = os.path.join(os.environ.get("TEST_SRCDIR", ""), os.environ.get("TEST_WORKSPACE", ""),
-                        "python", "_C_planted.so")
+# Under Bazel it is in the runfiles; elsewhere $TETHER_C_PLANTED_EXTENSION names it.
+_PLANTED = os.environ.get("TETHER_C_PLANTED_EXTENSION") or os.path.join(
+    os.environ.get("TEST_SRCDIR", ""), os.environ.get("TEST_WORKSPACE", ""), "python",
+    "_C_planted.so")
 if os.path.exists(_PLANTED):
     os.environ["TETHER_C_EXTENSION"] = _PLANTED
 
