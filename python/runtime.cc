@@ -62,14 +62,12 @@ absl::Status FromEnvironment(RuntimeOptions* options) {
     }
     std::map<std::string, double> delays;
     if (const char* v = std::getenv("TETHER_MESSAGES_TO_DELAY")) {
-      for (absl::string_view item :
-           absl::StrSplit(v, ',', absl::SkipWhitespace())) {
+      for (absl::string_view item : absl::StrSplit(v, ',', absl::SkipWhitespace())) {
         std::pair<std::string, std::string> kv = absl::StrSplit(item, '=');
         double seconds = 0;
         if (!absl::SimpleAtod(kv.second, &seconds)) {
-          return absl::InvalidArgumentError(absl::StrCat(
-              "TETHER_MESSAGES_TO_DELAY wants TYPE=seconds items, got '", item,
-              "'"));
+          return absl::InvalidArgumentError(
+              absl::StrCat("TETHER_MESSAGES_TO_DELAY wants TYPE=seconds items, got '", item, "'"));
         }
         delays[kv.first] = seconds;
       }
@@ -84,17 +82,15 @@ absl::Status FromEnvironment(RuntimeOptions* options) {
     if (const char* v = std::getenv("TETHER_SHUTDOWN_JOIN_TIMEOUT")) {
       double seconds = 0;
       if (!absl::SimpleAtod(v, &seconds) || seconds < 0) {
-        return absl::InvalidArgumentError(absl::StrCat(
-            "TETHER_SHUTDOWN_JOIN_TIMEOUT wants seconds >= 0, got '", v, "'"));
+        return absl::InvalidArgumentError(
+            absl::StrCat("TETHER_SHUTDOWN_JOIN_TIMEOUT wants seconds >= 0, got '", v, "'"));
       }
       options->stop_join_timeout = absl::Seconds(seconds);
     }
   }
   if (options->trace_path.empty()) {
     if (const char* dir = std::getenv("TETHER_TRACE_DIR")) {
-      if (*dir != '\0')
-        options->trace_path =
-            absl::StrCat(dir, "/trace-", options->name, ".json");
+      if (*dir != '\0') options->trace_path = absl::StrCat(dir, "/trace-", options->name, ".json");
     }
   }
   return absl::OkStatus();
@@ -102,16 +98,13 @@ absl::Status FromEnvironment(RuntimeOptions* options) {
 
 }  // namespace
 
-absl::StatusOr<std::unique_ptr<Runtime>> Runtime::Listen(
-    const RuntimeOptions& options) {
+absl::StatusOr<std::unique_ptr<Runtime>> Runtime::Listen(const RuntimeOptions& options) {
   if (options.rank < 0) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("rank must be >= 0, got ", options.rank));
+    return absl::InvalidArgumentError(absl::StrCat("rank must be >= 0, got ", options.rank));
   }
   if (options.num_worker_threads <= 0) {
     return absl::InvalidArgumentError(
-        absl::StrCat("num_worker_threads must be positive, got ",
-                     options.num_worker_threads));
+        absl::StrCat("num_worker_threads must be positive, got ", options.num_worker_threads));
   }
   auto impl = std::make_unique<Impl>();
   impl->options = options;
@@ -132,29 +125,26 @@ absl::StatusOr<std::unique_ptr<Runtime>> Runtime::Listen(
   impl->executor_view = impl->pool;
   impl->network_view = impl->network.get();
   if (!impl->options.faults.empty()) {
-    impl->faulty = std::make_unique<FaultyNetwork>(
-        impl->network_view, impl->clock_view, impl->options.faults);
+    impl->faulty =
+        std::make_unique<FaultyNetwork>(impl->network_view, impl->clock_view, impl->options.faults);
     impl->network_view = impl->faulty.get();
   }
   if (!impl->options.trace_path.empty()) {
-    impl->tracing = std::make_unique<TracingNetwork>(
-        impl->network_view, impl->clock_view, impl->options.trace_path,
-        options.name);
+    impl->tracing = std::make_unique<TracingNetwork>(impl->network_view, impl->clock_view,
+                                                     impl->options.trace_path, options.name);
     impl->network_view = impl->tracing.get();
   }
   return std::unique_ptr<Runtime>(new Runtime(std::move(impl)));
 }
 
-absl::StatusOr<std::unique_ptr<Runtime>> Runtime::ForSimulation(
-    const RuntimeOptions& options, Clock* clock, Executor* executor,
-    Network* network) {
+absl::StatusOr<std::unique_ptr<Runtime>> Runtime::ForSimulation(const RuntimeOptions& options,
+                                                                Clock* clock, Executor* executor,
+                                                                Network* network) {
   if (options.rank < 0) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("rank must be >= 0, got ", options.rank));
+    return absl::InvalidArgumentError(absl::StrCat("rank must be >= 0, got ", options.rank));
   }
   if (clock == nullptr || executor == nullptr || network == nullptr) {
-    return absl::InvalidArgumentError(
-        "a simulated runtime needs a clock, executor and network");
+    return absl::InvalidArgumentError("a simulated runtime needs a clock, executor and network");
   }
   auto impl = std::make_unique<Impl>();
   impl->options = options;
@@ -168,11 +158,9 @@ std::string Runtime::address() const {
   return impl_->network != nullptr ? impl_->network->listen_address() : "";
 }
 
-absl::Status Runtime::Connect(
-    const std::vector<WorkerInfo>& workers,
-    const std::map<WorkerId, std::string>& addresses) {
-  if (impl_->agent != nullptr)
-    return absl::FailedPreconditionError("already connected");
+absl::Status Runtime::Connect(const std::vector<WorkerInfo>& workers,
+                              const std::map<WorkerId, std::string>& addresses) {
+  if (impl_->agent != nullptr) return absl::FailedPreconditionError("already connected");
   if (impl_->network != nullptr) {
     absl::Status peers = impl_->network->SetPeers(addresses);
     if (!peers.ok()) return peers;
@@ -184,22 +172,21 @@ absl::Status Runtime::Connect(
   // tether.rpc.shutdown() bounds the barrier itself (its `timeout` argument).
   options.shutdown_timeout = absl::ZeroDuration();
   if (impl_->tracing != nullptr) {
-    impl_->call_tracer =
-        std::make_unique<CallTraceObserver>(impl_->tracing.get());
+    impl_->call_tracer = std::make_unique<CallTraceObserver>(impl_->tracing.get());
     options.call_observer = impl_->call_tracer.get();
   }
-  absl::StatusOr<std::unique_ptr<Agent>> agent = Agent::Create(
-      options, impl_->clock_view, impl_->network_view, impl_->executor_view);
+  absl::StatusOr<std::unique_ptr<Agent>> agent =
+      Agent::Create(options, impl_->clock_view, impl_->network_view, impl_->executor_view);
   if (!agent.ok()) return agent.status();
   impl_->agent = *std::move(agent);
   RRefContextOptions rref_options = impl_->options.rref_options;
   if (impl_->tracing != nullptr) {
-    impl_->rref_tracer = std::make_unique<RRefTraceObserver>(
-        impl_->tracing.get(), rref_options.observer);
+    impl_->rref_tracer =
+        std::make_unique<RRefTraceObserver>(impl_->tracing.get(), rref_options.observer);
     rref_options.observer = impl_->rref_tracer.get();
   }
-  impl_->rrefs = RRefContext::Create(impl_->agent.get(), impl_->clock_view,
-                                     impl_->executor_view, rref_options);
+  impl_->rrefs = RRefContext::Create(impl_->agent.get(), impl_->clock_view, impl_->executor_view,
+                                     rref_options);
   return absl::OkStatus();
 }
 
@@ -207,13 +194,11 @@ Agent* Runtime::agent() const { return impl_->agent.get(); }
 RRefContext* Runtime::rrefs() const { return impl_->rrefs.get(); }
 Executor* Runtime::executor() const { return impl_->executor_view; }
 int Runtime::num_worker_threads() const {
-  return impl_->pool != nullptr ? impl_->pool->num_threads()
-                                : impl_->options.num_worker_threads;
+  return impl_->pool != nullptr ? impl_->pool->num_threads() : impl_->options.num_worker_threads;
 }
 
 absl::Status Runtime::Start() {
-  if (impl_->agent == nullptr)
-    return absl::FailedPreconditionError("Connect() first");
+  if (impl_->agent == nullptr) return absl::FailedPreconditionError("Connect() first");
   return impl_->agent->Start();
 }
 
@@ -228,24 +213,23 @@ std::vector<StuckThread> Runtime::Stop() {
   // Runs what is queued (callbacks failing the last calls), then joins the
   // threads, leaving behind those still in a task after the bound.
   if (impl.pool != nullptr) {
-    impl.left_behind = impl.pool->ShutdownWithin(
-        ThreadPool::kDrain, impl.options.stop_join_timeout);
+    impl.left_behind =
+        impl.pool->ShutdownWithin(ThreadPool::kDrain, impl.options.stop_join_timeout);
   }
   if (!impl.left_behind.empty()) {
     // Their tasks may still reach everything below: keep all of it (runtime.h).
-    std::string text = absl::StrCat(
-        "tether: worker '", impl.options.name, "': ", impl.left_behind.size(),
-        " thread(s) still inside a task (most likely a handler in user code) ",
-        absl::FormatDuration(impl.options.stop_join_timeout),
-        " after the pool began to stop; left behind so the process can exit "
-        "(set TETHER_SHUTDOWN_JOIN_TIMEOUT to wait longer):");
-    for (const StuckThread& t : impl.left_behind)
-      absl::StrAppend(&text, "\n  ", t.ToString());
+    std::string text =
+        absl::StrCat("tether: worker '", impl.options.name, "': ", impl.left_behind.size(),
+                     " thread(s) still inside a task (most likely a handler in user code) ",
+                     absl::FormatDuration(impl.options.stop_join_timeout),
+                     " after the pool began to stop; left behind so the process can exit "
+                     "(set TETHER_SHUTDOWN_JOIN_TIMEOUT to wait longer):");
+    for (const StuckThread& t : impl.left_behind) absl::StrAppend(&text, "\n  ", t.ToString());
     std::fprintf(stderr, "%s\n", text.c_str());
     std::fflush(stderr);
     return impl.left_behind;
   }
-  if (impl.rrefs != nullptr) impl.rrefs->Close(/*ignore_leaks=*/true);
+  if (impl.rrefs != nullptr) impl.rrefs->Close(/*ignore_leaks=*/true).IgnoreError();
   impl.rrefs.reset();
   impl.rref_tracer.reset();  // After the context that calls it.
   impl.agent.reset();
