@@ -9,6 +9,21 @@
 #include "absl/strings/str_split.h"
 
 namespace tether {
+namespace {
+
+// The planted bugs (PlantedBugs, RRefPlantedBugs) take effect only in the testonly variants of the
+// core libraries (//core:agent_planted, //core:rref_context_planted), which compile these very
+// sources with TETHER_PLANTED_BUGS. In the production libraries kPlantedBugs is false, so every
+// planted branch below folds away at compile time and the options' `bugs` fields are ignored.
+#ifdef TETHER_PLANTED_BUGS
+constexpr bool kPlantedBugs = true;
+#else
+constexpr bool kPlantedBugs = false;
+#endif
+
+}  // namespace
+
+bool PlantedBugsCompiledIn() { return kPlantedBugs; }
 
 struct Agent::PendingCall {
   WorkerId to = -1;
@@ -420,7 +435,7 @@ Future<Message> Agent::Call(WorkerId to, MessageType type, std::string payload,
     call->started = clock_->Now();
     call->timeout = timeout.value_or(default_timeout_);
     call->future = future;
-    if (call->timeout > absl::ZeroDuration() && !bugs_.lose_timeout_timer) {
+    if (call->timeout > absl::ZeroDuration() && !(kPlantedBugs && bugs_.lose_timeout_timer)) {
       call->timer = clock_->Schedule(clock_->Now() + call->timeout,
                                      [this, id] { OnCallTimeout(id); });
     }
@@ -571,7 +586,7 @@ void Agent::HandleRequest(Message message) {
   {
     absl::MutexLock lock(&mu_);
     if (shutdown_ && shutdown_->finished) return;
-    if (IsDuplicateLocked(from, id) && !bugs_.process_duplicates) {
+    if (IsDuplicateLocked(from, id) && !(kPlantedBugs && bugs_.process_duplicates)) {
       ++counters_["duplicates_dropped"];
       return;
     }
@@ -616,7 +631,7 @@ void Agent::SendReply(WorkerId to, uint64_t request_id,
     absl::MutexLock lock(&mu_);
     --server_active_;
     ++events_;
-    drop = (bugs_.drop_reply_at_shutdown && shutdown_ != nullptr) ||
+    drop = ((kPlantedBugs && bugs_.drop_reply_at_shutdown) && shutdown_ != nullptr) ||
            (shutdown_ && shutdown_->finished);
   }
   if (drop) return;

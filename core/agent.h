@@ -96,8 +96,10 @@ struct AgentOptions {
   CallObserver* call_observer = nullptr;
 };
 
-// Bugs planted on purpose, to prove the simulator's oracles find them. Never
-// set outside tests.
+// Bugs planted on purpose, to prove the simulator's oracles find them. They have effect only in
+// the testonly variant //core:agent_planted (agent.cc compiled with TETHER_PLANTED_BUGS); the
+// production //core:agent compiles their branches out and ignores set_planted_bugs. The struct is
+// the same in both variants (no ODR difference); PlantedBugsCompiledIn() tells which one is linked.
 struct PlantedBugs {
   bool lose_timeout_timer = false;  // Calls never time out.
   bool drop_reply_at_shutdown =
@@ -105,6 +107,9 @@ struct PlantedBugs {
   bool process_duplicates =
       false;  // Duplicated requests run their handler again.
 };
+
+// True in //core:agent_planted, false in the production //core:agent.
+bool PlantedBugsCompiledIn();
 
 // A request being served. The handler (or whatever it hands the call to) must
 // reply exactly once, from any thread; a call dropped without a reply answers
@@ -220,6 +225,7 @@ class Agent : public NetworkObserver {
   // flight.
   std::string Summary() const;
 
+  // Has effect only in //core:agent_planted (see PlantedBugs).
   void set_planted_bugs(PlantedBugs bugs);
 
   // NetworkObserver.

@@ -3,7 +3,7 @@
 #include <thread>
 
 #include "gtest/gtest.h"
-#include "testing/inline_executor.h"
+#include "core/inline_executor.h"
 
 namespace tether {
 namespace {

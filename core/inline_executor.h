@@ -3,8 +3,8 @@
 //   QueueExecutor ex;
 //   future.Then(...);
 //   ex.RunAll();  // runs the queued callbacks, and any they post
-#ifndef TETHER_TESTING_INLINE_EXECUTOR_H_
-#define TETHER_TESTING_INLINE_EXECUTOR_H_
+#ifndef TETHER_CORE_INLINE_EXECUTOR_H_
+#define TETHER_CORE_INLINE_EXECUTOR_H_
 
 #include <deque>
 #include <functional>
@@ -44,4 +44,4 @@ class QueueExecutor : public Executor {
 
 }  // namespace tether::testing
 
-#endif  // TETHER_TESTING_INLINE_EXECUTOR_H_
+#endif  // TETHER_CORE_INLINE_EXECUTOR_H_

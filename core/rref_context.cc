@@ -11,6 +11,16 @@
 namespace tether {
 namespace {
 
+// The planted bugs (PlantedBugs, RRefPlantedBugs) take effect only in the testonly variants of the
+// core libraries (//core:agent_planted, //core:rref_context_planted), which compile these very
+// sources with TETHER_PLANTED_BUGS. In the production libraries kPlantedBugs is false, so every
+// planted branch below folds away at compile time and the options' `bugs` fields are ignored.
+#ifdef TETHER_PLANTED_BUGS
+constexpr bool kPlantedBugs = true;
+#else
+constexpr bool kPlantedBugs = false;
+#endif
+
 void ToProto(const GloballyUniqueId& id, rref_wire::GlobalId* out) {
   out->set_worker(id.worker);
   out->set_local(id.local);
@@ -44,6 +54,8 @@ std::string EncodeChildControl(const ForkId& fork, bool query) {
 }
 
 }  // namespace
+
+bool RRefPlantedBugsCompiledIn() { return kPlantedBugs; }
 
 std::string GloballyUniqueId::ToString() const {
   return absl::StrCat("GUID(", worker, ":", local, ")");
@@ -378,7 +390,7 @@ RRefContext::OwnerEntry* RRefContext::FindOrCreatePlaceholderLocked(
 
 void RRefContext::AddForkLocked(OwnerEntry* entry, const ForkId& fork,
                                 WorkerId holder) {
-  if (options_.bugs.forget_idempotence) {
+  if (kPlantedBugs && options_.bugs.forget_idempotence) {
     ++entry->fork_count;
     entry->forks[fork] = holder;
     EmitLocked(RRefEvent::kForkAdded, entry->id, fork, holder);
@@ -392,7 +404,7 @@ void RRefContext::AddForkLocked(OwnerEntry* entry, const ForkId& fork,
 
 void RRefContext::RemoveForkLocked(OwnerEntry* entry, const ForkId& fork,
                                    bool duplicate_aware) {
-  if (options_.bugs.forget_idempotence && !duplicate_aware) {
+  if ((kPlantedBugs && options_.bugs.forget_idempotence) && !duplicate_aware) {
     --entry->fork_count;
     if (entry->forks.erase(fork) > 0) {
       EmitLocked(RRefEvent::kForkRemoved, entry->id, fork, -1);
@@ -403,7 +415,7 @@ void RRefContext::RemoveForkLocked(OwnerEntry* entry, const ForkId& fork,
   auto it = entry->forks.find(fork);
   if (it == entry->forks.end()) return;
   entry->forks.erase(it);
-  if (options_.bugs.forget_idempotence) --entry->fork_count;
+  if (kPlantedBugs && options_.bugs.forget_idempotence) --entry->fork_count;
   EmitLocked(RRefEvent::kForkRemoved, entry->id, fork, -1);
 }
 
@@ -411,7 +423,7 @@ void RRefContext::MaybeFreeLocked(const RRefId& rref, Actions* actions) {
   auto it = owners_.find(rref);
   if (it == owners_.end()) return;
   OwnerEntry* entry = it->second.get();
-  bool forked = options_.bugs.forget_idempotence ? entry->fork_count > 0
+  bool forked = (kPlantedBugs && options_.bugs.forget_idempotence) ? entry->fork_count > 0
                                                  : !entry->forks.empty();
   if (forked) return;
   if (entry->local_handles > 0) {
@@ -745,10 +757,10 @@ void RRefContext::HandleUserDelete(std::shared_ptr<IncomingCall> call) {
       if (it == owners_.end()) {
         // The delete overtook the creation: remember it so the creation does
         // not re-pin.
-        if (!options_.bugs.forget_idempotence) deleted_forks_.insert(fork);
+        if (!(kPlantedBugs && options_.bugs.forget_idempotence)) deleted_forks_.insert(fork);
       } else {
         RemoveForkLocked(it->second.get(), fork, /*duplicate_aware=*/false);
-        if (options_.bugs.free_on_first_delete &&
+        if ((kPlantedBugs && options_.bugs.free_on_first_delete) &&
             it->second->value.has_value()) {
           FreeLocked(rref, &actions);
         } else {
@@ -1081,7 +1093,7 @@ absl::StatusOr<RRefDescriptor> RRefContext::Fork(const RRefHandle& handle,
             "RRef ", handle.rref_id().ToString(), " was deleted by shutdown"));
       }
       child->parent_fork = handle.fork_id();
-      if (!options_.bugs.skip_child_wait) {
+      if (!(kPlantedBugs && options_.bugs.skip_child_wait)) {
         ++it->second->pending_children;
         child->pin = handle;
       }
@@ -1120,7 +1132,7 @@ void RRefContext::ResolveChildLocked(const ForkId& fork, bool refused,
     MaybeFreeLocked(child->rref, actions);
   } else {
     auto user = users_.find(child->parent_fork);
-    if (user != users_.end() && !options_.bugs.skip_child_wait) {
+    if (user != users_.end() && !(kPlantedBugs && options_.bugs.skip_child_wait)) {
       --user->second->pending_children;
       MaybeDeleteUserLocked(child->parent_fork, actions);
     }
@@ -1498,7 +1510,7 @@ void RRefContext::MaybeDeleteUserLocked(const ForkId& fork, Actions* actions) {
     CheckShutdownDone();
     return;
   }
-  if (options_.bugs.forget_user_delete) {
+  if (kPlantedBugs && options_.bugs.forget_user_delete) {
     users_.erase(it);
     CheckShutdownDone();
     return;

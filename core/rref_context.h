@@ -202,8 +202,10 @@ class RRefObserver {
   virtual void OnRRefEvent(const RRefEvent& event) = 0;
 };
 
-// Bugs planted on purpose, to prove the ghost ledger and the explorer find
-// them. Tests only.
+// Bugs planted on purpose, to prove the ghost ledger and the explorer find them. They have effect
+// only in the testonly variant //core:rref_context_planted (rref_context.cc compiled with
+// TETHER_PLANTED_BUGS); the production //core:rref_context compiles their branches out and
+// ignores RRefContextOptions::bugs. The struct is the same in both variants (no ODR difference).
 struct RRefPlantedBugs {
   bool skip_child_wait =
       false;  // Parents do not stay pinned until children accept.
@@ -231,8 +233,12 @@ struct RRefContextOptions {
   // value.buffers.
   std::function<absl::StatusOr<RRefValue>(const RRefValue&)> serializer;
   RRefObserver* observer = nullptr;
+  // Has effect only in //core:rref_context_planted (see RRefPlantedBugs).
   RRefPlantedBugs bugs;
 };
+
+// True in //core:rref_context_planted, false in the production //core:rref_context.
+bool RRefPlantedBugsCompiledIn();
 
 // One leaked reference, as reported when the context is closed.
 struct LeakedRRef {

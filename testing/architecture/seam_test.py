@@ -60,7 +60,7 @@ def workspace_top():
     srcdir = os.environ.get("TEST_SRCDIR")
     if srcdir:
         return os.path.join(srcdir, os.environ.get("TEST_WORKSPACE", "tether"))
-    return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 class SeamTest(unittest.TestCase):

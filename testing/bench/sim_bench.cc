@@ -1,7 +1,7 @@
 // sim_bench: how fast the simulator runs, on one core (it is single-threaded).
 // Not a test.
 //
-//   bazel run -c opt //sim:sim_bench [-- --scale=N]
+//   bazel run -c opt //testing/bench:sim_bench [-- --scale=N]
 //
 // Reports
 //  - network: messages delivered per wall-second by the bare simulated network
@@ -22,10 +22,10 @@
 
 #include "absl/strings/numbers.h"
 #include "sim/fault_spec.h"
-#include "sim/scenario_runner.h"
 #include "sim/scheduler.h"
 #include "sim/sim_network.h"
 #include "testing/scenarios/scenario.h"
+#include "testing/scenarios/scenario_runner.h"
 
 namespace tether::sim {
 namespace {

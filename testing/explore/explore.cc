@@ -1,10 +1,10 @@
-// explore: the simulator's command line. See sim/explorer.h for flags and
+// explore: the simulator's command line. See testing/explore/explorer.h for flags and
 // output.
 #include <iostream>
 #include <string>
 #include <vector>
 
-#include "sim/explorer.h"
+#include "testing/explore/explorer.h"
 
 int main(int argc, char** argv) {
   std::vector<std::string> args(argv, argv + argc);

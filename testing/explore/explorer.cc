@@ -1,4 +1,4 @@
-#include "sim/explorer.h"
+#include "testing/explore/explorer.h"
 
 #include <utility>
 
@@ -8,7 +8,7 @@
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
-#include "sim/scenario_runner.h"
+#include "testing/scenarios/scenario_runner.h"
 #include "testing/scenarios/rref_scenarios.h"
 #include "testing/scenarios/scenario.h"
 
@@ -175,7 +175,7 @@ absl::StatusOr<ExploreOptions> ParseExploreArgs(
 std::string ReplayCommand(const ExploreOptions& o, const std::string& scenario,
                           uint64_t seed) {
   std::string cmd =
-      absl::StrCat("bazel run //sim:explore -- --scenario=", scenario,
+      absl::StrCat("bazel run //testing/explore:explore -- --scenario=", scenario,
                    " --seed=", seed, " --faults='", o.faults_text, "'");
   if (!o.plant.empty()) absl::StrAppend(&cmd, " --plant=", o.plant);
   if (o.check_determinism) absl::StrAppend(&cmd, " --check-determinism");

@@ -2,11 +2,11 @@
 // every invariant after each run (see testing/scenarios/recorder.h and
 // scenario_runner.h), and reports.
 //
-//   bazel run //sim:explore -- --scenario=NAME|all --seeds=A..B
+//   bazel run //testing/explore:explore -- --scenario=NAME|all --seeds=A..B
 //   --faults=none|SPEC|all
 //       [--check-determinism] [--plant=BUG] [--verbose]
-//   bazel run //sim:explore -- --scenario=NAME --seed=S --trace-hash
-//   bazel run //sim:explore -- --list
+//   bazel run //testing/explore:explore -- --scenario=NAME --seed=S --trace-hash
+//   bazel run //testing/explore:explore -- --list
 //
 // Output: for each failing run, the scenario, seed, resolved faults, each
 // violated invariant and the exact command that replays it; then one summary
@@ -19,8 +19,8 @@
 // (lose_timeout_timer, drop_reply_at_shutdown, process_duplicates) to show the
 // oracles find it. The exit status (from explore's main) is 0 when F == 0, 1
 // when F > 0, 2 on bad arguments.
-#ifndef TETHER_SIM_EXPLORER_H_
-#define TETHER_SIM_EXPLORER_H_
+#ifndef TETHER_TESTING_EXPLORE_EXPLORER_H_
+#define TETHER_TESTING_EXPLORE_EXPLORER_H_
 
 #include <cstdint>
 #include <ostream>
@@ -80,4 +80,4 @@ std::string Usage();
 
 }  // namespace tether::sim
 
-#endif  // TETHER_SIM_EXPLORER_H_
+#endif  // TETHER_TESTING_EXPLORE_EXPLORER_H_

@@ -1,13 +1,13 @@
 // The explorer's command line, reports and determinism check, over the agent
 // scenarios.
-#include "sim/explorer.h"
+#include "testing/explore/explorer.h"
 
 #include <sstream>
 #include <string>
 
 #include "gtest/gtest.h"
-#include "sim/scenario_runner.h"
 #include "testing/scenarios/scenario.h"
+#include "testing/scenarios/scenario_runner.h"
 
 namespace tether::sim {
 namespace {
@@ -34,7 +34,7 @@ TEST(ExplorerTest, ParsesTheIssueCommandLines) {
   EXPECT_TRUE(o->trace_hash && o->check_determinism &&
               o->bugs.process_duplicates);
   EXPECT_EQ(ReplayCommand(*o, "timeouts", 9),
-            "bazel run //sim:explore -- --scenario=timeouts --seed=9 "
+            "bazel run //testing/explore:explore -- --scenario=timeouts --seed=9 "
             "--faults='drop=0.1,crash=1@5ms' --plant=process_duplicates "
             "--check-determinism");
 }

@@ -5,7 +5,7 @@
 #include <string>
 
 #include "gtest/gtest.h"
-#include "sim/explorer.h"
+#include "testing/explore/explorer.h"
 
 namespace tether::sim {
 namespace {
@@ -36,7 +36,7 @@ TEST_P(PlantedBugsTest, FoundWithinBoundAndAbsentWithoutIt) {
   ExploreSummary found = Explore(Options(c, true), with);
   EXPECT_GT(found.failed, 0u) << "planted bug " << c.bug << " not found:\n"
                               << with.str();
-  EXPECT_NE(with.str().find("replay: bazel run //sim:explore -- --scenario="),
+  EXPECT_NE(with.str().find("replay: bazel run //testing/explore:explore -- --scenario="),
             std::string::npos);
   EXPECT_NE(with.str().find(std::string("--plant=") + c.bug),
             std::string::npos);

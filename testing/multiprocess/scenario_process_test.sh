@@ -3,7 +3,7 @@
 # OS process per worker over TCP on loopback: two seeds with the network on its own thread, one
 # with it polled by the agent's pool.
 set -euo pipefail
-bin="$TEST_SRCDIR/tether/transport/scenario_process"
+bin="$TEST_SRCDIR/tether/testing/multiprocess/scenario_process"
 "$bin" --list
 # A failed scenario is rerun once (reported as FLAKY if the rerun passes): real-time margins
 # can be missed on a loaded 2-core machine.

@@ -1,4 +1,4 @@
-// The RRef scenarios for the explorer (//sim:explore --scenario=rref, or one of
+// The RRef scenarios for the explorer (//testing/explore:explore --scenario=rref, or one of
 // rref_chain, rref_tree, rref_cycle, rref_churn, rref_overtake, rref_crash,
 // rref_shutdown). Every worker runs an RRef context; references are created
 // with remote() (to others and to self), passed along chains, trees and cycles

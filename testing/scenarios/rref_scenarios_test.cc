@@ -6,7 +6,7 @@
 #include <string>
 
 #include "gtest/gtest.h"
-#include "sim/scenario_runner.h"
+#include "testing/scenarios/scenario_runner.h"
 #include "testing/scenarios/scenario.h"
 
 namespace tether::scenarios {

@@ -1,7 +1,7 @@
 // Scenarios: small distributed programs that exercise the agent (and, later,
 // the RRef context), written against one worker's environment (WorkerEnv: its
 // agent, clock, executor, a recorder) so the same scenario runs inside the
-// simulator (sim/scenario_runner.h, the explorer) and could run over real TCP
+// simulator (testing/scenarios/scenario_runner.h, the explorer) and could run over real TCP
 // processes.
 //
 // A Scenario makes one ScenarioWorker per worker incarnation. The driver:
@@ -15,7 +15,7 @@
 //   4. checks Recorder::CheckInvariants() plus Scenario::Check().
 // All scenario code runs on the worker's executor (handlers, future callbacks,
 // After()). In the simulator that executor is single-threaded, but over real
-// processes (transport/scenario_process.cc) it is a thread pool: handlers,
+// processes (testing/multiprocess/scenario_process.cc) it is a thread pool: handlers,
 // callbacks and After() functions of one worker may run concurrently, so a
 // ScenarioWorker's state that more than one of them touches must be guarded
 // (an absl::Mutex, or an atomic), as must a Scenario's state that its workers

@@ -1,4 +1,4 @@
-#include "sim/scenario_runner.h"
+#include "testing/scenarios/scenario_runner.h"
 
 #include <memory>
 #include <utility>

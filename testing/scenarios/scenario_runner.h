@@ -7,8 +7,8 @@
 // when the run is "lossless": the faults cannot lose messages or workers and
 // one-way latency stays within kLosslessMaxDelay, so scenario timing margins
 // hold. The scenario's own deliberate crashes are part of its expectations.
-#ifndef TETHER_SIM_SCENARIO_RUNNER_H_
-#define TETHER_SIM_SCENARIO_RUNNER_H_
+#ifndef TETHER_TESTING_SCENARIOS_SCENARIO_RUNNER_H_
+#define TETHER_TESTING_SCENARIOS_SCENARIO_RUNNER_H_
 
 #include <cstdint>
 #include <string>
@@ -51,4 +51,4 @@ RunResult RunScenario(const scenarios::ScenarioInfo& scenario,
 
 }  // namespace tether::sim
 
-#endif  // TETHER_SIM_SCENARIO_RUNNER_H_
+#endif  // TETHER_TESTING_SCENARIOS_SCENARIO_RUNNER_H_

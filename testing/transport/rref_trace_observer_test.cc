@@ -10,7 +10,7 @@
 #include "core/rref_context.h"
 #include "gtest/gtest.h"
 #include "sim/sim_world.h"
-#include "transport/tracing/trace_text.h"
+#include "testing/transport/trace_text.h"
 #include "transport/tracing/tracing_network.h"
 
 namespace tether {

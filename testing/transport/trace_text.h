@@ -1,7 +1,7 @@
 // Test helpers for the tracing tests: a trace file's text and substring counts
 // in it. Tests only.
-#ifndef TETHER_TRANSPORT_TRACING_TRACE_TEXT_H_
-#define TETHER_TRANSPORT_TRACING_TRACE_TEXT_H_
+#ifndef TETHER_TESTING_TRANSPORT_TRACE_TEXT_H_
+#define TETHER_TESTING_TRANSPORT_TRACE_TEXT_H_
 
 #include <fstream>
 #include <sstream>
@@ -32,4 +32,4 @@ inline bool Has(const std::string& text, const std::string& what) {
 
 }  // namespace tether::testing
 
-#endif  // TETHER_TRANSPORT_TRACING_TRACE_TEXT_H_
+#endif  // TETHER_TESTING_TRANSPORT_TRACE_TEXT_H_

@@ -6,7 +6,7 @@
 #include "core/agent.h"
 #include "gtest/gtest.h"
 #include "sim/sim_world.h"
-#include "transport/tracing/trace_text.h"
+#include "testing/transport/trace_text.h"
 
 namespace tether {
 namespace {
