@@ -5,6 +5,7 @@
 #include <torch/csrc/profiler/api.h>
 #include <torch/csrc/utils/pybind.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <map>
 #include <memory>
@@ -158,7 +159,9 @@ std::vector<std::pair<std::string, int>> Connect(
 // Stops the worker: deletes this worker's user RRefs, then the graceful barrier (everything
 // bounded by `timeout` seconds if > 0), or stops at once; then the network and the threads.
 // Raises if a graceful shutdown could not complete.
-void Shutdown(bool graceful, double timeout) {
+// `on_wait(elapsed_seconds)`, if not None, is called about every second (GIL held) while the
+// agent's barrier is still pending (real runs only: a simulated run's waits stay as they are).
+void Shutdown(bool graceful, double timeout, py::object on_wait) {
   std::shared_ptr<Worker> w = RequireWorker();
   absl::Time deadline =
       timeout > 0 ? absl::Now() + absl::Seconds(timeout) : absl::InfiniteFuture();
@@ -178,7 +181,16 @@ void Shutdown(bool graceful, double timeout) {
     ScopedGilRelease release;
     done = w->runtime->agent()->Shutdown(graceful);
   }
-  bool finished = WaitInterruptibly(done, deadline);
+  bool finished;
+  if (on_wait.is_none() || InSimulatedWorker()) {
+    finished = WaitInterruptibly(done, deadline);
+  } else {
+    absl::Time start = absl::Now();
+    while (!(finished = WaitInterruptibly(done, std::min(deadline, absl::Now() + absl::Seconds(1)))) &&
+           absl::Now() < deadline) {
+      on_wait(absl::ToDoubleSeconds(absl::Now() - start));
+    }
+  }
   absl::Status barrier =
       finished ? done.result().status()
                : absl::DeadlineExceededError(absl::StrCat(
@@ -199,9 +211,17 @@ void Shutdown(bool graceful, double timeout) {
     }
   }
   SetCurrentWorker(nullptr);
+  bool left_behind;
   {
     ScopedGilRelease release;
-    w->runtime.reset();
+    left_behind = !w->runtime->Stop().empty();
+    if (!left_behind) w->runtime.reset();
+  }
+  if (left_behind) {
+    // Handler threads stuck in user code were left behind (runtime.h): when they return they may
+    // still use the Worker and its Runtime, so both are kept for the life of the process.
+    static auto* kept = new std::vector<std::shared_ptr<Worker>>();  // GIL-guarded
+    kept->push_back(w);
   }
   if (!status.ok() && graceful) {
     throw std::runtime_error(absl::StrCat("RPC shutdown was not graceful: ", status.message()));
@@ -254,7 +274,8 @@ void RegisterLifecycleBindings(py::module_& m) {
   m.def("sim_listen", &SimListen, py::arg("name"), py::arg("rank"), py::arg("world_size"),
         py::arg("num_worker_threads"), py::arg("rpc_timeout"));
   m.def("connect", &Connect, py::arg("workers"));
-  m.def("shutdown", &Shutdown, py::arg("graceful"), py::arg("timeout"));
+  m.def("shutdown", &Shutdown, py::arg("graceful"), py::arg("timeout"),
+        py::arg("on_wait") = py::none());
   m.def("is_initialized", [] { return CurrentWorker() != nullptr; });
   m.def("workers", [] { return Workers(*RequireWorker()); });
   m.def("self_id", [] { return RequireWorker()->self.id; });

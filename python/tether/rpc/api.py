@@ -302,6 +302,31 @@ def _wait_all_workers(timeout):
     _shutdown.wait_all_workers(timeout, _self_info, dict(_workers_by_id))
 
 
+def _quiescence_reporter():
+    """After the barrier, a graceful shutdown waits until no work is left anywhere (the agent's
+    own barrier): the same periodic report says what this worker still runs meanwhile."""
+    interval = _shutdown.REPORT_INTERVAL
+    if interval <= 0:
+        return None
+    name = _self_info.name if _self_info is not None else "?"
+    next_at = [interval]
+
+    def on_wait(elapsed):
+        if elapsed < next_at[0]:
+            return
+        while next_at[0] <= elapsed:
+            next_at[0] += interval
+        try:
+            text = _shutdown._describe_self()
+        except Exception as e:  # noqa: B902 (a report must never break the shutdown)
+            text = repr(e)
+        _shutdown.logger.warning(
+            "tether: shutdown() on %s has waited %.1fs for the work still in flight to finish\n%s",
+            name, elapsed, text)
+
+    return on_wait
+
+
 @_require_initialized
 def shutdown(graceful=True, timeout=DEFAULT_SHUTDOWN_TIMEOUT):
     """Shuts down RPC. Graceful (default): waits until every worker has called shutdown(), then
@@ -316,7 +341,7 @@ def shutdown(graceful=True, timeout=DEFAULT_SHUTDOWN_TIMEOUT):
                 raise
         else:
             _shutdown.leave("it called shutdown(graceful=False)")
-        _C.shutdown(bool(graceful), float(timeout))
+        _C.shutdown(bool(graceful), float(timeout), _quiescence_reporter() if graceful else None)
     finally:
         # A handler stuck in user code does not hold the stop up for more than a bound (the
         # runtime leaves its thread behind); say which ones.
