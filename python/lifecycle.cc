@@ -302,9 +302,10 @@ void RegisterLifecycleBindings(py::module_& m) {
   m.def("disable_server_process_global_profiler",
         [] { return ValueOrRaise(pycall::DisableServerProfiler()); });
   m.def("enable_gil_profiling", [](bool on) { SetGilProfiling(on); });
+  // Both the hook above and the core's planted branches (core/rref_context.h).
   m.def("planted_bugs_enabled", [] {
 #ifdef TETHER_PLANTED_BUGS
-    return true;
+    return RRefPlantedBugsCompiledIn();
 #else
     return false;
 #endif

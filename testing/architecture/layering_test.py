@@ -38,6 +38,7 @@ EXCLUSIVE = [
 ]
 
 LABEL_ATTRS = ("deps", "data", "srcs", "hdrs")
+LINK_ATTRS = ("deps", "srcs", "hdrs")
 INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"')
 
 
@@ -84,8 +85,8 @@ class Target:
     def testonly(self):
         return bool(self.attrs.get("testonly")) or self.kind.endswith("_test")
 
-    def labels(self):
-        for attr in LABEL_ATTRS:
+    def labels(self, attrs=LABEL_ATTRS):
+        for attr in attrs:
             value = self.attrs.get(attr) or []
             if isinstance(value, str):
                 value = [value]
@@ -198,7 +199,8 @@ def exclusive_violations(targets):
         t = targets.get(label)
         out = {label}
         if t is not None:
-            for raw in t.labels():
+            # What is linked in: not `data` (a shared object a test loads is a file beside it).
+            for raw in t.labels(LINK_ATTRS):
                 dep = canonical(raw, t.package)
                 if dep is not None and dep in targets:
                     out |= reach(dep)
