@@ -7,6 +7,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_split.h"
+#include "core/status.h"
 
 namespace tether {
 namespace {
@@ -499,7 +500,7 @@ void Agent::OnCallTimeout(uint64_t request_id) {
                         to.ok() ? to->name : "?",
                         "': ", TimeoutText(it->second->timeout));
   }
-  CompleteCall(request_id, absl::DeadlineExceededError(text));
+  CompleteCall(request_id, RpcTimeoutError(text));
 }
 
 void Agent::OnMessage(Message message) {

@@ -6,11 +6,36 @@
 //     TETHER_RETURN_IF_ERROR(Check(n));
 //     return absl::OkStatus();
 //   }
+//
+// Errors carry their kind as data: the code (absl's guide: kDeadlineExceeded a timeout,
+// kUnavailable a peer lost, kCancelled shutdown, kInvalidArgument bad input) and, where the code
+// is not enough, a payload. An RPC that ran past its own timeout (PyTorch's RpcTimeoutError, as
+// opposed to another deadline) is RpcTimeoutError(); IsRpcTimeout() recognises it.
 #ifndef TETHER_CORE_STATUS_H_
 #define TETHER_CORE_STATUS_H_
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/strings/cord.h"
+#include "absl/strings/string_view.h"
+
+namespace tether {
+
+inline constexpr char kRpcTimeoutPayloadUrl[] = "type.tether.dev/rpc-timeout";
+
+// kDeadlineExceeded with `message`, marked as an RPC's own timeout.
+inline absl::Status RpcTimeoutError(absl::string_view message) {
+  absl::Status s = absl::DeadlineExceededError(message);
+  s.SetPayload(kRpcTimeoutPayloadUrl, absl::Cord("1"));
+  return s;
+}
+
+inline bool IsRpcTimeout(const absl::Status& s) {
+  return s.code() == absl::StatusCode::kDeadlineExceeded &&
+         s.GetPayload(kRpcTimeoutPayloadUrl).has_value();
+}
+
+}  // namespace tether
 
 #define TETHER_RETURN_IF_ERROR(expr)                 \
   do {                                               \

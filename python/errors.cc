@@ -3,6 +3,7 @@
 #include <Python.h>
 
 #include "absl/strings/str_cat.h"
+#include "core/status.h"
 #include "python/py_ownership.h"
 
 namespace py = pybind11;
@@ -27,8 +28,8 @@ py::object MakeException(const absl::Status& status, const CallContext* ctx) {
   switch (status.code()) {
     case absl::StatusCode::kDeadlineExceeded:
       type = g_timeout_error != nullptr ? g_timeout_error : PyExc_TimeoutError;
-      if (detail.find("RPC ran for more than") != std::string::npos) {
-        // The agent's own timeout text (PyTorch's wording) already says what happened.
+      if (IsRpcTimeout(status)) {
+        // The agent's own timeout: its text (PyTorch's wording) already says what happened.
         text = ctx != nullptr ? absl::StrCat(detail, " (call to worker '", ctx->to_name, "')")
                               : detail;
       } else if (ctx != nullptr) {

@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "core/inline_executor.h"
+#include "core/status.h"
 #include "gtest/gtest.h"
 #include "sim/sim_world.h"
 
@@ -171,6 +172,9 @@ TEST(AgentTest, TimeoutsDefaultOverrideAndNone) {
                 "RPC ran for more than set timeout (2000 ms)"),
             std::string::npos)
       << overridden.result().status();
+  // The kind travels as data (a payload), not only in the text.
+  EXPECT_TRUE(IsRpcTimeout(overridden.result().status()));
+  EXPECT_FALSE(IsRpcTimeout(absl::DeadlineExceededError("another deadline")));
   EXPECT_GE(world->Now() - start, absl::Seconds(2));
   EXPECT_FALSE(by_default.ready());
 
