@@ -4,22 +4,12 @@
 
 #include "absl/strings/str_cat.h"
 #include "core/status.h"
+#include "python/process_state.h"
 #include "python/py_ownership.h"
 
 namespace py = pybind11;
 
 namespace tether {
-namespace {
-
-// Set once at import and never released: lives as long as the interpreter.
-PyObject* g_timeout_error = nullptr;
-
-}  // namespace
-
-void SetTimeoutErrorClass(py::object cls) {
-  CheckGilHeld("SetTimeoutErrorClass");
-  g_timeout_error = cls.release().ptr();
-}
 
 py::object MakeException(const absl::Status& status, const CallContext* ctx) {
   std::string detail(status.message());
@@ -27,7 +17,7 @@ py::object MakeException(const absl::Status& status, const CallContext* ctx) {
   std::string text;
   switch (status.code()) {
     case absl::StatusCode::kDeadlineExceeded:
-      type = g_timeout_error != nullptr ? g_timeout_error : PyExc_TimeoutError;
+      type = GetHooks().timeout_error != nullptr ? GetHooks().timeout_error : PyExc_TimeoutError;
       if (IsRpcTimeout(status)) {
         // The agent's own timeout: its text (PyTorch's wording) already says what happened.
         text = ctx != nullptr ? absl::StrCat(detail, " (call to worker '", ctx->to_name, "')")

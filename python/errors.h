@@ -1,7 +1,7 @@
 // Statuses become Python exceptions here, and only here.
 //
-// The code says what kind of error it is (kDeadlineExceeded: a timeout, raised as tether.rpc's
-// RpcTimeoutError, both a TimeoutError and a RuntimeError; kCancelled: RPC shut down;
+// The code says what kind of error it is (kDeadlineExceeded: a timeout, raised as the class
+// tether.rpc installs in Hooks::timeout_error, its RpcTimeoutError, both a TimeoutError and a RuntimeError; kCancelled: RPC shut down;
 // kUnavailable: the peer is gone; anything else: RuntimeError with the message). A call's
 // context adds the worker the call went to.
 #ifndef TETHER_PYTHON_ERRORS_H_
@@ -25,10 +25,6 @@ struct CallContext {
   std::string to_name;
   absl::Duration timeout = absl::ZeroDuration();
 };
-
-// The exception class of timeouts (set once by tether.rpc at import; TimeoutError until then).
-// GIL held.
-void SetTimeoutErrorClass(pybind11::object cls);
 
 // The Python exception for `status` (not raised). GIL held.
 pybind11::object MakeException(const absl::Status& status, const CallContext* ctx);

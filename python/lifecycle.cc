@@ -188,7 +188,13 @@ void Shutdown(bool graceful, double timeout, py::object on_wait) {
     absl::Time start = absl::Now();
     while (!(finished = WaitInterruptibly(done, std::min(deadline, absl::Now() + absl::Seconds(1)))) &&
            absl::Now() < deadline) {
-      on_wait(absl::ToDoubleSeconds(absl::Now() - start));
+      try {
+        on_wait(absl::ToDoubleSeconds(absl::Now() - start));
+      } catch (py::error_already_set& e) {
+        // A report never breaks the shutdown (Ctrl-C still does).
+        if (e.matches(PyExc_KeyboardInterrupt)) throw;
+        e.discard_as_unraisable("tether: reporting a waiting shutdown");
+      }
     }
   }
   absl::Status barrier =
@@ -220,8 +226,7 @@ void Shutdown(bool graceful, double timeout, py::object on_wait) {
   if (left_behind) {
     // Handler threads stuck in user code were left behind (runtime.h): when they return they may
     // still use the Worker and its Runtime, so both are kept for the life of the process.
-    static auto* kept = new std::vector<std::shared_ptr<Worker>>();  // GIL-guarded
-    kept->push_back(w);
+    KeepForever(w);
   }
   if (!status.ok() && graceful) {
     throw std::runtime_error(absl::StrCat("RPC shutdown was not graceful: ", status.message()));
@@ -264,8 +269,8 @@ void RegisterLifecycleBindings(py::module_& m) {
       "_set_hooks",
       [](py::object run_python_call, py::object decode_reply, py::object serialize_value,
          py::object timeout_error) {
-        SetHooks(std::move(run_python_call), std::move(decode_reply), std::move(serialize_value));
-        SetTimeoutErrorClass(std::move(timeout_error));
+        SetHooks(std::move(run_python_call), std::move(decode_reply), std::move(serialize_value),
+                 std::move(timeout_error));
       },
       "Installs tether.rpc's Python hooks (once, at import).");
   m.def("listen", &Listen, py::arg("name"), py::arg("rank"), py::arg("num_worker_threads"),

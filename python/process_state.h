@@ -1,10 +1,16 @@
 // Process-wide state of the extension, in one place: the Python hooks tether.rpc installs at
-// import, the live worker, and the runtime between listen() and connect().
+// import, the live worker, the runtime between listen() and connect(), and workers kept for good.
 //
 //   Hooks         set once at import (GIL held), never released: live as long as the interpreter.
 //   the worker    a shared_ptr swapped under a mutex: any thread may take a reference to it;
 //                 set by connect(), cleared by shutdown().
 //   listening     between listen() and connect(); touched only by bound functions (GIL held).
+//   kept          workers whose handler threads were left behind at shutdown (never freed).
+//
+// The only other process-wide state lives with the one component that uses it, each annotated
+// there: the batch queue of rpc_async deliveries (caller.cc, its own mutex), the GIL-profiling
+// counters (py_ownership.cc, atomics), the simulated worker's runtime (sim_bindings.cc, one per
+// forked tether.sim process) and the server-process profiler (call_profiling.cc).
 #ifndef TETHER_PYTHON_PROCESS_STATE_H_
 #define TETHER_PYTHON_PROCESS_STATE_H_
 
@@ -31,11 +37,13 @@ struct Hooks {
   PyObject* decode_reply = nullptr;
   // (value, is_exception) -> (pickle: bytes, tensors: list): an RRef's value for a fetch.
   PyObject* serialize_value = nullptr;
+  // The exception class of RPC timeouts (both TimeoutError and RuntimeError).
+  PyObject* timeout_error = nullptr;
 };
 
 // GIL held; steals the references.
 void SetHooks(pybind11::object run_python_call, pybind11::object decode_reply,
-              pybind11::object serialize_value);
+              pybind11::object serialize_value, pybind11::object timeout_error);
 const Hooks& GetHooks();
 
 // The live worker.
@@ -54,6 +62,10 @@ std::shared_ptr<Worker> RequireWorker();
 
 // The runtime between listen() and connect() (GIL held).
 std::unique_ptr<Runtime>& ListeningRuntime();
+
+// Keeps `w` (and its runtime) for the life of the process: handler threads left behind at
+// shutdown may still use them when their user code returns. GIL held.
+void KeepForever(std::shared_ptr<Worker> w);
 
 // A Python timeout in seconds: negative (UNSET_RPC_TIMEOUT, -1): the agent's default (nullopt);
 // 0: none.

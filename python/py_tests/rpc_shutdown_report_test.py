@@ -40,17 +40,29 @@ class _Reports(logging.Handler):
     """Collects tether.rpc's shutdown reports; once `count` of them name worker1, creates
     `marker` (which worker1 waits for)."""
 
-    def __init__(self, marker, count=2):
+    def __init__(self, marker, required=(), count=2):
         super().__init__()
-        self.marker, self.count = marker, count
+        self.marker, self.required, self.count = marker, required, count
         self.texts = []
 
     def emit(self, record):
         text = record.getMessage()
         self.texts.append(text)
-        if sum("worker1" in t for t in self.texts) >= self.count and not os.path.exists(self.marker):
+        named = sum("worker1" in t and "to call shutdown()" in t for t in self.texts)
+        everything = "\n".join(self.texts)
+        # Only once the reports show all the test checks (on a busy machine the first ones may
+        # not have the stuck worker's own answer yet): then worker1 may leave.
+        if named >= self.count and all(r in everything for r in self.required) and \
+                not os.path.exists(self.marker):
             with open(self.marker, "w"):
                 pass
+
+
+# What each reporting worker's reports must show (checked by _check_others).
+_REQUIRED = {
+    0: ("PYTHON_CALL to worker1", "_wait_on_lock for worker0", "in _wait_on_lock: with _LOCK:"),
+    2: ("as the leader worker0 sees it", "_wait_on_lock for worker0"),
+}
 
 
 def _rdv_dir(init_method):
@@ -94,7 +106,7 @@ def _group_member(rank, world_size, init_method, how, queue):
             else:
                 queue.put((rank, "ok", None))
             return  # "exit": RPC is stopped by the at-exit hook.
-        reports = _Reports(os.path.join(rdv, f"reported-{rank}"))
+        reports = _Reports(os.path.join(rdv, f"reported-{rank}"), _REQUIRED[rank])
         logging.getLogger("tether.rpc").addHandler(reports)
         stuck = rpc.rpc_async("worker1", _wait_on_lock, timeout=0) if rank == 0 else None
         with pytest.raises(RuntimeError) as failed:
@@ -118,8 +130,9 @@ def _run(how, world_size=3):
              for r in range(world_size)]
     for p in procs:
         p.start()
+    deadline = time.monotonic() + HANG_BOUND_S  # one bound for the whole group
     for p in procs:
-        p.join(HANG_BOUND_S)
+        p.join(max(0.0, deadline - time.monotonic()))
     alive = [r for r, p in enumerate(procs) if p.is_alive()]
     for p in procs:
         if p.is_alive():

@@ -1,8 +1,9 @@
 """Stress on the callee path that once crashed real runs (issue 20: a pybind11 deallocation race,
 then a silent hang): nested calls through RRef proxies whose arguments are RRefs, from many pool
 threads of every worker at once, on the real transport, with tether.sim imported as the examples'
-test does. Each call's arguments carry RRefs, so the callee runs it from on_confirmed (inline on
-the owner, from a pool thread's callback on the others); handlers take a Python lock, build
+test does. Each call's arguments carry RRefs, so the callee runs it from on_confirmed: inline when
+the RRef is the callee's own, from a pool thread's callback when it is a fork of a third worker's
+RRef that its owner must confirm first (touch()); handlers take a Python lock, build
 autograd graphs, drop RRefs and collect garbage while other threads do the same.
 
 Bounded: TETHER_STRESS_SECONDS (default 15) of calls per run, TETHER_STRESS_RUNS (default 2) runs.
@@ -74,6 +75,14 @@ class Leaf:
     def own_rref(self):
         return self.me
 
+    def touch(self, other_leaf_rref):
+        # An RRef owned by the other leaf, forked to this one by worker0: this call waited for its
+        # owner's confirmation (on_confirmed's deferred path, from a pool thread's callback).
+        return other_leaf_rref.rpc_sync().seen()
+
+    def seen(self):
+        return self.count
+
 
 def _body(rank, world_size, init_method):
     rpc.init_rpc(f"worker{rank}", rank=rank, world_size=world_size,
@@ -87,6 +96,9 @@ def _body(rank, world_size, init_method):
             # RRefs of the leaves themselves travel too (fetched, forked back to their owner).
             leaf_refs = [leaf.rpc_sync().own_rref() for leaf in leaves]
             futs = [leaf.rpc_async().run(hub.me, 5) for leaf in leaves for _ in range(PARALLEL)]
+            # Each leaf's RRef to the other leaf (a three-party fork: worker0 -> leaf -> owner).
+            futs += [leaf.rpc_async().touch(leaf_refs[(i + 1) % len(leaves)])
+                     for i, leaf in enumerate(leaves)]
             for fut in futs:
                 fut.wait()
             del leaf_refs, futs

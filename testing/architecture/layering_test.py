@@ -35,6 +35,7 @@ ALLOWED = {
 EXCLUSIVE = [
     ("//core:agent", "//core:agent_planted"),
     ("//core:rref_context", "//core:rref_context_planted"),
+    ("//python:lifecycle", "//python:lifecycle_planted"),
 ]
 
 LABEL_ATTRS = ("deps", "data", "srcs", "hdrs")

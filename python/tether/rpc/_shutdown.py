@@ -305,7 +305,10 @@ class _Reporter:
                 text = self._text(now, missing)
             except Exception as e:  # noqa: B902 (a report must never break the barrier)
                 text = f"tether: shutdown() on {self.me.name} is waiting ({e!r})"
-            logger.warning("%s", text)
+            try:
+                logger.warning("%s", text)
+            except Exception:  # noqa: B902 (a raising log handler must not break it either)
+                pass
             while self.next_report <= now:
                 self.next_report += self.interval
 
@@ -510,15 +513,30 @@ def wait_all_workers(timeout: float, me, workers_by_id) -> None:
 
 
 def leave(why: str, gen: Optional[int] = None) -> None:
-    """This worker leaves barrier `gen` (default: the current one): answers the watches on it."""
+    """This worker leaves barrier `gen` (default: the current one): answers the watches on it and,
+    if it led the barrier and followers still wait in it, fails their joins naming it (before the
+    agent stops: an async_execution call left unanswered would be answered by its dropped
+    responder only after the agent is gone)."""
+    from . import api
+
     gen = generation if gen is None else gen
+    name = api._self_info.name if api._self_info is not None else "the leader"
     with _lock:
         g = _gen(gen)
         if g.left is None:
             g.left = why
+        if g.outcome is None:  # joins that come later are answered at once
+            g.outcome = f"RPC shutdown failed: the shutdown leader {name} left the barrier ({g.left})"
+        outcome = g.outcome
         watches, g.watches = g.watches, []
+        joins, g.joins = g.joins, []
     for fut in watches:
         fut.set_result(g.left)
+    for fut in joins:
+        if outcome:
+            fut.set_exception(RuntimeError(outcome))
+        else:
+            fut.set_result(True)
 
 
 def finish() -> None:

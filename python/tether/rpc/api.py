@@ -320,9 +320,12 @@ def _quiescence_reporter():
             text = _shutdown._describe_self()
         except Exception as e:  # noqa: B902 (a report must never break the shutdown)
             text = repr(e)
-        _shutdown.logger.warning(
-            "tether: shutdown() on %s has waited %.1fs for the work still in flight to finish\n%s",
-            name, elapsed, text)
+        try:
+            _shutdown.logger.warning(
+                "tether: shutdown() on %s has waited %.1fs for the work still in flight to "
+                "finish\n%s", name, elapsed, text)
+        except Exception:  # noqa: B902 (a raising log handler must not break the shutdown)
+            pass
 
     return on_wait
 
