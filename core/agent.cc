@@ -383,7 +383,23 @@ std::string Agent::Summary() const {
 
 std::map<std::string, int64_t> Agent::GetDebugInfo() const {
   absl::MutexLock lock(&mu_);
-  std::map<std::string, int64_t> info = counters_;
+  std::map<std::string, int64_t> info;
+  static constexpr std::pair<const char*, std::atomic<int64_t> Counters::*> kCounters[] = {
+      {"calls_sent", &Counters::calls_sent},
+      {"calls_received", &Counters::calls_received},
+      {"calls_failed", &Counters::calls_failed},
+      {"calls_timed_out", &Counters::calls_timed_out},
+      {"duplicates_dropped", &Counters::duplicates_dropped},
+      {"stale_replies", &Counters::stale_replies},
+      {"peers_failed", &Counters::peers_failed},
+      {"messages_from_unknown_worker", &Counters::messages_from_unknown_worker},
+      {"messages_from_old_incarnation", &Counters::messages_from_old_incarnation},
+      {"malformed_control_messages", &Counters::malformed_control_messages},
+  };
+  for (const auto& [key, field] : kCounters) {
+    const int64_t value = (counters_.*field).load(std::memory_order_relaxed);
+    if (value != 0) info[key] = value;
+  }
   info["client_active_calls"] = static_cast<int64_t>(pending_.size());
   info["server_active_calls"] = server_active_;
   int64_t failed = 0;
@@ -442,7 +458,7 @@ Future<Message> Agent::Call(WorkerId to, MessageType type, std::string payload,
     }
     m.envelope.set_timeout_ns(absl::ToInt64Nanoseconds(call->timeout));
     pending_[id] = std::move(call);
-    ++counters_["calls_sent"];
+    Count(counters_.calls_sent);
     ++events_;
     PeerStats& stats = peers_[to]->stats;
     ++stats.calls_sent;
@@ -478,7 +494,7 @@ void Agent::CompleteCall(uint64_t request_id, absl::StatusOr<Message> result,
     type = it->second->type;
     pending_.erase(it);
     ++events_;
-    if (!result.ok()) ++counters_["calls_failed"];
+    if (!result.ok()) Count(counters_.calls_failed);
   }
   if (timer) clock_->Cancel(*timer);
   if (!result.ok() && !from_reply && options_.call_observer != nullptr) {
@@ -494,7 +510,7 @@ void Agent::OnCallTimeout(uint64_t request_id) {
     auto it = pending_.find(request_id);
     if (it == pending_.end()) return;
     it->second->timer.reset();
-    ++counters_["calls_timed_out"];
+    Count(counters_.calls_timed_out);
     auto to = GetWorker(it->second->to);
     text = absl::StrCat(MessageTypeName(it->second->type), " to '",
                         to.ok() ? to->name : "?",
@@ -509,7 +525,7 @@ void Agent::OnMessage(Message message) {
     absl::MutexLock lock(&mu_);
     auto peer = peers_.find(env.from());
     if (peer == peers_.end()) {
-      ++counters_["messages_from_unknown_worker"];
+      Count(counters_.messages_from_unknown_worker);
       return;
     }
     PeerState& p = *peer->second;
@@ -517,7 +533,7 @@ void Agent::OnMessage(Message message) {
     p.stats.bytes_received +=
         static_cast<int64_t>(env.payload().size() + message.BufferBytes());
     if (env.from_incarnation() < p.incarnation) {
-      ++counters_["messages_from_old_incarnation"];
+      Count(counters_.messages_from_old_incarnation);
       return;
     }
     if (env.from_incarnation() > p.incarnation) {
@@ -546,7 +562,7 @@ void Agent::HandleReply(Message message) {
     absl::MutexLock lock(&mu_);
     auto it = pending_.find(id);
     if (it == pending_.end() || it->second->to != message.envelope.from()) {
-      ++counters_["stale_replies"];
+      Count(counters_.stale_replies);
       return;
     }
   }
@@ -588,12 +604,12 @@ void Agent::HandleRequest(Message message) {
     absl::MutexLock lock(&mu_);
     if (shutdown_ && shutdown_->finished) return;
     if (IsDuplicateLocked(from, id) && !(kPlantedBugs && bugs_.process_duplicates)) {
-      ++counters_["duplicates_dropped"];
+      Count(counters_.duplicates_dropped);
       return;
     }
     ++server_active_;
     ++events_;
-    ++counters_["calls_received"];
+    Count(counters_.calls_received);
     ++peers_[from]->stats.calls_received;
     auto it = handlers_.find(message.envelope.type());
     if (it != handlers_.end()) handler = it->second;
@@ -669,7 +685,7 @@ void Agent::OnPeerFailed(WorkerId peer, const absl::Status& reason) {
     auto it = peers_.find(peer);
     if (it == peers_.end() || it->second->failed) return;
     it->second->failed = true;
-    ++counters_["peers_failed"];
+    Count(counters_.peers_failed);
     ++events_;
     for (const auto& [id, call] : pending_) {
       if (call->to == peer) failed_calls.push_back(id);
@@ -922,8 +938,7 @@ void Agent::HandleShutdownMessage(Message message) {
       uint64_t round = 0;
       BarrierReport r;
       if (!DecodeReport(env.payload(), &round, &r)) {
-        absl::MutexLock lock(&mu_);
-        ++counters_["malformed_control_messages"];
+        Count(counters_.malformed_control_messages);
         return;
       }
       {

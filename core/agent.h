@@ -33,6 +33,7 @@
 #ifndef TETHER_CORE_AGENT_H_
 #define TETHER_CORE_AGENT_H_
 
+#include <atomic>
 #include <cstdint>
 #include <functional>
 #include <map>
@@ -237,6 +238,26 @@ class Agent : public NetworkObserver {
   struct ShutdownState;
   struct PeerState;
 
+  // Event counts for GetDebugInfo(), one field each (no map lookup on the hot path). Relaxed
+  // atomics: bumped with or without mu_, read by GetDebugInfo() under mu_ (so the counts bumped
+  // under mu_ are consistent with the rest of the snapshot). They only ever grow, and
+  // GetDebugInfo() reports a count once it is non-zero, as the string-keyed map it replaces did.
+  struct Counters {
+    std::atomic<int64_t> calls_sent{0};
+    std::atomic<int64_t> calls_received{0};
+    std::atomic<int64_t> calls_failed{0};
+    std::atomic<int64_t> calls_timed_out{0};
+    std::atomic<int64_t> duplicates_dropped{0};
+    std::atomic<int64_t> stale_replies{0};
+    std::atomic<int64_t> peers_failed{0};
+    std::atomic<int64_t> messages_from_unknown_worker{0};
+    std::atomic<int64_t> messages_from_old_incarnation{0};
+    std::atomic<int64_t> malformed_control_messages{0};
+  };
+  static void Count(std::atomic<int64_t>& counter) {
+    counter.fetch_add(1, std::memory_order_relaxed);
+  }
+
   Agent(AgentOptions options, Clock* clock, Network* network,
         Executor* executor);
 
@@ -278,7 +299,7 @@ class Agent : public NetworkObserver {
       ABSL_GUARDED_BY(mu_);
   std::map<WorkerId, std::unique_ptr<PeerState>> peers_ ABSL_GUARDED_BY(mu_);
   int64_t server_active_ ABSL_GUARDED_BY(mu_) = 0;
-  std::map<std::string, int64_t> counters_ ABSL_GUARDED_BY(mu_);
+  Counters counters_;
   uint64_t events_ ABSL_GUARDED_BY(mu_) = 0;
   std::unique_ptr<ShutdownState> shutdown_ ABSL_GUARDED_BY(mu_);
   PlantedBugs bugs_ ABSL_GUARDED_BY(mu_);

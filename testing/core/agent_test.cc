@@ -2,6 +2,7 @@
 // time).
 #include "core/agent.h"
 
+#include <map>
 #include <memory>
 #include <string>
 #include <vector>
@@ -204,6 +205,35 @@ TEST(AgentTest, TimeoutsDefaultOverrideAndNone) {
             absl::StatusCode::kDeadlineExceeded);
   EXPECT_EQ(a.GetDebugInfo()["stale_replies"], 1);
   hoard->calls.clear();
+}
+
+// GetDebugInfo's keys are what tools and tether.rpc's get_debug_info read: the gauges always,
+// each event count once it has happened (as when the counts were a string-keyed map).
+TEST(AgentTest, DebugInfoKeysAreGaugesAlwaysAndCountsOnceNonZero) {
+  auto world = MakeWorld(2);
+  Agent& a = world->agent(0);
+  auto keys = [](const std::map<std::string, int64_t>& info) {
+    std::vector<std::string> out;
+    for (const auto& [key, value] : info) out.push_back(key);
+    return out;
+  };
+  const std::vector<std::string> gauges = {"client_active_calls", "oldest_call_age_ms",
+                                           "peers_failed_now", "server_active_calls",
+                                           "world_size"};
+  EXPECT_EQ(keys(a.GetDebugInfo()), gauges);
+  auto f = a.Call(1, wire::TEST_CALL, "x", {});
+  ASSERT_TRUE(world->RunUntilReady(f));
+  ASSERT_TRUE(f.result().ok()) << f.result().status();
+  std::map<std::string, int64_t> info = a.GetDebugInfo();
+  EXPECT_EQ(info["calls_sent"], 1);
+  EXPECT_EQ(info.count("calls_failed"), 0u);
+  EXPECT_EQ(info.count("calls_received"), 0u);
+  EXPECT_EQ(world->agent(1).GetDebugInfo()["calls_received"], 1);
+  world->agent(1).OnPeerFailed(0, absl::UnavailableError("gone"));
+  world->RunUntilIdle();
+  EXPECT_EQ(world->agent(1).GetDebugInfo()["peers_failed"], 1);
+  EXPECT_EQ(world->agent(1).GetDebugInfo()["peers_failed_now"], 1);
+  EXPECT_NE(world->agent(1).Summary().find("  peers_failed = 1\n"), std::string::npos);
 }
 
 TEST(AgentTest, HandlerSeesTheCallersDeadline) {
