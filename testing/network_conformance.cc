@@ -2,12 +2,12 @@
 
 #include <cstdint>
 #include <map>
-#include <mutex>
 #include <string>
 #include <utility>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "absl/synchronization/mutex.h"
 
 namespace tether::testing {
 
@@ -18,18 +18,59 @@ std::string NetworkFactoryName(
 
 namespace {
 
+class WrappedHarness : public NetworkHarness {
+ public:
+  WrappedHarness(std::unique_ptr<NetworkHarness> inner,
+                 const NetworkWrapper& wrap)
+      : inner_(std::move(inner)) {
+    for (int i = 0; i < inner_->size(); ++i)
+      wrappers_.push_back(wrap(*inner_, i));
+  }
+  ~WrappedHarness() override {
+    wrappers_.clear();  // Before the networks they wrap.
+    inner_.reset();
+  }
+
+  int size() const override { return inner_->size(); }
+  Network* network(WorkerId id) override { return wrappers_[id].get(); }
+  bool RunUntil(const std::function<bool()>& done,
+                absl::Duration timeout) override {
+    return inner_->RunUntil(done, timeout);
+  }
+  void Crash(WorkerId id) override { inner_->Crash(id); }
+  Clock* clock(WorkerId id) override { return inner_->clock(id); }
+
+ private:
+  std::unique_ptr<NetworkHarness> inner_;
+  std::vector<std::unique_ptr<Network>> wrappers_;
+};
+
+}  // namespace
+
+NetworkFactory WrapNetworks(std::string name, NetworkFactory inner,
+                            NetworkWrapper wrap) {
+  return NetworkFactory{
+      std::move(name),
+      [inner = std::move(inner),
+       wrap = std::move(wrap)](int n) -> std::unique_ptr<NetworkHarness> {
+        return std::make_unique<WrappedHarness>(inner.create(n), wrap);
+      }};
+}
+
+namespace {
+
 constexpr absl::Duration kTimeout = absl::Seconds(60);
 
 // Records everything delivered to one worker. Thread-safe.
 class RecordingObserver : public NetworkObserver {
  public:
   void OnMessage(Message message) override {
-    std::lock_guard<std::mutex> lock(mu_);
+    absl::MutexLock lock(&mu_);
     if (closed_) ++late_callbacks_;
     messages_.push_back(std::move(message));
   }
   void OnPeerFailed(WorkerId peer, const absl::Status& reason) override {
-    std::lock_guard<std::mutex> lock(mu_);
+    absl::MutexLock lock(&mu_);
     if (closed_) ++late_callbacks_;
     failures_.emplace_back(peer, reason);
   }
@@ -37,44 +78,44 @@ class RecordingObserver : public NetworkObserver {
   // Marks the point after which no callback may arrive (the network's Stop()
   // returned).
   void Close() {
-    std::lock_guard<std::mutex> lock(mu_);
+    absl::MutexLock lock(&mu_);
     closed_ = true;
   }
   int late_callbacks() {
-    std::lock_guard<std::mutex> lock(mu_);
+    absl::MutexLock lock(&mu_);
     return late_callbacks_;
   }
   size_t message_count() {
-    std::lock_guard<std::mutex> lock(mu_);
+    absl::MutexLock lock(&mu_);
     return messages_.size();
   }
   std::vector<Message> messages() {
-    std::lock_guard<std::mutex> lock(mu_);
+    absl::MutexLock lock(&mu_);
     return messages_;
   }
   std::vector<std::pair<WorkerId, absl::Status>> failures() {
-    std::lock_guard<std::mutex> lock(mu_);
+    absl::MutexLock lock(&mu_);
     return failures_;
   }
   int FailuresOf(WorkerId peer) {
-    std::lock_guard<std::mutex> lock(mu_);
+    absl::MutexLock lock(&mu_);
     int n = 0;
     for (const auto& f : failures_) n += f.first == peer;
     return n;
   }
   size_t MessagesFrom(WorkerId peer) {
-    std::lock_guard<std::mutex> lock(mu_);
+    absl::MutexLock lock(&mu_);
     size_t n = 0;
     for (const Message& m : messages_) n += m.envelope.from() == peer;
     return n;
   }
 
  private:
-  std::mutex mu_;
-  bool closed_ = false;
-  int late_callbacks_ = 0;
-  std::vector<Message> messages_;
-  std::vector<std::pair<WorkerId, absl::Status>> failures_;
+  absl::Mutex mu_;
+  bool closed_ ABSL_GUARDED_BY(mu_) = false;
+  int late_callbacks_ ABSL_GUARDED_BY(mu_) = 0;
+  std::vector<Message> messages_ ABSL_GUARDED_BY(mu_);
+  std::vector<std::pair<WorkerId, absl::Status>> failures_ ABSL_GUARDED_BY(mu_);
 };
 
 uint8_t PatternByte(uint64_t seed, size_t buffer, size_t i) {

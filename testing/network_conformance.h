@@ -17,6 +17,32 @@
 // Start/Send/Stop themselves; observer callbacks may run on any thread (the
 // suite's observer is thread-safe). Link the test binary against
 // //testing:network_conformance (alwayslink) and gtest_main.
+//
+// A Network that wraps another (the tracing and faulty networks) runs the suite
+// over the harness of an implementation it wraps, through WrapNetworks:
+//
+//   WrapNetworks("tracing_over_sim", SimNetworkFactory(),
+//                [](NetworkHarness& inner, WorkerId id) {
+//                  return std::make_unique<TracingNetwork>(
+//                      inner.network(id), inner.clock(id), path, name);
+//                })
+//
+// Instantiations in the tree (one test target each; every Network passes all
+// of it):
+//   //testing:sim_network_conformance_test            the simulated network
+//   //testing/transport:tcp_network_test              TCP (plain, pooled, HMAC)
+//   //testing/transport:tracing_network_conformance_test  tracing over sim, TCP
+//   //testing/transport:faulty_network_conformance_test   faulty (no faults
+//                                                       configured) over sim, TCP
+// Not instantiated: the process simulator's link network (sim/process/child.cc,
+// ChildRuntime's LinkNetwork). It exists once per worker process (ChildRuntime
+// is a process singleton), and every call on it is a request over the link
+// that only a frame holding the host's baton may make, so the suite's shape
+// (all networks of a case in one process, driven from the test's thread) does
+// not fit it. It forwards each Start/Send/Stop to the host, where the worker's
+// endpoint is a SimNetwork of the host's SimFabric (sim/process/host.cc): the
+// delivery semantics are the simulated network's, which this suite covers;
+// //sim/process:host_test drives the link end to end across processes.
 #ifndef TETHER_TESTING_NETWORK_CONFORMANCE_H_
 #define TETHER_TESTING_NETWORK_CONFORMANCE_H_
 
@@ -25,6 +51,7 @@
 #include <string>
 
 #include "absl/time/time.h"
+#include "core/clock.h"
 #include "core/network.h"
 #include "gtest/gtest.h"
 
@@ -48,6 +75,11 @@ class NetworkHarness {
   // connections reset, nothing more is flushed). Its own observer gets no
   // callback afterwards.
   virtual void Crash(WorkerId id) = 0;
+  // The clock worker `id`'s network runs on (a SystemClock for real
+  // transports, the worker's SimClock in the simulator): what a wrapping
+  // network (tracing, faulty) is given. Owned by the harness, valid until it is
+  // destroyed.
+  virtual Clock* clock(WorkerId id) = 0;
 };
 
 struct NetworkFactory {
@@ -55,6 +87,16 @@ struct NetworkFactory {
   // Builds `n` connected networks (n >= 2).
   std::function<std::unique_ptr<NetworkHarness>(int n)> create;
 };
+
+// Builds the network that wraps `inner`'s network of worker `id`.
+using NetworkWrapper =
+    std::function<std::unique_ptr<Network>(NetworkHarness& inner, WorkerId id)>;
+
+// A factory whose harness is `inner`'s with each network wrapped by `wrap`:
+// Send/Start/Stop go to the wrappers, Crash and RunUntil to the inner harness.
+// The wrappers are destroyed before the inner networks.
+NetworkFactory WrapNetworks(std::string name, NetworkFactory inner,
+                            NetworkWrapper wrap);
 
 // For INSTANTIATE_TEST_SUITE_P's name generator.
 std::string NetworkFactoryName(

@@ -8,15 +8,16 @@
 
 #include <functional>
 #include <memory>
-#include <mutex>
 #include <string>
 #include <thread>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "absl/synchronization/mutex.h"
 #include "absl/time/clock.h"
 #include "gtest/gtest.h"
 #include "testing/network_conformance.h"
+#include "testing/transport/tcp_harness.h"
 #include "transport/auth.h"
 #include "transport/frame.h"
 #include "transport/thread_pool.h"
@@ -31,96 +32,38 @@ const bool kIgnoreSigpipe = [] {
   return true;
 }();
 
-using testing::NetworkFactory;
-using testing::NetworkHarness;
+using testing::TcpHarness;
 
-class TcpHarness : public NetworkHarness {
- public:
-  TcpHarness(int n,
-             const std::function<void(TcpNetworkOptions&)>& tweak = nullptr,
-             bool pooled = false) {
-    for (int i = 0; i < n; ++i) {
-      TcpNetworkOptions o;
-      o.self = i;
-      if (pooled) {
-        pools_.push_back(std::make_unique<ThreadPool>(2));
-        o.poll_with = pools_.back().get();
-      }
-      o.stop_flush_timeout = absl::Seconds(2);
-      if (tweak) tweak(o);
-      nets_.push_back(TcpNetwork::Listen(o).value());
-    }
-    for (int i = 0; i < n; ++i) {
-      std::map<WorkerId, std::string> peers;
-      for (int j = 0; j < n; ++j) {
-        if (j != i) peers[j] = nets_[j]->listen_address();
-      }
-      EXPECT_TRUE(nets_[i]->SetPeers(peers).ok());
-    }
-  }
-  int size() const override { return static_cast<int>(nets_.size()); }
-  Network* network(WorkerId id) override { return nets_[id].get(); }
-  TcpNetwork* tcp(WorkerId id) { return nets_[id].get(); }
-  bool RunUntil(const std::function<bool()>& done,
-                absl::Duration timeout) override {
-    absl::Time deadline = absl::Now() + timeout;
-    while (!done()) {
-      if (absl::Now() > deadline) return false;
-      absl::SleepFor(absl::Milliseconds(1));
-    }
-    return true;
-  }
-  void Crash(WorkerId id) override { nets_[id]->Abort(); }
-
- private:
-  std::vector<std::unique_ptr<ThreadPool>> pools_;  // Outlive the networks.
-  std::vector<std::unique_ptr<TcpNetwork>> nets_;
-};
-
-INSTANTIATE_TEST_SUITE_P(
-    Tcp, NetworkConformanceTest,
-    ::testing::Values(NetworkFactory{"tcp",
-                                     [](int n) {
-                                       return std::make_unique<TcpHarness>(n);
-                                     }},
-                      NetworkFactory{"tcp_pooled",
-                                     [](int n) {
-                                       return std::make_unique<TcpHarness>(
-                                           n, nullptr, /*pooled=*/true);
-                                     }},
-                      NetworkFactory{"tcp_authenticated",
-                                     [](int n) {
-                                       return std::make_unique<TcpHarness>(
-                                           n, [](TcpNetworkOptions& o) {
-                                             o.auth_token = "s3cret";
-                                           });
-                                     }}),
-    testing::NetworkFactoryName);
+INSTANTIATE_TEST_SUITE_P(Tcp, NetworkConformanceTest,
+                         ::testing::Values(testing::TcpNetworkFactory(),
+                                           testing::PooledTcpNetworkFactory(),
+                                           testing::AuthenticatedTcpNetworkFactory()),
+                         testing::NetworkFactoryName);
 
 // Thread-safe observer for the tests below.
 class Recorder : public NetworkObserver {
  public:
   void OnMessage(Message m) override {
-    std::lock_guard<std::mutex> lock(mu_);
+    absl::MutexLock lock(&mu_);
     messages_.push_back(std::move(m));
   }
   void OnPeerFailed(WorkerId peer, const absl::Status& reason) override {
-    std::lock_guard<std::mutex> lock(mu_);
+    absl::MutexLock lock(&mu_);
     failures_.emplace_back(peer, reason);
   }
   size_t count() {
-    std::lock_guard<std::mutex> lock(mu_);
+    absl::MutexLock lock(&mu_);
     return messages_.size();
   }
   std::vector<std::pair<WorkerId, absl::Status>> failures() {
-    std::lock_guard<std::mutex> lock(mu_);
+    absl::MutexLock lock(&mu_);
     return failures_;
   }
 
  private:
-  std::mutex mu_;
-  std::vector<Message> messages_;
-  std::vector<std::pair<WorkerId, absl::Status>> failures_;
+  absl::Mutex mu_;
+  std::vector<Message> messages_ ABSL_GUARDED_BY(mu_);
+  std::vector<std::pair<WorkerId, absl::Status>> failures_ ABSL_GUARDED_BY(mu_);
 };
 
 bool WaitFor(const std::function<bool()>& done) {
