@@ -7,6 +7,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_split.h"
+#include "core/callback_gate.h"
 #include "core/status.h"
 
 namespace tether {
@@ -25,6 +26,11 @@ constexpr bool kPlantedBugs = false;
 }  // namespace
 
 bool PlantedBugsCompiledIn() { return kPlantedBugs; }
+
+template <typename Fn>
+auto Agent::Guarded(Fn fn) const {
+  return CallbackGate::Guard(gate_, std::move(fn));
+}
 
 struct Agent::PendingCall {
   WorkerId to = -1;
@@ -212,6 +218,7 @@ absl::StatusOr<std::unique_ptr<Agent>> Agent::Create(AgentOptions options,
 Agent::Agent(AgentOptions options, Clock* clock, Network* network,
              Executor* executor)
     : options_(std::move(options)),
+      gate_(std::make_shared<CallbackGate>()),
       clock_(clock),
       network_(network),
       executor_(executor),
@@ -229,6 +236,9 @@ Agent::Agent(AgentOptions options, Clock* clock, Network* network,
 }
 
 Agent::~Agent() {
+  // Callbacks running on other threads finish first; later ones, and replies
+  // sent from now on, do nothing.
+  gate_->Close();
   std::vector<TimerId> timers;
   std::map<uint64_t, std::unique_ptr<PendingCall>> abandoned;
   bool stop_network = false;
@@ -454,7 +464,7 @@ Future<Message> Agent::Call(WorkerId to, MessageType type, std::string payload,
     call->future = future;
     if (call->timeout > absl::ZeroDuration() && !(kPlantedBugs && bugs_.lose_timeout_timer)) {
       call->timer = clock_->Schedule(clock_->Now() + call->timeout,
-                                     [this, id] { OnCallTimeout(id); });
+                                     Guarded([this, id] { OnCallTimeout(id); }));
     }
     m.envelope.set_timeout_ns(absl::ToInt64Nanoseconds(call->timeout));
     pending_[id] = std::move(call);
@@ -547,13 +557,13 @@ void Agent::OnMessage(Message message) {
     HandleReply(std::move(message));
     return;
   }
-  executor_->Post([this, m = std::move(message)]() mutable {
+  executor_->Post(Guarded([this, m = std::move(message)]() mutable {
     if (IsShutdownMessage(m.envelope.type())) {
       HandleShutdownMessage(std::move(m));
     } else {
       HandleRequest(std::move(m));
     }
-  });
+  }));
 }
 
 void Agent::HandleReply(Message message) {
@@ -634,9 +644,9 @@ void Agent::HandleRequest(Message message) {
   }
   auto call = std::make_shared<IncomingCallImpl>(
       std::move(message), deadline,
-      [this, from, id](absl::StatusOr<Message> reply) {
+      Guarded([this, from, id](absl::StatusOr<Message> reply) {
         SendReply(from, id, std::move(reply));
-      });
+      }));
   handler(std::move(call));
 }
 
@@ -698,7 +708,7 @@ void Agent::OnPeerFailed(WorkerId peer, const absl::Status& reason) {
                          "worker '", name,
                          "' failed before replying: ", reason.message())));
   }
-  executor_->Post([this, peer, reason] {
+  executor_->Post(Guarded([this, peer, reason] {
     for (const PeerFailureListener& l : peer_failure_listeners_)
       l(peer, reason);
     bool finish_unavailable = false;
@@ -723,7 +733,7 @@ void Agent::OnPeerFailed(WorkerId peer, const absl::Status& reason) {
     } else {
       MaybeCommit();
     }
-  });
+  }));
 }
 
 ActivitySnapshot Agent::LocalActivity() const {
@@ -764,20 +774,20 @@ Future<Unit> Agent::Shutdown(bool graceful) {
     if (shutdown_->graceful &&
         options_.shutdown_timeout > absl::ZeroDuration()) {
       shutdown_->deadline_timer =
-          clock_->Schedule(clock_->Now() + options_.shutdown_timeout, [this] {
-            executor_->Post([this] {
+          clock_->Schedule(clock_->Now() + options_.shutdown_timeout, Guarded([this] {
+            executor_->Post(Guarded([this] {
               FinishShutdown(absl::DeadlineExceededError(
                   "graceful shutdown did not complete within its timeout; "
                   "stopped without it"));
-            });
-          });
+            }));
+          }));
     }
   }
   if (!start_now) return shutdown_future_;
   if (!graceful || !started_) {
     FinishShutdown(absl::OkStatus());
   } else if (leader) {
-    executor_->Post([this] { LeaderPoll(); });
+    executor_->Post(Guarded([this] { LeaderPoll(); }));
   }
   return shutdown_future_;
 }
@@ -792,7 +802,7 @@ void Agent::LeaderPoll() {
     ShutdownState& s = *shutdown_;
     s.poll_timer =
         clock_->Schedule(clock_->Now() + options_.shutdown_poll_interval,
-                         [this] { executor_->Post([this] { LeaderPoll(); }); });
+                         Guarded([this] { executor_->Post(Guarded([this] { LeaderPoll(); })); }));
     if (s.committing) {
       commit_resend = true;
       for (const WorkerInfo& w : workers_) {
@@ -878,7 +888,7 @@ void Agent::MaybeCommit() {
         if (!finish) {
           s.poll_timer = clock_->Schedule(
               clock_->Now() + options_.shutdown_poll_interval,
-              [this] { executor_->Post([this] { LeaderPoll(); }); });
+              Guarded([this] { executor_->Post(Guarded([this] { LeaderPoll(); })); }));
         }
       } else {
         s.previous = std::move(live);

@@ -20,6 +20,12 @@
 // Ownership: the Clock, Network and Executor must outlive the agent. The agent
 // is the network's observer from Start() until its shutdown completes. Handlers
 // and future callbacks run on the executor. All methods are thread-safe.
+// Lifetime: the agent's timer and executor callbacks (and the reply path of an
+// IncomingCall) go through a CallbackGate: the destructor first waits for those
+// running on other threads (a handler still running included), and those that
+// start later, or a reply sent after, do nothing. So the agent may be destroyed
+// while the clock still holds a timer it could not cancel (Clock::Cancel does
+// not wait for one already running) or the executor a task it posted.
 //
 // Graceful shutdown: every worker calls Shutdown(true). The worker with the
 // lowest id leads: it polls all workers' activity counters until every worker
@@ -57,6 +63,8 @@
 #include "core/network.h"
 
 namespace tether {
+
+class CallbackGate;
 
 struct WorkerInfo {
   std::string name;
@@ -279,7 +287,13 @@ class Agent : public NetworkObserver {
   ActivitySnapshot LocalActivity() const;
   bool IsDuplicateLocked(WorkerId from, uint64_t request_id);
 
+  // `fn` wrapped to run only while this agent lives (see Lifetime above).
+  template <typename Fn>
+  auto Guarded(Fn fn) const;
+
   const AgentOptions options_;
+  // Every timer and executor callback holds it; the destructor closes it first.
+  const std::shared_ptr<CallbackGate> gate_;
   Clock* const clock_;
   Network* const network_;
   Executor* const executor_;

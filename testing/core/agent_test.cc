@@ -2,11 +2,15 @@
 // time).
 #include "core/agent.h"
 
+#include <atomic>
 #include <map>
 #include <memory>
 #include <string>
+#include <thread>
 #include <vector>
 
+#include "absl/synchronization/notification.h"
+#include "core/callback_gate.h"
 #include "core/inline_executor.h"
 #include "core/status.h"
 #include "gtest/gtest.h"
@@ -613,6 +617,126 @@ TEST(AgentTest, LeaderFailingBeforeItsCommitCutsTheBarrierShort) {
   EXPECT_EQ(done.result().status().code(), absl::StatusCode::kUnavailable)
       << done.result().status();
   EXPECT_TRUE(f.agent->is_shut_down());
+}
+
+// A Clock whose timers the test fires by hand, and whose Cancel() fails as SystemClock's does for a
+// callback its timer thread has already taken off the queue (Clock::Cancel does not wait for it).
+class UncancellableClock : public Clock {
+ public:
+  absl::Time Now() override { return absl::UnixEpoch(); }
+  TimerId Schedule(absl::Time, std::function<void()> callback) override {
+    absl::MutexLock lock(&mu_);
+    timers_.push_back(std::move(callback));
+    return timers_.size();
+  }
+  bool Cancel(TimerId) override { return false; }
+  void FireAll() {
+    std::vector<std::function<void()>> timers;
+    {
+      absl::MutexLock lock(&mu_);
+      timers.swap(timers_);
+    }
+    for (auto& t : timers) t();
+  }
+
+ private:
+  absl::Mutex mu_;
+  std::vector<std::function<void()>> timers_;
+};
+
+// Requests from worker 0 to this agent (worker 1), as the network delivers them.
+Message RequestFromZero(uint64_t request_id, MessageType type = wire::TEST_CALL) {
+  Message m;
+  m.envelope.set_type(type);
+  m.envelope.set_from(0);
+  m.envelope.set_to(1);
+  m.envelope.set_request_id(request_id);
+  return m;
+}
+
+// The Agent is held by a unique_ptr, so its callbacks cannot hold it alive (as the RRef context's
+// weak_ptrs do). What they hold is its CallbackGate: a timer the clock failed to cancel, a task
+// still queued on the executor and a reply sent after the agent went all do nothing. (Under ASan
+// this test fails with a heap-use-after-free if any of them reaches the agent.)
+TEST(AgentLifetimeTest, CallbacksThatOutliveTheAgentDoNothing) {
+  UncancellableClock clock;
+  ScriptedNetwork network(1);
+  testing::QueueExecutor executor;
+  std::shared_ptr<IncomingCall> held;
+  {
+    AgentOptions o;
+    o.self = 1;
+    o.workers = {{"zero", 0}, {"one", 1}};
+    o.shutdown_timeout = absl::Seconds(1);
+    std::unique_ptr<Agent> agent = Agent::Create(o, &clock, &network, &executor).value();
+    agent->RegisterHandler(wire::TEST_CALL,
+                           [&held](std::shared_ptr<IncomingCall> c) { held = std::move(c); });
+    ASSERT_TRUE(agent->Start().ok());
+    Future<Message> call = agent->Call(0, wire::TEST_CALL, "x", {}, absl::Seconds(1));
+    agent->OnMessage(RequestFromZero(1));
+    executor.RunAll();  // The handler keeps the call.
+    ASSERT_NE(held, nullptr);
+    agent->OnMessage(RequestFromZero(2));              // Its task stays queued.
+    agent->OnPeerFailed(0, absl::UnavailableError("x"));  // Queues the listeners' task.
+    agent->Shutdown(/*graceful=*/true);                // A deadline timer (worker 1 follows).
+  }
+  const size_t sent = network.sent().size();
+  clock.FireAll();  // The call's timeout and the shutdown deadline.
+  executor.RunAll();
+  held->Reply("late", {});
+  held.reset();
+  EXPECT_EQ(network.sent().size(), sent);
+}
+
+// A callback running on another thread when the agent's destructor starts finishes first: here a
+// handler (it runs inside the agent's executor task) that is still running.
+TEST(AgentLifetimeTest, DestructorWaitsForACallbackRunningOnAnotherThread) {
+  UncancellableClock clock;
+  ScriptedNetwork network(1);
+  testing::QueueExecutor executor;
+  absl::Notification in_handler, release_handler, destroyed;
+  std::atomic<bool> handler_done{false};
+  AgentOptions o;
+  o.self = 1;
+  o.workers = {{"zero", 0}, {"one", 1}};
+  std::unique_ptr<Agent> agent = Agent::Create(o, &clock, &network, &executor).value();
+  agent->RegisterHandler(wire::TEST_CALL, [&](std::shared_ptr<IncomingCall> c) {
+    in_handler.Notify();
+    release_handler.WaitForNotification();
+    handler_done = true;
+    c->Reply("done", {});  // The agent is closing: dropped, but the agent is still whole.
+  });
+  ASSERT_TRUE(agent->Start().ok());
+  agent->OnMessage(RequestFromZero(1));
+  std::thread pool_thread([&] { executor.RunAll(); });
+  in_handler.WaitForNotification();
+  std::thread destroyer([&] {
+    agent.reset();
+    destroyed.Notify();
+  });
+  EXPECT_FALSE(destroyed.WaitForNotificationWithTimeout(absl::Milliseconds(100)));
+  release_handler.Notify();
+  destroyed.WaitForNotification();
+  EXPECT_TRUE(handler_done);
+  pool_thread.join();
+  destroyer.join();
+}
+
+// An agent destroyed from inside one of its own callbacks does not wait for itself.
+TEST(AgentLifetimeTest, GateClosedFromInsideItsOwnScopeDoesNotWaitForIt) {
+  auto gate = std::make_shared<CallbackGate>();
+  int ran = 0;
+  auto inner = CallbackGate::Guard(gate, [&ran] { ++ran; });
+  auto outer = CallbackGate::Guard(gate, [&] {
+    ++ran;
+    gate->Close();  // Returns: the only open Scope is this thread's.
+    inner();        // Closed: does not run.
+  });
+  outer();
+  EXPECT_EQ(ran, 1);
+  EXPECT_TRUE(gate->closed());
+  outer();
+  EXPECT_EQ(ran, 1);
 }
 
 }  // namespace
