@@ -14,10 +14,10 @@ SystemClock::SystemClock()
 
 SystemClock::~SystemClock() {
   {
-    std::lock_guard<std::mutex> lock(mu_);
+    absl::MutexLock lock(&mu_);
     stopping_ = true;
   }
-  cv_.notify_all();
+  cv_.SignalAll();
   thread_.join();
 }
 
@@ -44,20 +44,20 @@ TimerId SystemClock::Schedule(absl::Time deadline,
   bool wake;
   TimerId id;
   {
-    std::lock_guard<std::mutex> lock(mu_);
+    absl::MutexLock lock(&mu_);
     id = next_id_++;
     wake = when < sleeping_until_;
     queue_.emplace(Key(when, id), std::move(callback));
     deadlines_.emplace(id, when);
   }
-  if (wake) cv_.notify_all();
+  if (wake) cv_.SignalAll();
   return id;
 }
 
 bool SystemClock::Cancel(TimerId id) {
   std::function<void()> dropped;  // Destroyed outside the lock.
   {
-    std::lock_guard<std::mutex> lock(mu_);
+    absl::MutexLock lock(&mu_);
     auto it = deadlines_.find(id);
     if (it == deadlines_.end()) return false;
     auto q = queue_.find(Key(it->second, id));
@@ -69,7 +69,7 @@ bool SystemClock::Cancel(TimerId id) {
 }
 
 size_t SystemClock::pending() const {
-  std::lock_guard<std::mutex> lock(mu_);
+  absl::MutexLock lock(&mu_);
   return queue_.size();
 }
 
@@ -78,7 +78,7 @@ void SystemClock::Loop() {
   // kMaxSleep, so Schedule() needs to wake it only for a deadline earlier than
   // the one it sleeps towards (a call's far timeout does not cost a wake-up).
   constexpr auto kMaxSleep = std::chrono::seconds(1);
-  std::unique_lock<std::mutex> lock(mu_);
+  mu_.Lock();
   while (!stopping_) {
     const SteadyTime now = std::chrono::steady_clock::now();
     if (!queue_.empty() && queue_.begin()->first.first <= now) {
@@ -86,23 +86,23 @@ void SystemClock::Loop() {
       std::function<void()> callback = std::move(first->second);
       deadlines_.erase(first->first.second);
       queue_.erase(first);
-      lock.unlock();
+      mu_.Unlock();
       callback();
       callback = nullptr;
-      lock.lock();
+      mu_.Lock();
       continue;
     }
     SteadyTime target = now + kMaxSleep;
     if (!queue_.empty()) target = std::min(target, queue_.begin()->first.first);
     sleeping_until_ = target;
-    cv_.wait_until(lock, target);
+    cv_.WaitWithTimeout(&mu_, absl::FromChrono(target - now));
     sleeping_until_ = SteadyTime::min();
   }
   // Drop what never ran, outside the lock (their destructors may do anything).
   std::map<Key, std::function<void()>> dropped;
   dropped.swap(queue_);
   deadlines_.clear();
-  lock.unlock();
+  mu_.Unlock();
 }
 
 }  // namespace tether

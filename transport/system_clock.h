@@ -17,14 +17,14 @@
 #define TETHER_TRANSPORT_SYSTEM_CLOCK_H_
 
 #include <chrono>
-#include <condition_variable>
 #include <cstdint>
 #include <functional>
 #include <map>
-#include <mutex>
 #include <thread>
 #include <utility>
 
+#include "absl/base/thread_annotations.h"
+#include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "core/clock.h"
 
@@ -56,14 +56,14 @@ class SystemClock : public Clock {
   const SteadyTime steady_base_;
   const absl::Time wall_base_;
 
-  mutable std::mutex mu_;
-  std::condition_variable cv_;
-  bool stopping_ = false;
+  mutable absl::Mutex mu_;
+  absl::CondVar cv_;
+  bool stopping_ ABSL_GUARDED_BY(mu_) = false;
   // When the timer thread will wake up by itself; min() while it is awake.
-  SteadyTime sleeping_until_ = SteadyTime::min();
-  TimerId next_id_ = 1;
-  std::map<Key, std::function<void()>> queue_;
-  std::map<TimerId, SteadyTime> deadlines_;
+  SteadyTime sleeping_until_ ABSL_GUARDED_BY(mu_) = SteadyTime::min();
+  TimerId next_id_ ABSL_GUARDED_BY(mu_) = 1;
+  std::map<Key, std::function<void()>> queue_ ABSL_GUARDED_BY(mu_);
+  std::map<TimerId, SteadyTime> deadlines_ ABSL_GUARDED_BY(mu_);
   std::thread thread_;
 };
 
