@@ -13,7 +13,7 @@ namespace {
 thread_local const ThreadPool* current_pool = nullptr;
 thread_local const ThreadPool* polling_pool = nullptr;
 // How often idle threads check that someone polls (see Loop).
-constexpr auto kFollowerCheck = std::chrono::milliseconds(5);
+constexpr absl::Duration kFollowerCheck = absl::Milliseconds(5);
 
 int64_t SteadyNanos() {
   return std::chrono::duration_cast<std::chrono::nanoseconds>(
@@ -77,28 +77,29 @@ bool ThreadPool::InPool() const { return current_pool == this; }
 bool ThreadPool::InPoll() const { return polling_pool == this; }
 
 bool ThreadPool::SetPollable(Pollable* pollable) {
-  std::unique_lock<std::mutex> lock(mu_);
-  if (pollable == nullptr || pollable_ != nullptr || joined_) return false;
-  pollable_ = pollable;
-  lock.unlock();
-  cv_.notify_one();  // An idle thread becomes the poller.
+  {
+    absl::MutexLock lock(&mu_);
+    if (pollable == nullptr || pollable_ != nullptr || joined_) return false;
+    pollable_ = pollable;
+  }
+  cv_.Signal();  // An idle thread becomes the poller.
   return true;
 }
 
 void ThreadPool::ClearPollable(Pollable* pollable) {
-  std::unique_lock<std::mutex> lock(mu_);
+  absl::MutexLock lock(&mu_);
   if (pollable_ != pollable || pollable == nullptr) return;
   pollable_ = nullptr;
   if (InPoll()) return;
   if (polling_) pollable->Wake();
-  poll_done_.wait(lock, [&] { return !polling_; });
+  while (polling_) poll_done_.Wait(&mu_);
 }
 
 void ThreadPool::Post(std::function<void()> task) {
   bool notify = false;
   Pollable* wake = nullptr;
   {
-    std::lock_guard<std::mutex> lock(mu_);
+    absl::MutexLock lock(&mu_);
     if (joined_ || (shutting_down_ && !InPool())) {
       ++dropped_;
       return;
@@ -114,7 +115,7 @@ void ThreadPool::Post(std::function<void()> task) {
       wake = pollable_;  // Everyone else is busy: the poller takes it.
     }
   }
-  if (notify) cv_.notify_one();
+  if (notify) cv_.Signal();
   if (wake != nullptr) wake->Wake();
 }
 
@@ -124,11 +125,11 @@ void ThreadPool::Shutdown(ShutdownMode mode) {
 
 std::vector<StuckThread> ThreadPool::ShutdownWithin(ShutdownMode mode,
                                                     absl::Duration join_bound) {
-  std::lock_guard<std::mutex> serial(shutdown_mu_);
+  absl::MutexLock serial(&shutdown_mu_);
   const absl::Time deadline = absl::Now() + join_bound;
   std::deque<std::function<void()>> discarded;
   {
-    std::lock_guard<std::mutex> lock(mu_);
+    absl::MutexLock lock(&mu_);
     if (joined_) return {};
     shutting_down_ = true;
     if (mode == kDrop) {
@@ -137,7 +138,7 @@ std::vector<StuckThread> ThreadPool::ShutdownWithin(ShutdownMode mode,
     }
     if (polling_ && pollable_ != nullptr) pollable_->Wake();
   }
-  cv_.notify_all();
+  cv_.SignalAll();
   discarded.clear();
   WaitForExits(deadline);
   std::vector<StuckThread> stuck;
@@ -162,7 +163,7 @@ std::vector<StuckThread> ThreadPool::ShutdownWithin(ShutdownMode mode,
   for (std::thread* t : to_join) t->join();  // Each has left Loop: prompt.
   std::deque<std::function<void()>> leftover;
   {
-    std::lock_guard<std::mutex> lock(mu_);
+    absl::MutexLock lock(&mu_);
     joined_ = true;
     // Anything posted after the last thread left its loop (or that a thread
     // left behind would otherwise take) is dropped.
@@ -174,7 +175,7 @@ std::vector<StuckThread> ThreadPool::ShutdownWithin(ShutdownMode mode,
 }
 
 uint64_t ThreadPool::dropped() const {
-  std::lock_guard<std::mutex> lock(mu_);
+  absl::MutexLock lock(&mu_);
   return dropped_;
 }
 
@@ -182,17 +183,17 @@ void ThreadPool::Loop(ThreadState* self) {
   current_pool = this;
   self->os_tid.store(static_cast<int64_t>(syscall(SYS_gettid)),
                      std::memory_order_relaxed);
-  std::unique_lock<std::mutex> lock(mu_);
+  mu_.Lock();
   while (true) {
     if (!queue_.empty() && !joined_) {
       std::function<void()> task = std::move(queue_.front());
       queue_.pop_front();
-      lock.unlock();
+      mu_.Unlock();
       self->busy_since_ns.store(SteadyNanos(), std::memory_order_release);
       task();
       task = nullptr;
       self->busy_since_ns.store(0, std::memory_order_release);
-      lock.lock();
+      mu_.Lock();
       continue;
     }
     // Draining ends when the queue is empty and no task is left that could
@@ -205,12 +206,12 @@ void ThreadPool::Loop(ThreadState* self) {
       Pollable* p = pollable_;
       polling_ = true;
       polling_pool = this;
-      lock.unlock();
+      mu_.Unlock();
       p->Poll(/*max_wait_ms=*/200);
-      lock.lock();
+      mu_.Lock();
       polling_pool = nullptr;
       polling_ = false;
-      poll_done_.notify_all();
+      poll_done_.SignalAll();
       // This thread runs what the poll produced, then polls again. Followers
       // are not woken for that (a wake-up per message costs more than it
       // saves); they look every kFollowerCheck and take over polling if the
@@ -219,13 +220,13 @@ void ThreadPool::Loop(ThreadState* self) {
     }
     ++idle_;
     if (pollable_ != nullptr) {
-      cv_.wait_for(lock, kFollowerCheck);
+      cv_.WaitWithTimeout(&mu_, kFollowerCheck);
     } else {
-      cv_.wait(lock);
+      cv_.Wait(&mu_);
     }
     --idle_;
   }
-  lock.unlock();
+  mu_.Unlock();
   current_pool = nullptr;
   // The last thing this thread does with the pool (a thread left behind by a
   // bounded shutdown may get here long after it).

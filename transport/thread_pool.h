@@ -41,12 +41,10 @@
 #define TETHER_TRANSPORT_THREAD_POOL_H_
 
 #include <atomic>
-#include <condition_variable>
 #include <cstdint>
 #include <deque>
 #include <functional>
 #include <memory>
-#include <mutex>
 #include <string>
 #include <thread>
 #include <vector>
@@ -133,18 +131,19 @@ class ThreadPool : public Executor {
   // Waits until every thread has left Loop or `deadline` passes.
   void WaitForExits(absl::Time deadline);
 
-  mutable std::mutex mu_;
-  std::condition_variable cv_;
-  std::deque<std::function<void()>> queue_;
-  bool shutting_down_ = false;
-  bool joined_ = false;
-  uint64_t dropped_ = 0;
-  Pollable* pollable_ = nullptr;
-  bool polling_ = false;  // A thread is inside pollable's Poll().
-  int idle_ = 0;          // Threads waiting on cv_.
-  std::condition_variable poll_done_;
+  mutable absl::Mutex mu_;
+  absl::CondVar cv_;
+  std::deque<std::function<void()>> queue_ ABSL_GUARDED_BY(mu_);
+  bool shutting_down_ ABSL_GUARDED_BY(mu_) = false;
+  bool joined_ ABSL_GUARDED_BY(mu_) = false;
+  uint64_t dropped_ ABSL_GUARDED_BY(mu_) = 0;
+  Pollable* pollable_ ABSL_GUARDED_BY(mu_) = nullptr;
+  // A thread is inside pollable's Poll().
+  bool polling_ ABSL_GUARDED_BY(mu_) = false;
+  int idle_ ABSL_GUARDED_BY(mu_) = 0;  // Threads waiting on cv_.
+  absl::CondVar poll_done_;            // Signalled when polling_ turns false.
   std::vector<std::unique_ptr<ThreadState>> threads_;  // Fixed at construction.
-  std::mutex shutdown_mu_;  // Serializes Shutdown() callers.
+  absl::Mutex shutdown_mu_;  // Serializes Shutdown() callers.
 
   // Which threads have left Loop (by index), and how many were left behind.
   mutable absl::Mutex exit_mu_;
