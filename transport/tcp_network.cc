@@ -15,16 +15,16 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
-#include <condition_variable>
 #include <cstring>
 #include <deque>
-#include <mutex>
 #include <thread>
 #include <utility>
 #include <vector>
 
+#include "absl/base/thread_annotations.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/synchronization/mutex.h"
 #include "transport/auth.h"
 #include "transport/thread_pool.h"
 
@@ -168,16 +168,16 @@ class TcpNetwork::Impl {
     sockaddr_storage addr{};
     socklen_t addr_len = 0;
 
-    std::mutex mu;  // Guards the fields below up to the loop-only ones.
-    std::deque<Outgoing> queue;
-    size_t offset = 0;      // Bytes of queue.front() already written.
-    int fd = -1;            // The ready connection's socket, -1 if none.
-    uint64_t conn_id = 0;   // Its epoll key.
-    bool want_out = false;  // EPOLLOUT armed.
-    bool failed = false;
-    absl::Status failure;
-    absl::Status
-        write_error;  // Set by a writer; the loop turns it into a failure.
+    absl::Mutex mu;
+    std::deque<Outgoing> queue ABSL_GUARDED_BY(mu);
+    size_t offset ABSL_GUARDED_BY(mu) = 0;  // Bytes of queue.front() written.
+    int fd ABSL_GUARDED_BY(mu) = -1;  // The ready connection's socket, or -1.
+    uint64_t conn_id ABSL_GUARDED_BY(mu) = 0;  // Its epoll key.
+    bool want_out ABSL_GUARDED_BY(mu) = false;  // EPOLLOUT armed.
+    bool failed ABSL_GUARDED_BY(mu) = false;
+    absl::Status failure ABSL_GUARDED_BY(mu);
+    // Set by a writer; the loop turns it into a failure.
+    absl::Status write_error ABSL_GUARDED_BY(mu);
 
     // Loop thread only.
     uint64_t conn = 0;  // Connection (being set up or ready), 0 if none.
@@ -254,10 +254,10 @@ class TcpNetwork::Impl {
     return absl::StrCat("worker ", p->id, " at ", p->address);
   }
 
-  // Writes as much of the peer's queue as the socket takes. Requires p->mu.
-  // Returns false if the write failed (p->write_error set).
-  bool FlushLocked(Peer* p);
-  void SetWantOutLocked(Peer* p, bool want);
+  // Writes as much of the peer's queue as the socket takes. Returns false if
+  // the write failed (p->write_error set).
+  bool FlushLocked(Peer* p) ABSL_EXCLUSIVE_LOCKS_REQUIRED(p->mu);
+  void SetWantOutLocked(Peer* p, bool want) ABSL_EXCLUSIVE_LOCKS_REQUIRED(p->mu);
 
   std::string token_;
   int listen_fd_ = -1;
@@ -284,19 +284,19 @@ class TcpNetwork::Impl {
   };
   Adapter adapter_{this};
   std::atomic<bool> closed_{false};
-  std::mutex finish_mu_;
-  std::condition_variable finish_cv_;
-  bool finish_claimed_ = false;  // Guarded by finish_mu_.
+  absl::Mutex finish_mu_;
+  absl::CondVar finish_cv_;  // Signalled when closed_ is set.
+  bool finish_claimed_ ABSL_GUARDED_BY(finish_mu_) = false;
   // Whether the caller is the one to finish (flush and close) in pooled mode.
   bool ClaimFinish();
   int next_timeout_ms_ = 10;  // Loop only.
-  std::mutex stop_mu_;
+  absl::Mutex stop_mu_;  // Serializes Stop() callers.
   SteadyTime start_time_{};
   SteadyTime stop_deadline_{};
   bool stop_deadline_set_ = false;  // Loop only.
 
-  std::mutex self_mu_;
-  std::deque<Message> self_queue_;
+  absl::Mutex self_mu_;
+  std::deque<Message> self_queue_ ABSL_GUARDED_BY(self_mu_);
 
   // Loop thread only.
   std::map<uint64_t, std::unique_ptr<Conn>> conns_;
@@ -467,7 +467,7 @@ absl::Status TcpNetwork::Impl::Send(WorkerId to, Message message) {
   if (to == options_.self) {
     message.SealBuffers();
     {
-      std::lock_guard<std::mutex> lock(self_mu_);
+      absl::MutexLock lock(&self_mu_);
       self_queue_.push_back(std::move(message));
     }
     Wake();
@@ -477,7 +477,7 @@ absl::Status TcpNetwork::Impl::Send(WorkerId to, Message message) {
   absl::StatusOr<EncodedFrame> frame = EncodeFrame(std::move(message));
   if (!frame.ok()) return frame.status();
   size_t size = frame->size();
-  std::unique_lock<std::mutex> lock(p->mu);
+  absl::ReleasableMutexLock lock(&p->mu);
   if (p->failed) {
     return absl::UnavailableError(
         absl::StrCat(PeerName(p), " has failed: ", p->failure.message()));
@@ -486,7 +486,7 @@ absl::Status TcpNetwork::Impl::Send(WorkerId to, Message message) {
   ++messages_sent_;
   if (p->fd >= 0 && !p->want_out && p->write_error.ok()) {
     if (!FlushLocked(p)) {
-      lock.unlock();
+      lock.Release();
       Wake();
     }
   }
@@ -578,7 +578,7 @@ void TcpNetwork::Impl::Stop(bool abort) {
     return;
   }
   Wake();
-  std::lock_guard<std::mutex> lock(stop_mu_);
+  absl::MutexLock lock(&stop_mu_);
   if (pool_ != nullptr) {
     // Once no pool thread polls any more, finish here, unless the last poll
     // claimed that (then wait for it).
@@ -588,8 +588,8 @@ void TcpNetwork::Impl::Stop(bool abort) {
       }
       Close();
     }
-    std::unique_lock<std::mutex> f(finish_mu_);
-    finish_cv_.wait(f, [&] { return closed_.load(); });
+    absl::MutexLock f(&finish_mu_);
+    while (!closed_.load()) finish_cv_.Wait(&finish_mu_);
   } else if (loop_.joinable()) {
     loop_.join();
   }
@@ -614,7 +614,7 @@ void TcpNetwork::Impl::Poll(int max_wait_ms) {
 }
 
 bool TcpNetwork::Impl::ClaimFinish() {
-  std::lock_guard<std::mutex> lock(finish_mu_);
+  absl::MutexLock lock(&finish_mu_);
   if (finish_claimed_) return false;
   finish_claimed_ = true;
   return true;
@@ -652,7 +652,7 @@ bool TcpNetwork::Impl::Iterate(int max_wait_ms) {
     for (auto& [id, p] : peers_) {
       absl::Status err;
       {
-        std::lock_guard<std::mutex> lock(p->mu);
+        absl::MutexLock lock(&p->mu);
         err = p->write_error;
       }
       if (!err.ok()) FailPeer(p.get(), err);
@@ -680,7 +680,7 @@ void TcpNetwork::Impl::Close() {
     // Say goodbye (after whatever is still queued, best effort), so peers see
     // an orderly stop rather than a crash.
     for (auto& [id, p] : peers_) {
-      std::lock_guard<std::mutex> lock(p->mu);
+      absl::MutexLock lock(&p->mu);
       if (p->fd < 0 || p->failed) continue;
       Outgoing bye;
       FrameHeader h;
@@ -711,19 +711,19 @@ void TcpNetwork::Impl::Close() {
   while (!conns_.empty()) CloseConn(conns_.begin()->second.get(), false);
   for (auto& [id, p] : peers_) {
     std::deque<Outgoing> dropped;
-    std::lock_guard<std::mutex> lock(p->mu);
+    absl::MutexLock lock(&p->mu);
     dropped.swap(p->queue);
     p->failed = true;
     if (p->failure.ok()) p->failure = absl::UnavailableError("network stopped");
   }
-  std::lock_guard<std::mutex> lock(finish_mu_);
+  absl::MutexLock lock(&finish_mu_);
   closed_ = true;
-  finish_cv_.notify_all();
+  finish_cv_.SignalAll();
 }
 
 bool TcpNetwork::Impl::FlushDone() {
   for (auto& [id, p] : peers_) {
-    std::lock_guard<std::mutex> lock(p->mu);
+    absl::MutexLock lock(&p->mu);
     if (!p->failed && p->fd >= 0 && !p->queue.empty()) return false;
   }
   return true;
@@ -749,12 +749,14 @@ void TcpNetwork::Impl::HandleEvent(uint64_t key, uint32_t events) {
   if (events & EPOLLOUT && c->phase == kReady) {
     Peer* p = c->peer;
     bool ok;
+    absl::Status error;  // Copied under the lock: writers set it.
     {
-      std::lock_guard<std::mutex> lock(p->mu);
+      absl::MutexLock lock(&p->mu);
       ok = p->fd < 0 || FlushLocked(p);
+      if (!ok) error = p->write_error;
     }
     if (!ok) {
-      FailPeer(p, p->write_error);
+      FailPeer(p, error);
       return;
     }
   }
@@ -950,7 +952,7 @@ void TcpNetwork::Impl::OnHello(Conn* c) {
   }
   Peer* p = it->second.get();
   {
-    std::lock_guard<std::mutex> lock(p->mu);
+    absl::MutexLock lock(&p->mu);
     if (p->failed || p->conn != 0) {
       ConnError(
           c,
@@ -1052,7 +1054,7 @@ void TcpNetwork::Impl::OnProof(Conn* c) {
     return;
   }
   {
-    std::lock_guard<std::mutex> lock(p->mu);
+    absl::MutexLock lock(&p->mu);
     if (p->failed || p->conn != 0) {
       c->peer = nullptr;
       ConnError(c,
@@ -1072,14 +1074,16 @@ void TcpNetwork::Impl::MakeReady(Conn* c) {
   p->conn = c->id;
   p->ready_once = true;
   bool ok;
+  absl::Status error;  // Copied under the lock: writers set it.
   {
-    std::lock_guard<std::mutex> lock(p->mu);
+    absl::MutexLock lock(&p->mu);
     p->fd = c->fd;
     p->conn_id = c->id;
     p->want_out = false;
     ok = FlushLocked(p);
+    if (!ok) error = p->write_error;
   }
-  if (!ok) FailPeer(p, p->write_error);
+  if (!ok) FailPeer(p, error);
 }
 
 void TcpNetwork::Impl::ReadFrames(Conn* c) {
@@ -1136,7 +1140,7 @@ void TcpNetwork::Impl::DeliverSelf() {
   while (true) {
     Message m;
     {
-      std::lock_guard<std::mutex> lock(self_mu_);
+      absl::MutexLock lock(&self_mu_);
       if (self_queue_.empty()) return;
       m = std::move(self_queue_.front());
       self_queue_.pop_front();
@@ -1169,7 +1173,7 @@ void TcpNetwork::Impl::CloseConn(Conn* c, bool reset) {
   Peer* p = c->peer;
   if (p != nullptr && p->conn == c->id) {
     p->conn = 0;
-    std::lock_guard<std::mutex> lock(p->mu);
+    absl::MutexLock lock(&p->mu);
     if (p->conn_id == c->id) {
       p->fd = -1;
       p->conn_id = 0;
@@ -1184,7 +1188,7 @@ void TcpNetwork::Impl::FailPeer(Peer* p, const absl::Status& status,
                                 bool quiet) {
   std::deque<Outgoing> dropped;
   {
-    std::lock_guard<std::mutex> lock(p->mu);
+    absl::MutexLock lock(&p->mu);
     if (p->failed) return;
     p->failed = true;
     p->failure = status;
@@ -1212,7 +1216,7 @@ bool TcpNetwork::Impl::CheckTimers() {
   for (auto& [id, p] : peers_) {
     if (p->conn != 0 || p->ready_once) continue;
     {
-      std::lock_guard<std::mutex> lock(p->mu);
+      absl::MutexLock lock(&p->mu);
       if (p->failed) continue;
     }
     if (now >= connect_deadline) {
