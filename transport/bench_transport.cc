@@ -27,18 +27,18 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
-#include <condition_variable>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
-#include <mutex>
 #include <string>
 #include <vector>
 
+#include "absl/base/thread_annotations.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "absl/synchronization/mutex.h"
 #include "core/agent.h"
 #include "transport/system_clock.h"
 #include "transport/tcp_network.h"
@@ -220,53 +220,53 @@ class EchoObserver : public NetworkObserver {
   explicit EchoObserver(Network** net) : net_(net) {}
   void OnMessage(Message m) override {
     if (m.envelope.payload().empty()) {
-      std::lock_guard<std::mutex> lock(mu_);
+      absl::MutexLock lock(&mu_);
       stop_ = true;
-      cv_.notify_all();
+      cv_.SignalAll();
       return;
     }
     (*net_)->Send(m.envelope.from(), std::move(m)).IgnoreError();
   }
   void OnPeerFailed(WorkerId, const absl::Status&) override {
-    std::lock_guard<std::mutex> lock(mu_);
+    absl::MutexLock lock(&mu_);
     stop_ = true;
-    cv_.notify_all();
+    cv_.SignalAll();
   }
   void WaitStop() {
-    std::unique_lock<std::mutex> lock(mu_);
-    cv_.wait(lock, [&] { return stop_; });
+    absl::MutexLock lock(&mu_);
+    while (!stop_) cv_.Wait(&mu_);
   }
 
  private:
   Network** net_;
-  std::mutex mu_;
-  std::condition_variable cv_;
-  bool stop_ = false;
+  absl::Mutex mu_;
+  absl::CondVar cv_;
+  bool stop_ ABSL_GUARDED_BY(mu_) = false;
 };
 
 class WakeObserver : public NetworkObserver {
  public:
   void OnMessage(Message) override {
-    std::lock_guard<std::mutex> lock(mu_);
+    absl::MutexLock lock(&mu_);
     ++got_;
-    cv_.notify_one();
+    cv_.Signal();
   }
   void OnPeerFailed(WorkerId, const absl::Status& s) override {
-    std::lock_guard<std::mutex> lock(mu_);
+    absl::MutexLock lock(&mu_);
     failure_ = s;
-    cv_.notify_one();
+    cv_.Signal();
   }
   void WaitFor(int n) {
-    std::unique_lock<std::mutex> lock(mu_);
-    cv_.wait(lock, [&] { return got_ >= n || !failure_.ok(); });
+    absl::MutexLock lock(&mu_);
+    while (got_ < n && failure_.ok()) cv_.Wait(&mu_);
     if (!failure_.ok()) Die("peer failed: " + failure_.ToString());
   }
 
  private:
-  std::mutex mu_;
-  std::condition_variable cv_;
-  int got_ = 0;
-  absl::Status failure_;
+  absl::Mutex mu_;
+  absl::CondVar cv_;
+  int got_ ABSL_GUARDED_BY(mu_) = 0;
+  absl::Status failure_ ABSL_GUARDED_BY(mu_);
 };
 
 std::unique_ptr<TcpNetwork> MakeNet(WorkerId self, int ctl_in, int ctl_out) {
@@ -380,8 +380,8 @@ Results TetherClient(int ctl_in, int ctl_out, const Config& cfg) {
   // Asynchronous request/response: each reply's callback (on the pool) issues
   // the next call, as async code does; no thread waits.
   {
-    std::mutex mu;
-    std::condition_variable cv;
+    absl::Mutex mu;
+    absl::CondVar cv;
     std::vector<double> alat;
     const int total = cfg.iters + cfg.iters / 10;
     bool finished = false;
@@ -396,14 +396,16 @@ Results TetherClient(int ctl_in, int ctl_out, const Config& cfg) {
               issue(i + 1);
               return;
             }
-            std::lock_guard<std::mutex> lock(mu);
+            absl::MutexLock lock(&mu);
             finished = true;
-            cv.notify_all();
+            cv.SignalAll();
           });
     };
     issue(0);
-    std::unique_lock<std::mutex> lock(mu);
-    cv.wait(lock, [&] { return finished; });
+    {
+      absl::MutexLock lock(&mu);
+      while (!finished) cv.Wait(&mu);
+    }
     std::sort(alat.begin(), alat.end());
     res.async_p50 = alat[alat.size() / 2];
     res.async_p99 = alat[alat.size() * 99 / 100];
@@ -411,8 +413,8 @@ Results TetherClient(int ctl_in, int ctl_out, const Config& cfg) {
 
   // Pipelined: each completion (on the pool) issues the next call.
   {
-    std::mutex mu;
-    std::condition_variable cv;
+    absl::Mutex mu;
+    absl::CondVar cv;
     int issued = 0, done = 0;
     std::function<void()> issue;
     issue = [&] {
@@ -421,23 +423,25 @@ Results TetherClient(int ctl_in, int ctl_out, const Config& cfg) {
             if (!r.ok()) Die(r.status().ToString());
             bool more;
             {
-              std::lock_guard<std::mutex> lock(mu);
+              absl::MutexLock lock(&mu);
               ++done;
               more = issued < cfg.pipelined;
               if (more) ++issued;
-              if (done == cfg.pipelined) cv.notify_all();
+              if (done == cfg.pipelined) cv.SignalAll();
             }
             if (more) issue();
           });
     };
     auto t0 = Clock::now();
     {
-      std::lock_guard<std::mutex> lock(mu);
+      absl::MutexLock lock(&mu);
       issued = std::min(cfg.window, cfg.pipelined);
     }
     for (int i = 0; i < std::min(cfg.window, cfg.pipelined); ++i) issue();
-    std::unique_lock<std::mutex> lock(mu);
-    cv.wait(lock, [&] { return done == cfg.pipelined; });
+    {
+      absl::MutexLock lock(&mu);
+      while (done != cfg.pipelined) cv.Wait(&mu);
+    }
     res.rate = cfg.pipelined /
                std::chrono::duration<double>(Clock::now() - t0).count();
   }
