@@ -764,6 +764,17 @@ void Agent::SendControl(WorkerId to, MessageType type, std::string payload) {
 Future<Unit> Agent::Shutdown(bool graceful) {
   bool start_now = false;
   bool leader = false;
+  bool end_graceful = false;
+  {
+    absl::MutexLock lock(&mu_);
+    end_graceful = shutdown_ && !graceful && shutdown_->graceful && !shutdown_->finished;
+    if (shutdown_ && !end_graceful) return shutdown_future_;
+  }
+  if (end_graceful) {
+    FinishShutdown(absl::CancelledError(
+        "the graceful shutdown was ended by a non-graceful one before it completed"));
+    return shutdown_future_;
+  }
   {
     absl::MutexLock lock(&mu_);
     if (shutdown_) return shutdown_future_;

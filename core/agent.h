@@ -213,7 +213,9 @@ class Agent : public NetworkObserver {
   // Begins shutdown (idempotent: later calls return the same future). Graceful:
   // the barrier described above; the future fails with kDeadlineExceeded or
   // kUnavailable if the barrier was cut short (the agent is stopped all the
-  // same). Ungraceful: fails pending calls with kCancelled and stops at once.
+  // same). Ungraceful: fails pending calls with kCancelled and stops at once;
+  // an ungraceful call while a graceful shutdown is still pending ends it so
+  // (its future fails with kCancelled), so a stop never waits on a barrier.
   // Either way the network is stopped when the future completes.
   Future<Unit> Shutdown(bool graceful);
   bool is_shut_down() const;

@@ -388,6 +388,23 @@ TEST(AgentTest, UngracefulShutdownCancelsPendingCalls) {
   hoard->calls.clear();
 }
 
+TEST(AgentTest, UngracefulShutdownEndsAPendingGracefulOne) {
+  // worker1 never shuts down: worker0's graceful barrier would wait for ever (no timeout).
+  auto world = MakeWorld(2, "none", 1, [](SimWorld&, WorkerId, Agent&) {});
+  Agent& a = world->agent(0);
+  auto graceful = a.Shutdown(/*graceful=*/true);
+  world->RunFor(absl::Seconds(5));
+  ASSERT_FALSE(graceful.ready());
+  auto stop = a.Shutdown(/*graceful=*/false);
+  ASSERT_TRUE(world->RunUntilReady(stop));
+  ASSERT_TRUE(graceful.ready());
+  EXPECT_EQ(graceful.result().status().code(), absl::StatusCode::kCancelled)
+      << graceful.result().status();
+  EXPECT_TRUE(a.is_shut_down());
+  // Idempotent from then on.
+  EXPECT_TRUE(a.Shutdown(false).ready());
+}
+
 TEST(AgentTest, GracefulShutdownWaitsForCallsInFlight) {
   // worker1 answers after 3 s of virtual time; everyone shuts down at once.
   auto world = MakeWorld(3, "none", 1, [](SimWorld& w, WorkerId id, Agent& a) {
