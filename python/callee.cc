@@ -103,8 +103,8 @@ class Responder {
     absl::Status s = pycall::AppendTensors(tensors, &payload, &buffers);
     if (!s.ok()) {
       ScopedGilRelease release;
-      call_->ReplyError(absl::InvalidArgumentError(absl::StrCat(
-          "On ", WorkerText(*worker_), ": cannot send the result: ", s.message())));
+      call_->ReplyError(absl::InvalidArgumentError(
+          absl::StrCat("On ", WorkerText(*worker_), ": cannot send the result: ", s.message())));
       return;
     }
     std::string bytes = pycall::Serialize(payload);
@@ -198,9 +198,9 @@ absl::StatusOr<c10::IValue> RunTorchCall(Worker* w, bool script, const std::stri
   absl::StatusOr<pycall::Payload> payload = pycall::Parse(bytes);
   if (!payload.ok()) return payload.status();
   *profile = StartProfile(*payload);
-  absl::StatusOr<c10::IValue> result =
-      script ? pycall::RunScriptCall(*w->cu, *payload, buffers, copy)
-             : pycall::RunBuiltinCall(*payload, buffers, copy);
+  absl::StatusOr<c10::IValue> result = script
+                                           ? pycall::RunScriptCall(*w->cu, *payload, buffers, copy)
+                                           : pycall::RunBuiltinCall(*payload, buffers, copy);
   if (*profile != nullptr) (*profile)->LeaveThread();
   return result;
 }
@@ -234,8 +234,8 @@ Future<RRefValue> RunPythonRemote(Worker* w, RemoteRequest request) {
     return out;
   }
   std::shared_ptr<pycall::HandlerProfile> profile = StartProfile(*payload);
-  auto responder = std::make_shared<Responder>(out, w->shared_from_this(),
-                                               payload->async_execution(), profile);
+  auto responder =
+      std::make_shared<Responder>(out, w->shared_from_this(), payload->async_execution(), profile);
   RunPythonHook(std::move(responder), *payload, *tensors, request.caller, profile.get());
   return out;
 }

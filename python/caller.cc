@@ -252,9 +252,8 @@ Prepared PrepareBuiltin(const std::string& qualified_name, const py::tuple& args
     throw std::runtime_error(absl::StrCat("Failed to match operator ", qualified_name,
                                           " to the given arguments:\n", errors));
   }
-  absl::Status s = pycall::EncodeBuiltinCall(chosen->schema().name(),
-                                             chosen->schema().overload_name(), stack, &p.payload,
-                                             &p.buffers);
+  absl::Status s = pycall::EncodeBuiltinCall(
+      chosen->schema().name(), chosen->schema().overload_name(), stack, &p.payload, &p.buffers);
   if (!s.ok()) Raise(s);
   return p;
 }

@@ -27,18 +27,17 @@ py::object MakeException(const absl::Status& status, const CallContext* ctx) {
                             absl::ToInt64Milliseconds(ctx->timeout),
                             " ms) and will now be marked with an error (", detail, ")");
       } else {
-        text = absl::StrCat(
-            "RPC ran for more than set timeout and will now be marked with an error (", detail,
-            ")");
+        text =
+            absl::StrCat("RPC ran for more than set timeout and will now be marked with an error (",
+                         detail, ")");
       }
       break;
     case absl::StatusCode::kCancelled:
       text = absl::StrCat("RPC is shut down: ", detail);
       break;
     case absl::StatusCode::kUnavailable:
-      text = ctx != nullptr
-                 ? absl::StrCat("RPC to worker '", ctx->to_name, "' failed: ", detail)
-                 : detail;
+      text = ctx != nullptr ? absl::StrCat("RPC to worker '", ctx->to_name, "' failed: ", detail)
+                            : detail;
       break;
     default:
       text = detail;

@@ -1,9 +1,9 @@
 // Statuses become Python exceptions here, and only here.
 //
 // The code says what kind of error it is (kDeadlineExceeded: a timeout, raised as the class
-// tether.rpc installs in Hooks::timeout_error, its RpcTimeoutError, both a TimeoutError and a RuntimeError; kCancelled: RPC shut down;
-// kUnavailable: the peer is gone; anything else: RuntimeError with the message). A call's
-// context adds the worker the call went to.
+// tether.rpc installs in Hooks::timeout_error, its RpcTimeoutError, both a TimeoutError and a
+// RuntimeError; kCancelled: RPC shut down; kUnavailable: the peer is gone; anything else:
+// RuntimeError with the message). A call's context adds the worker the call went to.
 #ifndef TETHER_PYTHON_ERRORS_H_
 #define TETHER_PYTHON_ERRORS_H_
 

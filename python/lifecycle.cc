@@ -90,8 +90,8 @@ void PlantBugs(RRefContextOptions* options) {
 
 // Inside tether.sim: the rendezvous goes through the simulator's host. Returns every worker's
 // (name, id, address); the addresses are empty.
-std::vector<std::tuple<std::string, int, std::string>> SimListen(const std::string& name,
-                                                                 int rank, int world_size,
+std::vector<std::tuple<std::string, int, std::string>> SimListen(const std::string& name, int rank,
+                                                                 int world_size,
                                                                  int num_worker_threads,
                                                                  double rpc_timeout) {
   RequireNotInitialized();
@@ -107,8 +107,8 @@ std::vector<std::tuple<std::string, int, std::string>> SimListen(const std::stri
                                           names.size(), " workers"));
   }
   SetSimWorkerThreads(num_worker_threads);
-  absl::StatusOr<std::unique_ptr<Runtime>> runtime = Runtime::ForSimulation(
-      options, SimWorkerClock(), SimWorkerExecutor(), SimWorkerNetwork());
+  absl::StatusOr<std::unique_ptr<Runtime>> runtime =
+      Runtime::ForSimulation(options, SimWorkerClock(), SimWorkerExecutor(), SimWorkerNetwork());
   if (!runtime.ok()) Raise(runtime.status());
   ListeningRuntime() = *std::move(runtime);
   std::vector<std::tuple<std::string, int, std::string>> workers;
@@ -163,8 +163,7 @@ std::vector<std::pair<std::string, int>> Connect(
 // agent's barrier is still pending (real runs only: a simulated run's waits stay as they are).
 void Shutdown(bool graceful, double timeout, py::object on_wait) {
   std::shared_ptr<Worker> w = RequireWorker();
-  absl::Time deadline =
-      timeout > 0 ? absl::Now() + absl::Seconds(timeout) : absl::InfiniteFuture();
+  absl::Time deadline = timeout > 0 ? absl::Now() + absl::Seconds(timeout) : absl::InfiniteFuture();
   absl::Status status;
   if (graceful) {
     Future<Unit> deleted(nullptr);
@@ -186,8 +185,9 @@ void Shutdown(bool graceful, double timeout, py::object on_wait) {
     finished = WaitInterruptibly(done, deadline);
   } else {
     absl::Time start = absl::Now();
-    while (!(finished = WaitInterruptibly(done, std::min(deadline, absl::Now() + absl::Seconds(1)))) &&
-           absl::Now() < deadline) {
+    while (
+        !(finished = WaitInterruptibly(done, std::min(deadline, absl::Now() + absl::Seconds(1)))) &&
+        absl::Now() < deadline) {
       try {
         on_wait(absl::ToDoubleSeconds(absl::Now() - start));
       } catch (py::error_already_set& e) {
@@ -284,12 +284,11 @@ void RegisterLifecycleBindings(py::module_& m) {
   m.def("is_initialized", [] { return CurrentWorker() != nullptr; });
   m.def("workers", [] { return Workers(*RequireWorker()); });
   m.def("self_id", [] { return RequireWorker()->self.id; });
-  m.def("get_rpc_timeout", [] {
-    return absl::ToDoubleSeconds(RequireWorker()->runtime->agent()->default_timeout());
-  });
+  m.def("get_rpc_timeout",
+        [] { return absl::ToDoubleSeconds(RequireWorker()->runtime->agent()->default_timeout()); });
   m.def("set_rpc_timeout", [](double seconds) {
-    RequireWorker()->runtime->agent()->set_default_timeout(
-        seconds <= 0 ? absl::ZeroDuration() : absl::Seconds(seconds));
+    RequireWorker()->runtime->agent()->set_default_timeout(seconds <= 0 ? absl::ZeroDuration()
+                                                                        : absl::Seconds(seconds));
   });
   m.def("agent_debug_info", &AgentDebugInfo);
   m.def("agent_summary", [] {

@@ -63,8 +63,7 @@ Gil::Gil() {
   ++g_gil_acquisitions;
 }
 
-ReleaseGilIfLarge::ReleaseGilIfLarge(const std::string& bytes,
-                                     const std::vector<Buffer>& buffers) {
+ReleaseGilIfLarge::ReleaseGilIfLarge(const std::string& bytes, const std::vector<Buffer>& buffers) {
   size_t total = bytes.size();
   for (const Buffer& b : buffers) total += b.size();
   if (total > kLargeSend) release_.emplace();

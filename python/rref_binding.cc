@@ -18,11 +18,11 @@
 #include "core/future.h"
 #include "core/rref_context.h"
 #include "python/caller.h"
-#include "python/torch_calls.h"
 #include "python/errors.h"
 #include "python/owned_value.h"
 #include "python/process_state.h"
 #include "python/py_ownership.h"
+#include "python/torch_calls.h"
 #include "python/wait.h"
 
 namespace py = pybind11;
