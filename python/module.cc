@@ -10,6 +10,7 @@
 //   callee         handlers that run Python, builtin and TorchScript calls
 //   rref_binding   tether._C.RRef
 //   lifecycle      listen / connect / shutdown, counters, settings
+//   rendezvous_binding  the name and address exchange over torch.distributed's store
 //   sim_bindings   tether.sim's simulated worker processes
 //
 // Pickling of Python calls happens in tether/rpc/internal.py; the extension moves the pickle and
@@ -21,6 +22,7 @@
 #include "python/callee.h"
 #include "python/caller.h"
 #include "python/lifecycle.h"
+#include "python/rendezvous_binding.h"
 #include "python/rref_binding.h"
 #include "python/sim_bindings.h"
 
@@ -33,5 +35,6 @@ PYBIND11_MODULE(_C, m) {
   tether::RegisterCalleeBindings(m);
   tether::RegisterCallerBindings(m);
   tether::RegisterRRefBindings(m);
+  tether::RegisterRendezvousBindings(m);
   tether::RegisterSimBindings(m);
 }

@@ -23,17 +23,21 @@
 #include "absl/strings/str_split.h"
 #include "absl/time/clock.h"
 #include "transport/auth.h"
+#include "transport/rendezvous_protocol.h"
 
 namespace tether {
 namespace {
 
-constexpr char kPrefix[] = "tether/rdzv/";
-
-std::vector<uint8_t> Bytes(const std::string& s) {
-  return std::vector<uint8_t>(s.begin(), s.end());
-}
-std::string Str(const std::vector<uint8_t>& v) {
-  return std::string(v.begin(), v.end());
+// A c10d store's exception as a status: its first line (c10 errors append a long backtrace);
+// kDeadlineExceeded for a store timeout, else kUnavailable (the store cannot be reached).
+absl::Status StoreError(const std::exception& e) {
+  std::string what = e.what();
+  size_t nl = what.find('\n');
+  if (nl != std::string::npos) what = what.substr(0, nl);
+  absl::StatusCode code = absl::StrContains(what, "imeout") || absl::StrContains(what, "imed out")
+                              ? absl::StatusCode::kDeadlineExceeded
+                              : absl::StatusCode::kUnavailable;
+  return absl::Status(code, absl::StrCat("rendezvous store: ", what));
 }
 
 absl::StatusOr<int> EnvInt(const char* name) {
@@ -43,8 +47,7 @@ absl::StatusOr<int> EnvInt(const char* name) {
   }
   int n = 0;
   if (!absl::SimpleAtoi(v, &n)) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("$", name, "='", v, "' is not an integer"));
+    return absl::InvalidArgumentError(absl::StrCat("$", name, "='", v, "' is not an integer"));
   }
   return n;
 }
@@ -52,39 +55,34 @@ absl::StatusOr<int> EnvInt(const char* name) {
 std::string SockaddrHost(const sockaddr* sa) {
   char host[INET6_ADDRSTRLEN] = "";
   if (sa->sa_family == AF_INET) {
-    inet_ntop(AF_INET, &reinterpret_cast<const sockaddr_in*>(sa)->sin_addr,
-              host, sizeof(host));
+    inet_ntop(AF_INET, &reinterpret_cast<const sockaddr_in*>(sa)->sin_addr, host, sizeof(host));
   } else if (sa->sa_family == AF_INET6) {
-    inet_ntop(AF_INET6, &reinterpret_cast<const sockaddr_in6*>(sa)->sin6_addr,
-              host, sizeof(host));
+    inet_ntop(AF_INET6, &reinterpret_cast<const sockaddr_in6*>(sa)->sin6_addr, host, sizeof(host));
   }
   return host;
 }
 
 absl::StatusOr<std::string> InterfaceAddress(const std::string& name) {
   ifaddrs* list = nullptr;
-  if (getifaddrs(&list) != 0)
-    return absl::UnavailableError("getifaddrs failed");
+  if (getifaddrs(&list) != 0) return absl::UnavailableError("getifaddrs failed");
   std::string v4, v6;
   std::set<std::string> names;
   for (ifaddrs* i = list; i != nullptr; i = i->ifa_next) {
     if (i->ifa_addr == nullptr) continue;
     names.insert(i->ifa_name);
     if (name != i->ifa_name) continue;
-    if (i->ifa_addr->sa_family == AF_INET && v4.empty())
-      v4 = SockaddrHost(i->ifa_addr);
+    if (i->ifa_addr->sa_family == AF_INET && v4.empty()) v4 = SockaddrHost(i->ifa_addr);
     if (i->ifa_addr->sa_family == AF_INET6 && v6.empty()) {
       const auto* a6 = reinterpret_cast<const sockaddr_in6*>(i->ifa_addr);
-      if (!IN6_IS_ADDR_LINKLOCAL(&a6->sin6_addr))
-        v6 = SockaddrHost(i->ifa_addr);
+      if (!IN6_IS_ADDR_LINKLOCAL(&a6->sin6_addr)) v6 = SockaddrHost(i->ifa_addr);
     }
   }
   freeifaddrs(list);
   if (!v4.empty()) return v4;
   if (!v6.empty()) return v6;
-  return absl::InvalidArgumentError(absl::StrCat(
-      "network interface '", name, "' has no usable address (interfaces: ",
-      absl::StrJoin(names, ", "), ")"));
+  return absl::InvalidArgumentError(
+      absl::StrCat("network interface '", name,
+                   "' has no usable address (interfaces: ", absl::StrJoin(names, ", "), ")"));
 }
 
 // The local address the kernel would use to reach `host` (a UDP connect sends
@@ -96,8 +94,8 @@ absl::StatusOr<std::string> RouteTo(const std::string& host) {
   addrinfo* res = nullptr;
   int rc = getaddrinfo(host.c_str(), "9", &hints, &res);
   if (rc != 0 || res == nullptr) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "cannot resolve the store host '", host, "': ", gai_strerror(rc)));
+    return absl::InvalidArgumentError(
+        absl::StrCat("cannot resolve the store host '", host, "': ", gai_strerror(rc)));
   }
   int fd = socket(res->ai_family, SOCK_DGRAM | SOCK_CLOEXEC, 0);
   std::string local;
@@ -111,8 +109,7 @@ absl::StatusOr<std::string> RouteTo(const std::string& host) {
   if (fd >= 0) close(fd);
   freeaddrinfo(res);
   if (local.empty()) {
-    return absl::UnavailableError(
-        absl::StrCat("no route to the store host '", host, "'"));
+    return absl::UnavailableError(absl::StrCat("no route to the store host '", host, "'"));
   }
   return local;
 }
@@ -129,8 +126,7 @@ absl::StatusOr<std::string> HostnameAddress() {
   std::string chosen;
   for (addrinfo* a = res; a != nullptr; a = a->ai_next) {
     std::string h = SockaddrHost(a->ai_addr);
-    if (chosen.empty() || (IsLoopbackHost(chosen) && !IsLoopbackHost(h)))
-      chosen = h;
+    if (chosen.empty() || (IsLoopbackHost(chosen) && !IsLoopbackHost(h))) chosen = h;
   }
   freeaddrinfo(res);
   return chosen.empty() ? std::string("127.0.0.1") : chosen;
@@ -161,137 +157,68 @@ absl::StatusOr<InitMethod> ParseInitMethod(const std::string& init) {
     }
     size_t colon = hostport.rfind(':');
     if (colon == std::string::npos || colon == 0 ||
-        !absl::SimpleAtoi(hostport.substr(colon + 1), &m.port) || m.port <= 0 ||
-        m.port > 65535) {
+        !absl::SimpleAtoi(hostport.substr(colon + 1), &m.port) || m.port <= 0 || m.port > 65535) {
       return absl::InvalidArgumentError(
-          absl::StrCat("init_method '", init, "': expected host:port, got '",
-                       hostport, "'"));
+          absl::StrCat("init_method '", init, "': expected host:port, got '", hostport, "'"));
     }
     m.kind = InitMethod::kTcp;
     m.host = hostport.substr(0, colon);
-    if (m.host.size() > 2 && m.host.front() == '[')
-      m.host = m.host.substr(1, m.host.size() - 2);
+    if (m.host.size() > 2 && m.host.front() == '[') m.host = m.host.substr(1, m.host.size() - 2);
     return m;
   }
   if (absl::StartsWith(init, "file://")) {
     m.kind = InitMethod::kFile;
     m.path = init.substr(7);
     if (m.path.empty() || m.path[0] != '/') {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "init_method '", init, "': expected file:///absolute/path"));
+      return absl::InvalidArgumentError(
+          absl::StrCat("init_method '", init, "': expected file:///absolute/path"));
     }
     return m;
   }
-  return absl::InvalidArgumentError(
-      absl::StrCat("unknown init_method '", init,
-                   "' (use tcp://host:port, file:///path or env://)"));
+  return absl::InvalidArgumentError(absl::StrCat(
+      "unknown init_method '", init, "' (use tcp://host:port, file:///path or env://)"));
 }
 
-struct Entry {
-  int world_size = 0;
-  std::string name;
-  std::string address;
+// A c10d store as the protocol's store (c10d reports errors as exceptions).
+class C10dStore : public RendezvousStore {
+ public:
+  explicit C10dStore(c10d::Store& store) : store_(store) {}
+
+  absl::StatusOr<int64_t> Add(const std::string& key, int64_t delta) override {
+    return Guard([&] { return store_.add(key, delta); });
+  }
+  absl::Status Set(const std::string& key, const std::string& value) override {
+    return Guard([&] {
+             store_.set(key, std::vector<uint8_t>(value.begin(), value.end()));
+             return true;
+           })
+        .status();
+  }
+  absl::StatusOr<std::string> Get(const std::string& key) override {
+    return Guard([&] {
+      std::vector<uint8_t> v = store_.get(key);
+      return std::string(v.begin(), v.end());
+    });
+  }
+
+ private:
+  template <typename Fn>
+  static auto Guard(Fn fn) -> absl::StatusOr<decltype(fn())> {
+    try {
+      return fn();
+    } catch (const std::exception& e) {
+      return StoreError(e);
+    }
+  }
+
+  c10d::Store& store_;
 };
-
-std::string EncodeEntry(const Entry& e) {
-  return absl::StrCat("v1\n", e.world_size, "\n", e.name, "\n", e.address);
-}
-
-absl::StatusOr<Entry> DecodeEntry(int rank, const std::string& s) {
-  std::vector<std::string> parts = absl::StrSplit(s, '\n');
-  Entry e;
-  if (parts.size() != 4 || parts[0] != "v1" ||
-      !absl::SimpleAtoi(parts[1], &e.world_size)) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("rendezvous entry of rank ", rank,
-                     " is malformed (another program or "
-                     "Tether version using the same store?)"));
-  }
-  e.name = parts[2];
-  e.address = parts[3];
-  return e;
-}
-
-absl::StatusOr<Rendezvous> RunWithStore(c10d::Store& store,
-                                        const RendezvousOptions& o, int rank,
-                                        int world_size, const std::string& name,
-                                        std::unique_ptr<TcpNetwork> network) {
-  const absl::Time deadline = absl::Now() + o.timeout;
-  Entry mine{world_size, name, network->listen_address()};
-  std::string prefix = kPrefix;
-  if (store.add(absl::StrCat(prefix, "rank_claims/", rank), 1) > 1) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "duplicate rank ", rank,
-        ": another worker already joined the rendezvous as rank ", rank));
-  }
-  // Publish first, so a worker that already claimed this name sees the
-  // duplicate too.
-  store.set(absl::StrCat(prefix, "worker/", rank), Bytes(EncodeEntry(mine)));
-  if (store.add(absl::StrCat(prefix, "name_claims/", name), 1) > 1) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "duplicate worker name '", name, "': another worker already uses it"));
-  }
-
-  Rendezvous r;
-  r.self = rank;
-  std::set<std::string> names;
-  for (int i = 0; i < world_size; ++i) {
-    std::string key = absl::StrCat(prefix, "worker/", i);
-    while (!store.check({key})) {
-      if (absl::Now() >= deadline) {
-        std::vector<int> missing;
-        for (int j = i; j < world_size; ++j) {
-          if (!store.check({absl::StrCat(prefix, "worker/", j)}))
-            missing.push_back(j);
-        }
-        return absl::DeadlineExceededError(absl::StrCat(
-            "rendezvous timed out after ", absl::FormatDuration(o.timeout),
-            " (init_method ", o.init_method, ", world size ", world_size,
-            "): rank(s) ", absl::StrJoin(missing, ", "), " never joined"));
-      }
-      std::this_thread::sleep_for(std::chrono::milliseconds(5));
-    }
-    absl::StatusOr<Entry> e = DecodeEntry(i, Str(store.get(key)));
-    if (!e.ok()) return e.status();
-    if (e->world_size != world_size) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "wrong world size: worker '", e->name, "' (rank ", i,
-          ") was started with world size ", e->world_size, ", this worker ('",
-          name, "', rank ", rank, ") with ", world_size));
-    }
-    if (!names.insert(e->name).second) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "duplicate worker name '", e->name, "' (rank ", i, " and another)"));
-    }
-    r.workers.push_back(WorkerInfo{e->name, i});
-    r.addresses[i] = e->address;
-  }
-  // Rank 0 hosts the TCPStore: it leaves only once every worker has read
-  // everything.
-  store.add(absl::StrCat(prefix, "done"), 1);
-  if (rank == 0) {
-    while (store.add(absl::StrCat(prefix, "done"), 0) < world_size) {
-      if (absl::Now() >= deadline) {
-        return absl::DeadlineExceededError(absl::StrCat(
-            "rendezvous timed out after ", absl::FormatDuration(o.timeout),
-            ": not every worker finished reading the worker list"));
-      }
-      std::this_thread::sleep_for(std::chrono::milliseconds(5));
-    }
-  }
-  std::map<WorkerId, std::string> peers = r.addresses;
-  peers.erase(rank);
-  absl::Status s = network->SetPeers(peers);
-  if (!s.ok()) return s;
-  r.network = std::move(network);
-  return r;
-}
 
 }  // namespace
 
-absl::StatusOr<std::string> ChoosePublishAddress(
-    const std::string& interface, const std::string& address,
-    const std::string& store_host) {
+absl::StatusOr<std::string> ChoosePublishAddress(const std::string& interface,
+                                                 const std::string& address,
+                                                 const std::string& store_host) {
   if (!interface.empty() && !address.empty()) {
     return absl::InvalidArgumentError(
         "set either the interface or the address to publish, not both");
@@ -304,8 +231,7 @@ absl::StatusOr<std::string> ChoosePublishAddress(
   }
   if (!ifname.empty()) return InterfaceAddress(ifname);
   if (store_host.empty()) return HostnameAddress();
-  if (IsLoopbackHost(store_host))
-    return std::string(store_host == "::1" ? "::1" : "127.0.0.1");
+  if (IsLoopbackHost(store_host)) return std::string(store_host == "::1" ? "::1" : "127.0.0.1");
   return RouteTo(store_host);
 }
 
@@ -316,8 +242,7 @@ absl::StatusOr<Rendezvous> RunRendezvous(const RendezvousOptions& options) {
   if (rank < 0) {
     absl::StatusOr<int> r = EnvInt("RANK");
     if (!r.ok())
-      return absl::InvalidArgumentError(
-          absl::StrCat("no rank given and ", r.status().message()));
+      return absl::InvalidArgumentError(absl::StrCat("no rank given and ", r.status().message()));
     rank = *r;
   }
   if (world_size < 0) {
@@ -328,34 +253,25 @@ absl::StatusOr<Rendezvous> RunRendezvous(const RendezvousOptions& options) {
     world_size = *w;
   }
   if (world_size < 1) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("world size ", world_size, " is not positive"));
+    return absl::InvalidArgumentError(absl::StrCat("world size ", world_size, " is not positive"));
   }
   if (rank < 0 || rank >= world_size) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "rank ", rank, " is outside the world of size ", world_size));
-  }
-  std::string name =
-      options.name.empty() ? absl::StrCat("worker", rank) : options.name;
-  if (name.find('\n') != std::string::npos) {
     return absl::InvalidArgumentError(
-        "a worker name must not contain a newline");
+        absl::StrCat("rank ", rank, " is outside the world of size ", world_size));
   }
-  absl::StatusOr<std::string> publish =
-      ChoosePublishAddress(options.interface, options.address,
-                           init->kind == InitMethod::kTcp ? init->host : "");
+  std::string name = options.name.empty() ? absl::StrCat("worker", rank) : options.name;
+  absl::StatusOr<std::string> publish = ChoosePublishAddress(
+      options.interface, options.address, init->kind == InitMethod::kTcp ? init->host : "");
   if (!publish.ok()) return publish.status();
 
   TcpNetworkOptions net_options = options.network;
   net_options.self = rank;
   net_options.listen_host = *publish;
   net_options.listen_port = 0;
-  absl::StatusOr<std::unique_ptr<TcpNetwork>> network =
-      TcpNetwork::Listen(net_options);
+  absl::StatusOr<std::unique_ptr<TcpNetwork>> network = TcpNetwork::Listen(net_options);
   if (!network.ok()) return network.status();
 
-  auto timeout =
-      std::chrono::milliseconds(absl::ToInt64Milliseconds(options.timeout));
+  auto timeout = std::chrono::milliseconds(absl::ToInt64Milliseconds(options.timeout));
   try {
     std::unique_ptr<c10d::Store> store;
     if (init->kind == InitMethod::kTcp) {
@@ -370,19 +286,29 @@ absl::StatusOr<Rendezvous> RunRendezvous(const RendezvousOptions& options) {
       store = std::make_unique<c10d::FileStore>(init->path, world_size);
       store->setTimeout(timeout);
     }
-    return RunWithStore(*store, options, rank, world_size, name,
-                        std::move(*network));
+    C10dStore adapter(*store);
+    ExchangeOptions exchange;
+    exchange.rank = rank;
+    exchange.world_size = world_size;
+    exchange.name = name;
+    exchange.address = (*network)->listen_address();
+    exchange.timeout = options.timeout;
+    exchange.init_method = options.init_method;
+    absl::StatusOr<ExchangeResult> result = ExchangeAddresses(adapter, exchange);
+    if (!result.ok()) return result.status();
+    Rendezvous r;
+    r.self = rank;
+    r.workers = std::move(result->workers);
+    r.addresses = std::move(result->addresses);
+    std::map<WorkerId, std::string> peers = r.addresses;
+    peers.erase(rank);
+    if (absl::Status s = (*network)->SetPeers(peers); !s.ok()) return s;
+    r.network = *std::move(network);
+    return r;
   } catch (const std::exception& e) {
-    std::string what = e.what();
-    size_t nl = what.find('\n');  // c10 errors append a long backtrace.
-    if (nl != std::string::npos) what = what.substr(0, nl);
-    absl::StatusCode code =
-        absl::StrContains(what, "imeout") || absl::StrContains(what, "imed out")
-            ? absl::StatusCode::kDeadlineExceeded
-            : absl::StatusCode::kUnavailable;
-    return absl::Status(code,
-                        absl::StrCat("rendezvous through ", options.init_method,
-                                     " failed: ", what));
+    absl::Status s = StoreError(e);
+    return absl::Status(s.code(), absl::StrCat("rendezvous through ", options.init_method,
+                                               " failed: ", s.message()));
   }
 }
 

@@ -4,14 +4,14 @@
 // include it).
 //
 //   RendezvousOptions o;
-//   o.init_method = "env://";        // or "tcp://10.0.0.1:29500",
-//   "file:///shared/rdzv" o.name = "trainer0";             // rank and world
-//   size from RANK / WORLD_SIZE TETHER_ASSIGN_OR_RETURN(Rendezvous r,
-//   RunRendezvous(o));
-//   // r.workers: every worker's name and id (= rank); r.network: a TcpNetwork
-//   listening on an
-//   // ephemeral port with every peer's address set, ready for Agent::Create +
-//   Start.
+//   o.init_method = "env://";  // or "tcp://10.0.0.1:29500", "file:///shared/rdzv"
+//   o.name = "trainer0";       // rank and world size from RANK / WORLD_SIZE
+//   absl::StatusOr<Rendezvous> r = RunRendezvous(o);
+//   // r->workers: every worker's name and id (= rank); r->network: a TcpNetwork listening on
+//   // an ephemeral port with every peer's address set, ready for Agent::Create + Start.
+//
+// The exchange itself is transport/rendezvous_protocol.h (tether.rpc runs the same one over
+// torch.distributed's store).
 //
 // Init methods: tcp://host:port (rank 0 hosts a TCPStore there), file:///path
 // (a FileStore on a file system all workers share), env:// (MASTER_ADDR,
@@ -20,9 +20,8 @@
 //
 // Each worker listens on an ephemeral port and publishes its name and address
 // under its rank; only the store needs a known port. Errors (kInvalidArgument
-// unless noted): a bad init method, a rank outside the world, a duplicate rank
-// or name, workers started with different world sizes, and kDeadlineExceeded
-// naming the missing ranks when not every worker arrives in time.
+// unless noted): a bad init method, a rank outside the world, and those of the
+// exchange (rendezvous_protocol.h); kUnavailable when the store cannot be reached.
 //
 // The address to publish (and listen on): `address` if set; else the IPv4
 // address of `interface` (or $TETHER_SOCKET_IFNAME); else loopback when the

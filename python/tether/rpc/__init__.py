@@ -10,9 +10,7 @@ RPC engine is Tether's (tether._C).
 """
 import ipaddress
 import os
-import socket
 import threading
-import time
 from datetime import timedelta
 from urllib.parse import urlparse
 
@@ -68,26 +66,30 @@ def _release_store():
     _store = None
 
 
-def _listen_host(init_method, options):
-    """The address to listen on and publish: the option, else loopback if the rendezvous host
-    is loopback, else the local address that reaches it."""
-    if getattr(options, "interface", None):
-        return options.interface
+def _store_host(init_method):
+    """The rendezvous store's host, for choosing the address to publish ("" for file://)."""
     url = urlparse(init_method)
     if url.scheme == "tcp":
-        host = url.hostname
-    elif url.scheme == "env":
-        host = os.environ.get("MASTER_ADDR", "127.0.0.1")
-    else:
-        return "127.0.0.1"
-    try:
-        if ipaddress.ip_address(socket.gethostbyname(host)).is_loopback:
-            return "127.0.0.1"
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            s.connect((host, 9))
-            return s.getsockname()[0]
-    except OSError:
-        return "127.0.0.1"
+        return url.hostname or ""
+    if url.scheme == "env":
+        return os.environ.get("MASTER_ADDR", "127.0.0.1")
+    return ""
+
+
+def _publish_address(init_method, options):
+    """The address this worker listens on and publishes (transport/rendezvous.h chooses it, as
+    for a C++ worker): the ``interface`` option (an address, or a network interface's name),
+    else $TETHER_SOCKET_IFNAME, else loopback if the store's host is loopback, the local address
+    that reaches it otherwise, and for file:// the address the host name resolves to."""
+    interface = getattr(options, "interface", None) or ""
+    address = ""
+    if interface:
+        try:
+            ipaddress.ip_address(interface)
+            address, interface = interface, ""
+        except ValueError:
+            pass
+    return _C.choose_publish_address(interface, address, _store_host(init_method))
 
 
 def init_rpc(name, backend=None, rank=-1, world_size=None, rpc_backend_options=None):
@@ -103,7 +105,6 @@ def init_rpc(name, backend=None, rank=-1, world_size=None, rpc_backend_options=N
         world_size (int): number of workers. Required (dynamic groups are not supported).
         rpc_backend_options: a TensorPipeRpcBackendOptions or TetherRpcBackendOptions.
     """
-    global _init_counter, _store
     if backend is not None and not isinstance(backend, BackendType):
         raise TypeError("Argument backend must be a member of BackendType")
     if rpc_backend_options is not None and not isinstance(rpc_backend_options, RpcBackendOptions):
@@ -143,31 +144,32 @@ def init_rpc(name, backend=None, rank=-1, world_size=None, rpc_backend_options=N
     store, rank, world_size = next(
         dist.rendezvous(opts.init_method, rank=rank, world_size=world_size)
     )
+    _init_rpc_backend(backend, store, name, rank, world_size, opts)
+
+
+def _init_rpc_backend(backend, store, name, rank, world_size, rpc_backend_options):
+    """Starts RPC over a rendezvous store that torch.distributed made (init_rpc's second half,
+    with PyTorch's name and arguments): every worker publishes its name and address there and
+    reads everyone's (transport/rendezvous_protocol.h: the C++ rendezvous's exchange)."""
+    global _init_counter, _store
+    opts = rpc_backend_options
+    timeout = opts.rpc_timeout
     store.set_timeout(timedelta(seconds=timeout if timeout > 0 else 3600 * 24))
     with _init_lock:
+        # Keys stay in a store (a FileStore's file) after a run: each init in this process
+        # gets its own prefix, so a second init_rpc does not read the first one's entries.
         store = dist.PrefixStore(f"tether_rpc_{_init_counter}", store)
         _init_counter += 1
 
     address = _C.listen(
         name, rank, opts.num_worker_threads, timeout,
         getattr(opts, "auth_token", None) or "",
-        _listen_host(opts.init_method, opts),
+        _publish_address(opts.init_method, opts),
     )
     try:
-        store.set(f"worker/{rank}", f"{name}\n{address}")
-        workers = []
-        for r in range(world_size):
-            worker_name, worker_address = store.get(f"worker/{r}").decode().split("\n", 1)
-            workers.append((worker_name, r, worker_address))
-        names = [w[0] for w in workers]
-        if len(set(names)) != len(names):
-            dup = sorted({n for n in names if names.count(n) > 1})
-            raise RuntimeError(f"RPC worker name {dup[0]} is not unique (workers: {names})")
-        # Let rank 0 (which may host the store) leave only once everyone has read it.
-        store.add("read", 1)
-        if rank == 0:
-            while store.add("read", 0) < world_size:
-                time.sleep(0.001)
+        workers = _C.exchange_addresses(
+            store, rank, world_size, name, address, float(timeout), opts.init_method
+        )
     except BaseException:
         _C.abandon_listen()
         raise

@@ -87,8 +87,10 @@ class TetherRpcBackendOptions(TensorPipeRpcBackendOptions):
         auth_token (str, optional): shared secret every worker must present (HMAC challenge on
             every connection). Default: ``$TETHER_AUTH_TOKEN``, else none.
         interface (str, optional): the address this worker listens on and publishes to the
-            others. Default: 127.0.0.1 when the rendezvous host is loopback, else the local
-            address that reaches the rendezvous host.
+            others, or the name of the network interface whose address to use (``eth0``).
+            Default: ``$TETHER_SOCKET_IFNAME``'s address if set, else 127.0.0.1 when the
+            rendezvous host is loopback, else the local address that reaches the rendezvous
+            host (for file://, the address the host name resolves to).
         connect_timeout (float): seconds to wait for the other workers' connections.
     """
 

@@ -1,0 +1,150 @@
+#include "transport/rendezvous_protocol.h"
+
+#include <set>
+#include <utility>
+
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "absl/strings/str_split.h"
+#include "absl/time/clock.h"
+
+namespace tether {
+namespace {
+
+constexpr char kPrefix[] = "tether/rdzv/";
+constexpr absl::Duration kPollInterval = absl::Milliseconds(5);
+
+struct Entry {
+  int world_size = 0;
+  std::string name;
+  std::string address;
+};
+
+std::string EncodeEntry(const Entry& e) {
+  return absl::StrCat("v1\n", e.world_size, "\n", e.name, "\n", e.address);
+}
+
+absl::StatusOr<Entry> DecodeEntry(int rank, const std::string& s) {
+  std::vector<std::string> parts = absl::StrSplit(s, '\n');
+  Entry e;
+  if (parts.size() != 4 || parts[0] != "v1" || !absl::SimpleAtoi(parts[1], &e.world_size)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("rendezvous entry of rank ", rank,
+                     " is malformed (another program or Tether version using the same store?)"));
+  }
+  e.name = parts[2];
+  e.address = parts[3];
+  return e;
+}
+
+std::string Key(absl::string_view kind, absl::string_view id) {
+  return absl::StrCat(kPrefix, kind, id);
+}
+
+absl::Status CheckOptions(const ExchangeOptions& o) {
+  if (o.world_size < 1) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("world size ", o.world_size, " is not positive"));
+  }
+  if (o.rank < 0 || o.rank >= o.world_size) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("rank ", o.rank, " is outside the world of size ", o.world_size));
+  }
+  if (o.name.empty() || o.name.find('\n') != std::string::npos) {
+    return absl::InvalidArgumentError("a worker name must be non-empty and have no newline");
+  }
+  if (o.address.find('\n') != std::string::npos) {
+    return absl::InvalidArgumentError("a worker address must not contain a newline");
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::StatusOr<ExchangeResult> ExchangeAddresses(RendezvousStore& store, const ExchangeOptions& o) {
+  if (absl::Status s = CheckOptions(o); !s.ok()) return s;
+  const absl::Time deadline = absl::Now() + o.timeout;
+  const std::string context =
+      o.init_method.empty() ? std::string() : absl::StrCat(" (init_method ", o.init_method, ")");
+
+  absl::StatusOr<int64_t> claims = store.Add(Key("rank_claims/", absl::StrCat(o.rank)), 1);
+  if (!claims.ok()) return claims.status();
+  if (*claims > 1) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("duplicate rank ", o.rank,
+                     ": another worker already joined the rendezvous as rank ", o.rank, context));
+  }
+  // Publish first, so that a worker which already claimed this name sees the duplicate too.
+  if (absl::Status s = store.Set(Key("worker/", absl::StrCat(o.rank)),
+                                 EncodeEntry(Entry{o.world_size, o.name, o.address}));
+      !s.ok()) {
+    return s;
+  }
+  if (absl::StatusOr<int64_t> n = store.Add(Key("present/", absl::StrCat(o.rank)), 1); !n.ok()) {
+    return n.status();
+  }
+  claims = store.Add(Key("name_claims/", o.name), 1);
+  if (!claims.ok()) return claims.status();
+  if (*claims > 1) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "RPC worker name '", o.name, "' is not unique: another worker already uses it", context));
+  }
+
+  ExchangeResult r;
+  std::map<std::string, int> rank_of_name;
+  for (int i = 0; i < o.world_size; ++i) {
+    const std::string key = Key("worker/", absl::StrCat(i));
+    while (true) {
+      absl::StatusOr<int64_t> present = store.Add(Key("present/", absl::StrCat(i)), 0);
+      if (!present.ok()) return present.status();
+      if (*present > 0) break;
+      if (absl::Now() >= deadline) {
+        std::vector<int> missing;
+        for (int j = i; j < o.world_size; ++j) {
+          absl::StatusOr<int64_t> p = store.Add(Key("present/", absl::StrCat(j)), 0);
+          if (p.ok() && *p == 0) missing.push_back(j);
+        }
+        return absl::DeadlineExceededError(absl::StrCat(
+            "rendezvous timed out after ", absl::FormatDuration(o.timeout), " (",
+            o.init_method.empty() ? "" : absl::StrCat("init_method ", o.init_method, ", "),
+            "world size ", o.world_size, "): rank(s) ", absl::StrJoin(missing, ", "),
+            " never joined"));
+      }
+      absl::SleepFor(kPollInterval);
+    }
+    absl::StatusOr<std::string> value = store.Get(key);
+    if (!value.ok()) return value.status();
+    absl::StatusOr<Entry> e = DecodeEntry(i, *value);
+    if (!e.ok()) return e.status();
+    if (e->world_size != o.world_size) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "wrong world size: worker '", e->name, "' (rank ", i, ") was started with world size ",
+          e->world_size, ", this worker ('", o.name, "', rank ", o.rank, ") with ", o.world_size));
+    }
+    auto [it, inserted] = rank_of_name.emplace(e->name, i);
+    if (!inserted) {
+      return absl::InvalidArgumentError(absl::StrCat("RPC worker name '", e->name,
+                                                     "' is not unique: ranks ", it->second, " and ",
+                                                     i, " both use it"));
+    }
+    r.workers.push_back(WorkerInfo{e->name, i});
+    r.addresses[i] = e->address;
+  }
+  // Rank 0 may host the store: it returns only once every worker has read everything.
+  absl::StatusOr<int64_t> done = store.Add(Key("done", ""), 1);
+  if (!done.ok()) return done.status();
+  while (o.rank == 0 && *done < o.world_size) {
+    if (absl::Now() >= deadline) {
+      return absl::DeadlineExceededError(
+          absl::StrCat("rendezvous timed out after ", absl::FormatDuration(o.timeout), context,
+                       ": not every worker finished reading the worker list"));
+    }
+    absl::SleepFor(kPollInterval);
+    done = store.Add(Key("done", ""), 0);
+    if (!done.ok()) return done.status();
+  }
+  return r;
+}
+
+}  // namespace tether

@@ -1,0 +1,79 @@
+// The rendezvous protocol: how workers that share a key-value store learn every worker's name
+// and address before their agents start. It is the one implementation of that exchange: the C++
+// rendezvous (transport/rendezvous.h) runs it over a c10d store it opens itself, and tether.rpc
+// runs it over the store torch.distributed.rendezvous() gives it (python/rendezvous_binding.cc).
+// It needs no libtorch: the store is an interface.
+//
+//   MyStore store;  // a RendezvousStore
+//   ExchangeOptions o;
+//   o.rank = 1;
+//   o.world_size = 2;
+//   o.name = "trainer1";
+//   o.address = "10.0.0.2:41234";
+//   absl::StatusOr<ExchangeResult> r = ExchangeAddresses(store, o);
+//   // r->workers: every worker's name and id (= rank); r->addresses: id -> "host:port".
+//
+// Store layout (under the store's own prefix, if any): `tether/rdzv/rank_claims/<rank>` and
+// `tether/rdzv/name_claims/<name>` (counters that reveal duplicates),
+// `tether/rdzv/worker/<rank>` ("v1\n<world size>\n<name>\n<address>"),
+// `tether/rdzv/present/<rank>` (a counter set to 1 once that entry is written: readers poll it
+// with Add(key, 0), which every c10d store has and which never blocks or throws), and
+// `tether/rdzv/done` (counts the workers that read the whole list; rank 0, which may host
+// the store, returns only once it reaches the world size).
+//
+// Errors: kInvalidArgument for a duplicate rank, a worker name used twice ("... is not
+// unique", as PyTorch says it; every worker that sees the duplicate fails), workers started
+// with different world sizes, or a malformed entry; kDeadlineExceeded naming the ranks that
+// never joined when `timeout` passes; a store operation's own error is returned as it is.
+//
+// Blocking (polls the store every few milliseconds); call from a plain thread. The store's
+// methods are called on that thread only.
+#ifndef TETHER_TRANSPORT_RENDEZVOUS_PROTOCOL_H_
+#define TETHER_TRANSPORT_RENDEZVOUS_PROTOCOL_H_
+
+#include <cstdint>
+#include <map>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/time/time.h"
+#include "core/agent.h"
+
+namespace tether {
+
+// A key-value store shared by all workers (c10d's semantics: Add creates a missing counter at 0
+// and returns the new value; Get is only called for a key known to be written).
+class RendezvousStore {
+ public:
+  virtual ~RendezvousStore() = default;
+  virtual absl::StatusOr<int64_t> Add(const std::string& key, int64_t delta) = 0;
+  virtual absl::Status Set(const std::string& key, const std::string& value) = 0;
+  virtual absl::StatusOr<std::string> Get(const std::string& key) = 0;
+};
+
+struct ExchangeOptions {
+  int rank = 0;
+  int world_size = 1;
+  std::string name;
+  // What this worker publishes ("host:port").
+  std::string address;
+  absl::Duration timeout = absl::Seconds(300);
+  // Named in errors (for example "tcp://10.0.0.1:29500").
+  std::string init_method;
+};
+
+struct ExchangeResult {
+  // Every worker, ordered by id (= rank).
+  std::vector<WorkerInfo> workers;
+  // Every worker's published address, this one's included.
+  std::map<WorkerId, std::string> addresses;
+};
+
+absl::StatusOr<ExchangeResult> ExchangeAddresses(RendezvousStore& store,
+                                                 const ExchangeOptions& options);
+
+}  // namespace tether
+
+#endif  // TETHER_TRANSPORT_RENDEZVOUS_PROTOCOL_H_
