@@ -43,6 +43,7 @@ struct Agent::PendingCall {
 
 struct Agent::PeerState {
   bool failed = false;
+  absl::Status failure;  // Why, once failed.
   PeerStats stats;
   uint64_t incarnation = 0;
   // Request ids up to `watermark` count as seen; `seen` holds the ones above
@@ -55,19 +56,26 @@ struct Agent::PeerState {
 struct BarrierReport {
   bool declared = false;
   ActivitySnapshot activity;
+  // The worker knows every worker joined, and has run its joined listeners.
+  bool joined = false;
 
   bool operator==(const BarrierReport& o) const {
     return declared == o.declared && activity.pending == o.activity.pending &&
-           activity.events == o.activity.events;
+           activity.events == o.activity.events && joined == o.joined;
   }
 };
 
 struct Agent::ShutdownState {
   bool graceful = false;
   bool finished = false;
+  // Every worker has joined (the leader saw it, or a follower was told); the
+  // joined listeners have run (or are running) once it is set.
+  bool joined = false;
+  bool listeners_ran = false;
   std::optional<TimerId> deadline_timer;
   std::optional<TimerId> poll_timer;
   // Leader only.
+  std::set<WorkerId> declared;  // Workers that called Shutdown(true).
   uint64_t round = 0;
   std::map<WorkerId, BarrierReport> reports;
   std::optional<std::map<WorkerId, BarrierReport>> previous;
@@ -87,15 +95,13 @@ class IncomingCallImpl : public IncomingCall {
   using ReplyFn = std::function<void(absl::StatusOr<Message>)>;
 
   IncomingCallImpl(Message request, absl::Time deadline, ReplyFn reply)
-      : request_(std::move(request)),
-        deadline_(deadline),
-        reply_(std::move(reply)) {}
+      : request_(std::move(request)), deadline_(deadline), reply_(std::move(reply)) {}
 
   ~IncomingCallImpl() override {
     if (!replied_) {
-      Finish(absl::InternalError(absl::StrCat(
-          "the handler for ", MessageTypeName(request_.envelope.type()),
-          " dropped the request without replying")));
+      Finish(absl::InternalError(absl::StrCat("the handler for ",
+                                              MessageTypeName(request_.envelope.type()),
+                                              " dropped the request without replying")));
     }
   }
 
@@ -118,8 +124,7 @@ class IncomingCallImpl : public IncomingCall {
   }
 
   void ReplyError(const absl::Status& error) override {
-    Finish(error.ok() ? absl::InternalError("handler replied with an OK error")
-                      : error);
+    Finish(error.ok() ? absl::InternalError("handler replied with an OK error") : error);
   }
 
  private:
@@ -140,83 +145,84 @@ class IncomingCallImpl : public IncomingCall {
 };
 
 std::string TimeoutText(absl::Duration timeout) {
-  return absl::StrCat("RPC ran for more than set timeout (",
-                      absl::ToInt64Milliseconds(timeout),
+  return absl::StrCat("RPC ran for more than set timeout (", absl::ToInt64Milliseconds(timeout),
                       " ms) and will now be marked with an error");
 }
 
 std::string EncodeReport(uint64_t round, const BarrierReport& r) {
-  return absl::StrCat(round, ",", r.declared ? 1 : 0, ",", r.activity.pending,
-                      ",", r.activity.events);
+  return absl::StrCat(round, ",", r.declared ? 1 : 0, ",", r.activity.pending, ",",
+                      r.activity.events, ",", r.joined ? 1 : 0);
 }
 
-bool DecodeReport(absl::string_view payload, uint64_t* round,
-                  BarrierReport* r) {
+bool DecodeReport(absl::string_view payload, uint64_t* round, BarrierReport* r) {
   std::vector<absl::string_view> parts = absl::StrSplit(payload, ',');
-  if (parts.size() != 4) return false;
-  int declared = 0;
-  if (!absl::SimpleAtoi(parts[0], round) ||
-      !absl::SimpleAtoi(parts[1], &declared) ||
+  if (parts.size() != 5) return false;
+  int declared = 0, joined = 0;
+  if (!absl::SimpleAtoi(parts[0], round) || !absl::SimpleAtoi(parts[1], &declared) ||
       !absl::SimpleAtoi(parts[2], &r->activity.pending) ||
-      !absl::SimpleAtoi(parts[3], &r->activity.events)) {
+      !absl::SimpleAtoi(parts[3], &r->activity.events) || !absl::SimpleAtoi(parts[4], &joined)) {
     return false;
   }
   r->declared = declared != 0;
+  r->joined = joined != 0;
   return true;
 }
 
+// A leader's query: "<round>", or "<round>,1" once every worker has joined.
+std::string EncodeQuery(uint64_t round, bool joined) {
+  return joined ? absl::StrCat(round, ",1") : absl::StrCat(round);
+}
+
+bool DecodeQuery(absl::string_view payload, uint64_t* round, bool* joined) {
+  std::vector<absl::string_view> parts = absl::StrSplit(payload, ',');
+  if (parts.empty() || parts.size() > 2 || !absl::SimpleAtoi(parts[0], round)) return false;
+  *joined = parts.size() == 2 && parts[1] == "1";
+  return parts.size() == 1 || *joined;
+}
+
 bool IsShutdownMessage(MessageType type) {
-  return type >= wire::SHUTDOWN_INTENT && type <= wire::SHUTDOWN_ACK;
+  return type >= wire::SHUTDOWN_INTENT && type <= wire::SHUTDOWN_ABORT;
 }
 
 }  // namespace
 
-absl::StatusOr<std::unique_ptr<Agent>> Agent::Create(AgentOptions options,
-                                                     Clock* clock,
-                                                     Network* network,
-                                                     Executor* executor) {
+absl::StatusOr<std::unique_ptr<Agent>> Agent::Create(AgentOptions options, Clock* clock,
+                                                     Network* network, Executor* executor) {
   if (clock == nullptr || network == nullptr || executor == nullptr) {
-    return absl::InvalidArgumentError(
-        "agent needs a clock, a network and an executor");
+    return absl::InvalidArgumentError("agent needs a clock, a network and an executor");
   }
   std::set<WorkerId> ids;
   std::set<std::string> names;
   bool found_self = false;
   for (const WorkerInfo& w : options.workers) {
-    if (w.name.empty())
-      return absl::InvalidArgumentError("worker names must not be empty");
+    if (w.name.empty()) return absl::InvalidArgumentError("worker names must not be empty");
     if (w.id < 0) {
       return absl::InvalidArgumentError(
           absl::StrCat("worker '", w.name, "' has negative id ", w.id));
     }
     if (!ids.insert(w.id).second) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("duplicate worker id ", w.id));
+      return absl::InvalidArgumentError(absl::StrCat("duplicate worker id ", w.id));
     }
     if (!names.insert(w.name).second) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("duplicate worker name '", w.name, "'"));
+      return absl::InvalidArgumentError(absl::StrCat("duplicate worker name '", w.name, "'"));
     }
     if (w.id == options.self) found_self = true;
   }
   if (!found_self) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "this worker's id ", options.self, " is not in the worker list"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("this worker's id ", options.self, " is not in the worker list"));
   }
   if (network->self() != options.self) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("network is for worker ", network->self(),
-                     " but the agent is for ", options.self));
+    return absl::InvalidArgumentError(absl::StrCat("network is for worker ", network->self(),
+                                                   " but the agent is for ", options.self));
   }
   if (options.default_timeout < absl::ZeroDuration()) {
     return absl::InvalidArgumentError("default timeout must not be negative");
   }
-  return std::unique_ptr<Agent>(
-      new Agent(std::move(options), clock, network, executor));
+  return std::unique_ptr<Agent>(new Agent(std::move(options), clock, network, executor));
 }
 
-Agent::Agent(AgentOptions options, Clock* clock, Network* network,
-             Executor* executor)
+Agent::Agent(AgentOptions options, Clock* clock, Network* network, Executor* executor)
     : options_(std::move(options)),
       gate_(std::make_shared<CallbackGate>()),
       clock_(clock),
@@ -225,9 +231,8 @@ Agent::Agent(AgentOptions options, Clock* clock, Network* network,
       workers_(options_.workers),
       default_timeout_(options_.default_timeout),
       shutdown_future_(executor) {
-  std::sort(
-      workers_.begin(), workers_.end(),
-      [](const WorkerInfo& a, const WorkerInfo& b) { return a.id < b.id; });
+  std::sort(workers_.begin(), workers_.end(),
+            [](const WorkerInfo& a, const WorkerInfo& b) { return a.id < b.id; });
   for (const WorkerInfo& w : workers_) {
     ids_by_name_[w.name] = w.id;
     if (w.id == options_.self) self_ = w;
@@ -248,8 +253,7 @@ Agent::~Agent() {
       if (call->timer) timers.push_back(*call->timer);
     }
     if (shutdown_) {
-      if (shutdown_->deadline_timer)
-        timers.push_back(*shutdown_->deadline_timer);
+      if (shutdown_->deadline_timer) timers.push_back(*shutdown_->deadline_timer);
       if (shutdown_->poll_timer) timers.push_back(*shutdown_->poll_timer);
     }
     stop_network = started_ && !(shutdown_ && shutdown_->finished);
@@ -277,12 +281,15 @@ void Agent::AddPeerFailureListener(PeerFailureListener listener) {
   peer_failure_listeners_.push_back(std::move(listener));
 }
 
+void Agent::AddShutdownJoinedListener(ShutdownJoinedListener listener) {
+  joined_listeners_.push_back(std::move(listener));
+}
+
 absl::Status Agent::Start() {
   {
     absl::MutexLock lock(&mu_);
     if (started_) return absl::FailedPreconditionError("agent already started");
-    if (shutdown_)
-      return absl::CancelledError("agent was shut down before it started");
+    if (shutdown_) return absl::CancelledError("agent was shut down before it started");
     started_ = true;
   }
   return network_->Start(this);
@@ -291,19 +298,16 @@ absl::Status Agent::Start() {
 absl::StatusOr<WorkerInfo> Agent::GetWorker(absl::string_view name) const {
   auto it = ids_by_name_.find(name);
   if (it == ids_by_name_.end()) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("unknown destination worker '", name, "'"));
+    return absl::InvalidArgumentError(absl::StrCat("unknown destination worker '", name, "'"));
   }
   return GetWorker(it->second);
 }
 
 absl::StatusOr<WorkerInfo> Agent::GetWorker(WorkerId id) const {
-  auto it = std::lower_bound(
-      workers_.begin(), workers_.end(), id,
-      [](const WorkerInfo& w, WorkerId i) { return w.id < i; });
+  auto it = std::lower_bound(workers_.begin(), workers_.end(), id,
+                             [](const WorkerInfo& w, WorkerId i) { return w.id < i; });
   if (it == workers_.end() || it->id != id) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("unknown destination worker id ", id));
+    return absl::InvalidArgumentError(absl::StrCat("unknown destination worker id ", id));
   }
   return *it;
 }
@@ -353,9 +357,7 @@ std::vector<InFlightCall> Agent::GetInFlightCalls() const {
     out.push_back(InFlightCall{id, call->to, call->type, now - call->started});
   }
   std::stable_sort(out.begin(), out.end(),
-                   [](const InFlightCall& a, const InFlightCall& b) {
-                     return a.age > b.age;
-                   });
+                   [](const InFlightCall& a, const InFlightCall& b) { return a.age > b.age; });
   return out;
 }
 
@@ -363,10 +365,8 @@ std::string Agent::Summary() const {
   std::map<std::string, int64_t> info = GetDebugInfo();
   std::map<WorkerId, PeerStats> peers = GetPeerStats();
   std::vector<InFlightCall> calls = GetInFlightCalls();
-  std::string out =
-      absl::StrCat("worker '", self_.name, "' (id ", self_.id, ")\n");
-  for (const auto& [key, value] : info)
-    absl::StrAppend(&out, "  ", key, " = ", value, "\n");
+  std::string out = absl::StrCat("worker '", self_.name, "' (id ", self_.id, ")\n");
+  for (const auto& [key, value] : info) absl::StrAppend(&out, "  ", key, " = ", value, "\n");
   absl::StrAppend(&out,
                   "  peer                calls out  calls in   msgs out   msgs "
                   "in  bytes out   bytes in\n");
@@ -374,17 +374,15 @@ std::string Agent::Summary() const {
     auto w = GetWorker(id);
     absl::StrAppend(
         &out, "  ",
-        absl::StrFormat("%-18s %10d %9d %10d %9d %10d %10d",
-                        w.ok() ? w->name : absl::StrCat(id), p.calls_sent,
-                        p.calls_received, p.messages_sent, p.messages_received,
+        absl::StrFormat("%-18s %10d %9d %10d %9d %10d %10d", w.ok() ? w->name : absl::StrCat(id),
+                        p.calls_sent, p.calls_received, p.messages_sent, p.messages_received,
                         p.bytes_sent, p.bytes_received),
         "\n");
   }
   absl::StrAppend(&out, "  calls in flight: ", calls.size(), "\n");
   for (size_t i = 0; i < calls.size() && i < 10; ++i) {
     auto w = GetWorker(calls[i].to);
-    absl::StrAppend(&out, "    #", calls[i].request_id, " ",
-                    MessageTypeName(calls[i].type), " to ",
+    absl::StrAppend(&out, "    #", calls[i].request_id, " ", MessageTypeName(calls[i].type), " to ",
                     w.ok() ? w->name : absl::StrCat(calls[i].to), ", for ",
                     absl::FormatDuration(calls[i].age), "\n");
   }
@@ -418,31 +416,26 @@ std::map<std::string, int64_t> Agent::GetDebugInfo() const {
   info["world_size"] = static_cast<int64_t>(workers_.size());
   absl::Duration oldest = absl::ZeroDuration();
   const absl::Time now = clock_->Now();
-  for (const auto& [id, call] : pending_)
-    oldest = std::max(oldest, now - call->started);
+  for (const auto& [id, call] : pending_) oldest = std::max(oldest, now - call->started);
   info["oldest_call_age_ms"] = absl::ToInt64Milliseconds(oldest);
   return info;
 }
 
 Future<Message> Agent::Call(WorkerId to, MessageType type, std::string payload,
-                            std::vector<Buffer> buffers,
-                            std::optional<absl::Duration> timeout) {
+                            std::vector<Buffer> buffers, std::optional<absl::Duration> timeout) {
   Future<Message> future(executor_);
   if (!GetWorker(to).ok()) {
-    future.Set(absl::InvalidArgumentError(
-        absl::StrCat("unknown destination worker id ", to)));
+    future.Set(absl::InvalidArgumentError(absl::StrCat("unknown destination worker id ", to)));
     return future;
   }
-  if (IsReply(type) || IsShutdownMessage(type) ||
-      !wire::MessageType_IsValid(type) ||
+  if (IsReply(type) || IsShutdownMessage(type) || !wire::MessageType_IsValid(type) ||
       type == wire::MESSAGE_TYPE_UNSPECIFIED) {
     future.Set(absl::InvalidArgumentError(
         absl::StrCat("cannot send a request of type ", MessageTypeName(type))));
     return future;
   }
   if (timeout && *timeout < absl::ZeroDuration()) {
-    future.Set(
-        absl::InvalidArgumentError("a call's timeout must not be negative"));
+    future.Set(absl::InvalidArgumentError("a call's timeout must not be negative"));
     return future;
   }
   Message m;
@@ -450,9 +443,8 @@ Future<Message> Agent::Call(WorkerId to, MessageType type, std::string payload,
   {
     absl::MutexLock lock(&mu_);
     if (!started_ || (shutdown_ && shutdown_->finished)) {
-      future.Set(absl::CancelledError(
-          absl::StrCat("RPC agent of worker '", self_.name, "' is ",
-                       started_ ? "shut down" : "not started")));
+      future.Set(absl::CancelledError(absl::StrCat("RPC agent of worker '", self_.name, "' is ",
+                                                   started_ ? "shut down" : "not started")));
       return future;
     }
     id = next_request_id_++;
@@ -473,8 +465,7 @@ Future<Message> Agent::Call(WorkerId to, MessageType type, std::string payload,
     PeerStats& stats = peers_[to]->stats;
     ++stats.calls_sent;
     ++stats.messages_sent;
-    stats.bytes_sent +=
-        static_cast<int64_t>(payload.size() + BufferBytes(buffers));
+    stats.bytes_sent += static_cast<int64_t>(payload.size() + BufferBytes(buffers));
   }
   m.envelope.set_type(type);
   m.envelope.set_request_id(id);
@@ -488,8 +479,7 @@ Future<Message> Agent::Call(WorkerId to, MessageType type, std::string payload,
   return future;
 }
 
-void Agent::CompleteCall(uint64_t request_id, absl::StatusOr<Message> result,
-                         bool from_reply) {
+void Agent::CompleteCall(uint64_t request_id, absl::StatusOr<Message> result, bool from_reply) {
   std::optional<Future<Message>> future;
   std::optional<TimerId> timer;
   WorkerId to = -1;
@@ -522,8 +512,7 @@ void Agent::OnCallTimeout(uint64_t request_id) {
     it->second->timer.reset();
     Count(counters_.calls_timed_out);
     auto to = GetWorker(it->second->to);
-    text = absl::StrCat(MessageTypeName(it->second->type), " to '",
-                        to.ok() ? to->name : "?",
+    text = absl::StrCat(MessageTypeName(it->second->type), " to '", to.ok() ? to->name : "?",
                         "': ", TimeoutText(it->second->timeout));
   }
   CompleteCall(request_id, RpcTimeoutError(text));
@@ -540,8 +529,7 @@ void Agent::OnMessage(Message message) {
     }
     PeerState& p = *peer->second;
     ++p.stats.messages_received;
-    p.stats.bytes_received +=
-        static_cast<int64_t>(env.payload().size() + message.BufferBytes());
+    p.stats.bytes_received += static_cast<int64_t>(env.payload().size() + message.BufferBytes());
     if (env.from_incarnation() < p.incarnation) {
       Count(counters_.messages_from_old_incarnation);
       return;
@@ -582,8 +570,7 @@ void Agent::HandleReply(Message message) {
   }
   absl::Status check = message.CheckBuffers();
   if (!check.ok()) {
-    CompleteCall(id, absl::InternalError(
-                         absl::StrCat("malformed reply: ", check.message())));
+    CompleteCall(id, absl::InternalError(absl::StrCat("malformed reply: ", check.message())));
     return;
   }
   CompleteCall(id, std::move(message), /*from_reply=*/true);
@@ -624,34 +611,30 @@ void Agent::HandleRequest(Message message) {
     auto it = handlers_.find(message.envelope.type());
     if (it != handlers_.end()) handler = it->second;
     if (message.envelope.timeout_ns() > 0) {
-      deadline =
-          clock_->Now() + absl::Nanoseconds(message.envelope.timeout_ns());
+      deadline = clock_->Now() + absl::Nanoseconds(message.envelope.timeout_ns());
     }
   }
   absl::Status check = message.CheckBuffers();
   if (!check.ok()) {
     SendReply(from, id,
-              absl::InvalidArgumentError(
-                  absl::StrCat("malformed request: ", check.message())));
+              absl::InvalidArgumentError(absl::StrCat("malformed request: ", check.message())));
     return;
   }
   if (!handler) {
     SendReply(from, id,
-              absl::UnimplementedError(absl::StrCat(
-                  "worker '", self_.name, "' has no handler for message type ",
-                  MessageTypeName(message.envelope.type()))));
+              absl::UnimplementedError(absl::StrCat("worker '", self_.name,
+                                                    "' has no handler for message type ",
+                                                    MessageTypeName(message.envelope.type()))));
     return;
   }
   auto call = std::make_shared<IncomingCallImpl>(
-      std::move(message), deadline,
-      Guarded([this, from, id](absl::StatusOr<Message> reply) {
+      std::move(message), deadline, Guarded([this, from, id](absl::StatusOr<Message> reply) {
         SendReply(from, id, std::move(reply));
       }));
   handler(std::move(call));
 }
 
-void Agent::SendReply(WorkerId to, uint64_t request_id,
-                      absl::StatusOr<Message> reply) {
+void Agent::SendReply(WorkerId to, uint64_t request_id, absl::StatusOr<Message> reply) {
   bool drop = false;
   uint64_t incarnation = options_.incarnation;
   {
@@ -695,6 +678,7 @@ void Agent::OnPeerFailed(WorkerId peer, const absl::Status& reason) {
     auto it = peers_.find(peer);
     if (it == peers_.end() || it->second->failed) return;
     it->second->failed = true;
+    it->second->failure = reason;
     Count(counters_.peers_failed);
     ++events_;
     for (const auto& [id, call] : pending_) {
@@ -705,13 +689,12 @@ void Agent::OnPeerFailed(WorkerId peer, const absl::Status& reason) {
   if (info.ok()) name = info->name;
   for (uint64_t id : failed_calls) {
     CompleteCall(id, absl::UnavailableError(absl::StrCat(
-                         "worker '", name,
-                         "' failed before replying: ", reason.message())));
+                         "worker '", name, "' failed before replying: ", reason.message())));
   }
   executor_->Post(Guarded([this, peer, reason] {
-    for (const PeerFailureListener& l : peer_failure_listeners_)
-      l(peer, reason);
+    for (const PeerFailureListener& l : peer_failure_listeners_) l(peer, reason);
     bool finish_unavailable = false;
+    bool abort = false;
     {
       absl::MutexLock lock(&mu_);
       if (!shutdown_ || shutdown_->finished || !shutdown_->graceful) return;
@@ -722,6 +705,7 @@ void Agent::OnPeerFailed(WorkerId peer, const absl::Status& reason) {
         if (shutdown_->committed) return;
         finish_unavailable = true;
       } else if (self_.id == leader) {
+        abort = options_.shutdown_fails_on_lost_peer && !shutdown_->joined;
         shutdown_->reports.erase(peer);
         if (shutdown_->committing) shutdown_->acked.insert(peer);
       }
@@ -730,7 +714,10 @@ void Agent::OnPeerFailed(WorkerId peer, const absl::Status& reason) {
       FinishShutdown(
           absl::UnavailableError("the shutdown leader failed; this worker "
                                  "stopped without the barrier"));
+    } else if (abort) {
+      AbortBarrier(peer, reason);
     } else {
+      MaybeJoin();
       MaybeCommit();
     }
   }));
@@ -782,31 +769,143 @@ Future<Unit> Agent::Shutdown(bool graceful) {
     shutdown_->graceful = graceful && started_;
     start_now = true;
     leader = workers_.front().id == self_.id;
-    if (shutdown_->graceful &&
-        options_.shutdown_timeout > absl::ZeroDuration()) {
+    if (leader) shutdown_->declared.insert(self_.id);
+    if (shutdown_->graceful && options_.shutdown_timeout > absl::ZeroDuration()) {
       shutdown_->deadline_timer =
           clock_->Schedule(clock_->Now() + options_.shutdown_timeout, Guarded([this] {
-            executor_->Post(Guarded([this] {
-              FinishShutdown(absl::DeadlineExceededError(
-                  "graceful shutdown did not complete within its timeout; "
-                  "stopped without it"));
-            }));
-          }));
+                             executor_->Post(Guarded([this] {
+                               FinishShutdown(absl::DeadlineExceededError(
+                                   "graceful shutdown did not complete within its timeout; "
+                                   "stopped without it"));
+                             }));
+                           }));
     }
   }
   if (!start_now) return shutdown_future_;
+  std::optional<absl::Status> leader_gone;
+  if (graceful && started_ && !leader) {
+    absl::MutexLock lock(&mu_);
+    if (leader_abort_) {
+      leader_gone = *leader_abort_;
+    } else if (peers_[workers_.front().id]->failed) {
+      leader_gone = absl::UnavailableError(
+          "the shutdown leader failed; this worker stopped without the barrier");
+    }
+  }
   if (!graceful || !started_) {
     FinishShutdown(absl::OkStatus());
+  } else if (leader_gone) {
+    FinishShutdown(*leader_gone);
   } else if (leader) {
     executor_->Post(Guarded([this] { LeaderPoll(); }));
   }
   return shutdown_future_;
 }
 
+ShutdownProgress Agent::GetShutdownProgress() const {
+  absl::MutexLock lock(&mu_);
+  ShutdownProgress p;
+  p.leader = workers_.front().id;
+  if (!shutdown_ || !shutdown_->graceful || shutdown_->finished) return p;
+  p.pending = true;
+  p.joined = shutdown_->joined;
+  if (self_.id != p.leader) return p;
+  for (const WorkerInfo& w : workers_) {
+    if (peers_.at(w.id)->failed && w.id != self_.id) continue;
+    if (!shutdown_->declared.count(w.id)) p.not_joined.push_back(w.id);
+    auto it = shutdown_->reports.find(w.id);
+    const BarrierReport* r = it != shutdown_->reports.end() ? &it->second : nullptr;
+    if (r == nullptr && shutdown_->previous) {
+      auto prev = shutdown_->previous->find(w.id);
+      if (prev != shutdown_->previous->end()) r = &prev->second;
+    }
+    if (r != nullptr && r->activity.pending != 0) p.busy.push_back(w.id);
+  }
+  return p;
+}
+
+void Agent::RunJoinedListeners() {
+  {
+    absl::MutexLock lock(&mu_);
+    if (!shutdown_ || !shutdown_->joined || shutdown_->listeners_ran) return;
+    shutdown_->listeners_ran = true;
+  }
+  for (const ShutdownJoinedListener& l : joined_listeners_) l();
+}
+
+void Agent::MaybeJoin() {
+  std::vector<WorkerId> targets;
+  uint64_t round = 0;
+  {
+    absl::MutexLock lock(&mu_);
+    if (!shutdown_ || shutdown_->finished || shutdown_->joined || workers_.front().id != self_.id) {
+      return;
+    }
+    ShutdownState& s = *shutdown_;
+    for (const WorkerInfo& w : workers_) {
+      if (w.id != self_.id && peers_[w.id]->failed) continue;
+      if (!s.declared.count(w.id)) return;
+    }
+    s.joined = true;
+    // The quiescence phase starts with a fresh round that tells every worker.
+    ++s.round;
+    s.reports.clear();
+    s.previous.reset();
+    round = s.round;
+    for (const WorkerInfo& w : workers_) {
+      if (w.id != self_.id && !peers_[w.id]->failed) targets.push_back(w.id);
+    }
+  }
+  RunJoinedListeners();
+  BarrierReport mine{true, LocalActivity(), true};
+  {
+    absl::MutexLock lock(&mu_);
+    if (shutdown_->round == round) shutdown_->reports[self_.id] = mine;
+  }
+  for (WorkerId w : targets) SendControl(w, wire::SHUTDOWN_QUERY, EncodeQuery(round, true));
+}
+
+void Agent::AbortBarrier(WorkerId lost, const absl::Status& reason) {
+  std::vector<WorkerId> targets;
+  std::string name = absl::StrCat("worker ", lost);
+  {
+    absl::MutexLock lock(&mu_);
+    if (!shutdown_ || shutdown_->finished || shutdown_->joined) return;
+    for (const WorkerInfo& w : workers_) {
+      if (w.id == lost) name = w.name;
+      if (w.id != self_.id && !peers_[w.id]->failed) targets.push_back(w.id);
+    }
+  }
+  const std::string text = absl::StrCat(
+      name, " is gone (", reason.message(),
+      ") before every worker called shutdown(): the graceful shutdown barrier cannot complete");
+  for (WorkerId w : targets) SendControl(w, wire::SHUTDOWN_ABORT, text);
+  FinishShutdown(absl::UnavailableError(text));
+}
+
 void Agent::LeaderPoll() {
   std::vector<WorkerId> targets;
   uint64_t round;
   bool commit_resend = false;
+  bool joined = false;
+  std::optional<std::pair<WorkerId, absl::Status>> lost;
+  {
+    absl::MutexLock lock(&mu_);
+    if (!shutdown_ || shutdown_->finished) return;
+    ShutdownState& s = *shutdown_;
+    if (options_.shutdown_fails_on_lost_peer && !s.joined) {
+      for (const WorkerInfo& w : workers_) {
+        if (w.id != self_.id && peers_[w.id]->failed) {
+          lost.emplace(w.id, peers_[w.id]->failure);
+          break;
+        }
+      }
+    }
+  }
+  if (lost) {
+    AbortBarrier(lost->first, lost->second);
+    return;
+  }
   {
     absl::MutexLock lock(&mu_);
     if (!shutdown_ || shutdown_->finished) return;
@@ -824,8 +923,7 @@ void Agent::LeaderPoll() {
     } else {
       bool complete = true;
       for (const WorkerInfo& w : workers_) {
-        if (w.id != self_.id && !peers_[w.id]->failed && !s.reports.count(w.id))
-          complete = false;
+        if (w.id != self_.id && !peers_[w.id]->failed && !s.reports.count(w.id)) complete = false;
       }
       // An incomplete round is resent to whoever has not answered; a complete
       // one that did not commit starts the next.
@@ -834,25 +932,25 @@ void Agent::LeaderPoll() {
         s.reports.clear();
       }
       for (const WorkerInfo& w : workers_) {
-        if (w.id != self_.id && !peers_[w.id]->failed &&
-            !s.reports.count(w.id)) {
+        if (w.id != self_.id && !peers_[w.id]->failed && !s.reports.count(w.id)) {
           targets.push_back(w.id);
         }
       }
     }
     round = s.round;
+    joined = s.joined;
   }
   if (commit_resend) {
     for (WorkerId w : targets) SendControl(w, wire::SHUTDOWN_COMMIT, "");
     return;
   }
-  BarrierReport mine{true, LocalActivity()};
+  BarrierReport mine{true, LocalActivity(), joined};
   {
     absl::MutexLock lock(&mu_);
     if (shutdown_->round == round) shutdown_->reports[self_.id] = mine;
   }
-  for (WorkerId w : targets)
-    SendControl(w, wire::SHUTDOWN_QUERY, absl::StrCat(round));
+  for (WorkerId w : targets) SendControl(w, wire::SHUTDOWN_QUERY, EncodeQuery(round, joined));
+  MaybeJoin();
   MaybeCommit();
 }
 
@@ -862,14 +960,12 @@ void Agent::MaybeCommit() {
   bool next_round = false;
   {
     absl::MutexLock lock(&mu_);
-    if (!shutdown_ || shutdown_->finished || workers_.front().id != self_.id)
-      return;
+    if (!shutdown_ || shutdown_->finished || workers_.front().id != self_.id) return;
     ShutdownState& s = *shutdown_;
     if (s.committing) {
       finish = true;
       for (const WorkerInfo& w : workers_) {
-        if (w.id != self_.id && !s.acked.count(w.id) && !peers_[w.id]->failed)
-          finish = false;
+        if (w.id != self_.id && !s.acked.count(w.id) && !peers_[w.id]->failed) finish = false;
       }
     } else {
       std::map<WorkerId, BarrierReport> live;
@@ -879,9 +975,9 @@ void Agent::MaybeCommit() {
         if (it == s.reports.end()) return;  // Round incomplete.
         live[w.id] = it->second;
       }
-      bool quiet = true;
+      bool quiet = s.joined;
       for (const auto& [id, r] : live) {
-        if (!r.declared || r.activity.pending != 0) quiet = false;
+        if (!r.declared || !r.joined || r.activity.pending != 0) quiet = false;
       }
       if (quiet && s.previous && *s.previous == live) {
         s.committing = true;
@@ -928,13 +1024,12 @@ void Agent::MaybeCommit() {
         if (w.id != self_.id && !peers_[w.id]->failed) all.push_back(w.id);
       }
     }
-    BarrierReport mine{true, LocalActivity()};
+    BarrierReport mine{true, LocalActivity(), true};
     {
       absl::MutexLock lock(&mu_);
       if (shutdown_->round == round) shutdown_->reports[self_.id] = mine;
     }
-    for (WorkerId w : all)
-      SendControl(w, wire::SHUTDOWN_QUERY, absl::StrCat(round));
+    for (WorkerId w : all) SendControl(w, wire::SHUTDOWN_QUERY, EncodeQuery(round, true));
     MaybeCommit();
   }
 }
@@ -944,13 +1039,21 @@ void Agent::HandleShutdownMessage(Message message) {
   switch (env.type()) {
     case wire::SHUTDOWN_QUERY: {
       uint64_t round = 0;
-      if (!absl::SimpleAtoi(env.payload(), &round)) return;
+      bool joined = false;
+      if (!DecodeQuery(env.payload(), &round, &joined)) {
+        Count(counters_.malformed_control_messages);
+        return;
+      }
       BarrierReport r;
       {
         absl::MutexLock lock(&mu_);
         if (shutdown_ && shutdown_->finished) return;
         r.declared = shutdown_ != nullptr && shutdown_->graceful;
+        // Only a worker that declared can have been counted in the join.
+        if (joined && r.declared) shutdown_->joined = true;
       }
+      if (joined && r.declared) RunJoinedListeners();
+      r.joined = joined && r.declared;
       r.activity = LocalActivity();
       SendControl(env.from(), wire::SHUTDOWN_REPORT, EncodeReport(round, r));
       return;
@@ -969,7 +1072,9 @@ void Agent::HandleShutdownMessage(Message message) {
           return;
         }
         shutdown_->reports[env.from()] = r;
+        if (r.declared) shutdown_->declared.insert(env.from());
       }
+      MaybeJoin();
       MaybeCommit();
       return;
     }
@@ -983,6 +1088,25 @@ void Agent::HandleShutdownMessage(Message message) {
       }
       SendControl(env.from(), wire::SHUTDOWN_ACK, "");
       if (commit) FinishShutdown(absl::OkStatus());
+      return;
+    }
+    case wire::SHUTDOWN_ABORT: {
+      if (env.from() != workers_.front().id) {
+        Count(counters_.malformed_control_messages);
+        return;
+      }
+      absl::Status why = absl::UnavailableError(absl::StrCat(
+          env.payload(), " (the shutdown leader ", workers_.front().name, " ended the barrier)"));
+      bool finish = false;
+      {
+        absl::MutexLock lock(&mu_);
+        if (shutdown_) {
+          finish = shutdown_->graceful && !shutdown_->finished;
+        } else {
+          leader_abort_ = why;  // A later Shutdown(true) fails with it at once.
+        }
+      }
+      if (finish) FinishShutdown(why);
       return;
     }
     case wire::SHUTDOWN_ACK: {
@@ -1014,9 +1138,8 @@ void Agent::FinishShutdown(absl::Status status) {
   }
   for (TimerId t : timers) clock_->Cancel(t);
   for (uint64_t id : calls) {
-    CompleteCall(id, absl::CancelledError(absl::StrCat(
-                         "RPC agent of worker '", self_.name,
-                         "' shut down before the call completed")));
+    CompleteCall(id, absl::CancelledError(absl::StrCat("RPC agent of worker '", self_.name,
+                                                       "' shut down before the call completed")));
   }
   network_->Stop();
   if (status.ok()) {

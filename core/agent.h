@@ -27,15 +27,22 @@
 // while the clock still holds a timer it could not cancel (Clock::Cancel does
 // not wait for one already running) or the executor a task it posted.
 //
-// Graceful shutdown: every worker calls Shutdown(true). The worker with the
-// lowest id leads: it polls all workers' activity counters until every worker
-// has declared its intent, none has a call in flight or a handler running, and
-// two consecutive polls read the same counters; then it tells every worker to
-// stop. So no worker stops while another still has work that could reach it,
-// and no reply is lost. A failed peer counts as stopped; if the leader fails
-// (before its commit reached this worker: once it has every ack it stops, and
-// that is no failure), or the barrier takes longer than `shutdown_timeout`,
-// each worker stops on its own and pending calls fail with kCancelled.
+// Graceful shutdown, the one shutdown protocol (tether.rpc's shutdown() is this barrier): every
+// worker calls Shutdown(true). The worker with the lowest id leads and polls every worker.
+//   1. Join: once every worker has declared its intent (called Shutdown(true)), the leader's
+//      polls say so, and each worker runs its joined listeners once (for instance the RRef
+//      context's deletion of its user references: nothing is deleted while another worker may
+//      still be running user code that could use it).
+//   2. Quiescence: the leader polls the activity counters until every worker has joined, none
+//      has a call in flight, a handler running or pending activity from a source, and two
+//      consecutive polls read the same counters; then it tells every worker to stop.
+// So no worker stops while another still has work that could reach it, and no reply is lost.
+// A peer lost before the join completes fails the barrier at once, with kUnavailable naming it,
+// on every worker (AgentOptions::shutdown_fails_on_lost_peer; otherwise, and always after the
+// join, a failed peer counts as stopped). If the leader fails (before its commit reached this
+// worker: once it has every ack it stops, and that is no failure), or the barrier takes longer
+// than `shutdown_timeout`, each worker stops on its own and pending calls fail with kCancelled.
+// GetShutdownProgress() says what the barrier waits for (for reports while it waits).
 #ifndef TETHER_CORE_AGENT_H_
 #define TETHER_CORE_AGENT_H_
 
@@ -99,6 +106,10 @@ struct AgentOptions {
   // How often the leader polls workers (and resends unacknowledged barrier
   // messages).
   absl::Duration shutdown_poll_interval = absl::Milliseconds(10);
+  // A peer lost before every worker has joined the graceful shutdown fails the
+  // barrier at once, naming it (what a program's shutdown() wants: the peer can
+  // never join). False: it counts as stopped.
+  bool shutdown_fails_on_lost_peer = false;
   // Request ids remembered per caller to discard duplicated requests.
   size_t dedup_window = 4096;
   // Not owned; must outlive the agent. Null: nobody is told.
@@ -110,11 +121,9 @@ struct AgentOptions {
 // production //core:agent compiles their branches out and ignores set_planted_bugs. The struct is
 // the same in both variants (no ODR difference); PlantedBugsCompiledIn() tells which one is linked.
 struct PlantedBugs {
-  bool lose_timeout_timer = false;  // Calls never time out.
-  bool drop_reply_at_shutdown =
-      false;  // Replies are not sent once shutdown has begun.
-  bool process_duplicates =
-      false;  // Duplicated requests run their handler again.
+  bool lose_timeout_timer = false;      // Calls never time out.
+  bool drop_reply_at_shutdown = false;  // Replies are not sent once shutdown has begun.
+  bool process_duplicates = false;      // Duplicated requests run their handler again.
 };
 
 // True in //core:agent_planted, false in the production //core:agent.
@@ -133,8 +142,7 @@ class IncomingCall {
   virtual void Reply(std::string payload, std::vector<Buffer> buffers) = 0;
   // Reply() for a payload that is an exception the function raised: a result
   // for the caller, flagged in the envelope (Envelope.raised) for traces.
-  virtual void ReplyRaised(std::string payload,
-                           std::vector<Buffer> buffers) = 0;
+  virtual void ReplyRaised(std::string payload, std::vector<Buffer> buffers) = 0;
   virtual void ReplyError(const absl::Status& error) = 0;
 };
 
@@ -169,17 +177,31 @@ using ActivitySource = std::function<ActivitySnapshot()>;
 
 // Told (on the executor) when a peer is reported failed, after the agent has
 // failed the calls waiting on it.
-using PeerFailureListener =
-    std::function<void(WorkerId peer, const absl::Status& reason)>;
+using PeerFailureListener = std::function<void(WorkerId peer, const absl::Status& reason)>;
+
+// Told once (on the executor, outside the agent's locks) when every worker has
+// joined this worker's graceful shutdown, before this worker reports itself
+// ready to stop; the work it starts must show in an ActivitySource, so the
+// barrier waits for it. Must not block.
+using ShutdownJoinedListener = std::function<void()>;
+
+// What a graceful shutdown waits for, as this worker knows it.
+struct ShutdownProgress {
+  bool pending = false;  // A graceful shutdown has begun and not finished.
+  WorkerId leader = -1;
+  bool joined = false;  // Every worker has called Shutdown(true).
+  // Leader only: the live workers that have not called Shutdown(true), and
+  // those whose last report had work in flight.
+  std::vector<WorkerId> not_joined;
+  std::vector<WorkerId> busy;
+};
 
 class Agent : public NetworkObserver {
  public:
   // Returns kInvalidArgument for a malformed registry (duplicate or empty
   // names, duplicate ids, `self` missing).
-  static absl::StatusOr<std::unique_ptr<Agent>> Create(AgentOptions options,
-                                                       Clock* clock,
-                                                       Network* network,
-                                                       Executor* executor);
+  static absl::StatusOr<std::unique_ptr<Agent>> Create(AgentOptions options, Clock* clock,
+                                                       Network* network, Executor* executor);
   ~Agent() override;
 
   Agent(const Agent&) = delete;
@@ -191,6 +213,8 @@ class Agent : public NetworkObserver {
   void AddActivitySource(ActivitySource source);
   // Adds a listener for peer failures. Call before Start().
   void AddPeerFailureListener(PeerFailureListener listener);
+  // Adds a listener for the join of the graceful shutdown. Call before Start().
+  void AddShutdownJoinedListener(ShutdownJoinedListener listener);
   // Starts the network. Requests of a type without a handler are answered with
   // kUnimplemented.
   absl::Status Start();
@@ -219,6 +243,7 @@ class Agent : public NetworkObserver {
   // Either way the network is stopped when the future completes.
   Future<Unit> Shutdown(bool graceful);
   bool is_shut_down() const;
+  ShutdownProgress GetShutdownProgress() const;
 
   absl::Duration default_timeout() const;
   void set_default_timeout(absl::Duration timeout);
@@ -268,23 +293,26 @@ class Agent : public NetworkObserver {
     counter.fetch_add(1, std::memory_order_relaxed);
   }
 
-  Agent(AgentOptions options, Clock* clock, Network* network,
-        Executor* executor);
+  Agent(AgentOptions options, Clock* clock, Network* network, Executor* executor);
 
   // Everything below is defined in agent.cc.
   void HandleRequest(Message message);
   void HandleReply(Message message);
   void HandleShutdownMessage(Message message);
-  void SendReply(WorkerId to, uint64_t request_id,
-                 absl::StatusOr<Message> reply);
+  void SendReply(WorkerId to, uint64_t request_id, absl::StatusOr<Message> reply);
   // `from_reply`: the result is the callee's reply (not decided here).
-  void CompleteCall(uint64_t request_id, absl::StatusOr<Message> result,
-                    bool from_reply = false);
+  void CompleteCall(uint64_t request_id, absl::StatusOr<Message> result, bool from_reply = false);
   void OnCallTimeout(uint64_t request_id);
   void ServerCallDone();
   void SendControl(WorkerId to, MessageType type, std::string payload);
   void LeaderPoll();
   void MaybeCommit();
+  // Leader: a join completed by the last report (or a failure) starts the
+  // quiescence phase; a peer lost before it aborts the barrier.
+  void MaybeJoin();
+  void AbortBarrier(WorkerId lost, const absl::Status& reason);
+  // Runs the joined listeners once (executor thread).
+  void RunJoinedListeners();
   void FinishShutdown(absl::Status status);
   ActivitySnapshot LocalActivity() const;
   bool IsDuplicateLocked(WorkerId from, uint64_t request_id);
@@ -306,18 +334,20 @@ class Agent : public NetworkObserver {
   std::map<MessageType, Handler> handlers_;
   std::vector<ActivitySource> activity_sources_;
   std::vector<PeerFailureListener> peer_failure_listeners_;
+  std::vector<ShutdownJoinedListener> joined_listeners_;
 
   mutable absl::Mutex mu_;
   bool started_ ABSL_GUARDED_BY(mu_) = false;
   uint64_t next_request_id_ ABSL_GUARDED_BY(mu_) = 1;
   absl::Duration default_timeout_ ABSL_GUARDED_BY(mu_);
-  std::map<uint64_t, std::unique_ptr<PendingCall>> pending_
-      ABSL_GUARDED_BY(mu_);
+  std::map<uint64_t, std::unique_ptr<PendingCall>> pending_ ABSL_GUARDED_BY(mu_);
   std::map<WorkerId, std::unique_ptr<PeerState>> peers_ ABSL_GUARDED_BY(mu_);
   int64_t server_active_ ABSL_GUARDED_BY(mu_) = 0;
   Counters counters_;
   uint64_t events_ ABSL_GUARDED_BY(mu_) = 0;
   std::unique_ptr<ShutdownState> shutdown_ ABSL_GUARDED_BY(mu_);
+  // The leader's SHUTDOWN_ABORT, when it came before this worker's Shutdown().
+  std::optional<absl::Status> leader_abort_ ABSL_GUARDED_BY(mu_);
   PlantedBugs bugs_ ABSL_GUARDED_BY(mu_);
   Future<Unit> shutdown_future_;
 };

@@ -469,6 +469,133 @@ TEST(AgentTest, GracefulShutdownInEveryOrderUnderFaults) {
   }
 }
 
+// Three workers declare their graceful shutdown 0, 1 and 2 s apart; each registers a joined
+// listener (and worker 1 one whose work the barrier must wait for).
+struct JoinWorld {
+  std::unique_ptr<SimWorld> world;
+  std::vector<absl::Duration> joined_at = std::vector<absl::Duration>(3, absl::ZeroDuration());
+  std::vector<int> joined_runs = std::vector<int>(3, 0);
+  int64_t work_pending = 0;
+  uint64_t work_events = 0;
+  absl::Duration work_done_at = absl::ZeroDuration();
+
+  explicit JoinWorld(bool fails_on_lost_peer) {
+    SimWorldOptions o;
+    o.num_workers = 3;
+    o.seed = 1;
+    o.faults = sim::FaultSpec::Parse("none").value();
+    o.agent.shutdown_timeout = absl::ZeroDuration();
+    o.agent.shutdown_fails_on_lost_peer = fails_on_lost_peer;
+    o.on_agent = [this](SimWorld& w, WorkerId id, Agent& a) {
+      a.RegisterHandler(wire::TEST_CALL, Echo);
+      a.AddShutdownJoinedListener([this, &w, id] {
+        ++joined_runs[id];
+        joined_at[id] = w.Elapsed();
+        if (id != 1) return;
+        // Work that takes 1 s after the join (as the RRef context's deletions do).
+        work_pending = 1;
+        ++work_events;
+        Clock* clock = &w.clock(1);
+        clock->Schedule(clock->Now() + absl::Seconds(1), [this, &w] {
+          work_pending = 0;
+          ++work_events;
+          work_done_at = w.Elapsed();
+        });
+      });
+      if (id == 1) {
+        a.AddActivitySource([this] { return ActivitySnapshot{work_pending, work_events}; });
+      }
+    };
+    auto created = SimWorld::Create(std::move(o));
+    EXPECT_TRUE(created.ok()) << created.status();
+    world = std::move(*created);
+    EXPECT_TRUE(world->Start().ok());
+  }
+};
+
+TEST(AgentTest, JoinedListenersRunOnceOnEveryWorkerAfterTheLastOneJoins) {
+  JoinWorld j(/*fails_on_lost_peer=*/false);
+  SimWorld& world = *j.world;
+  std::vector<Future<Unit>> done;
+  for (WorkerId w : {2, 0, 1}) {
+    done.push_back(world.agent(w).Shutdown(true));
+    if (w != 1) world.RunFor(absl::Seconds(1));
+    // Until the last worker declares, nobody has run its listeners.
+    for (int runs : j.joined_runs) EXPECT_EQ(runs, 0);
+    if (w == 0) {
+      ShutdownProgress p = world.agent(0).GetShutdownProgress();
+      EXPECT_TRUE(p.pending);
+      EXPECT_FALSE(p.joined);
+      EXPECT_EQ(p.not_joined, std::vector<WorkerId>{1});
+    }
+  }
+  ASSERT_TRUE(world.RunUntilIdle());
+  for (auto& d : done) {
+    ASSERT_TRUE(d.ready());
+    EXPECT_TRUE(d.result().ok()) << d.result().status();
+  }
+  for (WorkerId w = 0; w < 3; ++w) {
+    EXPECT_EQ(j.joined_runs[w], 1) << "worker " << w;
+    EXPECT_GE(j.joined_at[w], absl::Seconds(2)) << "worker " << w;
+  }
+  // The barrier waited for the work worker 1's listener started.
+  EXPECT_GE(j.work_done_at, absl::Seconds(3));
+  EXPECT_GE(world.Elapsed(), j.work_done_at);
+  EXPECT_FALSE(world.agent(0).GetShutdownProgress().pending);
+}
+
+TEST(AgentTest, PeerLostBeforeTheJoinFailsTheBarrierAtOnceNamingIt) {
+  JoinWorld j(/*fails_on_lost_peer=*/true);
+  SimWorld& world = *j.world;
+  world.Crash(2);
+  world.RunFor(absl::Milliseconds(100));
+  // Worker 1 (a follower) declares first, then the leader.
+  Future<Unit> follower = world.agent(1).Shutdown(true);
+  world.RunFor(absl::Milliseconds(100));
+  Future<Unit> leader = world.agent(0).Shutdown(true);
+  ASSERT_TRUE(world.RunUntilIdle());
+  for (Future<Unit>* f : {&leader, &follower}) {
+    ASSERT_TRUE(f->ready());
+    EXPECT_EQ(f->result().status().code(), absl::StatusCode::kUnavailable)
+        << f->result().status();
+    EXPECT_NE(f->result().status().message().find("worker2 is gone"), std::string::npos)
+        << f->result().status();
+  }
+  EXPECT_NE(follower.result().status().message().find("the shutdown leader worker0 ended"),
+            std::string::npos)
+      << follower.result().status();
+  EXPECT_LT(world.Elapsed(), absl::Seconds(1));
+  for (int runs : j.joined_runs) EXPECT_EQ(runs, 0);
+}
+
+TEST(AgentTest, PeerLostAfterTheJoinCountsAsStopped) {
+  JoinWorld j(/*fails_on_lost_peer=*/true);
+  SimWorld& world = *j.world;
+  std::vector<Future<Unit>> done;
+  for (WorkerId w = 0; w < 3; ++w) done.push_back(world.agent(w).Shutdown(true));
+  // Worker 1's listener work keeps the barrier open for 1 s after the join: worker 2 dies then.
+  world.RunFor(absl::Milliseconds(500));
+  ASSERT_EQ(j.joined_runs[2], 1);
+  world.Crash(2);
+  ASSERT_TRUE(world.RunUntilIdle());
+  for (WorkerId w : {0, 1}) {
+    ASSERT_TRUE(done[w].ready());
+    EXPECT_TRUE(done[w].result().ok()) << done[w].result().status();
+  }
+}
+
+TEST(AgentTest, FollowerWhoseLeaderIsGoneFailsAtOnce) {
+  JoinWorld j(/*fails_on_lost_peer=*/true);
+  SimWorld& world = *j.world;
+  world.Crash(0);
+  world.RunFor(absl::Milliseconds(100));
+  Future<Unit> done = world.agent(1).Shutdown(true);
+  ASSERT_TRUE(world.RunUntilReady(done));
+  EXPECT_EQ(done.result().status().code(), absl::StatusCode::kUnavailable)
+      << done.result().status();
+  EXPECT_LT(world.Elapsed(), absl::Seconds(1));
+}
+
 TEST(AgentTest, DuplicatedRequestsRunOnce) {
   int runs = 0;
   auto world = MakeWorld(2, "dup=1.0", 3, [&](SimWorld&, WorkerId, Agent& a) {
