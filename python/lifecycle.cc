@@ -156,25 +156,17 @@ std::vector<std::pair<std::string, int>> Connect(
   return Workers(*worker);
 }
 
-// Stops the worker: deletes this worker's user RRefs, then the graceful barrier (everything
-// bounded by `timeout` seconds if > 0), or stops at once; then the network and the threads.
-// Raises if a graceful shutdown could not complete.
-// `on_wait(elapsed_seconds)`, if not None, is called about every second (GIL held) while the
-// agent's barrier is still pending (real runs only: a simulated run's waits stay as they are).
+// Stops the worker. Graceful: the agent's barrier (agent.h: every worker calls shutdown(), then
+// this worker's user RRefs are deleted, then no work may be left anywhere), bounded by `timeout`
+// seconds if > 0; otherwise stops at once. Then the network and the threads. Raises if a
+// graceful shutdown could not complete.
+// `on_wait(elapsed_seconds)`, if not None, is called about every 100 ms (GIL held) while the
+// barrier is still pending (real runs only: a simulated run's waits stay as they are); it
+// decides itself when to report (tether/rpc/_shutdown.py).
 void Shutdown(bool graceful, double timeout, py::object on_wait) {
   std::shared_ptr<Worker> w = RequireWorker();
   absl::Time deadline = timeout > 0 ? absl::Now() + absl::Seconds(timeout) : absl::InfiniteFuture();
   absl::Status status;
-  if (graceful) {
-    Future<Unit> deleted(nullptr);
-    {
-      ScopedGilRelease release;
-      deleted = w->runtime->rrefs()->DeleteAllUsersAndUnforkedOwners(
-          timeout > 0 ? absl::Seconds(timeout) : absl::Seconds(60));
-    }
-    WaitInterruptibly(deleted);
-    status = deleted.result().status();
-  }
   Future<Unit> done(nullptr);
   {
     ScopedGilRelease release;
@@ -185,9 +177,9 @@ void Shutdown(bool graceful, double timeout, py::object on_wait) {
     finished = WaitInterruptibly(done, deadline);
   } else {
     absl::Time start = absl::Now();
-    while (
-        !(finished = WaitInterruptibly(done, std::min(deadline, absl::Now() + absl::Seconds(1)))) &&
-        absl::Now() < deadline) {
+    while (!(finished = WaitInterruptibly(
+                 done, std::min(deadline, absl::Now() + absl::Milliseconds(100)))) &&
+           absl::Now() < deadline) {
       try {
         on_wait(absl::ToDoubleSeconds(absl::Now() - start));
       } catch (py::error_already_set& e) {
@@ -201,7 +193,7 @@ void Shutdown(bool graceful, double timeout, py::object on_wait) {
       finished ? done.result().status()
                : absl::DeadlineExceededError(absl::StrCat(
                      "the graceful shutdown barrier did not complete within ", timeout, " s"));
-  if (status.ok()) status = barrier;
+  status = barrier;
   if (graceful && finished && status.ok()) {
     // After a clean graceful shutdown no reference may remain (a leak).
     std::vector<LeakedRRef> leaks = w->runtime->rrefs()->Leaks();
@@ -236,6 +228,31 @@ void Shutdown(bool graceful, double timeout, py::object on_wait) {
 py::dict ToDict(const std::map<std::string, int64_t>& info, const std::string& prefix) {
   py::dict out;
   for (const auto& [key, value] : info) out[py::str(prefix + key)] = py::str(std::to_string(value));
+  return out;
+}
+
+// What the graceful barrier waits for, with names: {"pending", "leader", "joined", "not_joined",
+// "busy"} (agent.h's ShutdownProgress; the last two only on the leader).
+py::dict ShutdownProgressInfo() {
+  std::shared_ptr<Worker> w = RequireWorker();
+  ShutdownProgress p;
+  {
+    ScopedGilRelease release;
+    p = w->runtime->agent()->GetShutdownProgress();
+  }
+  auto name = [&w](WorkerId id) {
+    absl::StatusOr<WorkerInfo> info = w->runtime->agent()->GetWorker(id);
+    return info.ok() ? info->name : absl::StrCat("worker id ", id);
+  };
+  py::dict out;
+  out["pending"] = p.pending;
+  out["leader"] = name(p.leader);
+  out["joined"] = p.joined;
+  py::list not_joined, busy;
+  for (WorkerId id : p.not_joined) not_joined.append(name(id));
+  for (WorkerId id : p.busy) busy.append(name(id));
+  out["not_joined"] = not_joined;
+  out["busy"] = busy;
   return out;
 }
 
@@ -279,6 +296,7 @@ void RegisterLifecycleBindings(py::module_& m) {
   m.def("sim_listen", &SimListen, py::arg("name"), py::arg("rank"), py::arg("world_size"),
         py::arg("num_worker_threads"), py::arg("rpc_timeout"));
   m.def("connect", &Connect, py::arg("workers"));
+  m.def("shutdown_progress", &ShutdownProgressInfo);
   m.def("shutdown", &Shutdown, py::arg("graceful"), py::arg("timeout"),
         py::arg("on_wait") = py::none());
   m.def("is_initialized", [] { return CurrentWorker() != nullptr; });

@@ -171,6 +171,8 @@ absl::Status Runtime::Connect(const std::vector<WorkerInfo>& workers,
   options.default_timeout = impl_->options.rpc_timeout;
   // tether.rpc.shutdown() bounds the barrier itself (its `timeout` argument).
   options.shutdown_timeout = absl::ZeroDuration();
+  // A program's shutdown() fails at once, naming the worker, when one is gone before it joined.
+  options.shutdown_fails_on_lost_peer = true;
   if (impl_->tracing != nullptr) {
     impl_->call_tracer = std::make_unique<CallTraceObserver>(impl_->tracing.get());
     options.call_observer = impl_->call_tracer.get();
@@ -187,6 +189,16 @@ absl::Status Runtime::Connect(const std::vector<WorkerInfo>& workers,
   }
   impl_->rrefs = RRefContext::Create(impl_->agent.get(), impl_->clock_view, impl_->executor_view,
                                      rref_options);
+  // Once every worker has called shutdown() (the barrier's join, agent.h), this worker's user
+  // references and its owners nobody else knows of are deleted; the barrier then waits for the
+  // deletions (the RRef context is one of its activity sources). Bounded by the barrier's own
+  // bound; this one only keeps a lost acknowledgement from holding the context open.
+  std::weak_ptr<RRefContext> weak = impl_->rrefs;
+  impl_->agent->AddShutdownJoinedListener([weak] {
+    if (std::shared_ptr<RRefContext> rrefs = weak.lock()) {
+      rrefs->DeleteAllUsersAndUnforkedOwners(absl::Seconds(60));
+    }
+  });
   return absl::OkStatus();
 }
 

@@ -295,61 +295,20 @@ def _wait_all():
     return _WaitAll()
 
 
-def _wait_all_workers(timeout):
-    """The barrier every worker passes at the start of a graceful shutdown (as PyTorch's
-    _wait_all_workers); it reports what it waits for and fails at once, naming it, if a worker is
-    gone (see _shutdown)."""
-    _shutdown.wait_all_workers(timeout, _self_info, dict(_workers_by_id))
-
-
-def _quiescence_reporter():
-    """After the barrier, a graceful shutdown waits until no work is left anywhere (the agent's
-    own barrier): the same periodic report says what this worker still runs meanwhile."""
-    interval = _shutdown.REPORT_INTERVAL
-    if interval <= 0:
-        return None
-    name = _self_info.name if _self_info is not None else "?"
-    next_at = [interval]
-
-    def on_wait(elapsed):
-        if elapsed < next_at[0]:
-            return
-        while next_at[0] <= elapsed:
-            next_at[0] += interval
-        try:
-            text = _shutdown._describe_self()
-        except Exception as e:  # noqa: B902 (a report must never break the shutdown)
-            text = repr(e)
-        try:
-            _shutdown.logger.warning(
-                "tether: shutdown() on %s has waited %.1fs for the work still in flight to "
-                "finish\n%s", name, elapsed, text)
-        except Exception:  # noqa: B902 (a raising log handler must not break the shutdown)
-            pass
-
-    return on_wait
-
-
 @_require_initialized
 def shutdown(graceful=True, timeout=DEFAULT_SHUTDOWN_TIMEOUT):
     """Shuts down RPC. Graceful (default): waits until every worker has called shutdown(), then
     deletes this worker's user RRefs and waits until no work is left anywhere (everything
-    bounded by ``timeout`` seconds if > 0). Otherwise stops at once; pending calls fail."""
+    bounded by ``timeout`` seconds if > 0; core/agent.h's barrier), reporting every few seconds
+    what it waits for (_shutdown.py). Fails at once, naming it, if a worker is gone before every
+    worker called shutdown(). Otherwise stops at once; pending calls fail."""
     try:
-        if graceful:
-            try:
-                _wait_all_workers(float(timeout))
-            except BaseException:
-                _C.shutdown(False, 0.0)
-                raise
-        else:
-            _shutdown.leave("it called shutdown(graceful=False)")
-        _C.shutdown(bool(graceful), float(timeout), _quiescence_reporter() if graceful else None)
+        on_wait = _shutdown.reporter(_self_info) if graceful else None
+        _C.shutdown(bool(graceful), float(timeout), on_wait)
     finally:
         # A handler stuck in user code does not hold the stop up for more than a bound (the
         # runtime leaves its thread behind); say which ones.
         _shutdown.report_left_behind()
-        _shutdown.finish()
         _clear_workers()
         from . import _release_store
 
@@ -360,7 +319,6 @@ def shutdown(graceful=True, timeout=DEFAULT_SHUTDOWN_TIMEOUT):
 def _shutdown_at_exit():
     if _C.is_initialized():
         try:
-            _shutdown.leave("its process is exiting without a graceful shutdown()")
             _C.shutdown(False, 0.0)
         except Exception:
             pass
