@@ -80,6 +80,9 @@ struct Agent::ShutdownState {
   std::map<WorkerId, BarrierReport> reports;
   std::optional<std::map<WorkerId, BarrierReport>> previous;
   bool committing = false;
+  // Leader: the barrier is being ended (a worker was lost before the join); the
+  // ABORT is resent until every live follower acknowledged it, then it stops.
+  std::optional<std::string> abort_text;
   std::set<WorkerId> acked;
   // Follower only: the leader's commit arrived, so the barrier is complete.
   // Set before the ack goes out: once the leader has it, it may stop, and
@@ -705,9 +708,10 @@ void Agent::OnPeerFailed(WorkerId peer, const absl::Status& reason) {
         if (shutdown_->committed) return;
         finish_unavailable = true;
       } else if (self_.id == leader) {
-        abort = options_.shutdown_fails_on_lost_peer && !shutdown_->joined;
+        abort =
+            options_.shutdown_fails_on_lost_peer && !shutdown_->joined && !shutdown_->abort_text;
         shutdown_->reports.erase(peer);
-        if (shutdown_->committing) shutdown_->acked.insert(peer);
+        if (shutdown_->committing || shutdown_->abort_text) shutdown_->acked.insert(peer);
       }
     }
     if (finish_unavailable) {
@@ -838,7 +842,8 @@ void Agent::MaybeJoin() {
   uint64_t round = 0;
   {
     absl::MutexLock lock(&mu_);
-    if (!shutdown_ || shutdown_->finished || shutdown_->joined || workers_.front().id != self_.id) {
+    if (!shutdown_ || shutdown_->finished || shutdown_->joined || shutdown_->abort_text ||
+        workers_.front().id != self_.id) {
       return;
     }
     ShutdownState& s = *shutdown_;
@@ -868,32 +873,43 @@ void Agent::MaybeJoin() {
 void Agent::AbortBarrier(WorkerId lost, const absl::Status& reason) {
   std::vector<WorkerId> targets;
   std::string name = absl::StrCat("worker ", lost);
+  std::string text;
   {
     absl::MutexLock lock(&mu_);
-    if (!shutdown_ || shutdown_->finished || shutdown_->joined) return;
+    if (!shutdown_ || shutdown_->finished || shutdown_->joined || shutdown_->abort_text) return;
     for (const WorkerInfo& w : workers_) {
       if (w.id == lost) name = w.name;
       if (w.id != self_.id && !peers_[w.id]->failed) targets.push_back(w.id);
     }
+    text = absl::StrCat(
+        name, " is gone (", reason.message(),
+        ") before every worker called shutdown(): the graceful shutdown barrier cannot complete");
+    // Followers must hear why before this worker stops (its stop alone would only tell them
+    // that the leader is gone): ABORT until acknowledged, resent by LeaderPoll.
+    shutdown_->abort_text = text;
+    shutdown_->acked.clear();
+    if (!targets.empty() && !shutdown_->poll_timer) {
+      shutdown_->poll_timer =
+          clock_->Schedule(clock_->Now() + options_.shutdown_poll_interval,
+                           Guarded([this] { executor_->Post(Guarded([this] { LeaderPoll(); })); }));
+    }
   }
-  const std::string text = absl::StrCat(
-      name, " is gone (", reason.message(),
-      ") before every worker called shutdown(): the graceful shutdown barrier cannot complete");
   for (WorkerId w : targets) SendControl(w, wire::SHUTDOWN_ABORT, text);
-  FinishShutdown(absl::UnavailableError(text));
+  MaybeCommit();
 }
 
 void Agent::LeaderPoll() {
   std::vector<WorkerId> targets;
   uint64_t round;
   bool commit_resend = false;
+  std::optional<std::string> abort_text;
   bool joined = false;
   std::optional<std::pair<WorkerId, absl::Status>> lost;
   {
     absl::MutexLock lock(&mu_);
     if (!shutdown_ || shutdown_->finished) return;
     ShutdownState& s = *shutdown_;
-    if (options_.shutdown_fails_on_lost_peer && !s.joined) {
+    if (options_.shutdown_fails_on_lost_peer && !s.joined && !s.abort_text) {
       for (const WorkerInfo& w : workers_) {
         if (w.id != self_.id && peers_[w.id]->failed) {
           lost.emplace(w.id, peers_[w.id]->failure);
@@ -913,13 +929,14 @@ void Agent::LeaderPoll() {
     s.poll_timer =
         clock_->Schedule(clock_->Now() + options_.shutdown_poll_interval,
                          Guarded([this] { executor_->Post(Guarded([this] { LeaderPoll(); })); }));
-    if (s.committing) {
+    if (s.committing || s.abort_text) {
       commit_resend = true;
       for (const WorkerInfo& w : workers_) {
         if (w.id != self_.id && !s.acked.count(w.id) && !peers_[w.id]->failed) {
           targets.push_back(w.id);
         }
       }
+      if (s.abort_text) abort_text = *s.abort_text;
     } else {
       bool complete = true;
       for (const WorkerInfo& w : workers_) {
@@ -941,7 +958,14 @@ void Agent::LeaderPoll() {
     joined = s.joined;
   }
   if (commit_resend) {
-    for (WorkerId w : targets) SendControl(w, wire::SHUTDOWN_COMMIT, "");
+    for (WorkerId w : targets) {
+      if (abort_text) {
+        SendControl(w, wire::SHUTDOWN_ABORT, *abort_text);
+      } else {
+        SendControl(w, wire::SHUTDOWN_COMMIT, "");
+      }
+    }
+    if (abort_text) MaybeCommit();
     return;
   }
   BarrierReport mine{true, LocalActivity(), joined};
@@ -958,11 +982,17 @@ void Agent::MaybeCommit() {
   std::vector<WorkerId> targets;
   bool finish = false;
   bool next_round = false;
+  std::optional<absl::Status> abort_status;
   {
     absl::MutexLock lock(&mu_);
     if (!shutdown_ || shutdown_->finished || workers_.front().id != self_.id) return;
     ShutdownState& s = *shutdown_;
-    if (s.committing) {
+    if (s.abort_text) {
+      for (const WorkerInfo& w : workers_) {
+        if (w.id != self_.id && !s.acked.count(w.id) && !peers_[w.id]->failed) return;
+      }
+      abort_status = absl::UnavailableError(*s.abort_text);
+    } else if (s.committing) {
       finish = true;
       for (const WorkerInfo& w : workers_) {
         if (w.id != self_.id && !s.acked.count(w.id) && !peers_[w.id]->failed) finish = false;
@@ -1008,6 +1038,10 @@ void Agent::MaybeCommit() {
         }
       }
     }
+  }
+  if (abort_status) {
+    FinishShutdown(*abort_status);
+    return;
   }
   for (WorkerId w : targets) SendControl(w, wire::SHUTDOWN_COMMIT, "");
   if (finish) {
@@ -1095,6 +1129,7 @@ void Agent::HandleShutdownMessage(Message message) {
         Count(counters_.malformed_control_messages);
         return;
       }
+      SendControl(env.from(), wire::SHUTDOWN_ACK, "");
       absl::Status why = absl::UnavailableError(absl::StrCat(
           env.payload(), " (the shutdown leader ", workers_.front().name, " ended the barrier)"));
       bool finish = false;
@@ -1112,7 +1147,7 @@ void Agent::HandleShutdownMessage(Message message) {
     case wire::SHUTDOWN_ACK: {
       {
         absl::MutexLock lock(&mu_);
-        if (!shutdown_ || !shutdown_->committing) return;
+        if (!shutdown_ || !(shutdown_->committing || shutdown_->abort_text)) return;
         shutdown_->acked.insert(env.from());
       }
       MaybeCommit();

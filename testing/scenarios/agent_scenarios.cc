@@ -48,8 +48,7 @@ CallExpectation ExpectCode(StatusCode code) {
   return e;
 }
 
-CallExpectation ExpectAnything(
-    std::optional<std::string> value_if_ok = std::nullopt) {
+CallExpectation ExpectAnything(std::optional<std::string> value_if_ok = std::nullopt) {
   CallExpectation e;
   e.if_lossless = std::nullopt;
   e.value = std::move(value_if_ok);
@@ -63,13 +62,11 @@ CallExpectation Forwarding(CallExpectation e) {
 }
 
 // The value a chain call returns.
-std::string ChainValue(WorkerId first, const std::vector<WorkerId>& rest,
-                       const std::string& x) {
+std::string ChainValue(WorkerId first, const std::vector<WorkerId>& rest, const std::string& x) {
   std::vector<WorkerId> hops = {first};
   hops.insert(hops.end(), rest.begin(), rest.end());
   std::string v = absl::StrCat(x, "@", hops.back());
-  for (int i = static_cast<int>(hops.size()) - 2; i >= 0; --i)
-    absl::StrAppend(&v, "<", hops[i]);
+  for (int i = static_cast<int>(hops.size()) - 2; i >= 0; --i) absl::StrAppend(&v, "<", hops[i]);
   return v;
 }
 
@@ -82,9 +79,8 @@ class ServingWorker : public ScenarioWorker {
  public:
   void Setup(WorkerEnv& env) override {
     env_ = &env;
-    env.agent->RegisterHandler(
-        wire::TEST_CALL,
-        [this](std::shared_ptr<IncomingCall> call) { Serve(call); });
+    env.agent->RegisterHandler(wire::TEST_CALL,
+                               [this](std::shared_ptr<IncomingCall> call) { Serve(call); });
   }
 
   void RunRestarted(WorkerEnv& env) override { Shutdown(env, true, false); }
@@ -93,8 +89,7 @@ class ServingWorker : public ScenarioWorker {
 
  protected:
   // Shuts down; releases held calls once done.
-  void Shutdown(WorkerEnv& env, bool graceful, bool expect_ok,
-                std::function<void()> then = {}) {
+  void Shutdown(WorkerEnv& env, bool graceful, bool expect_ok, std::function<void()> then = {}) {
     ShutdownWorker(env, graceful, expect_ok, [this, then](const absl::Status&) {
       ReleaseHeld();
       if (then) then();
@@ -155,8 +150,7 @@ class ServingWorker : public ScenarioWorker {
       call->ReplyError(absl::InvalidArgumentError("untracked request"));
       return;
     }
-    std::vector<std::string> parts =
-        absl::StrSplit(*body, absl::MaxSplits(':', 2));
+    std::vector<std::string> parts = absl::StrSplit(*body, absl::MaxSplits(':', 2));
     const std::string& op = parts[0];
     if (op == "echo" && parts.size() >= 2) {
       int64_t us = 0;
@@ -165,22 +159,19 @@ class ServingWorker : public ScenarioWorker {
       if (us == 0) {
         call->Reply(std::move(value), {});
       } else {
-        After(env, absl::Microseconds(us),
-              [call, value] { call->Reply(value, {}); });
+        After(env, absl::Microseconds(us), [call, value] { call->Reply(value, {}); });
       }
     } else if (op == "late" && parts.size() == 2) {
       int64_t ms = 0;
       absl::SimpleAtoi(parts[1], &ms);
-      After(env, absl::Milliseconds(ms),
-            [call] { call->Reply("re:late", {}); });
+      After(env, absl::Milliseconds(ms), [call] { call->Reply("re:late", {}); });
     } else if (op == "never") {
       absl::MutexLock lock(&mu_);
       held_.push_back(std::move(call));
     } else if (op == "fail" && parts.size() == 2) {
       int code = 0;
       absl::SimpleAtoi(parts[1], &code);
-      call->ReplyError(
-          absl::Status(static_cast<StatusCode>(code), "planned failure"));
+      call->ReplyError(absl::Status(static_cast<StatusCode>(code), "planned failure"));
     } else if (op == "chain" && parts.size() == 3) {
       ServeChain(env, std::move(call), parts[1], parts[2]);
     } else if (op == "relay" && parts.size() == 3) {
@@ -188,14 +179,13 @@ class ServingWorker : public ScenarioWorker {
       absl::SimpleAtoi(parts[1], &to);
       Forward(env, std::move(call), to, parts[2], std::nullopt);
     } else {
-      env.recorder->Violation(
-          absl::StrCat("worker ", env.id, ": bad request body '", *body, "'"));
+      env.recorder->Violation(absl::StrCat("worker ", env.id, ": bad request body '", *body, "'"));
       call->ReplyError(absl::InvalidArgumentError("bad request body"));
     }
   }
 
-  void ServeChain(WorkerEnv& env, std::shared_ptr<IncomingCall> call,
-                  const std::string& hops, const std::string& x) {
+  void ServeChain(WorkerEnv& env, std::shared_ptr<IncomingCall> call, const std::string& hops,
+                  const std::string& x) {
     std::vector<WorkerId> rest;
     for (absl::string_view h : absl::StrSplit(hops, ',', absl::SkipEmpty())) {
       int32_t id = 0;
@@ -208,8 +198,7 @@ class ServingWorker : public ScenarioWorker {
     }
     const WorkerId next = rest.front();
     rest.erase(rest.begin());
-    Forward(env, std::move(call), next, ChainBody(rest, x),
-            ChainValue(next, rest, x));
+    Forward(env, std::move(call), next, ChainBody(rest, x), ChainValue(next, rest, x));
   }
 
   // Sends `body` on to `to` within the call's remaining deadline and answers
@@ -220,23 +209,21 @@ class ServingWorker : public ScenarioWorker {
     if (call->deadline() != absl::InfiniteFuture()) {
       timeout = call->deadline() - env.clock->Now();
       if (*timeout <= absl::ZeroDuration()) {
-        call->ReplyError(
-            absl::DeadlineExceededError("no time left to forward"));
+        call->ReplyError(absl::DeadlineExceededError("no time left to forward"));
         return;
       }
     }
     const WorkerId self = env.id;
     // The outer call's expectation covers this one (it fails when this one
     // does).
-    TrackedCall(
-        env, to, body, timeout, Forwarding(ExpectAnything(std::move(value))),
-        [call, self](const absl::StatusOr<Message>& r) {
-          if (r.ok()) {
-            call->Reply(absl::StrCat(r->envelope.payload(), "<", self), {});
-          } else {
-            call->ReplyError(r.status());
-          }
-        });
+    TrackedCall(env, to, body, timeout, Forwarding(ExpectAnything(std::move(value))),
+                [call, self](const absl::StatusOr<Message>& r) {
+                  if (r.ok()) {
+                    call->Reply(absl::StrCat(r->envelope.payload(), "<", self), {});
+                  } else {
+                    call->ReplyError(r.status());
+                  }
+                });
   }
 
   // Handlers, call callbacks and After() functions may run concurrently on a
@@ -268,17 +255,15 @@ class RequestStorm : public Scenario {
       constexpr int kCalls = 40;
       for (int i = 0; i < kCalls; ++i) {
         const absl::Duration at = absl::Microseconds(env.rng->Uniform(200'000));
-        const WorkerId to =
-            static_cast<WorkerId>(env.rng->Uniform(env.num_workers));
+        const WorkerId to = static_cast<WorkerId>(env.rng->Uniform(env.num_workers));
         const int64_t serve_us = static_cast<int64_t>(env.rng->Uniform(5000));
         const bool default_timeout = env.rng->Bernoulli(0.5);
         const std::string x = absl::StrCat(env.id, "-", i);
         After(env, at, [this, &env, to, serve_us, default_timeout, x] {
-          TrackedCall(env, to, absl::StrCat("echo:", x, ":", serve_us),
-                      default_timeout
-                          ? std::nullopt
-                          : std::optional<absl::Duration>(absl::Seconds(3)),
-                      ExpectOk("re:" + x), Track());
+          TrackedCall(
+              env, to, absl::StrCat("echo:", x, ":", serve_us),
+              default_timeout ? std::nullopt : std::optional<absl::Duration>(absl::Seconds(3)),
+              ExpectOk("re:" + x), Track());
         });
       }
       AwaitCalls(kCalls, [this, &env] { Shutdown(env, true, true); });
@@ -315,17 +300,14 @@ class NestedCalls : public Scenario {
         ++calls;
       }
       for (int i = 0; i < 6; ++i) {
-        const WorkerId first =
-            static_cast<WorkerId>(env.rng->Uniform(env.num_workers));
+        const WorkerId first = static_cast<WorkerId>(env.rng->Uniform(env.num_workers));
         std::vector<WorkerId> rest(env.rng->Uniform(4));
-        for (WorkerId& h : rest)
-          h = static_cast<WorkerId>(env.rng->Uniform(env.num_workers));
+        for (WorkerId& h : rest) h = static_cast<WorkerId>(env.rng->Uniform(env.num_workers));
         const std::string x = absl::StrCat("n", env.id, "-", i);
         const absl::Duration at = absl::Microseconds(env.rng->Uniform(50'000));
         After(env, at, [this, &env, first, rest, x] {
           TrackedCall(env, first, ChainBody(rest, x), absl::Seconds(3),
-                      Forwarding(ExpectOk(ChainValue(first, rest, x))),
-                      Track());
+                      Forwarding(ExpectOk(ChainValue(first, rest, x))), Track());
         });
         ++calls;
       }
@@ -362,26 +344,22 @@ class Timeouts : public Scenario {
       if (env.id == 0) {
         // Completes only when this worker shuts down: no timeout, never
         // answered.
-        TrackedCall(env, 1, "never", absl::ZeroDuration(),
-                    ExpectCode(StatusCode::kCancelled));
-        TrackedCall(env, 1, "never", std::nullopt,
-                    ExpectCode(StatusCode::kDeadlineExceeded), Track());
+        TrackedCall(env, 1, "never", absl::ZeroDuration(), ExpectCode(StatusCode::kCancelled));
+        TrackedCall(env, 1, "never", std::nullopt, ExpectCode(StatusCode::kDeadlineExceeded),
+                    Track());
         TrackedCall(env, 1, "never", Scaled(env, absl::Milliseconds(100)),
                     ExpectCode(StatusCode::kDeadlineExceeded), Track());
         TrackedCall(env, 1, absl::StrCat("late:", ScaledCount(env, 80)),
-                    Scaled(env, absl::Milliseconds(50)),
-                    ExpectCode(StatusCode::kDeadlineExceeded), Track());
-        TrackedCall(env, 1, absl::StrCat("late:", ScaledCount(env, 20)),
-                    Scaled(env, absl::Milliseconds(100)), ExpectOk("re:late"),
+                    Scaled(env, absl::Milliseconds(50)), ExpectCode(StatusCode::kDeadlineExceeded),
                     Track());
+        TrackedCall(env, 1, absl::StrCat("late:", ScaledCount(env, 20)),
+                    Scaled(env, absl::Milliseconds(100)), ExpectOk("re:late"), Track());
         TrackedCall(env, 2, absl::StrCat("echo:t:", ScaledCount(env, 1000)),
                     Scaled(env, absl::Seconds(1)), ExpectOk("re:t"), Track());
         CallExpectation remote = ExpectCode(StatusCode::kAborted);
         remote.remote_codes = {StatusCode::kAborted};
-        TrackedCall(
-            env, 2,
-            absl::StrCat("fail:", static_cast<int>(StatusCode::kAborted)),
-            Scaled(env, absl::Seconds(1)), remote, Track());
+        TrackedCall(env, 2, absl::StrCat("fail:", static_cast<int>(StatusCode::kAborted)),
+                    Scaled(env, absl::Seconds(1)), remote, Track());
         AwaitCalls(6, [this, &env] { Shutdown(env, true, false); });
       } else if (env.id == 1) {
         // Holds its "never" calls, so the barrier cannot settle: shutdown ends
@@ -392,8 +370,7 @@ class Timeouts : public Scenario {
         const std::string late = absl::StrCat("late:", ScaledCount(env, 250));
         TrackedCall(env, 1, late, std::nullopt, ExpectOk("re:late"), Track());
         env.agent->set_default_timeout(Scaled(env, absl::Milliseconds(150)));
-        TrackedCall(env, 1, late, std::nullopt,
-                    ExpectCode(StatusCode::kDeadlineExceeded), Track());
+        TrackedCall(env, 1, late, std::nullopt, ExpectCode(StatusCode::kDeadlineExceeded), Track());
         AwaitCalls(2, [this, &env] { Shutdown(env, true, false); });
       }
     }
@@ -428,13 +405,11 @@ class PeerCrash : public Scenario {
     void Run(WorkerEnv& env) override {
       if (env.id == 2) {
         // Serves until it crashes; shuts down on its own if it does not.
-        After(env, absl::Milliseconds(600),
-              [this, &env] { Shutdown(env, true, false); });
+        After(env, absl::Milliseconds(600), [this, &env] { Shutdown(env, true, false); });
         return;
       }
       const bool can_crash = env.control != nullptr;
-      const StatusCode lost =
-          can_crash ? StatusCode::kUnavailable : StatusCode::kOk;
+      const StatusCode lost = can_crash ? StatusCode::kUnavailable : StatusCode::kOk;
       // A call that depends on worker 2 fails with an error that names it.
       auto lost_expect = [lost](std::optional<std::string> value) {
         CallExpectation e = ExpectCode(lost);
@@ -445,30 +420,26 @@ class PeerCrash : public Scenario {
       int calls = 0;
       if (env.id == 0) {
         for (int i = 0; i < 3; ++i) {
-          TrackedCall(env, 2, "late:500", std::nullopt, lost_expect("re:late"),
-                      Track());
+          TrackedCall(env, 2, "late:500", std::nullopt, lost_expect("re:late"), Track());
           ++calls;
         }
-        TrackedCall(env, 1, "relay:2:late:500", std::nullopt,
-                    Forwarding(lost_expect("re:late<1")), Track());
+        TrackedCall(env, 1, "relay:2:late:500", std::nullopt, Forwarding(lost_expect("re:late<1")),
+                    Track());
         ++calls;
         if (can_crash) {
-          After(env, absl::Milliseconds(100),
-                [&env] { env.control->Crash(2); });
+          After(env, absl::Milliseconds(100), [&env] { env.control->Crash(2); });
           if (restart_) {
             After(env, absl::Milliseconds(250), [&env] {
               absl::Status s = env.control->Restart(2);
               if (!s.ok() && !env.lossy) {
-                env.recorder->Violation("restarting worker 2 failed: " +
-                                        s.ToString());
+                env.recorder->Violation("restarting worker 2 failed: " + s.ToString());
               }
             });
           }
         }
         if (!restart_) {
           After(env, absl::Milliseconds(300), [this, &env, lost_expect] {
-            TrackedCall(env, 2, "echo:after", std::nullopt,
-                        lost_expect("re:after"), Track());
+            TrackedCall(env, 2, "echo:after", std::nullopt, lost_expect("re:after"), Track());
           });
           ++calls;
         }
@@ -479,10 +450,8 @@ class PeerCrash : public Scenario {
         for (int i = 0; i < 3; ++i) {
           const std::string x = absl::StrCat("back", env.id, "-", i);
           After(env, absl::Milliseconds(400 + 50 * i), [this, &env, i, x] {
-            TrackedCall(
-                env, 2, "echo:" + x, std::nullopt,
-                i == 0 ? ExpectAnything("re:" + x) : ExpectOk("re:" + x),
-                Track());
+            TrackedCall(env, 2, "echo:" + x, std::nullopt,
+                        i == 0 ? ExpectAnything("re:" + x) : ExpectOk("re:" + x), Track());
           });
           ++calls;
         }
@@ -491,8 +460,7 @@ class PeerCrash : public Scenario {
         const WorkerId peer = 1 - env.id;
         const std::string x = absl::StrCat("p", env.id, "-", i);
         After(env, absl::Milliseconds(30 * i), [this, &env, peer, x] {
-          TrackedCall(env, peer, "echo:" + x + ":2000", std::nullopt,
-                      ExpectOk("re:" + x), Track());
+          TrackedCall(env, peer, "echo:" + x + ":2000", std::nullopt, ExpectOk("re:" + x), Track());
         });
         ++calls;
       }
@@ -541,13 +509,12 @@ class ShutdownInFlight : public Scenario {
    public:
     void Run(WorkerEnv& env) override {
       for (int i = 0; i < 10; ++i) {
-        WorkerId to =
-            static_cast<WorkerId>(env.rng->Uniform(env.num_workers - 1));
+        WorkerId to = static_cast<WorkerId>(env.rng->Uniform(env.num_workers - 1));
         if (to >= env.id) ++to;
         const std::string x = absl::StrCat("s", env.id, "-", i);
         const int64_t serve_us = static_cast<int64_t>(env.rng->Uniform(50'000));
-        TrackedCall(env, to, absl::StrCat("echo:", x, ":", serve_us),
-                    absl::Seconds(2), ExpectOk("re:" + x));
+        TrackedCall(env, to, absl::StrCat("echo:", x, ":", serve_us), absl::Seconds(2),
+                    ExpectOk("re:" + x));
       }
       const absl::Duration wait = absl::Microseconds(env.rng->Uniform(2000));
       After(env, wait, [this, &env] { Shutdown(env, true, true); });
@@ -578,19 +545,16 @@ class ShutdownUngraceful : public Scenario {
    public:
     void Run(WorkerEnv& env) override {
       for (int i = 0; i < 10; ++i) {
-        const WorkerId to =
-            static_cast<WorkerId>(env.rng->Uniform(env.num_workers));
+        const WorkerId to = static_cast<WorkerId>(env.rng->Uniform(env.num_workers));
         const std::string x = absl::StrCat("u", env.id, "-", i);
         const int64_t serve_us = static_cast<int64_t>(env.rng->Uniform(40'000));
         const bool none = env.rng->Bernoulli(0.3);
         TrackedCall(env, to, absl::StrCat("echo:", x, ":", serve_us),
-                    none ? absl::ZeroDuration() : absl::Seconds(2),
-                    ExpectAnything("re:" + x));
+                    none ? absl::ZeroDuration() : absl::Seconds(2), ExpectAnything("re:" + x));
       }
       const bool graceful = env.id != 1 && env.rng->Bernoulli(0.5);
       const absl::Duration at = absl::Microseconds(env.rng->Uniform(30'000));
-      After(env, at,
-            [this, &env, graceful] { Shutdown(env, graceful, false); });
+      After(env, at, [this, &env, graceful] { Shutdown(env, graceful, false); });
     }
   };
   std::unique_ptr<ScenarioWorker> NewWorker(const WorkerEnv&) override {
@@ -636,8 +600,8 @@ class ShutdownOrders : public Scenario {
    public:
     void Run(WorkerEnv& env) override {
       const int pos = Position(env.run_seed, env.num_workers, env.id);
-      const absl::Duration at = absl::Milliseconds(20) * pos +
-                                absl::Microseconds(env.rng->Uniform(5000));
+      const absl::Duration at =
+          absl::Milliseconds(20) * pos + absl::Microseconds(env.rng->Uniform(5000));
       After(env, at, [this, &env] {
         // Under the lock: a call Tick() is issuing goes out before the
         // shutdown begins (on a real pool they may run concurrently).
@@ -652,15 +616,12 @@ class ShutdownOrders : public Scenario {
     void Tick(WorkerEnv& env) {
       absl::MutexLock lock(&tick_mu_);
       if (declared_) return;
-      WorkerId to =
-          static_cast<WorkerId>(env.rng->Uniform(env.num_workers - 1));
+      WorkerId to = static_cast<WorkerId>(env.rng->Uniform(env.num_workers - 1));
       if (to >= env.id) ++to;
       const std::string x = absl::StrCat("o", env.id, "-", n_++);
-      TrackedCall(env, to,
-                  absl::StrCat("echo:", x, ":", env.rng->Uniform(3000)),
-                  absl::Seconds(2), ExpectOk("re:" + x));
-      After(env, absl::Microseconds(1000 + env.rng->Uniform(3000)),
-            [this, &env] { Tick(env); });
+      TrackedCall(env, to, absl::StrCat("echo:", x, ":", env.rng->Uniform(3000)), absl::Seconds(2),
+                  ExpectOk("re:" + x));
+      After(env, absl::Microseconds(1000 + env.rng->Uniform(3000)), [this, &env] { Tick(env); });
     }
     // Tick() and the shutdown function may run on different threads.
     absl::Mutex tick_mu_;
@@ -672,6 +633,82 @@ class ShutdownOrders : public Scenario {
   }
 };
 TETHER_REGISTER_SCENARIO(ShutdownOrders);
+
+// ---------------------------------------------------------------------------------------------
+class ShutdownLostPeer : public Scenario {
+ public:
+  static constexpr char kName[] = "shutdown_lost_peer";
+  static constexpr char kDescription[] =
+      "the product's shutdown (shutdown_fails_on_lost_peer, as tether.rpc runs it): workers 0 and "
+      "1 call each other and shut down gracefully at 60ms and 120ms, worker 2 at 180ms unless it "
+      "crashes first at a random time (0..300ms): every shutdown completes; one that fails fails "
+      "with kUnavailable naming a lost worker, and a crash before the others declared always "
+      "fails them";
+  int num_workers() const override { return 3; }
+  void Configure(AgentOptions* o) const override {
+    o->default_timeout = absl::Seconds(5);
+    o->shutdown_timeout = absl::Seconds(30);
+    o->shutdown_poll_interval = absl::Milliseconds(10);
+    o->shutdown_fails_on_lost_peer = true;
+  }
+  class Worker : public ServingWorker {
+   public:
+    void Run(WorkerEnv& env) override {
+      // Every worker draws the same crash time from the run's seed.
+      const absl::Duration crash_at = absl::Milliseconds(env.run_seed * 37 % 300);
+      const bool will_crash = env.control != nullptr;
+      if (env.id == 2) {
+        After(env, absl::Milliseconds(180), [this, &env] { Shutdown(env, true, false); });
+        return;
+      }
+      if (env.id == 0 && will_crash) {
+        After(env, crash_at, [&env] { env.control->Crash(2); });
+      }
+      for (int i = 0; i < 5; ++i) {
+        const std::string x = absl::StrCat("l", env.id, "-", i);
+        After(env, absl::Milliseconds(10 * i), [this, &env, x] {
+          // A barrier ended by the crash stops the workers with their calls in flight.
+          TrackedCall(env, 1 - env.id, absl::StrCat("echo:", x, ":1000"), absl::Seconds(2),
+                      env.lossy || env.control != nullptr ? ExpectAnything("re:" + x)
+                                                          : ExpectOk("re:" + x));
+        });
+      }
+      const absl::Duration at = absl::Milliseconds(60 * (env.id + 1));
+      // Crashed before this worker (and so before the other one, or before the join) declared.
+      const bool must_fail = will_crash && crash_at < absl::Milliseconds(60);
+      absl::StatusOr<WorkerInfo> lost = env.agent->GetWorker(2);
+      const std::string gone = absl::StrCat(lost.ok() ? lost->name : "worker2", " is gone");
+      After(env, at, [this, &env, must_fail, gone] {
+        Recorder* recorder = env.recorder;
+        const WorkerId id = env.id;
+        const bool lossy = env.lossy;
+        ShutdownWorker(
+            env, true, false, [recorder, id, lossy, must_fail, gone](const absl::Status& s) {
+              if (s.ok()) {
+                if (must_fail && !lossy) {
+                  recorder->Violation(
+                      absl::StrCat("worker ", id,
+                                   ": graceful shutdown succeeded although worker 2 was gone "
+                                   "before it began"));
+                }
+                return;
+              }
+              if (lossy) return;
+              if (s.code() != absl::StatusCode::kUnavailable ||
+                  s.message().find(gone) == std::string::npos) {
+                recorder->Violation(absl::StrCat("worker ", id, ": shutdown failed with ",
+                                                 s.ToString(), ", not kUnavailable saying '", gone,
+                                                 "'"));
+              }
+            });
+      });
+    }
+  };
+  std::unique_ptr<ScenarioWorker> NewWorker(const WorkerEnv&) override {
+    return std::make_unique<Worker>();
+  }
+};
+TETHER_REGISTER_SCENARIO(ShutdownLostPeer);
 
 }  // namespace
 }  // namespace tether::scenarios

@@ -9,11 +9,9 @@
 namespace tether::testing {
 namespace {
 
-absl::StatusOr<std::pair<bool, std::vector<RRefDescriptor>>> DecodePass(
-    absl::string_view data) {
+absl::StatusOr<std::pair<bool, std::vector<RRefDescriptor>>> DecodePass(absl::string_view data) {
   if (data.empty() || (data[0] != '0' && data[0] != '1')) {
-    return absl::InvalidArgumentError(
-        "TEST_CALL: payload must start with a keep flag");
+    return absl::InvalidArgumentError("TEST_CALL: payload must start with a keep flag");
   }
   bool keep = data[0] == '1';
   data.remove_prefix(1);
@@ -21,8 +19,7 @@ absl::StatusOr<std::pair<bool, std::vector<RRefDescriptor>>> DecodePass(
   while (!data.empty()) {
     size_t colon = data.find(':');
     uint64_t len = 0;
-    if (colon == absl::string_view::npos ||
-        !absl::SimpleAtoi(data.substr(0, colon), &len) ||
+    if (colon == absl::string_view::npos || !absl::SimpleAtoi(data.substr(0, colon), &len) ||
         len > data.size() - colon - 1) {
       return absl::InvalidArgumentError("TEST_CALL: bad descriptor framing");
     }
@@ -36,8 +33,7 @@ absl::StatusOr<std::pair<bool, std::vector<RRefDescriptor>>> DecodePass(
 
 }  // namespace
 
-std::string EncodePass(const std::vector<RRefDescriptor>& descriptors,
-                       bool keep) {
+std::string EncodePass(const std::vector<RRefDescriptor>& descriptors, bool keep) {
   std::string out = keep ? "1" : "0";
   for (const RRefDescriptor& d : descriptors) {
     std::string bytes = d.Serialize();
@@ -46,8 +42,7 @@ std::string EncodePass(const std::vector<RRefDescriptor>& descriptors,
   return out;
 }
 
-absl::StatusOr<std::unique_ptr<RRefCluster>> RRefCluster::Create(
-    RRefClusterOptions options) {
+absl::StatusOr<std::unique_ptr<RRefCluster>> RRefCluster::Create(RRefClusterOptions options) {
   std::unique_ptr<RRefCluster> cluster(new RRefCluster(options));
   RRefCluster* raw = cluster.get();
   raw->contexts_.resize(options.num_workers);
@@ -90,95 +85,91 @@ void RRefCluster::SetUpWorker(sim::SimWorld& world, WorkerId w, Agent& agent) {
   o.bugs = options_.bugs;
   Clock* clock = &world.clock(w);
   Executor* executor = &world.executor(w);
-  std::shared_ptr<RRefContext> ctx =
-      RRefContext::Create(&agent, clock, executor, o);
+  std::shared_ptr<RRefContext> ctx = RRefContext::Create(&agent, clock, executor, o);
   if (contexts_[w]) graveyard_.push_back(contexts_[w]);
   contexts_[w] = ctx;
   std::weak_ptr<RRefContext> weak = ctx;
-  ctx->SetRemoteRunner(
-      wire::TEST_REMOTE_CALL, [clock, executor](RemoteRequest req) {
-        Future<RRefValue> out(executor);
-        absl::string_view p = req.payload;
-        if (absl::ConsumePrefix(&p, "v:")) {
-          RRefValue v;
-          v.payload = std::string(p);
-          v.creation_reply = absl::StrCat("created ", p);
-          out.Set(std::move(v));
-        } else if (absl::ConsumePrefix(&p, "e:")) {
-          out.Set(absl::InternalError(std::string(p)));
-        } else if (absl::ConsumePrefix(&p, "s:")) {
-          std::vector<std::string> parts =
-              absl::StrSplit(p, absl::MaxSplits(':', 1));
-          int64_t ms = 0;
-          if (parts.size() != 2 || !absl::SimpleAtoi(parts[0], &ms)) {
-            out.Set(absl::InvalidArgumentError("bad slow function"));
-          } else {
-            RRefValue v;
-            v.payload = parts[1];
-            clock->Schedule(clock->Now() + absl::Milliseconds(ms),
-                            [out, v] { out.Set(v); });
+  // As the product wires it (python/runtime.cc): the barrier's join deletes the user references.
+  agent.AddShutdownJoinedListener([weak] {
+    if (std::shared_ptr<RRefContext> c = weak.lock()) {
+      c->DeleteAllUsersAndUnforkedOwners(absl::Seconds(10));
+    }
+  });
+  ctx->SetRemoteRunner(wire::TEST_REMOTE_CALL, [clock, executor](RemoteRequest req) {
+    Future<RRefValue> out(executor);
+    absl::string_view p = req.payload;
+    if (absl::ConsumePrefix(&p, "v:")) {
+      RRefValue v;
+      v.payload = std::string(p);
+      v.creation_reply = absl::StrCat("created ", p);
+      out.Set(std::move(v));
+    } else if (absl::ConsumePrefix(&p, "e:")) {
+      out.Set(absl::InternalError(std::string(p)));
+    } else if (absl::ConsumePrefix(&p, "s:")) {
+      std::vector<std::string> parts = absl::StrSplit(p, absl::MaxSplits(':', 1));
+      int64_t ms = 0;
+      if (parts.size() != 2 || !absl::SimpleAtoi(parts[0], &ms)) {
+        out.Set(absl::InvalidArgumentError("bad slow function"));
+      } else {
+        RRefValue v;
+        v.payload = parts[1];
+        clock->Schedule(clock->Now() + absl::Milliseconds(ms), [out, v] { out.Set(v); });
+      }
+    } else {
+      out.Set(absl::InvalidArgumentError(absl::StrCat("unknown test function '", p, "'")));
+    }
+    return out;
+  });
+  agent.RegisterHandler(wire::TEST_CALL, [this, weak, w](std::shared_ptr<IncomingCall> call) {
+    std::shared_ptr<RRefContext> c = weak.lock();
+    if (!c) {
+      call->ReplyError(absl::CancelledError("no RRef context"));
+      return;
+    }
+    auto decoded = DecodePass(call->request().envelope.payload());
+    if (!decoded.ok()) {
+      call->ReplyError(decoded.status());
+      return;
+    }
+    std::vector<RRefHandle> handles;
+    absl::Status status;
+    for (const RRefDescriptor& d : decoded->second) {
+      auto h = c->Receive(d, call->caller());
+      if (!h.ok()) {
+        if (status.ok()) status = h.status();
+        continue;
+      }
+      handles.push_back(*h);
+    }
+    if (!status.ok()) {
+      call->ReplyError(status);
+      return;
+    }
+    bool keep = decoded->first;
+    c->WaitForConfirmations(handles).Then(
+        [this, weak, w, call, handles, keep](const absl::StatusOr<Unit>& r) {
+          if (!r.ok()) {
+            call->ReplyError(r.status());
+            return;
           }
-        } else {
-          out.Set(absl::InvalidArgumentError(
-              absl::StrCat("unknown test function '", p, "'")));
-        }
-        return out;
-      });
-  agent.RegisterHandler(
-      wire::TEST_CALL, [this, weak, w](std::shared_ptr<IncomingCall> call) {
-        std::shared_ptr<RRefContext> c = weak.lock();
-        if (!c) {
-          call->ReplyError(absl::CancelledError("no RRef context"));
-          return;
-        }
-        auto decoded = DecodePass(call->request().envelope.payload());
-        if (!decoded.ok()) {
-          call->ReplyError(decoded.status());
-          return;
-        }
-        std::vector<RRefHandle> handles;
-        absl::Status status;
-        for (const RRefDescriptor& d : decoded->second) {
-          auto h = c->Receive(d, call->caller());
-          if (!h.ok()) {
-            if (status.ok()) status = h.status();
-            continue;
+          // The "function" runs now; it keeps its arguments if asked. Only
+          // the current incarnation's application keeps anything.
+          std::shared_ptr<RRefContext> c = weak.lock();
+          if (keep && c && contexts_[w] == c) {
+            for (const RRefHandle& h : handles) held_[w].push_back(h);
           }
-          handles.push_back(*h);
-        }
-        if (!status.ok()) {
-          call->ReplyError(status);
-          return;
-        }
-        bool keep = decoded->first;
-        c->WaitForConfirmations(handles).Then(
-            [this, weak, w, call, handles,
-             keep](const absl::StatusOr<Unit>& r) {
-              if (!r.ok()) {
-                call->ReplyError(r.status());
-                return;
-              }
-              // The "function" runs now; it keeps its arguments if asked. Only
-              // the current incarnation's application keeps anything.
-              std::shared_ptr<RRefContext> c = weak.lock();
-              if (keep && c && contexts_[w] == c) {
-                for (const RRefHandle& h : handles) held_[w].push_back(h);
-              }
-              call->Reply("ok", {});
-            });
-      });
+          call->Reply("ok", {});
+        });
+  });
 }
 
-absl::StatusOr<RRefHandle> RRefCluster::Remote(
-    WorkerId from, WorkerId owner, std::string function,
-    std::optional<absl::Duration> timeout) {
-  return contexts_[from]->Remote(owner, wire::TEST_REMOTE_CALL,
-                                 std::move(function), {}, timeout);
+absl::StatusOr<RRefHandle> RRefCluster::Remote(WorkerId from, WorkerId owner, std::string function,
+                                               std::optional<absl::Duration> timeout) {
+  return contexts_[from]->Remote(owner, wire::TEST_REMOTE_CALL, std::move(function), {}, timeout);
 }
 
 Future<Message> RRefCluster::Pass(WorkerId from, WorkerId to,
-                                  const std::vector<RRefHandle>& handles,
-                                  bool keep) {
+                                  const std::vector<RRefHandle>& handles, bool keep) {
   std::vector<RRefDescriptor> descs;
   for (const RRefHandle& h : handles) {
     auto d = contexts_[from]->Fork(h, to);
@@ -190,8 +181,7 @@ Future<Message> RRefCluster::Pass(WorkerId from, WorkerId to,
     }
     descs.push_back(*d);
   }
-  Future<Message> f = world_->agent(from).Call(to, wire::TEST_CALL,
-                                               EncodePass(descs, keep), {});
+  Future<Message> f = world_->agent(from).Call(to, wire::TEST_CALL, EncodePass(descs, keep), {});
   messages_.push_back(f);
   return f;
 }
@@ -206,29 +196,25 @@ std::vector<std::string> RRefCluster::CheckFuturesDone() const {
   int pending = 0;
   for (const auto& f : messages_) pending += f.ready() ? 0 : 1;
   for (const auto& f : values_) pending += f.ready() ? 0 : 1;
-  if (pending > 0)
-    out.push_back(absl::StrCat(pending, " future(s) never completed"));
+  if (pending > 0) out.push_back(absl::StrCat(pending, " future(s) never completed"));
   return out;
 }
 
 namespace {
-std::vector<std::string> CheckZero(
-    const RRefCluster& cluster, const char* when,
-    const std::vector<std::shared_ptr<RRefContext>>& contexts,
-    const sim::SimWorld& world) {
+std::vector<std::string> CheckZero(const RRefCluster& cluster, const char* when,
+                                   const std::vector<std::shared_ptr<RRefContext>>& contexts,
+                                   const sim::SimWorld& world) {
   std::vector<std::string> out;
   for (size_t w = 0; w < contexts.size(); ++w) {
     if (world.crashed(static_cast<WorkerId>(w)) || !contexts[w]) continue;
     for (const auto& [key, value] : contexts[w]->GetDebugInfo()) {
-      if (key == "num_deleted_fork_records" || key == "num_freed_rref_records")
-        continue;
+      if (key == "num_deleted_fork_records" || key == "num_freed_rref_records") continue;
       if (value != 0) {
         out.push_back(absl::StrCat(when, ": worker ", w, " ", key, "=", value));
       }
     }
     for (const LeakedRRef& leak : contexts[w]->Leaks()) {
-      out.push_back(
-          absl::StrCat(when, ": worker ", w, " leaked ", leak.ToString()));
+      out.push_back(absl::StrCat(when, ": worker ", w, " leaked ", leak.ToString()));
     }
   }
   (void)cluster;
@@ -252,20 +238,15 @@ std::vector<absl::Status> RRefCluster::ShutdownAll() {
     if (world_->crashed(w)) continue;
     Future<Unit> done(&world_->executor(w));
     agents.push_back(done);
-    Agent* agent = &world_->agent(w);
-    contexts_[w]
-        ->DeleteAllUsersAndUnforkedOwners(absl::Seconds(10))
-        .Then([agent, done](const absl::StatusOr<Unit>&) {
-          agent->Shutdown(/*graceful=*/true)
-              .Then([done](const absl::StatusOr<Unit>& r) { done.Set(r); });
-        });
+    world_->agent(w).Shutdown(/*graceful=*/true).Then([done](const absl::StatusOr<Unit>& r) {
+      done.Set(r);
+    });
   }
   world_->RunUntilIdle();
   std::vector<absl::Status> out;
   for (auto& f : agents) {
-    out.push_back(
-        f.ready() ? f.result().status()
-                  : absl::DeadlineExceededError("shutdown never completed"));
+    out.push_back(f.ready() ? f.result().status()
+                            : absl::DeadlineExceededError("shutdown never completed"));
   }
   return out;
 }

@@ -27,16 +27,7 @@ namespace {
 
 using StatusCode = absl::StatusCode;
 
-enum class Variant {
-  kChain,
-  kTree,
-  kCycle,
-  kChurn,
-  kOvertake,
-  kCrash,
-  kShutdown,
-  kMixed
-};
+enum class Variant { kChain, kTree, kCycle, kChurn, kOvertake, kCrash, kShutdown, kMixed };
 constexpr int kNumConcreteVariants = 7;
 
 // Where a reference goes next: worker `worker` receives it (after the sender
@@ -53,8 +44,8 @@ struct Node {
 std::string EncodeNode(const Node& n) {
   std::vector<std::string> kids;
   for (const Node& c : n.children) kids.push_back(EncodeNode(c));
-  return absl::StrCat(n.worker, ",", n.hold_ms, ",", n.delay_ms, ",",
-                      n.fetch ? 1 : 0, "(", absl::StrJoin(kids, ";"), ")");
+  return absl::StrCat(n.worker, ",", n.hold_ms, ",", n.delay_ms, ",", n.fetch ? 1 : 0, "(",
+                      absl::StrJoin(kids, ";"), ")");
 }
 
 // Parses one node at the start of `s`, advancing it.
@@ -64,8 +55,7 @@ bool ParseNode(absl::string_view* s, Node* out) {
   std::vector<absl::string_view> f = absl::StrSplit(s->substr(0, open), ',');
   int fetch = 0;
   if (f.size() != 4 || !absl::SimpleAtoi(f[0], &out->worker) ||
-      !absl::SimpleAtoi(f[1], &out->hold_ms) ||
-      !absl::SimpleAtoi(f[2], &out->delay_ms) ||
+      !absl::SimpleAtoi(f[1], &out->hold_ms) || !absl::SimpleAtoi(f[2], &out->delay_ms) ||
       !absl::SimpleAtoi(f[3], &fetch)) {
     return false;
   }
@@ -133,9 +123,7 @@ class Planner {
   Planner(sim::Prng* rng, int active) : rng_(rng), active_(active) {}
 
   WorkerId AnyWorker() { return static_cast<WorkerId>(rng_->Uniform(active_)); }
-  int Between(int lo, int hi) {
-    return lo + static_cast<int>(rng_->Uniform(hi - lo + 1));
-  }
+  int Between(int lo, int hi) { return lo + static_cast<int>(rng_->Uniform(hi - lo + 1)); }
   bool Coin(double p) { return rng_->Bernoulli(p); }
 
   Node Leaf(WorkerId w, int max_hold) {
@@ -148,12 +136,10 @@ class Planner {
   }
 
   // A chain of `len` hops through `workers` (random if empty).
-  void Chain(Node* root, int len, const std::vector<WorkerId>& forced,
-             int max_hold) {
+  void Chain(Node* root, int len, const std::vector<WorkerId>& forced, int max_hold) {
     Node* at = root;
     for (int i = 0; i < len; ++i) {
-      WorkerId w =
-          i < static_cast<int>(forced.size()) ? forced[i] : AnyWorker();
+      WorkerId w = i < static_cast<int>(forced.size()) ? forced[i] : AnyWorker();
       at->children.push_back(Leaf(w, max_hold));
       at = &at->children.back();
     }
@@ -223,18 +209,14 @@ Plan MakePlan(Variant variant, int num_workers, uint64_t seed) {
         RefPlan r = p.Ref(800);
         // creator -> owner -> owner (to self) -> creator -> creator (to self)
         // -> any -> owner
-        p.Chain(
-            &r.root, 6,
-            {r.owner, r.owner, r.creator, r.creator, p.AnyWorker(), r.owner},
-            800);
+        p.Chain(&r.root, 6, {r.owner, r.owner, r.creator, r.creator, p.AnyWorker(), r.owner}, 800);
         plan.refs.push_back(std::move(r));
       }
       break;
     case Variant::kChurn:
       for (int i = 0; i < 5; ++i) {
         RefPlan r = p.Ref(300);
-        if (p.Coin(0.5))
-          r.root.hold_ms = 0;  // dropped while its creation is in flight
+        if (p.Coin(0.5)) r.root.hold_ms = 0;  // dropped while its creation is in flight
         p.Tree(&r.root, 2, 2, 300);
         plan.refs.push_back(std::move(r));
       }
@@ -242,9 +224,7 @@ Plan MakePlan(Variant variant, int num_workers, uint64_t seed) {
     case Variant::kOvertake:
       for (int i = 0; i < 3; ++i) {
         RefPlan r = p.Ref(200);
-        r.owner =
-            (r.creator + 1 + static_cast<int>(rng.Uniform(plan.active - 1))) %
-            plan.active;
+        r.owner = (r.creator + 1 + static_cast<int>(rng.Uniform(plan.active - 1))) % plan.active;
         // Give up on the creation at once: the delete may overtake the remote
         // call.
         r.remote_timeout = absl::Microseconds(p.Between(1, 400));
@@ -273,8 +253,7 @@ Plan MakePlan(Variant variant, int num_workers, uint64_t seed) {
         p.Tree(&r.root, 3, 2, 800);
         // Most holders keep their reference past the start of shutdown.
         r.root.hold_ms = 60000;
-        for (Node& c : r.root.children)
-          c.hold_ms = p.Coin(0.7) ? 60000 : c.hold_ms;
+        for (Node& c : r.root.children) c.hold_ms = p.Coin(0.7) ? 60000 : c.hold_ms;
         plan.refs.push_back(std::move(r));
       }
       plan.end_ms = 600;
@@ -330,10 +309,8 @@ class RRefWorker : public ScenarioWorker {
 
  private:
   void Create(const RefPlan& ref);
-  void Hold(const RRefHandle& handle, const Node& node,
-            const std::string& function);
-  void PassTo(const RRefHandle& handle, const Node& node,
-              const std::string& function);
+  void Hold(const RRefHandle& handle, const Node& node, const std::string& function);
+  void PassTo(const RRefHandle& handle, const Node& node, const std::string& function);
   void Fetch(const RRefHandle& handle, const std::string& function);
   void Serve(std::shared_ptr<IncomingCall> call);
   void Finish();
@@ -353,9 +330,7 @@ class RRefWorker : public ScenarioWorker {
 class RRefScenario : public Scenario {
  public:
   RRefScenario(Variant variant, int num_workers)
-      : variant_(variant),
-        num_workers_(num_workers),
-        bugs_(PlantedRRefBugs()) {}
+      : variant_(variant), num_workers_(num_workers), bugs_(PlantedRRefBugs()) {}
 
   int num_workers() const override { return num_workers_; }
   void Configure(AgentOptions* options) const override {
@@ -363,17 +338,14 @@ class RRefScenario : public Scenario {
     options->shutdown_timeout = absl::Seconds(30);
   }
   std::unique_ptr<ScenarioWorker> NewWorker(const WorkerEnv& env) override {
-    if (!plan_.has_value())
-      plan_ = MakePlan(variant_, num_workers_, env.run_seed);
+    if (!plan_.has_value()) plan_ = MakePlan(variant_, num_workers_, env.run_seed);
     return std::make_unique<RRefWorker>(this);
   }
 
   void Check(const Recorder& recorder, bool lossless,
              std::vector<std::string>* out) const override {
-    std::string where =
-        absl::StrCat("rref/", VariantName(plan_->variant), ": ");
-    for (const std::string& v : ledger_.violations())
-      out->push_back(where + "ledger: " + v);
+    std::string where = absl::StrCat("rref/", VariantName(plan_->variant), ": ");
+    for (const std::string& v : ledger_.violations()) out->push_back(where + "ledger: " + v);
     // A copy: over real processes, shutdowns may still complete on the pool
     // (and the contexts are asked outside the lock).
     std::map<std::pair<WorkerId, uint64_t>, Life> lives;
@@ -386,18 +358,15 @@ class RRefScenario : public Scenario {
       std::shared_ptr<RRefContext> ctx = life.ctx.lock();
       if (!ctx) continue;
       for (const auto& [name, value] : ctx->GetDebugInfo()) {
-        if (name == "num_deleted_fork_records" ||
-            name == "num_freed_rref_records")
-          continue;
+        if (name == "num_deleted_fork_records" || name == "num_freed_rref_records") continue;
         if (value != 0) {
-          out->push_back(absl::StrCat(where, "after graceful shutdown worker ",
-                                      key.first, " (incarnation ", key.second,
-                                      ") reads ", name, "=", value));
+          out->push_back(absl::StrCat(where, "after graceful shutdown worker ", key.first,
+                                      " (incarnation ", key.second, ") reads ", name, "=", value));
         }
       }
       for (const LeakedRRef& leak : ctx->Leaks()) {
-        out->push_back(absl::StrCat(where, "after graceful shutdown worker ",
-                                    key.first, " leaked ", leak.ToString()));
+        out->push_back(absl::StrCat(where, "after graceful shutdown worker ", key.first, " leaked ",
+                                    leak.ToString()));
       }
     }
   }
@@ -445,40 +414,41 @@ void RRefWorker::Setup(WorkerEnv& env) {
   o.bugs = scenario_->bugs();
   ctx_ = RRefContext::Create(env.agent, env.clock, env.executor, o);
   scenario_->Register(env.id, env.incarnation, ctx_);
+  // As the product wires it (python/runtime.cc): the barrier's join deletes the user references.
+  std::weak_ptr<RRefContext> weak_ctx = ctx_;
+  env.agent->AddShutdownJoinedListener([weak_ctx] {
+    if (std::shared_ptr<RRefContext> ctx = weak_ctx.lock()) {
+      ctx->DeleteAllUsersAndUnforkedOwners(absl::Seconds(5));
+    }
+  });
   Clock* clock = env.clock;
   Executor* executor = env.executor;
-  ctx_->SetRemoteRunner(
-      wire::TEST_REMOTE_CALL, [clock, executor](RemoteRequest req) {
-        Future<RRefValue> out(executor);
-        absl::string_view p = req.payload;
-        RRefValue v;
-        if (absl::ConsumePrefix(&p, "v:")) {
-          v.payload = std::string(p);
-          out.Set(v);
-        } else if (absl::ConsumePrefix(&p, "e:")) {
-          out.Set(absl::InternalError(std::string(p)));
-        } else if (absl::ConsumePrefix(&p, "s:")) {
-          std::vector<std::string> parts =
-              absl::StrSplit(p, absl::MaxSplits(':', 1));
-          int ms = 0;
-          if (parts.size() != 2 || !absl::SimpleAtoi(parts[0], &ms)) {
-            out.Set(absl::InvalidArgumentError("bad slow function"));
-          } else {
-            v.payload = parts[1];
-            clock->Schedule(clock->Now() + absl::Milliseconds(ms),
-                            [executor, out, v] {
-                              executor->Post([out, v] { out.Set(v); });
-                            });
-          }
-        } else {
-          out.Set(absl::InvalidArgumentError(
-              absl::StrCat("unknown test function '", p, "'")));
-        }
-        return out;
-      });
-  env.agent->RegisterHandler(
-      wire::TEST_CALL,
-      [this](std::shared_ptr<IncomingCall> call) { Serve(call); });
+  ctx_->SetRemoteRunner(wire::TEST_REMOTE_CALL, [clock, executor](RemoteRequest req) {
+    Future<RRefValue> out(executor);
+    absl::string_view p = req.payload;
+    RRefValue v;
+    if (absl::ConsumePrefix(&p, "v:")) {
+      v.payload = std::string(p);
+      out.Set(v);
+    } else if (absl::ConsumePrefix(&p, "e:")) {
+      out.Set(absl::InternalError(std::string(p)));
+    } else if (absl::ConsumePrefix(&p, "s:")) {
+      std::vector<std::string> parts = absl::StrSplit(p, absl::MaxSplits(':', 1));
+      int ms = 0;
+      if (parts.size() != 2 || !absl::SimpleAtoi(parts[0], &ms)) {
+        out.Set(absl::InvalidArgumentError("bad slow function"));
+      } else {
+        v.payload = parts[1];
+        clock->Schedule(clock->Now() + absl::Milliseconds(ms),
+                        [executor, out, v] { executor->Post([out, v] { out.Set(v); }); });
+      }
+    } else {
+      out.Set(absl::InvalidArgumentError(absl::StrCat("unknown test function '", p, "'")));
+    }
+    return out;
+  });
+  env.agent->RegisterHandler(wire::TEST_CALL,
+                             [this](std::shared_ptr<IncomingCall> call) { Serve(call); });
 }
 
 void RRefWorker::Run(WorkerEnv& env) {
@@ -486,11 +456,9 @@ void RRefWorker::Run(WorkerEnv& env) {
   for (const RefPlan& ref : plan.refs) {
     if (ref.creator != env.id) continue;
     RefPlan copy = ref;
-    After(env, absl::Milliseconds(ref.start_ms),
-          [this, copy] { Create(copy); });
+    After(env, absl::Milliseconds(ref.start_ms), [this, copy] { Create(copy); });
   }
-  if (plan.crash.has_value() && plan.crash->by == env.id &&
-      env.control != nullptr) {
+  if (plan.crash.has_value() && plan.crash->by == env.id && env.control != nullptr) {
     CrashPlan c = *plan.crash;
     WorldControl* control = env.control;
     After(env, absl::Milliseconds(c.at_ms), [control, c] {
@@ -510,26 +478,21 @@ void RRefWorker::Finish() {
   RRefScenario* scenario = scenario_;
   // The scenario's own crash can cut the shutdown barrier short.
   bool expect_ok = !env->lossy && !scenario->plan().crash.has_value();
-  ctx_->DeleteAllUsersAndUnforkedOwners(absl::Seconds(5))
-      .Then([env, scenario, expect_ok](const absl::StatusOr<Unit>&) {
-        WorkerId id = env->id;
-        uint64_t inc = env->incarnation;
-        ShutdownWorker(*env, /*graceful=*/true, /*expect_ok=*/expect_ok,
-                       [scenario, id, inc](const absl::Status& s) {
-                         scenario->ShutdownDone(id, inc, s);
-                       });
-      });
+  const WorkerId id = env->id;
+  const uint64_t inc = env->incarnation;
+  ShutdownWorker(
+      *env, /*graceful=*/true, /*expect_ok=*/expect_ok,
+      [scenario, id, inc](const absl::Status& s) { scenario->ShutdownDone(id, inc, s); });
 }
 
 void RRefWorker::Create(const RefPlan& ref) {
-  auto handle = ctx_->Remote(ref.owner, wire::TEST_REMOTE_CALL, ref.function,
-                             {}, ref.remote_timeout);
+  auto handle =
+      ctx_->Remote(ref.owner, wire::TEST_REMOTE_CALL, ref.function, {}, ref.remote_timeout);
   if (!handle.ok()) return;  // e.g. the owner is known to have failed
   Hold(*handle, ref.root, ref.function);
 }
 
-void RRefWorker::Hold(const RRefHandle& handle, const Node& node,
-                      const std::string& function) {
+void RRefWorker::Hold(const RRefHandle& handle, const Node& node, const std::string& function) {
   uint64_t id;
   {
     absl::MutexLock lock(&mu_);
@@ -555,31 +518,26 @@ void RRefWorker::Hold(const RRefHandle& handle, const Node& node,
   });
 }
 
-void RRefWorker::PassTo(const RRefHandle& handle, const Node& node,
-                        const std::string& function) {
+void RRefWorker::PassTo(const RRefHandle& handle, const Node& node, const std::string& function) {
   auto desc = ctx_->Fork(handle, node.worker);
-  if (!desc.ok())
-    return;  // creation failed, owner failed, or deleted by shutdown
-  std::string body = absl::StrCat(function, "\n", EncodeNode(node), "\n",
-                                  EncodeDescriptors({*desc}));
+  if (!desc.ok()) return;  // creation failed, owner failed, or deleted by shutdown
+  std::string body =
+      absl::StrCat(function, "\n", EncodeNode(node), "\n", EncodeDescriptors({*desc}));
   TrackedCall(*env_, node.worker, body, std::nullopt, Lenient("ok"));
 }
 
 void RRefWorker::Fetch(const RRefHandle& handle, const std::string& function) {
-  Recorder::Token token =
-      Recorder::MakeToken(env_->id, env_->incarnation, env_->NextSeq());
+  Recorder::Token token = Recorder::MakeToken(env_->id, env_->incarnation, env_->NextSeq());
   absl::Duration timeout = absl::Milliseconds(500);
   Recorder* recorder = env_->recorder;
   Clock* clock = env_->clock;
   std::optional<std::string> value;
   if (function.rfind("e:", 0) != 0) value = ExpectedValue(function);
-  recorder->CallIssued(token, env_->id, env_->incarnation, handle.owner(),
-                       clock->Now(), timeout, Lenient(value));
-  ctx_->ToHere(handle, timeout)
-      .Then([recorder, clock, token](const absl::StatusOr<RRefValue>& r) {
-        recorder->CallCompleted(token, clock->Now(), r.status(),
-                                r.ok() ? r->payload : "");
-      });
+  recorder->CallIssued(token, env_->id, env_->incarnation, handle.owner(), clock->Now(), timeout,
+                       Lenient(value));
+  ctx_->ToHere(handle, timeout).Then([recorder, clock, token](const absl::StatusOr<RRefValue>& r) {
+    recorder->CallCompleted(token, clock->Now(), r.status(), r.ok() ? r->payload : "");
+  });
 }
 
 void RRefWorker::Serve(std::shared_ptr<IncomingCall> call) {
@@ -588,8 +546,7 @@ void RRefWorker::Serve(std::shared_ptr<IncomingCall> call) {
     call->ReplyError(absl::InvalidArgumentError("malformed tracked request"));
     return;
   }
-  std::vector<std::string> parts =
-      absl::StrSplit(*body, absl::MaxSplits('\n', 2));
+  std::vector<std::string> parts = absl::StrSplit(*body, absl::MaxSplits('\n', 2));
   Node node;
   absl::string_view spec = parts.size() == 3 ? absl::string_view(parts[1]) : "";
   if (parts.size() != 3 || !ParseNode(&spec, &node)) {
@@ -607,8 +564,7 @@ void RRefWorker::Serve(std::shared_ptr<IncomingCall> call) {
   while (status.ok() && !data.empty()) {
     size_t colon = data.find(':');
     uint64_t len = 0;
-    if (colon == absl::string_view::npos ||
-        !absl::SimpleAtoi(data.substr(0, colon), &len) ||
+    if (colon == absl::string_view::npos || !absl::SimpleAtoi(data.substr(0, colon), &len) ||
         len > data.size() - colon - 1) {
       status = absl::InvalidArgumentError("bad descriptor framing");
       break;
@@ -657,29 +613,22 @@ class Registered : public RRefScenario {
   };                                                                   \
   TETHER_REGISTER_SCENARIO(cls)
 
-TETHER_RREF_SCENARIO(
-    RRefMixed, Variant::kMixed, 8, "rref",
-    "every RRef variant below, one per seed, on 4 to 8 active workers");
-TETHER_RREF_SCENARIO(
-    RRefChain, Variant::kChain, 4, "rref_chain",
-    "references forked along chains of users across 4 workers");
+TETHER_RREF_SCENARIO(RRefMixed, Variant::kMixed, 8, "rref",
+                     "every RRef variant below, one per seed, on 4 to 8 active workers");
+TETHER_RREF_SCENARIO(RRefChain, Variant::kChain, 4, "rref_chain",
+                     "references forked along chains of users across 4 workers");
 TETHER_RREF_SCENARIO(RRefTree, Variant::kTree, 8, "rref_tree",
                      "references forked along trees across 8 workers");
-TETHER_RREF_SCENARIO(
-    RRefCycle, Variant::kCycle, 5, "rref_cycle",
-    "references passed in cycles: back to the owner, to self, to the creator");
-TETHER_RREF_SCENARIO(
-    RRefChurn, Variant::kChurn, 6, "rref_churn",
-    "many references dropped in random orders, some while being created");
-TETHER_RREF_SCENARIO(
-    RRefOvertake, Variant::kOvertake, 4, "rref_overtake",
-    "creations given up at once: the delete may overtake the remote call");
-TETHER_RREF_SCENARIO(
-    RRefCrash, Variant::kCrash, 6, "rref_crash",
-    "a parent, child or owner crashes (maybe restarts) mid-fork");
-TETHER_RREF_SCENARIO(
-    RRefShutdown, Variant::kShutdown, 4, "rref_shutdown",
-    "graceful shutdown of every worker with references still alive");
+TETHER_RREF_SCENARIO(RRefCycle, Variant::kCycle, 5, "rref_cycle",
+                     "references passed in cycles: back to the owner, to self, to the creator");
+TETHER_RREF_SCENARIO(RRefChurn, Variant::kChurn, 6, "rref_churn",
+                     "many references dropped in random orders, some while being created");
+TETHER_RREF_SCENARIO(RRefOvertake, Variant::kOvertake, 4, "rref_overtake",
+                     "creations given up at once: the delete may overtake the remote call");
+TETHER_RREF_SCENARIO(RRefCrash, Variant::kCrash, 6, "rref_crash",
+                     "a parent, child or owner crashes (maybe restarts) mid-fork");
+TETHER_RREF_SCENARIO(RRefShutdown, Variant::kShutdown, 4, "rref_shutdown",
+                     "graceful shutdown of every worker with references still alive");
 
 }  // namespace
 }  // namespace tether::scenarios
