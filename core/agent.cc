@@ -72,6 +72,7 @@ struct Agent::ShutdownState {
   // joined listeners have run (or are running) once it is set.
   bool joined = false;
   bool listeners_ran = false;
+  bool listeners_done = false;  // Reports say "joined" only once they have returned.
   std::optional<TimerId> deadline_timer;
   std::optional<TimerId> poll_timer;
   // Leader only.
@@ -83,6 +84,7 @@ struct Agent::ShutdownState {
   // Leader: the barrier is being ended (a worker was lost before the join); the
   // ABORT is resent until every live follower acknowledged it, then it stops.
   std::optional<std::string> abort_text;
+  absl::Time abort_deadline;  // When it stops without the missing acks (kAbortAckBound).
   std::set<WorkerId> acked;
   // Follower only: the leader's commit arrived, so the barrier is complete.
   // Set before the ack goes out: once the leader has it, it may stop, and
@@ -182,6 +184,10 @@ bool DecodeQuery(absl::string_view payload, uint64_t* round, bool* joined) {
   *joined = parts.size() == 2 && parts[1] == "1";
   return parts.size() == 1 || *joined;
 }
+
+// Bound on how long a leader ending the barrier waits for the followers' acks of its ABORT (a
+// follower whose threads are all busy cannot ack; the abort must not wait on it).
+constexpr absl::Duration kAbortAckBound = absl::Seconds(1);
 
 bool IsShutdownMessage(MessageType type) {
   return type >= wire::SHUTDOWN_INTENT && type <= wire::SHUTDOWN_ABORT;
@@ -540,6 +546,14 @@ void Agent::OnMessage(Message message) {
     if (env.from_incarnation() > p.incarnation) {
       p.incarnation = env.from_incarnation();
       p.failed = false;
+      p.failure = absl::OkStatus();
+      // The new incarnation has not declared anything yet.
+      if (shutdown_) {
+        shutdown_->declared.erase(env.from());
+        shutdown_->reports.erase(env.from());
+        shutdown_->acked.erase(env.from());
+      }
+      if (env.from() == workers_.front().id) leader_abort_.reset();
       p.watermark = 0;
       p.seen.clear();
     }
@@ -715,9 +729,7 @@ void Agent::OnPeerFailed(WorkerId peer, const absl::Status& reason) {
       }
     }
     if (finish_unavailable) {
-      FinishShutdown(
-          absl::UnavailableError("the shutdown leader failed; this worker "
-                                 "stopped without the barrier"));
+      FinishShutdown(LeaderGoneStatus());
     } else if (abort) {
       AbortBarrier(peer, reason);
     } else {
@@ -754,6 +766,7 @@ void Agent::SendControl(WorkerId to, MessageType type, std::string payload) {
 
 Future<Unit> Agent::Shutdown(bool graceful) {
   bool start_now = false;
+  bool was_started = false;
   bool leader = false;
   bool end_graceful = false;
   {
@@ -771,6 +784,7 @@ Future<Unit> Agent::Shutdown(bool graceful) {
     if (shutdown_) return shutdown_future_;
     shutdown_ = std::make_unique<ShutdownState>();
     shutdown_->graceful = graceful && started_;
+    was_started = started_;
     start_now = true;
     leader = workers_.front().id == self_.id;
     if (leader) shutdown_->declared.insert(self_.id);
@@ -787,16 +801,15 @@ Future<Unit> Agent::Shutdown(bool graceful) {
   }
   if (!start_now) return shutdown_future_;
   std::optional<absl::Status> leader_gone;
-  if (graceful && started_ && !leader) {
-    absl::MutexLock lock(&mu_);
-    if (leader_abort_) {
-      leader_gone = *leader_abort_;
-    } else if (peers_[workers_.front().id]->failed) {
-      leader_gone = absl::UnavailableError(
-          "the shutdown leader failed; this worker stopped without the barrier");
+  if (graceful && was_started && !leader) {
+    bool gone = false;
+    {
+      absl::MutexLock lock(&mu_);
+      gone = leader_abort_.has_value() || peers_[workers_.front().id]->failed;
     }
+    if (gone) leader_gone = LeaderGoneStatus();
   }
-  if (!graceful || !started_) {
+  if (!graceful || !was_started) {
     FinishShutdown(absl::OkStatus());
   } else if (leader_gone) {
     FinishShutdown(*leader_gone);
@@ -806,6 +819,18 @@ Future<Unit> Agent::Shutdown(bool graceful) {
   return shutdown_future_;
 }
 
+absl::Status Agent::LeaderGoneStatus() const {
+  absl::MutexLock lock(&mu_);
+  // The leader's own reason, when its ABORT came before its stop.
+  if (leader_abort_) return *leader_abort_;
+  const WorkerInfo& leader = workers_.front();
+  const absl::Status& why = peers_.at(leader.id)->failure;
+  return absl::UnavailableError(
+      absl::StrCat("the shutdown leader ", leader.name, " is gone", why.ok() ? "" : " (",
+                   why.ok() ? "" : why.message(), why.ok() ? "" : ")",
+                   "; this worker stopped without the graceful shutdown barrier"));
+}
+
 ShutdownProgress Agent::GetShutdownProgress() const {
   absl::MutexLock lock(&mu_);
   ShutdownProgress p;
@@ -813,6 +838,7 @@ ShutdownProgress Agent::GetShutdownProgress() const {
   if (!shutdown_ || !shutdown_->graceful || shutdown_->finished) return p;
   p.pending = true;
   p.joined = shutdown_->joined;
+  p.aborting = shutdown_->abort_text.has_value();
   if (self_.id != p.leader) return p;
   for (const WorkerInfo& w : workers_) {
     if (peers_.at(w.id)->failed && w.id != self_.id) continue;
@@ -835,6 +861,8 @@ void Agent::RunJoinedListeners() {
     shutdown_->listeners_ran = true;
   }
   for (const ShutdownJoinedListener& l : joined_listeners_) l();
+  absl::MutexLock lock(&mu_);
+  shutdown_->listeners_done = true;
 }
 
 void Agent::MaybeJoin() {
@@ -848,7 +876,11 @@ void Agent::MaybeJoin() {
     }
     ShutdownState& s = *shutdown_;
     for (const WorkerInfo& w : workers_) {
-      if (w.id != self_.id && peers_[w.id]->failed) continue;
+      if (w.id != self_.id && peers_[w.id]->failed) {
+        // The barrier fails instead (the task OnPeerFailed posted, or the next poll).
+        if (options_.shutdown_fails_on_lost_peer) return;
+        continue;
+      }
       if (!s.declared.count(w.id)) return;
     }
     s.joined = true;
@@ -862,9 +894,10 @@ void Agent::MaybeJoin() {
     }
   }
   RunJoinedListeners();
-  BarrierReport mine{true, LocalActivity(), true};
+  BarrierReport mine{true, LocalActivity(), false};
   {
     absl::MutexLock lock(&mu_);
+    mine.joined = shutdown_->listeners_done;
     if (shutdown_->round == round) shutdown_->reports[self_.id] = mine;
   }
   for (WorkerId w : targets) SendControl(w, wire::SHUTDOWN_QUERY, EncodeQuery(round, true));
@@ -881,14 +914,17 @@ void Agent::AbortBarrier(WorkerId lost, const absl::Status& reason) {
       if (w.id == lost) name = w.name;
       if (w.id != self_.id && !peers_[w.id]->failed) targets.push_back(w.id);
     }
-    text = absl::StrCat(
-        name, " is gone (", reason.message(),
-        ") before every worker called shutdown(): the graceful shutdown barrier cannot complete");
+    text = absl::StrCat(name, " is gone (", reason.message(), ")",
+                        shutdown_->declared.count(lost) ? " after it called shutdown() but" : "",
+                        " before every worker called shutdown(): the graceful shutdown barrier "
+                        "cannot complete");
+    shutdown_->abort_deadline = clock_->Now() + kAbortAckBound;
     // Followers must hear why before this worker stops (its stop alone would only tell them
     // that the leader is gone): ABORT until acknowledged, resent by LeaderPoll.
     shutdown_->abort_text = text;
     shutdown_->acked.clear();
-    if (!targets.empty() && !shutdown_->poll_timer) {
+    if (!targets.empty()) {
+      if (shutdown_->poll_timer) clock_->Cancel(*shutdown_->poll_timer);
       shutdown_->poll_timer =
           clock_->Schedule(clock_->Now() + options_.shutdown_poll_interval,
                            Guarded([this] { executor_->Post(Guarded([this] { LeaderPoll(); })); }));
@@ -903,12 +939,14 @@ void Agent::LeaderPoll() {
   uint64_t round;
   bool commit_resend = false;
   std::optional<std::string> abort_text;
+  bool abort_expired = false;
   bool joined = false;
   std::optional<std::pair<WorkerId, absl::Status>> lost;
   {
     absl::MutexLock lock(&mu_);
     if (!shutdown_ || shutdown_->finished) return;
     ShutdownState& s = *shutdown_;
+    s.poll_timer.reset();  // The timer that ran this poll (if any) has fired.
     if (options_.shutdown_fails_on_lost_peer && !s.joined && !s.abort_text) {
       for (const WorkerInfo& w : workers_) {
         if (w.id != self_.id && peers_[w.id]->failed) {
@@ -936,7 +974,10 @@ void Agent::LeaderPoll() {
           targets.push_back(w.id);
         }
       }
-      if (s.abort_text) abort_text = *s.abort_text;
+      if (s.abort_text) {
+        abort_text = *s.abort_text;
+        abort_expired = clock_->Now() >= s.abort_deadline;
+      }
     } else {
       bool complete = true;
       for (const WorkerInfo& w : workers_) {
@@ -955,7 +996,11 @@ void Agent::LeaderPoll() {
       }
     }
     round = s.round;
-    joined = s.joined;
+    joined = s.listeners_done;
+  }
+  if (abort_expired) {
+    FinishShutdown(absl::UnavailableError(*abort_text));
+    return;
   }
   if (commit_resend) {
     for (WorkerId w : targets) {
@@ -1058,9 +1103,10 @@ void Agent::MaybeCommit() {
         if (w.id != self_.id && !peers_[w.id]->failed) all.push_back(w.id);
       }
     }
-    BarrierReport mine{true, LocalActivity(), true};
+    BarrierReport mine{true, LocalActivity(), false};
     {
       absl::MutexLock lock(&mu_);
+      mine.joined = shutdown_->listeners_done;
       if (shutdown_->round == round) shutdown_->reports[self_.id] = mine;
     }
     for (WorkerId w : all) SendControl(w, wire::SHUTDOWN_QUERY, EncodeQuery(round, true));
@@ -1087,7 +1133,10 @@ void Agent::HandleShutdownMessage(Message message) {
         if (joined && r.declared) shutdown_->joined = true;
       }
       if (joined && r.declared) RunJoinedListeners();
-      r.joined = joined && r.declared;
+      {
+        absl::MutexLock lock(&mu_);
+        r.joined = shutdown_ != nullptr && shutdown_->listeners_done;
+      }
       r.activity = LocalActivity();
       SendControl(env.from(), wire::SHUTDOWN_REPORT, EncodeReport(round, r));
       return;
@@ -1129,18 +1178,17 @@ void Agent::HandleShutdownMessage(Message message) {
         Count(counters_.malformed_control_messages);
         return;
       }
-      SendControl(env.from(), wire::SHUTDOWN_ACK, "");
       absl::Status why = absl::UnavailableError(absl::StrCat(
           env.payload(), " (the shutdown leader ", workers_.front().name, " ended the barrier)"));
       bool finish = false;
       {
+        // Recorded before the ack: once the leader has it, it may stop, and whatever then
+        // reports its stop (or a later Shutdown(true)) must give this reason.
         absl::MutexLock lock(&mu_);
-        if (shutdown_) {
-          finish = shutdown_->graceful && !shutdown_->finished;
-        } else {
-          leader_abort_ = why;  // A later Shutdown(true) fails with it at once.
-        }
+        if (!leader_abort_) leader_abort_ = why;
+        finish = shutdown_ && shutdown_->graceful && !shutdown_->finished;
       }
+      SendControl(env.from(), wire::SHUTDOWN_ACK, "");
       if (finish) FinishShutdown(why);
       return;
     }

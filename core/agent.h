@@ -39,10 +39,13 @@
 // So no worker stops while another still has work that could reach it, and no reply is lost.
 // A peer lost before the join completes fails the barrier at once, with kUnavailable naming it,
 // on every worker (AgentOptions::shutdown_fails_on_lost_peer; otherwise, and always after the
-// join, a failed peer counts as stopped). If the leader fails (before its commit reached this
-// worker: once it has every ack it stops, and that is no failure), or the barrier takes longer
-// than `shutdown_timeout`, each worker stops on its own and pending calls fail with kCancelled.
-// GetShutdownProgress() says what the barrier waits for (for reports while it waits).
+// join, a failed peer counts as stopped): the leader sends SHUTDOWN_ABORT with the reason and
+// resends it until every live follower acknowledged it (at most about a second), then stops; a
+// follower that has not called Shutdown yet remembers it, and its later Shutdown(true) fails
+// with it at once (as it does when the leader is gone). If the leader fails (before its commit
+// reached this worker: once it has every ack it stops, and that is no failure), or the barrier
+// takes longer than `shutdown_timeout`, each worker stops on its own and pending calls fail with
+// kCancelled. GetShutdownProgress() says what the barrier waits for (for reports while it waits).
 #ifndef TETHER_CORE_AGENT_H_
 #define TETHER_CORE_AGENT_H_
 
@@ -189,7 +192,8 @@ using ShutdownJoinedListener = std::function<void()>;
 struct ShutdownProgress {
   bool pending = false;  // A graceful shutdown has begun and not finished.
   WorkerId leader = -1;
-  bool joined = false;  // Every worker has called Shutdown(true).
+  bool joined = false;    // Every worker has called Shutdown(true).
+  bool aborting = false;  // Leader: ending the barrier (a worker was lost before the join).
   // Leader only: the live workers that have not called Shutdown(true), and
   // those whose last report had work in flight.
   std::vector<WorkerId> not_joined;
@@ -311,6 +315,8 @@ class Agent : public NetworkObserver {
   // quiescence phase; a peer lost before it aborts the barrier.
   void MaybeJoin();
   void AbortBarrier(WorkerId lost, const absl::Status& reason);
+  // A follower's error when the leader is gone (or ended the barrier).
+  absl::Status LeaderGoneStatus() const;
   // Runs the joined listeners once (executor thread).
   void RunJoinedListeners();
   void FinishShutdown(absl::Status status);

@@ -84,9 +84,9 @@ class RRefCluster {
 
   // Drops every handle held by the application on every worker.
   void DropAllHeld();
-  // DeleteAllUsersAndUnforkedOwners then Shutdown(graceful) on every live
-  // worker; runs the world until idle. Returns the agents' shutdown results
-  // (live workers only).
+  // Shutdown(graceful) on every live worker (the barrier's join deletes the
+  // user references, as in the product); runs the world until idle. Returns the
+  // agents' shutdown results (live workers only).
   std::vector<absl::Status> ShutdownAll();
 
  private:
