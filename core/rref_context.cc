@@ -5,7 +5,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
-#include "core/rref.pb.h"
+#include "core/retried_call.h"
 #include "core/status.h"
 
 namespace tether {
@@ -21,15 +21,6 @@ constexpr bool kPlantedBugs = true;
 constexpr bool kPlantedBugs = false;
 #endif
 
-void ToProto(const GloballyUniqueId& id, rref_wire::GlobalId* out) {
-  out->set_worker(id.worker);
-  out->set_local(id.local);
-}
-
-GloballyUniqueId FromProto(const rref_wire::GlobalId& id) {
-  return GloballyUniqueId{id.worker(), id.local()};
-}
-
 bool IsRemoteCallType(MessageType type) {
   return type == wire::PYTHON_REMOTE_CALL || type == wire::SCRIPT_REMOTE_CALL ||
          type == wire::BUILTIN_REMOTE_CALL || type == wire::TEST_REMOTE_CALL;
@@ -39,57 +30,9 @@ absl::Status WithPrefix(const absl::Status& status, absl::string_view prefix) {
   return absl::Status(status.code(), absl::StrCat(prefix, status.message()));
 }
 
-std::string EncodeForkRef(const RRefId& rref, const ForkId& fork) {
-  rref_wire::ForkRef msg;
-  ToProto(rref, msg.mutable_rref_id());
-  ToProto(fork, msg.mutable_fork_id());
-  return msg.SerializeAsString();
-}
-
-std::string EncodeChildControl(const ForkId& fork, bool query) {
-  rref_wire::ChildControl msg;
-  ToProto(fork, msg.mutable_fork_id());
-  msg.set_query(query);
-  return msg.SerializeAsString();
-}
-
 }  // namespace
 
 bool RRefPlantedBugsCompiledIn() { return kPlantedBugs; }
-
-std::string GloballyUniqueId::ToString() const {
-  return absl::StrCat("GUID(", worker, ":", local, ")");
-}
-
-std::string RRefDescriptor::Serialize() const {
-  rref_wire::Descriptor msg;
-  ToProto(rref_id, msg.mutable_rref_id());
-  ToProto(fork_id, msg.mutable_fork_id());
-  msg.set_owner(owner);
-  msg.set_parent(parent);
-  msg.set_type_name(type_name);
-  return msg.SerializeAsString();
-}
-
-absl::StatusOr<RRefDescriptor> RRefDescriptor::Parse(absl::string_view bytes) {
-  rref_wire::Descriptor msg;
-  if (!msg.ParseFromArray(bytes.data(), static_cast<int>(bytes.size()))) {
-    return absl::InvalidArgumentError(
-        "RRef descriptor: not a serialized descriptor");
-  }
-  RRefDescriptor d;
-  d.rref_id = FromProto(msg.rref_id());
-  d.fork_id = FromProto(msg.fork_id());
-  d.owner = msg.owner();
-  d.parent = msg.parent();
-  d.type_name = msg.type_name();
-  if (!d.rref_id.valid() || !d.fork_id.valid() || d.owner < 0 || d.parent < 0) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "RRef descriptor: invalid ids (rref ", d.rref_id.ToString(), ", fork ",
-        d.fork_id.ToString(), ", owner ", d.owner, ", parent ", d.parent, ")"));
-  }
-  return d;
-}
 
 std::string LeakedRRef::ToString() const {
   return absl::StrCat(
@@ -217,6 +160,17 @@ RRefContext::~RRefContext() {
 
 void RRefContext::Attach() {
   std::weak_ptr<RRefContext> weak = weak_from_this();
+  RetryPolicy policy;
+  policy.attempt_timeout = options_.control_timeout;
+  policy.initial_backoff = options_.retry_initial_backoff;
+  policy.max_backoff = options_.retry_max_backoff;
+  Agent* agent = agent_;
+  control_ = std::make_unique<RetriedCaller>(
+      weak,
+      [agent](WorkerId to, MessageType type, std::string payload, absl::Duration timeout) {
+        return agent->Call(to, type, std::move(payload), {}, timeout);
+      },
+      clock_, executor_, policy, [this](bool timed_out) { return OnControlAttempt(timed_out); });
   auto route =
       [weak](void (RRefContext::*method)(std::shared_ptr<IncomingCall>)) {
         return [weak, method](std::shared_ptr<IncomingCall> call) {
@@ -320,57 +274,25 @@ RRefHandle RRefContext::MakeHandleLocked(const RRefId& rref, const ForkId& fork,
 // ---------------------------------------------------------------------------------------------
 // Control messages.
 
-void RRefContext::SendControl(
-    WorkerId to, MessageType type, std::string payload,
-    std::function<void(const absl::StatusOr<Message>&)> done) {
+void RRefContext::SendControl(WorkerId to, MessageType type, std::string payload,
+                              std::function<void(const absl::StatusOr<Message>&)> done) {
   {
     absl::MutexLock lock(&mu_);
     ++pending_control_;
     TouchLocked();
   }
-  ControlAttempt(to, type, std::move(payload), 0, std::move(done));
+  control_->Send(to, type, std::move(payload), std::move(done));
 }
 
-void RRefContext::ControlAttempt(
-    WorkerId to, MessageType type, std::string payload, int attempt,
-    std::function<void(const absl::StatusOr<Message>&)> done) {
-  std::weak_ptr<RRefContext> weak = weak_from_this();
-  Future<Message> reply =
-      agent_->Call(to, type, payload, {}, options_.control_timeout);
-  reply.Then([weak, to, type, payload, attempt,
-              done](const absl::StatusOr<Message>& result) {
-    std::shared_ptr<RRefContext> self = weak.lock();
-    if (!self) return;
-    bool retry = !result.ok() &&
-                 result.status().code() == absl::StatusCode::kDeadlineExceeded;
-    {
-      absl::MutexLock lock(&self->mu_);
-      self->TouchLocked();
-      if (retry && self->closed_) retry = false;
-      if (!retry) {
-        --self->pending_control_;
-        self->CheckShutdownDone();
-      }
-    }
-    if (!retry) {
-      done(result);
-      return;
-    }
-    absl::Duration backoff = self->options_.retry_initial_backoff;
-    for (int i = 0; i < attempt && backoff < self->options_.retry_max_backoff;
-         ++i)
-      backoff *= 2;
-    backoff = std::min(backoff, self->options_.retry_max_backoff);
-    self->clock_->Schedule(
-        self->clock_->Now() + backoff,
-        [weak, to, type, payload, attempt, done] {
-          std::shared_ptr<RRefContext> s = weak.lock();
-          if (!s) return;
-          s->PostSelf([to, type, payload, attempt, done](RRefContext* c) {
-            c->ControlAttempt(to, type, payload, attempt + 1, done);
-          });
-        });
-  });
+bool RRefContext::OnControlAttempt(bool timed_out) {
+  absl::MutexLock lock(&mu_);
+  TouchLocked();
+  bool retry = timed_out && !closed_;
+  if (!retry) {
+    --pending_control_;
+    CheckShutdownDone();
+  }
+  return retry;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -472,16 +394,16 @@ void RRefContext::HandleRemoteCall(std::shared_ptr<IncomingCall> call) {
     absl::MutexLock lock(&mu_);
     NoteCallerLocked(*call);
   }
-  rref_wire::RemoteCall msg;
+  RemoteCallPayload msg;
   const Message& request = call->request();
-  if (!msg.ParseFromString(request.envelope.payload())) {
+  if (!DecodeRemoteCall(request.envelope.payload(), &msg)) {
     call->ReplyError(absl::InvalidArgumentError(
         absl::StrCat(MessageTypeName(request.envelope.type()),
                      ": payload is not an RRef remote call")));
     return;
   }
-  RRefId rref = FromProto(msg.rref_id());
-  ForkId fork = FromProto(msg.fork_id());
+  RRefId rref = msg.rref_id;
+  ForkId fork = msg.fork_id;
   WorkerId caller = call->caller();
   if (!rref.valid() || !fork.valid() || rref.worker != caller ||
       fork.worker != caller) {
@@ -525,8 +447,8 @@ void RRefContext::HandleRemoteCall(std::shared_ptr<IncomingCall> call) {
       } else {
         entry->creation_started = true;
         entry->creator = caller;
-        entry->created_by = msg.created_by();
-        entry->type_name = msg.type_name();
+        entry->created_by = msg.created_by;
+        entry->type_name = msg.type_name;
         entry->creation_calls.push_back(call);
         ++running_functions_;
         EmitLocked(RRefEvent::kOwnerCreated, rref, fork, caller);
@@ -542,7 +464,7 @@ void RRefContext::HandleRemoteCall(std::shared_ptr<IncomingCall> call) {
     req.caller = caller;
     req.type = request.envelope.type();
     req.rref_id = rref;
-    req.payload = std::move(*msg.mutable_payload());
+    req.payload = std::move(msg.payload);
     req.buffers = request.buffers;
     req.deadline = call->deadline();
     StartFunction(rref, std::move(req), request.envelope.type(), nullptr);
@@ -613,14 +535,13 @@ void RRefContext::HandleFetch(std::shared_ptr<IncomingCall> call) {
     absl::MutexLock lock(&mu_);
     NoteCallerLocked(*call);
   }
-  rref_wire::ForkRef msg;
-  if (!msg.ParseFromString(call->request().envelope.payload()) ||
-      !FromProto(msg.rref_id()).valid()) {
+  RRefId rref;
+  ForkId fork;
+  if (!DecodeForkRef(call->request().envelope.payload(), &rref, &fork) || !rref.valid()) {
     call->ReplyError(
         absl::InvalidArgumentError("RREF_FETCH_CALL: invalid payload"));
     return;
   }
-  RRefId rref = FromProto(msg.rref_id());
   std::weak_ptr<RRefContext> weak = weak_from_this();
   auto serve = [weak, call](const absl::StatusOr<RRefValue>& value) {
     std::shared_ptr<RRefContext> self = weak.lock();
@@ -704,15 +625,14 @@ void RRefContext::HandleForkRequest(std::shared_ptr<IncomingCall> call) {
     absl::MutexLock lock(&mu_);
     NoteCallerLocked(*call);
   }
-  rref_wire::ForkRef msg;
-  if (!msg.ParseFromString(call->request().envelope.payload()) ||
-      !FromProto(msg.rref_id()).valid() || !FromProto(msg.fork_id()).valid()) {
+  RRefId rref;
+  ForkId fork;
+  if (!DecodeForkRef(call->request().envelope.payload(), &rref, &fork) || !rref.valid() ||
+      !fork.valid()) {
     call->ReplyError(
         absl::InvalidArgumentError("RREF_FORK_REQUEST: invalid payload"));
     return;
   }
-  RRefId rref = FromProto(msg.rref_id());
-  ForkId fork = FromProto(msg.fork_id());
   absl::Status status;
   {
     absl::MutexLock lock(&mu_);
@@ -739,15 +659,14 @@ void RRefContext::HandleUserDelete(std::shared_ptr<IncomingCall> call) {
     absl::MutexLock lock(&mu_);
     NoteCallerLocked(*call);
   }
-  rref_wire::ForkRef msg;
-  if (!msg.ParseFromString(call->request().envelope.payload()) ||
-      !FromProto(msg.rref_id()).valid() || !FromProto(msg.fork_id()).valid()) {
+  RRefId rref;
+  ForkId fork;
+  if (!DecodeForkRef(call->request().envelope.payload(), &rref, &fork) || !rref.valid() ||
+      !fork.valid()) {
     call->ReplyError(
         absl::InvalidArgumentError("RREF_USER_DELETE: invalid payload"));
     return;
   }
-  RRefId rref = FromProto(msg.rref_id());
-  ForkId fork = FromProto(msg.fork_id());
   Actions actions;
   {
     absl::MutexLock lock(&mu_);
@@ -845,13 +764,13 @@ absl::StatusOr<RRefHandle> RRefContext::Remote(
     });
     return handle;
   }
-  rref_wire::RemoteCall msg;
-  ToProto(rref, msg.mutable_rref_id());
-  ToProto(fork, msg.mutable_fork_id());
-  msg.set_created_by(created_by);
-  msg.set_type_name(type_name);
-  msg.set_payload(std::move(payload));
-  Future<Message> reply = agent_->Call(owner, type, msg.SerializeAsString(),
+  RemoteCallPayload msg;
+  msg.rref_id = rref;
+  msg.fork_id = fork;
+  msg.created_by = created_by;
+  msg.type_name = type_name;
+  msg.payload = std::move(payload);
+  Future<Message> reply = agent_->Call(owner, type, EncodeRemoteCall(std::move(msg)),
                                        std::move(buffers), timeout);
   std::weak_ptr<RRefContext> weak = weak_from_this();
   reply.Then([weak, fork, on_created = std::move(on_created)](
@@ -970,11 +889,9 @@ Future<RRefValue> RRefContext::ToHere(const RRefHandle& handle,
   absl::Duration limit =
       timeout.has_value() ? *timeout : agent_->default_timeout();
   if (!handle.is_owner()) {
-    rref_wire::ForkRef msg;
-    ToProto(handle.rref_id(), msg.mutable_rref_id());
-    ToProto(handle.fork_id(), msg.mutable_fork_id());
-    Future<Message> reply = agent_->Call(handle.owner(), wire::RREF_FETCH_CALL,
-                                         msg.SerializeAsString(), {}, limit);
+    Future<Message> reply =
+        agent_->Call(handle.owner(), wire::RREF_FETCH_CALL,
+                     EncodeForkRef(handle.rref_id(), handle.fork_id()), {}, limit);
     RRefId rref = handle.rref_id();
     reply.Then([out, rref](const absl::StatusOr<Message>& result) {
       if (!result.ok()) {
@@ -1352,7 +1269,7 @@ void RRefContext::OnChildQueryReply(const ForkId& fork,
     auto it = pending_children_.find(fork);
     if (it == pending_children_.end()) return;
     it->second->query_in_flight = false;
-    rref_wire::ChildQueryReply msg;
+    ChildState state = ChildState::kPending;
     if (!reply.ok()) {
       if (reply.status().code() == absl::StatusCode::kUnavailable ||
           reply.status().code() == absl::StatusCode::kCancelled) {
@@ -1360,11 +1277,11 @@ void RRefContext::OnChildQueryReply(const ForkId& fork,
       } else {
         ScheduleChildQueryLocked(fork, &actions);
       }
-    } else if (!msg.ParseFromString(reply->envelope.payload())) {
+    } else if (!DecodeChildQueryReply(reply->envelope.payload(), &state)) {
       ScheduleChildQueryLocked(fork, &actions);
-    } else if (msg.state() == rref_wire::ChildQueryReply::REFUSED) {
+    } else if (state == ChildState::kRefused) {
       ResolveChildLocked(fork, /*refused=*/true, &actions);
-    } else if (msg.state() == rref_wire::ChildQueryReply::DONE) {
+    } else if (state == ChildState::kDone) {
       ResolveChildLocked(fork, /*refused=*/false, &actions);
     } else {
       ScheduleChildQueryLocked(fork, &actions);
@@ -1378,42 +1295,37 @@ void RRefContext::HandleChildControl(std::shared_ptr<IncomingCall> call) {
     absl::MutexLock lock(&mu_);
     NoteCallerLocked(*call);
   }
-  rref_wire::ChildControl msg;
-  if (!msg.ParseFromString(call->request().envelope.payload()) ||
-      !FromProto(msg.fork_id()).valid()) {
+  ForkId fork;
+  bool query = false;
+  if (!DecodeChildControl(call->request().envelope.payload(), &fork, &query) || !fork.valid()) {
     call->ReplyError(
         absl::InvalidArgumentError("RREF_CHILD_ACCEPT: invalid payload"));
     return;
   }
-  ForkId fork = FromProto(msg.fork_id());
   Actions actions;
-  rref_wire::ChildQueryReply answer;
+  ChildState answer = ChildState::kRefused;
   {
     absl::MutexLock lock(&mu_);
     TouchLocked();
-    if (!msg.query()) {
+    if (!query) {
       ResolveChildLocked(fork, /*refused=*/false, &actions);
     } else {
       auto rec = received_.find(fork);
       if (rec != received_.end()) {
-        answer.set_state(rec->second->done
-                             ? rref_wire::ChildQueryReply::DONE
-                             : rref_wire::ChildQueryReply::PENDING);
+        answer = rec->second->done ? ChildState::kDone : ChildState::kPending;
       } else if (users_.count(fork) > 0) {
         // Received and already accepted by its parent: the parent just has not
         // heard yet.
         auto& user = users_[fork];
-        answer.set_state(user->state == UserFork::kPending
-                             ? rref_wire::ChildQueryReply::PENDING
-                             : rref_wire::ChildQueryReply::DONE);
+        answer = user->state == UserFork::kPending ? ChildState::kPending : ChildState::kDone;
       } else {
         refused_.insert(fork);
-        answer.set_state(rref_wire::ChildQueryReply::REFUSED);
+        answer = ChildState::kRefused;
       }
     }
   }
   RunActions(std::move(actions));
-  call->Reply(msg.query() ? answer.SerializeAsString() : std::string(), {});
+  call->Reply(query ? EncodeChildQueryReply(answer) : std::string(), {});
 }
 
 Future<Unit> RRefContext::WaitForConfirmations(

@@ -70,27 +70,12 @@
 #include "core/executor.h"
 #include "core/future.h"
 #include "core/message.h"
+#include "core/rref_ids.h"
 
 namespace tether {
 
-struct GloballyUniqueId {
-  WorkerId worker = -1;
-  uint64_t local = 0;
+class RetriedCaller;
 
-  bool valid() const { return worker >= 0; }
-  std::string ToString() const;  // "GUID(worker:local)"
-  friend bool operator==(const GloballyUniqueId& a, const GloballyUniqueId& b) {
-    return a.worker == b.worker && a.local == b.local;
-  }
-  friend bool operator!=(const GloballyUniqueId& a, const GloballyUniqueId& b) {
-    return !(a == b);
-  }
-  friend bool operator<(const GloballyUniqueId& a, const GloballyUniqueId& b) {
-    return a.worker != b.worker ? a.worker < b.worker : a.local < b.local;
-  }
-};
-using RRefId = GloballyUniqueId;
-using ForkId = GloballyUniqueId;
 
 // The value an owner holds, opaque to the core. `object` is an in-process
 // object (for instance a holder of a Python object) kept alive as long as the
@@ -104,19 +89,6 @@ struct RRefValue {
   // the creation's acknowledgement (the callee's profiled events, say). Not
   // kept with the value.
   std::string creation_reply;
-};
-
-// What is pickled in place of an RRef inside a call's arguments.
-struct RRefDescriptor {
-  RRefId rref_id;
-  ForkId fork_id;
-  WorkerId owner = -1;
-  WorkerId parent = -1;
-  std::string type_name;
-
-  std::string Serialize() const;
-  // kInvalidArgument if `bytes` is not a descriptor or has invalid ids.
-  static absl::StatusOr<RRefDescriptor> Parse(absl::string_view bytes);
 };
 
 class RRefContext;
@@ -405,14 +377,13 @@ class RRefContext : public std::enable_shared_from_this<RRefContext> {
   void NoteCallerLocked(const IncomingCall& call)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
-  // Sends a control message, retrying on timeouts with backoff until it is
-  // answered (or the peer failed, or the agent shut down). `done` runs on the
-  // executor with the final result.
+  // Sends a control message through control_ (core/retried_call.h), retrying on timeouts with
+  // backoff until it is answered (or the peer failed, or the agent shut down), and counts it in
+  // pending_control_ until then. `done` runs on the executor with the final result.
   void SendControl(WorkerId to, MessageType type, std::string payload,
                    std::function<void(const absl::StatusOr<Message>&)> done);
-  void ControlAttempt(WorkerId to, MessageType type, std::string payload,
-                      int attempt,
-                      std::function<void(const absl::StatusOr<Message>&)> done);
+  // control_'s hook: an attempt finished; returns whether to retry it.
+  bool OnControlAttempt(bool timed_out);
   void RunActions(Actions actions);
   // Posts `fn(ctx)` on the executor if the context is still alive.
   void PostSelf(std::function<void(RRefContext*)> fn);
@@ -423,6 +394,8 @@ class RRefContext : public std::enable_shared_from_this<RRefContext> {
   const RRefContextOptions options_;
   const WorkerId self_;
   std::map<MessageType, RemoteRunner> runners_;
+  // Set once by Attach() (it needs weak_from_this()), before any control message is sent.
+  std::unique_ptr<RetriedCaller> control_;
 
   mutable absl::Mutex mu_;
   bool closed_ ABSL_GUARDED_BY(mu_) = false;
