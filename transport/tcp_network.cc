@@ -1,13 +1,7 @@
 #include "transport/tcp_network.h"
 
-#include <arpa/inet.h>
 #include <errno.h>
-#include <fcntl.h>
-#include <netdb.h>
-#include <netinet/in.h>
-#include <netinet/tcp.h>
 #include <sys/epoll.h>
-#include <sys/eventfd.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
 #include <unistd.h>
@@ -26,6 +20,9 @@
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
 #include "transport/auth.h"
+#include "transport/event_loop.h"
+#include "transport/handshake.h"
+#include "transport/socket_util.h"
 #include "transport/thread_pool.h"
 
 namespace tether {
@@ -45,88 +42,26 @@ SteadyClock::duration ToSteady(absl::Duration d) {
       absl::ToChronoNanoseconds(d));
 }
 
-void Log(const std::string& message) {
-  std::string line = absl::StrCat("tether: ", message, "\n");
-  (void)!write(STDERR_FILENO, line.data(), line.size());
-}
-
-std::string ErrnoText(int err) { return std::strerror(err); }
-
-std::string SockaddrText(const sockaddr_storage& ss) {
-  char host[INET6_ADDRSTRLEN] = "?";
-  int port = 0;
-  if (ss.ss_family == AF_INET) {
-    const auto* a = reinterpret_cast<const sockaddr_in*>(&ss);
-    inet_ntop(AF_INET, &a->sin_addr, host, sizeof(host));
-    port = ntohs(a->sin_port);
-    return absl::StrCat(host, ":", port);
-  }
-  if (ss.ss_family == AF_INET6) {
-    const auto* a = reinterpret_cast<const sockaddr_in6*>(&ss);
-    inet_ntop(AF_INET6, &a->sin6_addr, host, sizeof(host));
-    port = ntohs(a->sin6_port);
-    return absl::StrCat("[", host, "]:", port);
-  }
-  return "?";
-}
-
-// Splits "host:port" or "[v6]:port".
-absl::Status SplitHostPort(absl::string_view address, std::string* host,
-                           int* port) {
-  size_t colon = address.rfind(':');
-  if (colon == absl::string_view::npos) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("address '", address, "' has no ':port'"));
-  }
-  absl::string_view h = address.substr(0, colon);
-  if (h.size() >= 2 && h.front() == '[' && h.back() == ']')
-    h = h.substr(1, h.size() - 2);
-  int p = 0;
-  if (h.empty() || !absl::SimpleAtoi(address.substr(colon + 1), &p) || p <= 0 ||
-      p > 65535) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("address '", address, "' is not host:port"));
-  }
-  *host = std::string(h);
-  *port = p;
-  return absl::OkStatus();
-}
-
-absl::Status Resolve(const std::string& host, int port, bool passive,
-                     sockaddr_storage* out, socklen_t* len) {
-  addrinfo hints{};
-  hints.ai_family = AF_UNSPEC;
-  hints.ai_socktype = SOCK_STREAM;
-  if (passive) hints.ai_flags = AI_PASSIVE;
-  addrinfo* res = nullptr;
-  std::string port_text = std::to_string(port);
-  int rc = getaddrinfo(host.empty() ? nullptr : host.c_str(), port_text.c_str(),
-                       &hints, &res);
-  if (rc != 0 || res == nullptr) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("cannot resolve host '", host, "': ", gai_strerror(rc)));
-  }
-  std::memcpy(out, res->ai_addr, res->ai_addrlen);
-  *len = res->ai_addrlen;
-  freeaddrinfo(res);
-  return absl::OkStatus();
-}
+using socket_util::ErrnoText;
+using socket_util::Log;
+using socket_util::Resolve;
+using socket_util::SockaddrText;
+using socket_util::SplitHostPort;
 
 void SetSocketOptions(int fd, const TcpNetworkOptions& o) {
-  int one = 1;
-  setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
-  setsockopt(fd, SOL_SOCKET, SO_KEEPALIVE, &one, sizeof(one));
-  int idle = std::max<int64_t>(1, absl::ToInt64Seconds(o.keepalive_idle));
-  int intvl = std::max<int64_t>(1, absl::ToInt64Seconds(o.keepalive_interval));
-  int cnt = std::max(1, o.keepalive_count);
-  setsockopt(fd, IPPROTO_TCP, TCP_KEEPIDLE, &idle, sizeof(idle));
-  setsockopt(fd, IPPROTO_TCP, TCP_KEEPINTVL, &intvl, sizeof(intvl));
-  setsockopt(fd, IPPROTO_TCP, TCP_KEEPCNT, &cnt, sizeof(cnt));
-  unsigned int user_timeout =
-      static_cast<unsigned int>(absl::ToInt64Milliseconds(o.user_timeout));
-  setsockopt(fd, IPPROTO_TCP, TCP_USER_TIMEOUT, &user_timeout,
-             sizeof(user_timeout));
+  socket_util::KeepaliveOptions keepalive;
+  keepalive.idle = o.keepalive_idle;
+  keepalive.interval = o.keepalive_interval;
+  keepalive.count = o.keepalive_count;
+  keepalive.user_timeout = o.user_timeout;
+  socket_util::SetSocketOptions(fd, keepalive);
 }
+
+// Event-loop keys: the listen socket's, and (EventLoop::kWakeKey) the wake-up's; connections
+// count up from kFirstConnKey.
+constexpr uint64_t kListenKey = 0;
+constexpr uint64_t kFirstConnKey = 2;
+static_assert(EventLoop::kWakeKey == 1, "the keys below kFirstConnKey are taken");
 
 std::once_flag warn_once;
 
@@ -203,8 +138,7 @@ class TcpNetwork::Impl {
     Peer* peer = nullptr;  // Known from the start when dialing, after the hello
                            // when accepting.
     Phase phase = kConnecting;
-    uint8_t hs[kHandshakeSize];
-    size_t hs_have = 0;
+    HandshakeBuffer hs;
     Nonce my_nonce{};
     Nonce peer_nonce{};  // The dialer's, kept by the acceptor for the proof.
     SteadyTime deadline{};
@@ -261,8 +195,7 @@ class TcpNetwork::Impl {
 
   std::string token_;
   int listen_fd_ = -1;
-  int epoll_fd_ = -1;
-  int event_fd_ = -1;
+  std::unique_ptr<EventLoop> poller_;  // Set by Listen().
   std::map<WorkerId, std::unique_ptr<Peer>> peers_;
   bool peers_set_ = false;
 
@@ -300,7 +233,7 @@ class TcpNetwork::Impl {
 
   // Loop thread only.
   std::map<uint64_t, std::unique_ptr<Conn>> conns_;
-  uint64_t next_conn_id_ = 2;  // 0: listen socket, 1: eventfd.
+  uint64_t next_conn_id_ = kFirstConnKey;
   std::vector<uint8_t> staging_;
 
   std::atomic<int64_t> messages_sent_{0}, messages_received_{0}, bad_input_{0},
@@ -310,8 +243,6 @@ class TcpNetwork::Impl {
 TcpNetwork::Impl::~Impl() {
   Stop(false);
   if (listen_fd_ >= 0) close(listen_fd_);
-  if (epoll_fd_ >= 0) close(epoll_fd_);
-  if (event_fd_ >= 0) close(event_fd_);
 }
 
 absl::Status TcpNetwork::Impl::Listen() {
@@ -347,21 +278,11 @@ absl::Status TcpNetwork::Impl::Listen() {
   socklen_t bound_len = sizeof(bound);
   getsockname(listen_fd_, reinterpret_cast<sockaddr*>(&bound), &bound_len);
   listen_address_ = SockaddrText(bound);
-  port_ = bound.ss_family == AF_INET
-              ? ntohs(reinterpret_cast<sockaddr_in*>(&bound)->sin_port)
-              : ntohs(reinterpret_cast<sockaddr_in6*>(&bound)->sin6_port);
-  epoll_fd_ = epoll_create1(EPOLL_CLOEXEC);
-  event_fd_ = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
-  if (epoll_fd_ < 0 || event_fd_ < 0) {
-    return absl::UnavailableError(
-        absl::StrCat("epoll/eventfd: ", ErrnoText(errno)));
-  }
-  epoll_event ev{};
-  ev.events = EPOLLIN;
-  ev.data.u64 = 0;
-  epoll_ctl(epoll_fd_, EPOLL_CTL_ADD, listen_fd_, &ev);
-  ev.data.u64 = 1;
-  epoll_ctl(epoll_fd_, EPOLL_CTL_ADD, event_fd_, &ev);
+  port_ = socket_util::SockaddrPort(bound);
+  absl::StatusOr<std::unique_ptr<EventLoop>> poller = EventLoop::Create();
+  if (!poller.ok()) return poller.status();
+  poller_ = std::move(*poller);
+  poller_->Add(listen_fd_, kListenKey, EPOLLIN);
   return absl::OkStatus();
 }
 
@@ -445,10 +366,7 @@ absl::Status TcpNetwork::Impl::Start(NetworkObserver* observer) {
   return absl::OkStatus();
 }
 
-void TcpNetwork::Impl::Wake() {
-  uint64_t one = 1;
-  (void)!write(event_fd_, &one, sizeof(one));
-}
+void TcpNetwork::Impl::Wake() { poller_->Wake(); }
 
 absl::Status TcpNetwork::Impl::Send(WorkerId to, Message message) {
   int state = state_.load();
@@ -551,10 +469,7 @@ bool TcpNetwork::Impl::FlushLocked(Peer* p) {
 
 void TcpNetwork::Impl::SetWantOutLocked(Peer* p, bool want) {
   if (p->want_out == want || p->fd < 0) return;
-  epoll_event ev{};
-  ev.events = EPOLLIN | EPOLLRDHUP | (want ? EPOLLOUT : 0);
-  ev.data.u64 = p->conn_id;
-  epoll_ctl(epoll_fd_, EPOLL_CTL_MOD, p->fd, &ev);
+  poller_->Modify(p->fd, p->conn_id, EPOLLIN | EPOLLRDHUP | (want ? EPOLLOUT : 0));
   p->want_out = want;
 }
 
@@ -628,7 +543,6 @@ void TcpNetwork::Impl::Loop() {
 }
 
 bool TcpNetwork::Impl::Iterate(int max_wait_ms) {
-  epoll_event events[64];
   int timeout_ms = std::min(max_wait_ms, next_timeout_ms_);
   int state = state_.load();
   if (state != kRunning) {
@@ -641,13 +555,14 @@ bool TcpNetwork::Impl::Iterate(int max_wait_ms) {
     }
     if (FlushDone() || SteadyClock::now() >= stop_deadline_) return false;
   }
-  int n = epoll_wait(epoll_fd_, events, 64, timeout_ms);
+  int n = poller_->Wait(timeout_ms, [this](uint64_t key, uint32_t events) {
+    HandleEvent(key, events);
+  });
   if (n < 0 && errno != EINTR) {
     Log(absl::StrCat("worker ", options_.self,
                      ": epoll_wait failed: ", ErrnoText(errno)));
     return false;
   }
-  for (int i = 0; i < n; ++i) HandleEvent(events[i].data.u64, events[i].events);
   if (write_errors_.exchange(false)) {
     for (auto& [id, p] : peers_) {
       absl::Status err;
@@ -664,7 +579,6 @@ bool TcpNetwork::Impl::Iterate(int max_wait_ms) {
 }
 
 void TcpNetwork::Impl::Close() {
-  epoll_event events[64];
   if (abort_.load()) {
     while (!conns_.empty())
       CloseConn(conns_.begin()->second.get(), /*reset=*/true);
@@ -692,20 +606,13 @@ void TcpNetwork::Impl::Close() {
     }
     for (auto& [id, c] : conns_) shutdown(c->fd, SHUT_WR);
     while (!conns_.empty() && SteadyClock::now() < linger_until) {
-      int n = epoll_wait(epoll_fd_, events, 64, 10);
-      for (int i = 0; i < n; ++i) {
-        auto it = conns_.find(events[i].data.u64);
-        if (it == conns_.end()) {
-          if (events[i].data.u64 == 1) {
-            uint64_t v;
-            (void)!read(event_fd_, &v, sizeof(v));
-          }
-          continue;
-        }
+      poller_->Wait(10, [this](uint64_t key, uint32_t) {
+        auto it = conns_.find(key);
+        if (it == conns_.end()) return;  // The listen socket.
         ssize_t r = read(it->second->fd, staging_.data(), staging_.size());
         if (r == 0 || (r < 0 && errno != EAGAIN && errno != EINTR))
           CloseConn(it->second.get(), false);
-      }
+      });
     }
   }
   while (!conns_.empty()) CloseConn(conns_.begin()->second.get(), false);
@@ -730,13 +637,8 @@ bool TcpNetwork::Impl::FlushDone() {
 }
 
 void TcpNetwork::Impl::HandleEvent(uint64_t key, uint32_t events) {
-  if (key == 0) {
+  if (key == kListenKey) {
     AcceptAll();
-    return;
-  }
-  if (key == 1) {
-    uint64_t v;
-    (void)!read(event_fd_, &v, sizeof(v));
     return;
   }
   auto it = conns_.find(key);
@@ -788,10 +690,7 @@ void TcpNetwork::Impl::AcceptAll() {
     c->address = SockaddrText(ss);
     c->phase = kAwaitHello;
     c->deadline = SteadyClock::now() + ToSteady(options_.handshake_timeout);
-    epoll_event ev{};
-    ev.events = EPOLLIN | EPOLLRDHUP;
-    ev.data.u64 = c->id;
-    epoll_ctl(epoll_fd_, EPOLL_CTL_ADD, fd, &ev);
+    poller_->Add(fd, c->id, EPOLLIN | EPOLLRDHUP);
     conns_[c->id] = std::move(c);
   }
 }
@@ -816,10 +715,7 @@ void TcpNetwork::Impl::Dial(Peer* p) {
   c->deadline = SteadyClock::now() + ToSteady(options_.handshake_timeout);
   p->conn = c->id;
   int rc = connect(fd, reinterpret_cast<sockaddr*>(&p->addr), p->addr_len);
-  epoll_event ev{};
-  ev.events = EPOLLOUT | EPOLLIN | EPOLLRDHUP;
-  ev.data.u64 = c->id;
-  epoll_ctl(epoll_fd_, EPOLL_CTL_ADD, fd, &ev);
+  poller_->Add(fd, c->id, EPOLLOUT | EPOLLIN | EPOLLRDHUP);
   Conn* raw = c.get();
   conns_[c->id] = std::move(c);
   if (rc != 0 && errno != EINPROGRESS) {
@@ -844,36 +740,21 @@ void TcpNetwork::Impl::OnConnected(Conn* c) {
     p->next_dial = SteadyClock::now() + kDialRetry;
     return;
   }
-  epoll_event ev{};
-  ev.events = EPOLLIN | EPOLLRDHUP;
-  ev.data.u64 = c->id;
-  epoll_ctl(epoll_fd_, EPOLL_CTL_MOD, c->fd, &ev);
+  poller_->Modify(c->fd, c->id, EPOLLIN | EPOLLRDHUP);
   absl::StatusOr<Nonce> nonce = RandomNonce();
   if (!nonce.ok()) {
     ConnError(c, nonce.status(), false);
     return;
   }
   c->my_nonce = *nonce;
-  HandshakeRecord hello;
-  hello.kind = HandshakeKind::kHello;
-  hello.authenticated = !token_.empty();
-  hello.from = options_.self;
-  hello.to = p->id;
-  hello.nonce = c->my_nonce;
   c->phase = kAwaitAcceptHello;
-  WriteRecord(c, hello);
+  WriteRecord(c, MakeHello(token_, options_.self, p->id, c->my_nonce));
 }
 
 bool TcpNetwork::Impl::WriteRecord(Conn* c, const HandshakeRecord& r) {
-  uint8_t bytes[kHandshakeSize];
-  EncodeHandshake(r, bytes);
-  ssize_t w = send(c->fd, bytes, sizeof(bytes), MSG_NOSIGNAL | MSG_DONTWAIT);
-  if (w != static_cast<ssize_t>(sizeof(bytes))) {
-    ConnError(c,
-              absl::UnavailableError(
-                  absl::StrCat("cannot write the handshake to ", c->address,
-                               ": ", w < 0 ? ErrnoText(errno) : "short write")),
-              false);
+  absl::Status sent = SendHandshake(c->fd, r, c->address);
+  if (!sent.ok()) {
+    ConnError(c, sent, false);
     return false;
   }
   return true;
@@ -881,25 +762,18 @@ bool TcpNetwork::Impl::WriteRecord(Conn* c, const HandshakeRecord& r) {
 
 bool TcpNetwork::Impl::ReadHandshake(Conn* c, bool* closed) {
   *closed = false;
-  while (c->hs_have < kHandshakeSize) {
-    ssize_t r = read(c->fd, c->hs + c->hs_have, kHandshakeSize - c->hs_have);
-    if (r > 0) {
-      c->hs_have += r;
-      continue;
-    }
-    if (r < 0 && errno == EINTR) continue;
-    if (r < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) return false;
-    *closed = true;
-    ConnError(c,
-              absl::UnavailableError(absl::StrCat(
-                  c->address, " closed the connection during the handshake",
-                  r < 0 ? absl::StrCat(": ", ErrnoText(errno)) : std::string(),
-                  c->dialer ? " (did it refuse our authentication?)" : "")),
-              false);
-    return false;
-  }
-  c->hs_have = 0;
-  return true;
+  int err = 0;
+  HandshakeBuffer::Result result = c->hs.ReadFrom(c->fd, &err);
+  if (result == HandshakeBuffer::kComplete) return true;
+  if (result == HandshakeBuffer::kWouldBlock) return false;
+  *closed = true;
+  ConnError(c,
+            absl::UnavailableError(absl::StrCat(
+                c->address, " closed the connection during the handshake",
+                err != 0 ? absl::StrCat(": ", ErrnoText(err)) : std::string(),
+                c->dialer ? " (did it refuse our authentication?)" : "")),
+            false);
+  return false;
 }
 
 void TcpNetwork::Impl::OnReadable(Conn* c) {
@@ -925,18 +799,9 @@ void TcpNetwork::Impl::OnReadable(Conn* c) {
 }
 
 void TcpNetwork::Impl::OnHello(Conn* c) {
-  absl::StatusOr<HandshakeRecord> r =
-      DecodeHandshake(c->hs, HandshakeKind::kHello);
+  absl::StatusOr<HandshakeRecord> r = CheckHello(c->hs.record(), options_.self);
   if (!r.ok()) {
     ConnError(c, r.status(), true);
-    return;
-  }
-  if (r->to != options_.self) {
-    ConnError(c,
-              absl::InvalidArgumentError(
-                  absl::StrCat("handshake addressed to worker ", r->to,
-                               ", but this is worker ", options_.self)),
-              true);
     return;
   }
   auto it = peers_.find(r->from);
@@ -980,76 +845,36 @@ void TcpNetwork::Impl::OnHello(Conn* c) {
   }
   c->my_nonce = *nonce;
   c->peer = p;  // Tentative: bound for real once the proof checks out.
-  HandshakeRecord reply;
-  reply.kind = HandshakeKind::kAcceptHello;
-  reply.authenticated = !token_.empty();
-  reply.from = options_.self;
-  reply.to = r->from;
-  reply.nonce = c->my_nonce;
-  if (!token_.empty()) {
-    reply.mac =
-        AcceptorMac(token_, r->from, options_.self, r->nonce, c->my_nonce);
-  }
   c->peer_nonce = r->nonce;
   c->phase = kAwaitProof;
-  WriteRecord(c, reply);
+  WriteRecord(c, MakeAcceptHello(token_, options_.self, r->from, r->nonce, c->my_nonce));
 }
 
 void TcpNetwork::Impl::OnAcceptHello(Conn* c) {
   Peer* p = c->peer;
   absl::StatusOr<HandshakeRecord> r =
-      DecodeHandshake(c->hs, HandshakeKind::kAcceptHello);
-  if (r.ok() && (r->from != p->id || r->to != options_.self)) {
-    r = absl::InvalidArgumentError(absl::StrCat("the peer answered as worker ",
-                                                r->from, " to worker ", r->to));
-  }
-  if (r.ok()) {
-    absl::Status auth = VerifyPeerMac(
-        token_, *r,
-        AcceptorMac(token_, options_.self, p->id, c->my_nonce, r->nonce));
-    if (!auth.ok()) r = auth;
-  }
+      CheckAcceptHello(c->hs.record(), token_, options_.self, p->id, c->my_nonce);
   if (!r.ok()) {
     ConnError(c, r.status(), true);
     return;
   }
-  HandshakeRecord proof;
-  proof.kind = HandshakeKind::kProof;
-  proof.authenticated = !token_.empty();
-  proof.from = options_.self;
-  proof.to = p->id;
-  proof.nonce = c->my_nonce;
-  if (!token_.empty())
-    proof.mac = DialerMac(token_, options_.self, p->id, c->my_nonce, r->nonce);
-  if (!WriteRecord(c, proof)) return;
+  if (!WriteRecord(c, MakeProof(token_, options_.self, p->id, c->my_nonce, r->nonce))) return;
   MakeReady(c);
 }
 
 void TcpNetwork::Impl::OnProof(Conn* c) {
   Peer* p = c->peer;
   const Nonce dialer_nonce = c->peer_nonce;
-  absl::StatusOr<HandshakeRecord> r =
-      DecodeHandshake(c->hs, HandshakeKind::kProof);
-  if (r.ok() && (r->from != p->id || r->to != options_.self ||
-                 r->nonce != dialer_nonce)) {
-    r = absl::InvalidArgumentError(
-        "the handshake proof does not match its hello");
-  }
-  if (r.ok()) {
-    absl::Status auth = VerifyPeerMac(
-        token_, *r,
-        DialerMac(token_, p->id, options_.self, dialer_nonce, c->my_nonce));
-    if (!auth.ok()) r = auth;
-  }
+  absl::Status r =
+      CheckProof(c->hs.record(), token_, options_.self, p->id, dialer_nonce, c->my_nonce);
   if (!r.ok()) {
     ++refused_;
     c->peer = nullptr;  // Not authenticated: refusing it must not fail the real
                         // worker.
     ConnError(
         c,
-        absl::Status(r.status().code(),
-                     absl::StrCat("refused a connection claiming to be worker ",
-                                  p->id, ": ", r.status().message())),
+        absl::Status(r.code(), absl::StrCat("refused a connection claiming to be worker ",
+                                            p->id, ": ", r.message())),
         true);
     return;
   }
@@ -1179,7 +1004,7 @@ void TcpNetwork::Impl::CloseConn(Conn* c, bool reset) {
       p->conn_id = 0;
     }
   }
-  epoll_ctl(epoll_fd_, EPOLL_CTL_DEL, c->fd, nullptr);
+  poller_->Remove(c->fd);
   close(c->fd);
   conns_.erase(c->id);
 }
