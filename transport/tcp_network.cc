@@ -38,8 +38,7 @@ constexpr auto kDialRetry = std::chrono::milliseconds(50);
 constexpr auto kCloseLinger = std::chrono::milliseconds(500);
 
 SteadyClock::duration ToSteady(absl::Duration d) {
-  return std::chrono::duration_cast<SteadyClock::duration>(
-      absl::ToChronoNanoseconds(d));
+  return std::chrono::duration_cast<SteadyClock::duration>(absl::ToChronoNanoseconds(d));
 }
 
 using socket_util::ErrnoText;
@@ -105,9 +104,9 @@ class TcpNetwork::Impl {
 
     absl::Mutex mu;
     std::deque<Outgoing> queue ABSL_GUARDED_BY(mu);
-    size_t offset ABSL_GUARDED_BY(mu) = 0;  // Bytes of queue.front() written.
-    int fd ABSL_GUARDED_BY(mu) = -1;  // The ready connection's socket, or -1.
-    uint64_t conn_id ABSL_GUARDED_BY(mu) = 0;  // Its epoll key.
+    size_t offset ABSL_GUARDED_BY(mu) = 0;      // Bytes of queue.front() written.
+    int fd ABSL_GUARDED_BY(mu) = -1;            // The ready connection's socket, or -1.
+    uint64_t conn_id ABSL_GUARDED_BY(mu) = 0;   // Its epoll key.
     bool want_out ABSL_GUARDED_BY(mu) = false;  // EPOLLOUT armed.
     bool failed ABSL_GUARDED_BY(mu) = false;
     absl::Status failure ABSL_GUARDED_BY(mu);
@@ -120,14 +119,7 @@ class TcpNetwork::Impl {
     SteadyTime next_dial{};
   };
 
-  enum Phase {
-    kConnecting,
-    kAwaitHello,
-    kAwaitAcceptHello,
-    kAwaitProof,
-    kReady,
-    kClosing
-  };
+  enum Phase { kConnecting, kAwaitHello, kAwaitAcceptHello, kAwaitProof, kReady, kClosing };
 
   // Loop thread only.
   struct Conn {
@@ -223,7 +215,7 @@ class TcpNetwork::Impl {
   // Whether the caller is the one to finish (flush and close) in pooled mode.
   bool ClaimFinish();
   int next_timeout_ms_ = 10;  // Loop only.
-  absl::Mutex stop_mu_;  // Serializes Stop() callers.
+  absl::Mutex stop_mu_;       // Serializes Stop() callers.
   SteadyTime start_time_{};
   SteadyTime stop_deadline_{};
   bool stop_deadline_set_ = false;  // Loop only.
@@ -236,8 +228,8 @@ class TcpNetwork::Impl {
   uint64_t next_conn_id_ = kFirstConnKey;
   std::vector<uint8_t> staging_;
 
-  std::atomic<int64_t> messages_sent_{0}, messages_received_{0}, bad_input_{0},
-      refused_{0}, peers_failed_{0};
+  std::atomic<int64_t> messages_sent_{0}, messages_received_{0}, bad_input_{0}, refused_{0},
+      peers_failed_{0};
 };
 
 TcpNetwork::Impl::~Impl() {
@@ -247,29 +239,22 @@ TcpNetwork::Impl::~Impl() {
 
 absl::Status TcpNetwork::Impl::Listen() {
   if (options_.self < 0) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("bad worker id ", options_.self));
+    return absl::InvalidArgumentError(absl::StrCat("bad worker id ", options_.self));
   }
-  token_ = options_.auth_token.empty() ? TokenFromEnvironment()
-                                       : options_.auth_token;
+  token_ = options_.auth_token.empty() ? TokenFromEnvironment() : options_.auth_token;
   sockaddr_storage ss{};
   socklen_t len = 0;
   std::string host = options_.listen_host;
-  if (host.size() >= 2 && host.front() == '[')
-    host = host.substr(1, host.size() - 2);
-  absl::Status resolved =
-      Resolve(host, options_.listen_port, /*passive=*/true, &ss, &len);
+  if (host.size() >= 2 && host.front() == '[') host = host.substr(1, host.size() - 2);
+  absl::Status resolved = Resolve(host, options_.listen_port, /*passive=*/true, &ss, &len);
   if (!resolved.ok()) return resolved;
-  listen_fd_ =
-      socket(ss.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
-  if (listen_fd_ < 0)
-    return absl::UnavailableError(absl::StrCat("socket: ", ErrnoText(errno)));
+  listen_fd_ = socket(ss.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+  if (listen_fd_ < 0) return absl::UnavailableError(absl::StrCat("socket: ", ErrnoText(errno)));
   int one = 1;
   setsockopt(listen_fd_, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
   if (bind(listen_fd_, reinterpret_cast<sockaddr*>(&ss), len) != 0) {
-    return absl::UnavailableError(
-        absl::StrCat("cannot listen on ", options_.listen_host, ":",
-                     options_.listen_port, ": ", ErrnoText(errno)));
+    return absl::UnavailableError(absl::StrCat("cannot listen on ", options_.listen_host, ":",
+                                               options_.listen_port, ": ", ErrnoText(errno)));
   }
   if (listen(listen_fd_, 1024) != 0) {
     return absl::UnavailableError(absl::StrCat("listen: ", ErrnoText(errno)));
@@ -286,11 +271,9 @@ absl::Status TcpNetwork::Impl::Listen() {
   return absl::OkStatus();
 }
 
-absl::Status TcpNetwork::Impl::SetPeers(
-    const std::map<WorkerId, std::string>& addresses) {
+absl::Status TcpNetwork::Impl::SetPeers(const std::map<WorkerId, std::string>& addresses) {
   if (state_.load() != kIdle || peers_set_) {
-    return absl::FailedPreconditionError(
-        "SetPeers must be called once, before Start");
+    return absl::FailedPreconditionError("SetPeers must be called once, before Start");
   }
   std::map<WorkerId, std::unique_ptr<Peer>> peers;
   for (const auto& [id, address] : addresses) {
@@ -298,19 +281,16 @@ absl::Status TcpNetwork::Impl::SetPeers(
       return absl::InvalidArgumentError(
           absl::StrCat("peer list names this worker (", id, ") itself"));
     }
-    if (id < 0)
-      return absl::InvalidArgumentError(absl::StrCat("bad worker id ", id));
+    if (id < 0) return absl::InvalidArgumentError(absl::StrCat("bad worker id ", id));
     auto p = std::make_unique<Peer>();
     p->id = id;
     p->address = address;
     std::string host;
     int port = 0;
     absl::Status s = SplitHostPort(address, &host, &port);
-    if (s.ok())
-      s = Resolve(host, port, /*passive=*/false, &p->addr, &p->addr_len);
+    if (s.ok()) s = Resolve(host, port, /*passive=*/false, &p->addr, &p->addr_len);
     if (!s.ok()) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("address of worker ", id, ": ", s.message()));
+      return absl::InvalidArgumentError(absl::StrCat("address of worker ", id, ": ", s.message()));
     }
     peers[id] = std::move(p);
   }
@@ -321,8 +301,7 @@ absl::Status TcpNetwork::Impl::SetPeers(
 
 absl::Status TcpNetwork::Impl::Start(NetworkObserver* observer) {
   int expected = kIdle;
-  if (observer == nullptr)
-    return absl::InvalidArgumentError("Start needs an observer");
+  if (observer == nullptr) return absl::InvalidArgumentError("Start needs an observer");
   if (!state_.compare_exchange_strong(expected, kRunning)) {
     return absl::FailedPreconditionError("network already started or stopped");
   }
@@ -332,8 +311,7 @@ absl::Status TcpNetwork::Impl::Start(NetworkObserver* observer) {
     for (const auto& [id, p] : peers_) {
       std::string host;
       int port;
-      if (SplitHostPort(p->address, &host, &port).ok() &&
-          !IsLoopbackHost(host)) {
+      if (SplitHostPort(p->address, &host, &port).ok() && !IsLoopbackHost(host)) {
         all_loopback = false;
       }
     }
@@ -357,8 +335,7 @@ absl::Status TcpNetwork::Impl::Start(NetworkObserver* observer) {
     pool_ = options_.poll_with;
     if (!pool_->SetPollable(&adapter_)) {
       state_ = kStopped;
-      return absl::FailedPreconditionError(
-          "the thread pool already polls another network");
+      return absl::FailedPreconditionError("the thread pool already polls another network");
     }
     return absl::OkStatus();
   }
@@ -372,13 +349,12 @@ absl::Status TcpNetwork::Impl::Send(WorkerId to, Message message) {
   int state = state_.load();
   auto it = peers_.find(to);
   if (to != options_.self && it == peers_.end()) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "worker ", options_.self, " cannot send to unknown worker ", to));
+    return absl::InvalidArgumentError(
+        absl::StrCat("worker ", options_.self, " cannot send to unknown worker ", to));
   }
   if (state != kRunning) {
-    return absl::UnavailableError(
-        absl::StrCat("the network of worker ", options_.self, " is ",
-                     state == kIdle ? "not started" : "stopped"));
+    return absl::UnavailableError(absl::StrCat("the network of worker ", options_.self, " is ",
+                                               state == kIdle ? "not started" : "stopped"));
   }
   message.envelope.set_from(options_.self);
   message.envelope.set_to(to);
@@ -397,8 +373,7 @@ absl::Status TcpNetwork::Impl::Send(WorkerId to, Message message) {
   size_t size = frame->size();
   absl::ReleasableMutexLock lock(&p->mu);
   if (p->failed) {
-    return absl::UnavailableError(
-        absl::StrCat(PeerName(p), " has failed: ", p->failure.message()));
+    return absl::UnavailableError(absl::StrCat(PeerName(p), " has failed: ", p->failure.message()));
   }
   p->queue.push_back(Outgoing{std::move(*frame), size});
   ++messages_sent_;
@@ -416,16 +391,14 @@ bool TcpNetwork::Impl::FlushLocked(Peer* p) {
     iovec iov[kMaxIov];
     int n = 0;
     size_t skip = p->offset;
-    for (auto it = p->queue.begin(); it != p->queue.end() && n < kMaxIov;
-         ++it) {
+    for (auto it = p->queue.begin(); it != p->queue.end() && n < kMaxIov; ++it) {
       auto add = [&](const void* data, size_t size) {
         if (size == 0 || n >= kMaxIov) return;
         if (skip >= size) {
           skip -= size;
           return;
         }
-        iov[n].iov_base =
-            const_cast<uint8_t*>(static_cast<const uint8_t*>(data) + skip);
+        iov[n].iov_base = const_cast<uint8_t*>(static_cast<const uint8_t*>(data) + skip);
         iov[n].iov_len = size - skip;
         skip = 0;
         ++n;
@@ -444,8 +417,8 @@ bool TcpNetwork::Impl::FlushLocked(Peer* p) {
         SetWantOutLocked(p, true);
         return true;
       }
-      p->write_error = absl::UnavailableError(absl::StrCat(
-          "writing to ", PeerName(p), " failed: ", ErrnoText(errno)));
+      p->write_error = absl::UnavailableError(
+          absl::StrCat("writing to ", PeerName(p), " failed: ", ErrnoText(errno)));
       write_errors_ = true;
       return false;
     }
@@ -481,12 +454,10 @@ thread_local const void* polling_network = nullptr;
 void TcpNetwork::Impl::Stop(bool abort) {
   if (abort) abort_ = true;
   int state = kIdle;
-  if (state_.compare_exchange_strong(state, kStopped))
-    return;  // Never started.
+  if (state_.compare_exchange_strong(state, kStopped)) return;  // Never started.
   state = kRunning;
   state_.compare_exchange_strong(state, kStopping);
-  if (std::this_thread::get_id() == loop_id_.load() ||
-      polling_network == this) {
+  if (std::this_thread::get_id() == loop_id_.load() || polling_network == this) {
     // Called from an observer callback: the loop finishes the flush and exits
     // on its own; no callback runs after this returns (the loop checks the
     // state before each one).
@@ -549,18 +520,15 @@ bool TcpNetwork::Impl::Iterate(int max_wait_ms) {
     if (abort_.load()) return false;
     timeout_ms = 10;
     if (!stop_deadline_set_) {
-      stop_deadline_ =
-          SteadyClock::now() + ToSteady(options_.stop_flush_timeout);
+      stop_deadline_ = SteadyClock::now() + ToSteady(options_.stop_flush_timeout);
       stop_deadline_set_ = true;
     }
     if (FlushDone() || SteadyClock::now() >= stop_deadline_) return false;
   }
-  int n = poller_->Wait(timeout_ms, [this](uint64_t key, uint32_t events) {
-    HandleEvent(key, events);
-  });
+  int n = poller_->Wait(timeout_ms,
+                        [this](uint64_t key, uint32_t events) { HandleEvent(key, events); });
   if (n < 0 && errno != EINTR) {
-    Log(absl::StrCat("worker ", options_.self,
-                     ": epoll_wait failed: ", ErrnoText(errno)));
+    Log(absl::StrCat("worker ", options_.self, ": epoll_wait failed: ", ErrnoText(errno)));
     return false;
   }
   if (write_errors_.exchange(false)) {
@@ -580,17 +548,14 @@ bool TcpNetwork::Impl::Iterate(int max_wait_ms) {
 
 void TcpNetwork::Impl::Close() {
   if (abort_.load()) {
-    while (!conns_.empty())
-      CloseConn(conns_.begin()->second.get(), /*reset=*/true);
+    while (!conns_.empty()) CloseConn(conns_.begin()->second.get(), /*reset=*/true);
   } else {
     // Half-close every connection so peers read all we wrote, then close.
     if (!stop_deadline_set_) {
-      stop_deadline_ =
-          SteadyClock::now() + ToSteady(options_.stop_flush_timeout);
+      stop_deadline_ = SteadyClock::now() + ToSteady(options_.stop_flush_timeout);
       stop_deadline_set_ = true;
     }
-    auto linger_until =
-        std::min(SteadyClock::now() + kCloseLinger, stop_deadline_);
+    auto linger_until = std::min(SteadyClock::now() + kCloseLinger, stop_deadline_);
     // Say goodbye (after whatever is still queued, best effort), so peers see
     // an orderly stop rather than a crash.
     for (auto& [id, p] : peers_) {
@@ -669,13 +634,12 @@ void TcpNetwork::Impl::AcceptAll() {
   while (true) {
     sockaddr_storage ss{};
     socklen_t len = sizeof(ss);
-    int fd = accept4(listen_fd_, reinterpret_cast<sockaddr*>(&ss), &len,
-                     SOCK_NONBLOCK | SOCK_CLOEXEC);
+    int fd =
+        accept4(listen_fd_, reinterpret_cast<sockaddr*>(&ss), &len, SOCK_NONBLOCK | SOCK_CLOEXEC);
     if (fd < 0) {
       if (errno == EINTR || errno == ECONNABORTED) continue;
       if (errno != EAGAIN && errno != EWOULDBLOCK) {
-        Log(absl::StrCat("worker ", options_.self,
-                         ": accept failed: ", ErrnoText(errno)));
+        Log(absl::StrCat("worker ", options_.self, ": accept failed: ", ErrnoText(errno)));
       }
       return;
     }
@@ -696,12 +660,10 @@ void TcpNetwork::Impl::AcceptAll() {
 }
 
 void TcpNetwork::Impl::Dial(Peer* p) {
-  int fd =
-      socket(p->addr.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+  int fd = socket(p->addr.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
   if (fd < 0) {
-    FailPeer(p, absl::UnavailableError(
-                    absl::StrCat("cannot create a socket to ", PeerName(p),
-                                 ": ", ErrnoText(errno))));
+    FailPeer(p, absl::UnavailableError(absl::StrCat("cannot create a socket to ", PeerName(p), ": ",
+                                                    ErrnoText(errno))));
     return;
   }
   SetSocketOptions(fd, options_);
@@ -768,17 +730,16 @@ bool TcpNetwork::Impl::ReadHandshake(Conn* c, bool* closed) {
   if (result == HandshakeBuffer::kWouldBlock) return false;
   *closed = true;
   ConnError(c,
-            absl::UnavailableError(absl::StrCat(
-                c->address, " closed the connection during the handshake",
-                err != 0 ? absl::StrCat(": ", ErrnoText(err)) : std::string(),
-                c->dialer ? " (did it refuse our authentication?)" : "")),
+            absl::UnavailableError(
+                absl::StrCat(c->address, " closed the connection during the handshake",
+                             err != 0 ? absl::StrCat(": ", ErrnoText(err)) : std::string(),
+                             c->dialer ? " (did it refuse our authentication?)" : "")),
             false);
   return false;
 }
 
 void TcpNetwork::Impl::OnReadable(Conn* c) {
-  const uint64_t id =
-      c->id;  // `c` may be closed (and freed) by any step below.
+  const uint64_t id = c->id;  // `c` may be closed (and freed) by any step below.
   while (c->phase != kReady) {
     bool closed = false;
     if (!ReadHandshake(c, &closed)) return;
@@ -807,11 +768,10 @@ void TcpNetwork::Impl::OnHello(Conn* c) {
   auto it = peers_.find(r->from);
   if (it == peers_.end() || r->from <= options_.self) {
     ConnError(c,
-              absl::InvalidArgumentError(absl::StrCat(
-                  "handshake from worker ", r->from,
-                  it == peers_.end()
-                      ? ", which is not a known peer"
-                      : ", which this worker dials itself (lower id)")),
+              absl::InvalidArgumentError(
+                  absl::StrCat("handshake from worker ", r->from,
+                               it == peers_.end() ? ", which is not a known peer"
+                                                  : ", which this worker dials itself (lower id)")),
               true);
     return;
   }
@@ -819,12 +779,11 @@ void TcpNetwork::Impl::OnHello(Conn* c) {
   {
     absl::MutexLock lock(&p->mu);
     if (p->failed || p->conn != 0) {
-      ConnError(
-          c,
-          absl::FailedPreconditionError(absl::StrCat(
-              "refused a second connection claiming to be worker ", r->from,
-              p->failed ? " (already failed)" : " (already connected)")),
-          true);
+      ConnError(c,
+                absl::FailedPreconditionError(
+                    absl::StrCat("refused a second connection claiming to be worker ", r->from,
+                                 p->failed ? " (already failed)" : " (already connected)")),
+                true);
       return;
     }
   }
@@ -832,10 +791,10 @@ void TcpNetwork::Impl::OnHello(Conn* c) {
   absl::Status auth = VerifyPeerMac(token_, *r, r->mac);
   if (!auth.ok()) {
     ++refused_;
-    ConnError(c,
-              absl::UnauthenticatedError(absl::StrCat(
-                  "refused worker ", r->from, ": ", auth.message())),
-              true);
+    ConnError(
+        c,
+        absl::UnauthenticatedError(absl::StrCat("refused worker ", r->from, ": ", auth.message())),
+        true);
     return;
   }
   absl::StatusOr<Nonce> nonce = RandomNonce();
@@ -871,11 +830,10 @@ void TcpNetwork::Impl::OnProof(Conn* c) {
     ++refused_;
     c->peer = nullptr;  // Not authenticated: refusing it must not fail the real
                         // worker.
-    ConnError(
-        c,
-        absl::Status(r.code(), absl::StrCat("refused a connection claiming to be worker ",
-                                            p->id, ": ", r.message())),
-        true);
+    ConnError(c,
+              absl::Status(r.code(), absl::StrCat("refused a connection claiming to be worker ",
+                                                  p->id, ": ", r.message())),
+              true);
     return;
   }
   {
@@ -883,8 +841,8 @@ void TcpNetwork::Impl::OnProof(Conn* c) {
     if (p->failed || p->conn != 0) {
       c->peer = nullptr;
       ConnError(c,
-                absl::FailedPreconditionError(absl::StrCat(
-                    "refused a second connection from worker ", p->id)),
+                absl::FailedPreconditionError(
+                    absl::StrCat("refused a second connection from worker ", p->id)),
                 true);
       return;
     }
@@ -923,18 +881,15 @@ void TcpNetwork::Impl::ReadFrames(Conn* c) {
       if (errno == EINTR) continue;
       if (errno == EAGAIN || errno == EWOULDBLOCK) return;
       FailPeer(p, absl::UnavailableError(
-                      absl::StrCat("connection to ", PeerName(p),
-                                   " failed: ", ErrnoText(errno))));
+                      absl::StrCat("connection to ", PeerName(p), " failed: ", ErrnoText(errno))));
       return;
     }
     if (r == 0) {
       if (c->reader->goodbye()) {
-        FailPeer(p,
-                 absl::UnavailableError(absl::StrCat(PeerName(p), " stopped")),
+        FailPeer(p, absl::UnavailableError(absl::StrCat(PeerName(p), " stopped")),
                  /*quiet=*/true);
       } else {
-        FailPeer(p, absl::UnavailableError(
-                        absl::StrCat(PeerName(p), " closed the connection")));
+        FailPeer(p, absl::UnavailableError(absl::StrCat(PeerName(p), " closed the connection")));
       }
       return;
     }
@@ -974,19 +929,17 @@ void TcpNetwork::Impl::DeliverSelf() {
   }
 }
 
-void TcpNetwork::Impl::ConnError(Conn* c, const absl::Status& status,
-                                 bool bad_input) {
+void TcpNetwork::Impl::ConnError(Conn* c, const absl::Status& status, bool bad_input) {
   if (bad_input) ++bad_input_;
   Peer* p = c->peer;
   bool owns_peer = p != nullptr && p->conn == c->id;
   if (owns_peer) {
-    FailPeer(
-        p, absl::UnavailableError(absl::StrCat("connection to ", PeerName(p),
-                                               " closed: ", status.message())));
+    FailPeer(p, absl::UnavailableError(
+                    absl::StrCat("connection to ", PeerName(p), " closed: ", status.message())));
     return;
   }
-  Log(absl::StrCat("worker ", options_.self, ": closing the connection from ",
-                   c->address, ": ", status.message()));
+  Log(absl::StrCat("worker ", options_.self, ": closing the connection from ", c->address, ": ",
+                   status.message()));
   CloseConn(c, false);
 }
 
@@ -1009,8 +962,7 @@ void TcpNetwork::Impl::CloseConn(Conn* c, bool reset) {
   conns_.erase(c->id);
 }
 
-void TcpNetwork::Impl::FailPeer(Peer* p, const absl::Status& status,
-                                bool quiet) {
+void TcpNetwork::Impl::FailPeer(Peer* p, const absl::Status& status, bool quiet) {
   std::deque<Outgoing> dropped;
   {
     absl::MutexLock lock(&p->mu);
@@ -1028,16 +980,14 @@ void TcpNetwork::Impl::FailPeer(Peer* p, const absl::Status& status,
   ++peers_failed_;
   if (state_.load() != kRunning) return;
   if (!quiet)
-    Log(absl::StrCat("worker ", options_.self, ": ", PeerName(p),
-                     " failed: ", status.message()));
+    Log(absl::StrCat("worker ", options_.self, ": ", PeerName(p), " failed: ", status.message()));
   observer_->OnPeerFailed(p->id, absl::UnavailableError(status.message()));
 }
 
 bool TcpNetwork::Impl::CheckTimers() {
   bool busy = false;
   SteadyTime now = SteadyClock::now();
-  SteadyTime connect_deadline =
-      start_time_ + ToSteady(options_.connect_timeout);
+  SteadyTime connect_deadline = start_time_ + ToSteady(options_.connect_timeout);
   for (auto& [id, p] : peers_) {
     if (p->conn != 0 || p->ready_once) continue;
     {
@@ -1045,16 +995,14 @@ bool TcpNetwork::Impl::CheckTimers() {
       if (p->failed) continue;
     }
     if (now >= connect_deadline) {
-      FailPeer(p.get(), absl::UnavailableError(absl::StrCat(
-                            id < options_.self ? "could not connect to "
-                                               : "no connection from ",
-                            PeerName(p.get()), " within ",
-                            absl::FormatDuration(options_.connect_timeout))));
+      FailPeer(p.get(),
+               absl::UnavailableError(absl::StrCat(
+                   id < options_.self ? "could not connect to " : "no connection from ",
+                   PeerName(p.get()), " within ", absl::FormatDuration(options_.connect_timeout))));
       continue;
     }
     busy = true;
-    if (id < options_.self && now >= p->next_dial && state_.load() == kRunning)
-      Dial(p.get());
+    if (id < options_.self && now >= p->next_dial && state_.load() == kRunning) Dial(p.get());
   }
   std::vector<Conn*> expired;
   for (auto& [id, c] : conns_) {
@@ -1065,16 +1013,16 @@ bool TcpNetwork::Impl::CheckTimers() {
   for (Conn* c : expired) {
     if (c->dialer) {
       ConnError(c,
-                absl::DeadlineExceededError(absl::StrCat(
-                    "handshake with ", c->address, " did not finish within ",
-                    absl::FormatDuration(options_.handshake_timeout))),
+                absl::DeadlineExceededError(
+                    absl::StrCat("handshake with ", c->address, " did not finish within ",
+                                 absl::FormatDuration(options_.handshake_timeout))),
                 false);
     } else {
       c->peer = nullptr;
       ConnError(c,
-                absl::DeadlineExceededError(absl::StrCat(
-                    "the peer did not finish the handshake within ",
-                    absl::FormatDuration(options_.handshake_timeout))),
+                absl::DeadlineExceededError(
+                    absl::StrCat("the peer did not finish the handshake within ",
+                                 absl::FormatDuration(options_.handshake_timeout))),
                 true);
     }
   }
@@ -1084,8 +1032,7 @@ bool TcpNetwork::Impl::CheckTimers() {
 TcpNetwork::TcpNetwork(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 TcpNetwork::~TcpNetwork() = default;
 
-absl::StatusOr<std::unique_ptr<TcpNetwork>> TcpNetwork::Listen(
-    TcpNetworkOptions options) {
+absl::StatusOr<std::unique_ptr<TcpNetwork>> TcpNetwork::Listen(TcpNetworkOptions options) {
   auto impl = std::make_unique<Impl>(std::move(options));
   absl::Status s = impl->Listen();
   if (!s.ok()) return s;
@@ -1093,24 +1040,17 @@ absl::StatusOr<std::unique_ptr<TcpNetwork>> TcpNetwork::Listen(
 }
 
 int TcpNetwork::port() const { return impl_->port_; }
-std::string TcpNetwork::listen_address() const {
-  return impl_->listen_address_;
-}
-absl::Status TcpNetwork::SetPeers(
-    const std::map<WorkerId, std::string>& addresses) {
+std::string TcpNetwork::listen_address() const { return impl_->listen_address_; }
+absl::Status TcpNetwork::SetPeers(const std::map<WorkerId, std::string>& addresses) {
   return impl_->SetPeers(addresses);
 }
 WorkerId TcpNetwork::self() const { return impl_->options_.self; }
-absl::Status TcpNetwork::Start(NetworkObserver* observer) {
-  return impl_->Start(observer);
-}
+absl::Status TcpNetwork::Start(NetworkObserver* observer) { return impl_->Start(observer); }
 absl::Status TcpNetwork::Send(WorkerId to, Message message) {
   return impl_->Send(to, std::move(message));
 }
 void TcpNetwork::Stop() { impl_->Stop(false); }
 void TcpNetwork::Abort() { impl_->Stop(true); }
-std::map<std::string, int64_t> TcpNetwork::GetStats() const {
-  return impl_->GetStats();
-}
+std::map<std::string, int64_t> TcpNetwork::GetStats() const { return impl_->GetStats(); }
 
 }  // namespace tether
