@@ -115,8 +115,7 @@ struct RRefContext::PendingChild {
   ForkId fork;
   WorkerId child = -1;
   WorkerId owner = -1;
-  ForkId parent_fork;  // the parent's user fork; invalid when the parent is the
-                       // owner
+  ForkId parent_fork;  // the parent's user fork; invalid when the parent is the owner
   RRefHandle pin;
   TimerId timer = 0;
   bool has_timer = false;

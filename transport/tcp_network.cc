@@ -127,8 +127,7 @@ class TcpNetwork::Impl {
     int fd = -1;
     std::string address;
     bool dialer = false;
-    Peer* peer = nullptr;  // Known from the start when dialing, after the hello
-                           // when accepting.
+    Peer* peer = nullptr;  // Known from the start when dialing, after the hello when accepting.
     Phase phase = kConnecting;
     HandshakeBuffer hs;
     Nonce my_nonce{};
@@ -828,8 +827,7 @@ void TcpNetwork::Impl::OnProof(Conn* c) {
       CheckProof(c->hs.record(), token_, options_.self, p->id, dialer_nonce, c->my_nonce);
   if (!r.ok()) {
     ++refused_;
-    c->peer = nullptr;  // Not authenticated: refusing it must not fail the real
-                        // worker.
+    c->peer = nullptr;  // Not authenticated: refusing it must not fail the real worker.
     ConnError(c,
               absl::Status(r.code(), absl::StrCat("refused a connection claiming to be worker ",
                                                   p->id, ": ", r.message())),
