@@ -5,7 +5,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
-#include "core/rref.pb.h"
+#include "core/retried_call.h"
 #include "core/status.h"
 
 namespace tether {
@@ -21,15 +21,6 @@ constexpr bool kPlantedBugs = true;
 constexpr bool kPlantedBugs = false;
 #endif
 
-void ToProto(const GloballyUniqueId& id, rref_wire::GlobalId* out) {
-  out->set_worker(id.worker);
-  out->set_local(id.local);
-}
-
-GloballyUniqueId FromProto(const rref_wire::GlobalId& id) {
-  return GloballyUniqueId{id.worker(), id.local()};
-}
-
 bool IsRemoteCallType(MessageType type) {
   return type == wire::PYTHON_REMOTE_CALL || type == wire::SCRIPT_REMOTE_CALL ||
          type == wire::BUILTIN_REMOTE_CALL || type == wire::TEST_REMOTE_CALL;
@@ -39,64 +30,15 @@ absl::Status WithPrefix(const absl::Status& status, absl::string_view prefix) {
   return absl::Status(status.code(), absl::StrCat(prefix, status.message()));
 }
 
-std::string EncodeForkRef(const RRefId& rref, const ForkId& fork) {
-  rref_wire::ForkRef msg;
-  ToProto(rref, msg.mutable_rref_id());
-  ToProto(fork, msg.mutable_fork_id());
-  return msg.SerializeAsString();
-}
-
-std::string EncodeChildControl(const ForkId& fork, bool query) {
-  rref_wire::ChildControl msg;
-  ToProto(fork, msg.mutable_fork_id());
-  msg.set_query(query);
-  return msg.SerializeAsString();
-}
-
 }  // namespace
 
 bool RRefPlantedBugsCompiledIn() { return kPlantedBugs; }
 
-std::string GloballyUniqueId::ToString() const {
-  return absl::StrCat("GUID(", worker, ":", local, ")");
-}
-
-std::string RRefDescriptor::Serialize() const {
-  rref_wire::Descriptor msg;
-  ToProto(rref_id, msg.mutable_rref_id());
-  ToProto(fork_id, msg.mutable_fork_id());
-  msg.set_owner(owner);
-  msg.set_parent(parent);
-  msg.set_type_name(type_name);
-  return msg.SerializeAsString();
-}
-
-absl::StatusOr<RRefDescriptor> RRefDescriptor::Parse(absl::string_view bytes) {
-  rref_wire::Descriptor msg;
-  if (!msg.ParseFromArray(bytes.data(), static_cast<int>(bytes.size()))) {
-    return absl::InvalidArgumentError(
-        "RRef descriptor: not a serialized descriptor");
-  }
-  RRefDescriptor d;
-  d.rref_id = FromProto(msg.rref_id());
-  d.fork_id = FromProto(msg.fork_id());
-  d.owner = msg.owner();
-  d.parent = msg.parent();
-  d.type_name = msg.type_name();
-  if (!d.rref_id.valid() || !d.fork_id.valid() || d.owner < 0 || d.parent < 0) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "RRef descriptor: invalid ids (rref ", d.rref_id.ToString(), ", fork ",
-        d.fork_id.ToString(), ", owner ", d.owner, ", parent ", d.parent, ")"));
-  }
-  return d;
-}
-
 std::string LeakedRRef::ToString() const {
-  return absl::StrCat(
-      is_owner ? "owner" : "user", " RRef ", rref_id.ToString(),
-      is_owner ? "" : absl::StrCat(" fork ", fork_id.ToString()),
-      " owned by worker ", owner, ", created by worker ", creator, " (",
-      created_by, ")");
+  return absl::StrCat(is_owner ? "owner" : "user", " RRef ", rref_id.ToString(),
+                      is_owner ? "" : absl::StrCat(" fork ", fork_id.ToString()),
+                      " owned by worker ", owner, ", created by worker ", creator, " (", created_by,
+                      ")");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -140,7 +82,7 @@ struct RRefContext::OwnerEntry {
   bool creation_started = false;
   std::optional<absl::StatusOr<RRefValue>> value;
   std::map<ForkId, WorkerId> forks;  // fork -> holder
-  int64_t fork_count = 0;  // only with the planted bug forget_idempotence
+  int64_t fork_count = 0;            // only with the planted bug forget_idempotence
   int64_t local_handles = 0;
   uint64_t next_waiter = 1;
   std::map<uint64_t, Waiter> waiters;
@@ -173,8 +115,7 @@ struct RRefContext::PendingChild {
   ForkId fork;
   WorkerId child = -1;
   WorkerId owner = -1;
-  ForkId parent_fork;  // the parent's user fork; invalid when the parent is the
-                       // owner
+  ForkId parent_fork;  // the parent's user fork; invalid when the parent is the owner
   RRefHandle pin;
   TimerId timer = 0;
   bool has_timer = false;
@@ -189,8 +130,7 @@ struct RRefContext::ReceivedChild {
 // ---------------------------------------------------------------------------------------------
 // Construction.
 
-RRefContext::RRefContext(Agent* agent, Clock* clock, Executor* executor,
-                         RRefContextOptions options)
+RRefContext::RRefContext(Agent* agent, Clock* clock, Executor* executor, RRefContextOptions options)
     : agent_(agent),
       clock_(clock),
       executor_(executor),
@@ -198,11 +138,9 @@ RRefContext::RRefContext(Agent* agent, Clock* clock, Executor* executor,
       self_(agent->self().id),
       next_local_id_((options_.incarnation << 40) + 1) {}
 
-std::shared_ptr<RRefContext> RRefContext::Create(Agent* agent, Clock* clock,
-                                                 Executor* executor,
+std::shared_ptr<RRefContext> RRefContext::Create(Agent* agent, Clock* clock, Executor* executor,
                                                  RRefContextOptions options) {
-  std::shared_ptr<RRefContext> ctx(
-      new RRefContext(agent, clock, executor, std::move(options)));
+  std::shared_ptr<RRefContext> ctx(new RRefContext(agent, clock, executor, std::move(options)));
   ctx->Attach();
   return ctx;
 }
@@ -217,28 +155,34 @@ RRefContext::~RRefContext() {
 
 void RRefContext::Attach() {
   std::weak_ptr<RRefContext> weak = weak_from_this();
-  auto route =
-      [weak](void (RRefContext::*method)(std::shared_ptr<IncomingCall>)) {
-        return [weak, method](std::shared_ptr<IncomingCall> call) {
-          if (std::shared_ptr<RRefContext> self = weak.lock()) {
-            (self.get()->*method)(std::move(call));
-          } else {
-            call->ReplyError(absl::CancelledError("RRef context is gone"));
-          }
-        };
-      };
+  RetryPolicy policy;
+  policy.attempt_timeout = options_.control_timeout;
+  policy.initial_backoff = options_.retry_initial_backoff;
+  policy.max_backoff = options_.retry_max_backoff;
+  Agent* agent = agent_;
+  control_ = std::make_unique<RetriedCaller>(
+      weak,
+      [agent](WorkerId to, MessageType type, std::string payload, absl::Duration timeout) {
+        return agent->Call(to, type, std::move(payload), {}, timeout);
+      },
+      clock_, executor_, policy, [this](bool timed_out) { return OnControlAttempt(timed_out); });
+  auto route = [weak](void (RRefContext::*method)(std::shared_ptr<IncomingCall>)) {
+    return [weak, method](std::shared_ptr<IncomingCall> call) {
+      if (std::shared_ptr<RRefContext> self = weak.lock()) {
+        (self.get()->*method)(std::move(call));
+      } else {
+        call->ReplyError(absl::CancelledError("RRef context is gone"));
+      }
+    };
+  };
   for (MessageType type : {wire::PYTHON_REMOTE_CALL, wire::SCRIPT_REMOTE_CALL,
                            wire::BUILTIN_REMOTE_CALL, wire::TEST_REMOTE_CALL}) {
     agent_->RegisterHandler(type, route(&RRefContext::HandleRemoteCall));
   }
-  agent_->RegisterHandler(wire::RREF_FETCH_CALL,
-                          route(&RRefContext::HandleFetch));
-  agent_->RegisterHandler(wire::RREF_FORK_REQUEST,
-                          route(&RRefContext::HandleForkRequest));
-  agent_->RegisterHandler(wire::RREF_USER_DELETE,
-                          route(&RRefContext::HandleUserDelete));
-  agent_->RegisterHandler(wire::RREF_CHILD_ACCEPT,
-                          route(&RRefContext::HandleChildControl));
+  agent_->RegisterHandler(wire::RREF_FETCH_CALL, route(&RRefContext::HandleFetch));
+  agent_->RegisterHandler(wire::RREF_FORK_REQUEST, route(&RRefContext::HandleForkRequest));
+  agent_->RegisterHandler(wire::RREF_USER_DELETE, route(&RRefContext::HandleUserDelete));
+  agent_->RegisterHandler(wire::RREF_CHILD_ACCEPT, route(&RRefContext::HandleChildControl));
   agent_->AddActivitySource([weak]() -> ActivitySnapshot {
     std::shared_ptr<RRefContext> self = weak.lock();
     if (!self) return {};
@@ -249,11 +193,9 @@ void RRefContext::Attach() {
     snap.events = self->events_;
     return snap;
   });
-  agent_->AddPeerFailureListener(
-      [weak](WorkerId peer, const absl::Status& reason) {
-        if (std::shared_ptr<RRefContext> self = weak.lock())
-          self->OnPeerFailed(peer, reason);
-      });
+  agent_->AddPeerFailureListener([weak](WorkerId peer, const absl::Status& reason) {
+    if (std::shared_ptr<RRefContext> self = weak.lock()) self->OnPeerFailed(peer, reason);
+  });
 }
 
 void RRefContext::SetRemoteRunner(MessageType type, RemoteRunner runner) {
@@ -283,12 +225,10 @@ void RRefContext::NoteCallerLocked(const IncomingCall& call) {
   }
 }
 
-GloballyUniqueId RRefContext::NewIdLocked() {
-  return GloballyUniqueId{self_, next_local_id_++};
-}
+GloballyUniqueId RRefContext::NewIdLocked() { return GloballyUniqueId{self_, next_local_id_++}; }
 
-void RRefContext::EmitLocked(RRefEvent::Kind kind, const RRefId& rref,
-                             const ForkId& fork, WorkerId peer) {
+void RRefContext::EmitLocked(RRefEvent::Kind kind, const RRefId& rref, const ForkId& fork,
+                             WorkerId peer) {
   ++events_;
   if (options_.observer == nullptr) return;
   RRefEvent event;
@@ -300,9 +240,8 @@ void RRefContext::EmitLocked(RRefEvent::Kind kind, const RRefId& rref,
   options_.observer->OnRRefEvent(event);
 }
 
-RRefHandle RRefContext::MakeHandleLocked(const RRefId& rref, const ForkId& fork,
-                                         WorkerId owner, bool is_owner,
-                                         const std::string& type_name) {
+RRefHandle RRefContext::MakeHandleLocked(const RRefId& rref, const ForkId& fork, WorkerId owner,
+                                         bool is_owner, const std::string& type_name) {
   auto state = std::make_shared<RRefHandle::State>();
   state->ctx = weak_from_this();
   state->rref = rref;
@@ -320,64 +259,31 @@ RRefHandle RRefContext::MakeHandleLocked(const RRefId& rref, const ForkId& fork,
 // ---------------------------------------------------------------------------------------------
 // Control messages.
 
-void RRefContext::SendControl(
-    WorkerId to, MessageType type, std::string payload,
-    std::function<void(const absl::StatusOr<Message>&)> done) {
+void RRefContext::SendControl(WorkerId to, MessageType type, std::string payload,
+                              std::function<void(const absl::StatusOr<Message>&)> done) {
   {
     absl::MutexLock lock(&mu_);
     ++pending_control_;
     TouchLocked();
   }
-  ControlAttempt(to, type, std::move(payload), 0, std::move(done));
+  control_->Send(to, type, std::move(payload), std::move(done));
 }
 
-void RRefContext::ControlAttempt(
-    WorkerId to, MessageType type, std::string payload, int attempt,
-    std::function<void(const absl::StatusOr<Message>&)> done) {
-  std::weak_ptr<RRefContext> weak = weak_from_this();
-  Future<Message> reply =
-      agent_->Call(to, type, payload, {}, options_.control_timeout);
-  reply.Then([weak, to, type, payload, attempt,
-              done](const absl::StatusOr<Message>& result) {
-    std::shared_ptr<RRefContext> self = weak.lock();
-    if (!self) return;
-    bool retry = !result.ok() &&
-                 result.status().code() == absl::StatusCode::kDeadlineExceeded;
-    {
-      absl::MutexLock lock(&self->mu_);
-      self->TouchLocked();
-      if (retry && self->closed_) retry = false;
-      if (!retry) {
-        --self->pending_control_;
-        self->CheckShutdownDone();
-      }
-    }
-    if (!retry) {
-      done(result);
-      return;
-    }
-    absl::Duration backoff = self->options_.retry_initial_backoff;
-    for (int i = 0; i < attempt && backoff < self->options_.retry_max_backoff;
-         ++i)
-      backoff *= 2;
-    backoff = std::min(backoff, self->options_.retry_max_backoff);
-    self->clock_->Schedule(
-        self->clock_->Now() + backoff,
-        [weak, to, type, payload, attempt, done] {
-          std::shared_ptr<RRefContext> s = weak.lock();
-          if (!s) return;
-          s->PostSelf([to, type, payload, attempt, done](RRefContext* c) {
-            c->ControlAttempt(to, type, payload, attempt + 1, done);
-          });
-        });
-  });
+bool RRefContext::OnControlAttempt(bool timed_out) {
+  absl::MutexLock lock(&mu_);
+  TouchLocked();
+  bool retry = timed_out && !closed_;
+  if (!retry) {
+    --pending_control_;
+    CheckShutdownDone();
+  }
+  return retry;
 }
 
 // ---------------------------------------------------------------------------------------------
 // Owner side.
 
-RRefContext::OwnerEntry* RRefContext::FindOrCreatePlaceholderLocked(
-    const RRefId& rref) {
+RRefContext::OwnerEntry* RRefContext::FindOrCreatePlaceholderLocked(const RRefId& rref) {
   auto it = owners_.find(rref);
   if (it != owners_.end()) return it->second.get();
   auto entry = std::make_unique<OwnerEntry>();
@@ -388,8 +294,7 @@ RRefContext::OwnerEntry* RRefContext::FindOrCreatePlaceholderLocked(
   return raw;
 }
 
-void RRefContext::AddForkLocked(OwnerEntry* entry, const ForkId& fork,
-                                WorkerId holder) {
+void RRefContext::AddForkLocked(OwnerEntry* entry, const ForkId& fork, WorkerId holder) {
   if (kPlantedBugs && options_.bugs.forget_idempotence) {
     ++entry->fork_count;
     entry->forks[fork] = holder;
@@ -402,8 +307,7 @@ void RRefContext::AddForkLocked(OwnerEntry* entry, const ForkId& fork,
   }
 }
 
-void RRefContext::RemoveForkLocked(OwnerEntry* entry, const ForkId& fork,
-                                   bool duplicate_aware) {
+void RRefContext::RemoveForkLocked(OwnerEntry* entry, const ForkId& fork, bool duplicate_aware) {
   if ((kPlantedBugs && options_.bugs.forget_idempotence) && !duplicate_aware) {
     --entry->fork_count;
     if (entry->forks.erase(fork) > 0) {
@@ -424,20 +328,17 @@ void RRefContext::MaybeFreeLocked(const RRefId& rref, Actions* actions) {
   if (it == owners_.end()) return;
   OwnerEntry* entry = it->second.get();
   bool forked = (kPlantedBugs && options_.bugs.forget_idempotence) ? entry->fork_count > 0
-                                                 : !entry->forks.empty();
+                                                                   : !entry->forks.empty();
   if (forked) return;
   if (entry->local_handles > 0) {
     if (!shutting_down_) return;
     // Shutting down, local handles no longer pin the value, but one sent to
     // this very worker and not received yet still does (its call is in flight).
     for (const auto& [fork, child] : pending_children_) {
-      if (child->rref == rref && child->child == self_ &&
-          !child->parent_fork.valid())
-        return;
+      if (child->rref == rref && child->child == self_ && !child->parent_fork.valid()) return;
     }
   }
-  if (entry->creation_started && !entry->value.has_value())
-    return;  // function still running
+  if (entry->creation_started && !entry->value.has_value()) return;  // function still running
   if (entry->placeholder()) {
     // Nothing was ever created here; forget it (not a free: the creation may
     // still arrive).
@@ -455,8 +356,7 @@ void RRefContext::FreeLocked(const RRefId& rref, Actions* actions) {
   freed_.insert(rref);
   EmitLocked(RRefEvent::kOwnerFreed, rref, ForkId{}, -1);
   absl::Status gone = absl::FailedPreconditionError(
-      absl::StrCat("RRef ", rref.ToString(), " was freed on its owner (worker ",
-                   self_, ")"));
+      absl::StrCat("RRef ", rref.ToString(), " was freed on its owner (worker ", self_, ")"));
   for (auto& [id, waiter] : entry->waiters) {
     if (waiter.has_timer) clock_->Cancel(waiter.timer);
   }
@@ -472,23 +372,20 @@ void RRefContext::HandleRemoteCall(std::shared_ptr<IncomingCall> call) {
     absl::MutexLock lock(&mu_);
     NoteCallerLocked(*call);
   }
-  rref_wire::RemoteCall msg;
+  RemoteCallPayload msg;
   const Message& request = call->request();
-  if (!msg.ParseFromString(request.envelope.payload())) {
-    call->ReplyError(absl::InvalidArgumentError(
-        absl::StrCat(MessageTypeName(request.envelope.type()),
-                     ": payload is not an RRef remote call")));
+  if (!DecodeRemoteCall(request.envelope.payload(), &msg)) {
+    call->ReplyError(absl::InvalidArgumentError(absl::StrCat(
+        MessageTypeName(request.envelope.type()), ": payload is not an RRef remote call")));
     return;
   }
-  RRefId rref = FromProto(msg.rref_id());
-  ForkId fork = FromProto(msg.fork_id());
+  RRefId rref = msg.rref_id;
+  ForkId fork = msg.fork_id;
   WorkerId caller = call->caller();
-  if (!rref.valid() || !fork.valid() || rref.worker != caller ||
-      fork.worker != caller) {
+  if (!rref.valid() || !fork.valid() || rref.worker != caller || fork.worker != caller) {
     call->ReplyError(absl::InvalidArgumentError(
-        absl::StrCat(MessageTypeName(request.envelope.type()),
-                     ": invalid ids (rref ", rref.ToString(), ", fork ",
-                     fork.ToString(), ") from worker ", caller)));
+        absl::StrCat(MessageTypeName(request.envelope.type()), ": invalid ids (rref ",
+                     rref.ToString(), ", fork ", fork.ToString(), ") from worker ", caller)));
     return;
   }
   Actions actions;
@@ -496,15 +393,13 @@ void RRefContext::HandleRemoteCall(std::shared_ptr<IncomingCall> call) {
   {
     absl::MutexLock lock(&mu_);
     if (closed_) {
-      actions.push_back([call] {
-        call->ReplyError(absl::CancelledError("RRef context closed"));
-      });
+      actions.push_back([call] { call->ReplyError(absl::CancelledError("RRef context closed")); });
     } else if (freed_.count(rref) > 0) {
       // A late duplicate of a creation that already ran and was freed: never
       // run it again.
       actions.push_back([call, rref] {
-        call->ReplyError(absl::FailedPreconditionError(absl::StrCat(
-            "RRef ", rref.ToString(), " was already created and freed")));
+        call->ReplyError(absl::FailedPreconditionError(
+            absl::StrCat("RRef ", rref.ToString(), " was already created and freed")));
       });
     } else {
       OwnerEntry* entry = FindOrCreatePlaceholderLocked(rref);
@@ -525,8 +420,8 @@ void RRefContext::HandleRemoteCall(std::shared_ptr<IncomingCall> call) {
       } else {
         entry->creation_started = true;
         entry->creator = caller;
-        entry->created_by = msg.created_by();
-        entry->type_name = msg.type_name();
+        entry->created_by = msg.created_by;
+        entry->type_name = msg.type_name;
         entry->creation_calls.push_back(call);
         ++running_functions_;
         EmitLocked(RRefEvent::kOwnerCreated, rref, fork, caller);
@@ -542,34 +437,31 @@ void RRefContext::HandleRemoteCall(std::shared_ptr<IncomingCall> call) {
     req.caller = caller;
     req.type = request.envelope.type();
     req.rref_id = rref;
-    req.payload = std::move(*msg.mutable_payload());
+    req.payload = std::move(msg.payload);
     req.buffers = request.buffers;
     req.deadline = call->deadline();
     StartFunction(rref, std::move(req), request.envelope.type(), nullptr);
   }
 }
 
-void RRefContext::StartFunction(const RRefId& rref, RemoteRequest request,
-                                MessageType type, CreationCallback on_created) {
+void RRefContext::StartFunction(const RRefId& rref, RemoteRequest request, MessageType type,
+                                CreationCallback on_created) {
   auto it = runners_.find(type);
   if (it == runners_.end()) {
-    OnFunctionDone(
-        rref, absl::UnimplementedError(absl::StrCat(
-                  "no remote runner registered for ", MessageTypeName(type))));
+    OnFunctionDone(rref, absl::UnimplementedError(absl::StrCat("no remote runner registered for ",
+                                                               MessageTypeName(type))));
     return;
   }
   Future<RRefValue> value = it->second(std::move(request));
   std::weak_ptr<RRefContext> weak = weak_from_this();
-  value.Then([weak, rref, on_created = std::move(on_created)](
-                 const absl::StatusOr<RRefValue>& result) {
-    if (on_created && result.ok()) on_created(result->creation_reply);
-    if (std::shared_ptr<RRefContext> self = weak.lock())
-      self->OnFunctionDone(rref, result);
-  });
+  value.Then(
+      [weak, rref, on_created = std::move(on_created)](const absl::StatusOr<RRefValue>& result) {
+        if (on_created && result.ok()) on_created(result->creation_reply);
+        if (std::shared_ptr<RRefContext> self = weak.lock()) self->OnFunctionDone(rref, result);
+      });
 }
 
-void RRefContext::OnFunctionDone(const RRefId& rref,
-                                 const absl::StatusOr<RRefValue>& result) {
+void RRefContext::OnFunctionDone(const RRefId& rref, const absl::StatusOr<RRefValue>& result) {
   Actions actions;
   {
     absl::MutexLock lock(&mu_);
@@ -580,8 +472,7 @@ void RRefContext::OnFunctionDone(const RRefId& rref,
     OwnerEntry* entry = it->second.get();
     entry->value.emplace(result);
     std::string creation_reply;
-    if (entry->value->ok())
-      creation_reply.swap((*entry->value)->creation_reply);
+    if (entry->value->ok()) creation_reply.swap((*entry->value)->creation_reply);
     EmitLocked(RRefEvent::kValueSet, rref, ForkId{}, -1);
     std::vector<std::shared_ptr<IncomingCall>> calls;
     calls.swap(entry->creation_calls);
@@ -613,14 +504,12 @@ void RRefContext::HandleFetch(std::shared_ptr<IncomingCall> call) {
     absl::MutexLock lock(&mu_);
     NoteCallerLocked(*call);
   }
-  rref_wire::ForkRef msg;
-  if (!msg.ParseFromString(call->request().envelope.payload()) ||
-      !FromProto(msg.rref_id()).valid()) {
-    call->ReplyError(
-        absl::InvalidArgumentError("RREF_FETCH_CALL: invalid payload"));
+  RRefId rref;
+  ForkId fork;
+  if (!DecodeForkRef(call->request().envelope.payload(), &rref, &fork) || !rref.valid()) {
+    call->ReplyError(absl::InvalidArgumentError("RREF_FETCH_CALL: invalid payload"));
     return;
   }
-  RRefId rref = FromProto(msg.rref_id());
   std::weak_ptr<RRefContext> weak = weak_from_this();
   auto serve = [weak, call](const absl::StatusOr<RRefValue>& value) {
     std::shared_ptr<RRefContext> self = weak.lock();
@@ -629,8 +518,7 @@ void RRefContext::HandleFetch(std::shared_ptr<IncomingCall> call) {
       return;
     }
     absl::StatusOr<RRefValue> wire = *value;
-    if (self && self->options_.serializer)
-      wire = self->options_.serializer(*value);
+    if (self && self->options_.serializer) wire = self->options_.serializer(*value);
     if (!wire.ok()) {
       call->ReplyError(wire.status());
       return;
@@ -641,14 +529,11 @@ void RRefContext::HandleFetch(std::shared_ptr<IncomingCall> call) {
   {
     absl::MutexLock lock(&mu_);
     if (closed_) {
-      actions.push_back([call] {
-        call->ReplyError(absl::CancelledError("RRef context closed"));
-      });
+      actions.push_back([call] { call->ReplyError(absl::CancelledError("RRef context closed")); });
     } else if (freed_.count(rref) > 0) {
       actions.push_back([call, rref, this] {
         call->ReplyError(absl::FailedPreconditionError(absl::StrCat(
-            "RRef ", rref.ToString(),
-            " was already freed on its owner (worker ", self_, ")")));
+            "RRef ", rref.ToString(), " was already freed on its owner (worker ", self_, ")")));
       });
     } else {
       OwnerEntry* entry = FindOrCreatePlaceholderLocked(rref);
@@ -666,8 +551,7 @@ void RRefContext::HandleFetch(std::shared_ptr<IncomingCall> call) {
           // call. A grace period keeps a faster owner clock from reporting the
           // timeout before the caller's.
           absl::Time now = clock_->Now();
-          absl::Duration grace =
-              std::max(absl::Milliseconds(10), (deadline - now) / 10);
+          absl::Duration grace = std::max(absl::Milliseconds(10), (deadline - now) / 10);
           waiter.has_timer = true;
           waiter.timer = clock_->Schedule(deadline + grace, [weak, rref, id] {
             std::shared_ptr<RRefContext> self = weak.lock();
@@ -683,9 +567,8 @@ void RRefContext::HandleFetch(std::shared_ptr<IncomingCall> call) {
                 auto done = std::move(w->second.done);
                 it->second->waiters.erase(w);
                 acts.push_back([done, rref] {
-                  done(absl::DeadlineExceededError(
-                      absl::StrCat("fetching RRef ", rref.ToString(),
-                                   ": value not ready before the deadline")));
+                  done(absl::DeadlineExceededError(absl::StrCat(
+                      "fetching RRef ", rref.ToString(), ": value not ready before the deadline")));
                 });
                 c->MaybeFreeLocked(rref, &acts);
               }
@@ -704,15 +587,13 @@ void RRefContext::HandleForkRequest(std::shared_ptr<IncomingCall> call) {
     absl::MutexLock lock(&mu_);
     NoteCallerLocked(*call);
   }
-  rref_wire::ForkRef msg;
-  if (!msg.ParseFromString(call->request().envelope.payload()) ||
-      !FromProto(msg.rref_id()).valid() || !FromProto(msg.fork_id()).valid()) {
-    call->ReplyError(
-        absl::InvalidArgumentError("RREF_FORK_REQUEST: invalid payload"));
+  RRefId rref;
+  ForkId fork;
+  if (!DecodeForkRef(call->request().envelope.payload(), &rref, &fork) || !rref.valid() ||
+      !fork.valid()) {
+    call->ReplyError(absl::InvalidArgumentError("RREF_FORK_REQUEST: invalid payload"));
     return;
   }
-  RRefId rref = FromProto(msg.rref_id());
-  ForkId fork = FromProto(msg.fork_id());
   absl::Status status;
   {
     absl::MutexLock lock(&mu_);
@@ -720,9 +601,8 @@ void RRefContext::HandleForkRequest(std::shared_ptr<IncomingCall> call) {
     if (closed_) {
       status = absl::CancelledError("RRef context closed");
     } else if (freed_.count(rref) > 0) {
-      status = absl::NotFoundError(
-          absl::StrCat("RRef ", rref.ToString(),
-                       " was already freed on its owner (worker ", self_, ")"));
+      status = absl::NotFoundError(absl::StrCat(
+          "RRef ", rref.ToString(), " was already freed on its owner (worker ", self_, ")"));
     } else {
       AddForkLocked(FindOrCreatePlaceholderLocked(rref), fork, call->caller());
     }
@@ -739,15 +619,13 @@ void RRefContext::HandleUserDelete(std::shared_ptr<IncomingCall> call) {
     absl::MutexLock lock(&mu_);
     NoteCallerLocked(*call);
   }
-  rref_wire::ForkRef msg;
-  if (!msg.ParseFromString(call->request().envelope.payload()) ||
-      !FromProto(msg.rref_id()).valid() || !FromProto(msg.fork_id()).valid()) {
-    call->ReplyError(
-        absl::InvalidArgumentError("RREF_USER_DELETE: invalid payload"));
+  RRefId rref;
+  ForkId fork;
+  if (!DecodeForkRef(call->request().envelope.payload(), &rref, &fork) || !rref.valid() ||
+      !fork.valid()) {
+    call->ReplyError(absl::InvalidArgumentError("RREF_USER_DELETE: invalid payload"));
     return;
   }
-  RRefId rref = FromProto(msg.rref_id());
-  ForkId fork = FromProto(msg.fork_id());
   Actions actions;
   {
     absl::MutexLock lock(&mu_);
@@ -760,8 +638,7 @@ void RRefContext::HandleUserDelete(std::shared_ptr<IncomingCall> call) {
         if (!(kPlantedBugs && options_.bugs.forget_idempotence)) deleted_forks_.insert(fork);
       } else {
         RemoveForkLocked(it->second.get(), fork, /*duplicate_aware=*/false);
-        if ((kPlantedBugs && options_.bugs.free_on_first_delete) &&
-            it->second->value.has_value()) {
+        if ((kPlantedBugs && options_.bugs.free_on_first_delete) && it->second->value.has_value()) {
           FreeLocked(rref, &actions);
         } else {
           MaybeFreeLocked(rref, &actions);
@@ -776,19 +653,18 @@ void RRefContext::HandleUserDelete(std::shared_ptr<IncomingCall> call) {
 // ---------------------------------------------------------------------------------------------
 // Creation and use.
 
-absl::StatusOr<RRefHandle> RRefContext::Remote(
-    WorkerId owner, MessageType type, std::string payload,
-    std::vector<Buffer> buffers, std::optional<absl::Duration> timeout,
-    std::string created_by, std::string type_name,
-    CreationCallback on_created) {
+absl::StatusOr<RRefHandle> RRefContext::Remote(WorkerId owner, MessageType type,
+                                               std::string payload, std::vector<Buffer> buffers,
+                                               std::optional<absl::Duration> timeout,
+                                               std::string created_by, std::string type_name,
+                                               CreationCallback on_created) {
   if (!IsRemoteCallType(type)) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "remote(): ", MessageTypeName(type), " is not a remote call type"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("remote(): ", MessageTypeName(type), " is not a remote call type"));
   }
   TETHER_RETURN_IF_ERROR(agent_->GetWorker(owner).status());
   if (created_by.empty()) {
-    created_by =
-        absl::StrCat("remote(", MessageTypeName(type), ") by worker ", self_);
+    created_by = absl::StrCat("remote(", MessageTypeName(type), ") by worker ", self_);
   }
   RRefHandle handle;
   RRefId rref;
@@ -809,8 +685,7 @@ absl::StatusOr<RRefHandle> RRefContext::Remote(
       ++running_functions_;
       EmitLocked(RRefEvent::kOwnerCreated, rref, ForkId{}, self_);
       EmitLocked(RRefEvent::kFunctionRun, rref, ForkId{}, self_);
-      handle =
-          MakeHandleLocked(rref, ForkId{}, self_, /*is_owner=*/true, type_name);
+      handle = MakeHandleLocked(rref, ForkId{}, self_, /*is_owner=*/true, type_name);
     } else {
       if (failed_.count(owner) > 0) {
         return absl::UnavailableError(
@@ -826,8 +701,7 @@ absl::StatusOr<RRefHandle> RRefContext::Remote(
       user->force_delete = shutting_down_;
       users_.emplace(fork, std::move(user));
       EmitLocked(RRefEvent::kUserCreated, rref, fork, self_);
-      handle =
-          MakeHandleLocked(rref, fork, owner, /*is_owner=*/false, type_name);
+      handle = MakeHandleLocked(rref, fork, owner, /*is_owner=*/false, type_name);
     }
   }
   if (owner == self_) {
@@ -845,21 +719,20 @@ absl::StatusOr<RRefHandle> RRefContext::Remote(
     });
     return handle;
   }
-  rref_wire::RemoteCall msg;
-  ToProto(rref, msg.mutable_rref_id());
-  ToProto(fork, msg.mutable_fork_id());
-  msg.set_created_by(created_by);
-  msg.set_type_name(type_name);
-  msg.set_payload(std::move(payload));
-  Future<Message> reply = agent_->Call(owner, type, msg.SerializeAsString(),
-                                       std::move(buffers), timeout);
+  RemoteCallPayload msg;
+  msg.rref_id = rref;
+  msg.fork_id = fork;
+  msg.created_by = created_by;
+  msg.type_name = type_name;
+  msg.payload = std::move(payload);
+  Future<Message> reply =
+      agent_->Call(owner, type, EncodeRemoteCall(std::move(msg)), std::move(buffers), timeout);
   std::weak_ptr<RRefContext> weak = weak_from_this();
-  reply.Then([weak, fork, on_created = std::move(on_created)](
-                 const absl::StatusOr<Message>& result) {
-    if (on_created && result.ok()) on_created(result->envelope.payload());
-    if (std::shared_ptr<RRefContext> self = weak.lock())
-      self->OnCreationReply(fork, result);
-  });
+  reply.Then(
+      [weak, fork, on_created = std::move(on_created)](const absl::StatusOr<Message>& result) {
+        if (on_created && result.ok()) on_created(result->envelope.payload());
+        if (std::shared_ptr<RRefContext> self = weak.lock()) self->OnCreationReply(fork, result);
+      });
   return handle;
 }
 
@@ -870,9 +743,8 @@ RRefHandle RRefContext::CreateOwned(RRefValue value, std::string created_by,
   auto entry = std::make_unique<OwnerEntry>();
   entry->id = rref;
   entry->creator = self_;
-  entry->created_by = created_by.empty()
-                          ? absl::StrCat("RRef(value) on worker ", self_)
-                          : std::move(created_by);
+  entry->created_by =
+      created_by.empty() ? absl::StrCat("RRef(value) on worker ", self_) : std::move(created_by);
   entry->type_name = type_name;
   entry->creation_started = true;
   entry->value.emplace(std::move(value));
@@ -882,8 +754,7 @@ RRefHandle RRefContext::CreateOwned(RRefValue value, std::string created_by,
   return MakeHandleLocked(rref, ForkId{}, self_, /*is_owner=*/true, type_name);
 }
 
-void RRefContext::SettleUserLocked(UserFork* user, absl::Status error,
-                                   bool needs_delete) {
+void RRefContext::SettleUserLocked(UserFork* user, absl::Status error, bool needs_delete) {
   if (user->state != UserFork::kPending) return;
   if (error.ok()) {
     user->state = UserFork::kConfirmed;
@@ -903,8 +774,7 @@ void RRefContext::SettleUserLocked(UserFork* user, absl::Status error,
   user->confirm_waiters.clear();
 }
 
-void RRefContext::OnCreationReply(const ForkId& fork,
-                                  const absl::StatusOr<Message>& reply) {
+void RRefContext::OnCreationReply(const ForkId& fork, const absl::StatusOr<Message>& reply) {
   Actions actions;
   {
     absl::MutexLock lock(&mu_);
@@ -918,13 +788,12 @@ void RRefContext::OnCreationReply(const ForkId& fork,
       absl::StatusCode code = reply.status().code();
       // The owner never recorded this fork (it failed, or the creation was a
       // stale duplicate).
-      bool needs_delete = code != absl::StatusCode::kUnavailable &&
-                          code != absl::StatusCode::kFailedPrecondition;
+      bool needs_delete =
+          code != absl::StatusCode::kUnavailable && code != absl::StatusCode::kFailedPrecondition;
       SettleUserLocked(
           user,
-          WithPrefix(reply.status(),
-                     absl::StrCat("creation of RRef ", user->rref.ToString(),
-                                  " on worker ", user->owner, " failed: ")),
+          WithPrefix(reply.status(), absl::StrCat("creation of RRef ", user->rref.ToString(),
+                                                  " on worker ", user->owner, " failed: ")),
           needs_delete);
     }
     MaybeDeleteUserLocked(fork, &actions);
@@ -933,27 +802,25 @@ void RRefContext::OnCreationReply(const ForkId& fork,
 }
 
 absl::Status RRefContext::Check(const RRefHandle& handle) const {
-  if (!handle.valid())
-    return absl::InvalidArgumentError("RRef handle is empty");
+  if (!handle.valid()) return absl::InvalidArgumentError("RRef handle is empty");
   absl::MutexLock lock(&mu_);
   if (closed_) return absl::CancelledError("RRef context closed");
   if (handle.is_owner()) {
     if (owners_.count(handle.rref_id()) == 0) {
-      return absl::CancelledError(absl::StrCat(
-          "RRef ", handle.rref_id().ToString(), " was deleted by shutdown"));
+      return absl::CancelledError(
+          absl::StrCat("RRef ", handle.rref_id().ToString(), " was deleted by shutdown"));
     }
     return absl::OkStatus();
   }
   auto it = users_.find(handle.fork_id());
   if (it == users_.end() || it->second->force_delete) {
-    return absl::CancelledError(absl::StrCat(
-        "RRef ", handle.rref_id().ToString(), " was deleted by shutdown"));
+    return absl::CancelledError(
+        absl::StrCat("RRef ", handle.rref_id().ToString(), " was deleted by shutdown"));
   }
   const UserFork& user = *it->second;
   if (user.owner_failed || failed_.count(user.owner) > 0) {
-    return absl::UnavailableError(absl::StrCat("RRef ", user.rref.ToString(),
-                                               ": owner worker ", user.owner,
-                                               " has failed"));
+    return absl::UnavailableError(
+        absl::StrCat("RRef ", user.rref.ToString(), ": owner worker ", user.owner, " has failed"));
   }
   if (user.state == UserFork::kFailed) return user.error;
   return absl::OkStatus();
@@ -967,19 +834,15 @@ Future<RRefValue> RRefContext::ToHere(const RRefHandle& handle,
     out.Set(status);
     return out;
   }
-  absl::Duration limit =
-      timeout.has_value() ? *timeout : agent_->default_timeout();
+  absl::Duration limit = timeout.has_value() ? *timeout : agent_->default_timeout();
   if (!handle.is_owner()) {
-    rref_wire::ForkRef msg;
-    ToProto(handle.rref_id(), msg.mutable_rref_id());
-    ToProto(handle.fork_id(), msg.mutable_fork_id());
-    Future<Message> reply = agent_->Call(handle.owner(), wire::RREF_FETCH_CALL,
-                                         msg.SerializeAsString(), {}, limit);
+    Future<Message> reply =
+        agent_->Call(handle.owner(), wire::RREF_FETCH_CALL,
+                     EncodeForkRef(handle.rref_id(), handle.fork_id()), {}, limit);
     RRefId rref = handle.rref_id();
     reply.Then([out, rref](const absl::StatusOr<Message>& result) {
       if (!result.ok()) {
-        out.Set(WithPrefix(result.status(),
-                           absl::StrCat("to_here(", rref.ToString(), "): ")));
+        out.Set(WithPrefix(result.status(), absl::StrCat("to_here(", rref.ToString(), "): ")));
         return;
       }
       RRefValue value;
@@ -996,8 +859,7 @@ Future<RRefValue> RRefContext::ToHere(const RRefHandle& handle,
     absl::MutexLock lock(&mu_);
     auto it = owners_.find(rref);
     if (it == owners_.end()) {
-      out.Set(absl::CancelledError(
-          absl::StrCat("RRef ", rref.ToString(), " was deleted")));
+      out.Set(absl::CancelledError(absl::StrCat("RRef ", rref.ToString(), " was deleted")));
       return out;
     }
     OwnerEntry* entry = it->second.get();
@@ -1012,25 +874,23 @@ Future<RRefValue> RRefContext::ToHere(const RRefHandle& handle,
     if (limit > absl::ZeroDuration()) {
       waiter.has_timer = true;
       std::weak_ptr<RRefContext> weak = weak_from_this();
-      waiter.timer =
-          clock_->Schedule(clock_->Now() + limit, [weak, rref, id, out] {
-            std::shared_ptr<RRefContext> self = weak.lock();
-            if (!self) return;
-            self->PostSelf([rref, id, out](RRefContext* c) {
-              Actions acts;
-              {
-                absl::MutexLock lock(&c->mu_);
-                auto it = c->owners_.find(rref);
-                if (it == c->owners_.end()) return;
-                if (it->second->waiters.erase(id) == 0) return;
-                c->MaybeFreeLocked(rref, &acts);
-              }
-              out.Set(absl::DeadlineExceededError(
-                  absl::StrCat("to_here(", rref.ToString(),
-                               "): value not ready before the timeout")));
-              c->RunActions(std::move(acts));
-            });
-          });
+      waiter.timer = clock_->Schedule(clock_->Now() + limit, [weak, rref, id, out] {
+        std::shared_ptr<RRefContext> self = weak.lock();
+        if (!self) return;
+        self->PostSelf([rref, id, out](RRefContext* c) {
+          Actions acts;
+          {
+            absl::MutexLock lock(&c->mu_);
+            auto it = c->owners_.find(rref);
+            if (it == c->owners_.end()) return;
+            if (it->second->waiters.erase(id) == 0) return;
+            c->MaybeFreeLocked(rref, &acts);
+          }
+          out.Set(absl::DeadlineExceededError(
+              absl::StrCat("to_here(", rref.ToString(), "): value not ready before the timeout")));
+          c->RunActions(std::move(acts));
+        });
+      });
     }
   }
   return out;
@@ -1039,17 +899,15 @@ Future<RRefValue> RRefContext::ToHere(const RRefHandle& handle,
 // ---------------------------------------------------------------------------------------------
 // Forks.
 
-void RRefContext::ScheduleChildQueryLocked(const ForkId& fork,
-                                           Actions* /*actions*/) {
+void RRefContext::ScheduleChildQueryLocked(const ForkId& fork, Actions* /*actions*/) {
   auto it = pending_children_.find(fork);
   if (it == pending_children_.end()) return;
   std::weak_ptr<RRefContext> weak = weak_from_this();
   // Shutting down, ask again soon (the first query was sent at once); never
   // spin.
-  absl::Duration delay =
-      shutting_down_
-          ? std::max(options_.retry_initial_backoff * 5, absl::Milliseconds(1))
-          : options_.child_query_delay;
+  absl::Duration delay = shutting_down_
+                             ? std::max(options_.retry_initial_backoff * 5, absl::Milliseconds(1))
+                             : options_.child_query_delay;
   it->second->has_timer = true;
   it->second->timer = clock_->Schedule(clock_->Now() + delay, [weak, fork] {
     if (std::shared_ptr<RRefContext> self = weak.lock()) {
@@ -1058,10 +916,8 @@ void RRefContext::ScheduleChildQueryLocked(const ForkId& fork,
   });
 }
 
-absl::StatusOr<RRefDescriptor> RRefContext::Fork(const RRefHandle& handle,
-                                                 WorkerId to) {
-  if (!handle.valid())
-    return absl::InvalidArgumentError("Fork: RRef handle is empty");
+absl::StatusOr<RRefDescriptor> RRefContext::Fork(const RRefHandle& handle, WorkerId to) {
+  if (!handle.valid()) return absl::InvalidArgumentError("Fork: RRef handle is empty");
   TETHER_RETURN_IF_ERROR(agent_->GetWorker(to).status());
   TETHER_RETURN_IF_ERROR(Check(handle));
   Actions actions;
@@ -1069,9 +925,8 @@ absl::StatusOr<RRefDescriptor> RRefContext::Fork(const RRefHandle& handle,
   {
     absl::MutexLock lock(&mu_);
     if (failed_.count(to) > 0) {
-      return absl::UnavailableError(absl::StrCat("cannot send RRef ",
-                                                 handle.rref_id().ToString(),
-                                                 " to failed worker ", to));
+      return absl::UnavailableError(
+          absl::StrCat("cannot send RRef ", handle.rref_id().ToString(), " to failed worker ", to));
     }
     auto child = std::make_unique<PendingChild>();
     child->rref = handle.rref_id();
@@ -1081,16 +936,16 @@ absl::StatusOr<RRefDescriptor> RRefContext::Fork(const RRefHandle& handle,
     if (handle.is_owner()) {
       auto it = owners_.find(handle.rref_id());
       if (it == owners_.end()) {
-        return absl::CancelledError(absl::StrCat(
-            "RRef ", handle.rref_id().ToString(), " was deleted by shutdown"));
+        return absl::CancelledError(
+            absl::StrCat("RRef ", handle.rref_id().ToString(), " was deleted by shutdown"));
       }
       if (to != self_) AddForkLocked(it->second.get(), child->fork, to);
       child->pin = handle;
     } else {
       auto it = users_.find(handle.fork_id());
       if (it == users_.end()) {
-        return absl::CancelledError(absl::StrCat(
-            "RRef ", handle.rref_id().ToString(), " was deleted by shutdown"));
+        return absl::CancelledError(
+            absl::StrCat("RRef ", handle.rref_id().ToString(), " was deleted by shutdown"));
       }
       child->parent_fork = handle.fork_id();
       if (!(kPlantedBugs && options_.bugs.skip_child_wait)) {
@@ -1112,8 +967,7 @@ absl::StatusOr<RRefDescriptor> RRefContext::Fork(const RRefHandle& handle,
   return desc;
 }
 
-void RRefContext::ResolveChildLocked(const ForkId& fork, bool refused,
-                                     Actions* actions) {
+void RRefContext::ResolveChildLocked(const ForkId& fork, bool refused, Actions* actions) {
   auto it = pending_children_.find(fork);
   if (it == pending_children_.end()) return;
   std::shared_ptr<PendingChild> child(std::move(it->second));
@@ -1142,8 +996,7 @@ void RRefContext::ResolveChildLocked(const ForkId& fork, bool refused,
   actions->push_back([child] {});
 }
 
-void RRefContext::AcceptChildLocked(const ForkId& fork, WorkerId parent,
-                                    Actions* actions) {
+void RRefContext::AcceptChildLocked(const ForkId& fork, WorkerId parent, Actions* actions) {
   if (parent == self_) {
     received_.erase(fork);
     ResolveChildLocked(fork, /*refused=*/false, actions);
@@ -1155,8 +1008,7 @@ void RRefContext::AcceptChildLocked(const ForkId& fork, WorkerId parent,
   }
   std::weak_ptr<RRefContext> weak = weak_from_this();
   actions->push_back([this, weak, fork, parent] {
-    SendControl(parent, wire::RREF_CHILD_ACCEPT,
-                EncodeChildControl(fork, /*query=*/false),
+    SendControl(parent, wire::RREF_CHILD_ACCEPT, EncodeChildControl(fork, /*query=*/false),
                 [weak, fork](const absl::StatusOr<Message>&) {
                   std::shared_ptr<RRefContext> self = weak.lock();
                   if (!self) return;
@@ -1167,16 +1019,14 @@ void RRefContext::AcceptChildLocked(const ForkId& fork, WorkerId parent,
   });
 }
 
-absl::StatusOr<RRefHandle> RRefContext::Receive(const RRefDescriptor& desc,
-                                                WorkerId from) {
+absl::StatusOr<RRefHandle> RRefContext::Receive(const RRefDescriptor& desc, WorkerId from) {
   if (!desc.rref_id.valid() || !desc.fork_id.valid()) {
-    return absl::InvalidArgumentError(
-        "Receive: RRef descriptor has invalid ids");
+    return absl::InvalidArgumentError("Receive: RRef descriptor has invalid ids");
   }
   if (desc.parent != from) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("Receive: RRef descriptor from worker ", from,
-                     " names worker ", desc.parent, " as its parent"));
+    return absl::InvalidArgumentError(absl::StrCat("Receive: RRef descriptor from worker ", from,
+                                                   " names worker ", desc.parent,
+                                                   " as its parent"));
   }
   TETHER_RETURN_IF_ERROR(agent_->GetWorker(desc.owner).status());
   TETHER_RETURN_IF_ERROR(agent_->GetWorker(from).status());
@@ -1189,19 +1039,18 @@ absl::StatusOr<RRefHandle> RRefContext::Receive(const RRefDescriptor& desc,
     if (closed_) return absl::CancelledError("Receive: RRef context closed");
     if (refused_.count(fork) > 0) {
       return absl::FailedPreconditionError(absl::StrCat(
-          "RRef ", desc.rref_id.ToString(), " fork ", fork.ToString(),
-          " was abandoned by worker ", from,
-          ": the call carrying it arrived after the sender gave up on it"));
+          "RRef ", desc.rref_id.ToString(), " fork ", fork.ToString(), " was abandoned by worker ",
+          from, ": the call carrying it arrived after the sender gave up on it"));
     }
     if (received_.count(fork) > 0 || users_.count(fork) > 0) {
-      return absl::AlreadyExistsError(absl::StrCat(
-          "Receive: RRef fork ", fork.ToString(), " was already received"));
+      return absl::AlreadyExistsError(
+          absl::StrCat("Receive: RRef fork ", fork.ToString(), " was already received"));
     }
     if (desc.owner == self_) {
       if (freed_.count(desc.rref_id) > 0) {
-        result = absl::FailedPreconditionError(absl::StrCat(
-            "Receive: RRef ", desc.rref_id.ToString(),
-            " was already freed on its owner (worker ", self_, ")"));
+        result = absl::FailedPreconditionError(
+            absl::StrCat("Receive: RRef ", desc.rref_id.ToString(),
+                         " was already freed on its owner (worker ", self_, ")"));
       } else {
         // The creation may still be in flight (the sender's user is pinned
         // meanwhile): hold a placeholder that the remote call fills in.
@@ -1210,8 +1059,7 @@ absl::StatusOr<RRefHandle> RRefContext::Receive(const RRefDescriptor& desc,
                                   /*is_owner=*/true, entry->type_name);
       }
       if (from != self_)
-        received_[fork] =
-            std::make_unique<ReceivedChild>(ReceivedChild{from, true});
+        received_[fork] = std::make_unique<ReceivedChild>(ReceivedChild{from, true});
       AcceptChildLocked(fork, from, &actions);
     } else {
       auto user = std::make_unique<UserFork>();
@@ -1229,26 +1077,23 @@ absl::StatusOr<RRefHandle> RRefContext::Receive(const RRefDescriptor& desc,
                                 /*is_owner=*/false, desc.type_name);
       if (failed_.count(desc.owner) > 0) {
         raw->owner_failed = true;
-        SettleUserLocked(raw,
-                         absl::UnavailableError(absl::StrCat(
-                             "RRef ", desc.rref_id.ToString(),
-                             ": owner worker ", desc.owner, " has failed")),
-                         false);
+        SettleUserLocked(
+            raw,
+            absl::UnavailableError(absl::StrCat("RRef ", desc.rref_id.ToString(), ": owner worker ",
+                                                desc.owner, " has failed")),
+            false);
         if (from != self_)
-          received_[fork] =
-              std::make_unique<ReceivedChild>(ReceivedChild{from, true});
+          received_[fork] = std::make_unique<ReceivedChild>(ReceivedChild{from, true});
         AcceptChildLocked(fork, from, &actions);
       } else if (from == desc.owner) {
         // The owner recorded this fork when it sent it.
         SettleUserLocked(raw, absl::OkStatus(), true);
-        received_[fork] =
-            std::make_unique<ReceivedChild>(ReceivedChild{from, true});
+        received_[fork] = std::make_unique<ReceivedChild>(ReceivedChild{from, true});
         AcceptChildLocked(fork, from, &actions);
         MaybeDeleteUserLocked(fork, &actions);  // at once if shutting down
       } else {
         if (from != self_) {
-          received_[fork] =
-              std::make_unique<ReceivedChild>(ReceivedChild{from, false});
+          received_[fork] = std::make_unique<ReceivedChild>(ReceivedChild{from, false});
         }
         std::weak_ptr<RRefContext> weak = weak_from_this();
         WorkerId owner = desc.owner;
@@ -1268,8 +1113,7 @@ absl::StatusOr<RRefHandle> RRefContext::Receive(const RRefDescriptor& desc,
   return result;
 }
 
-void RRefContext::OnForkRequestReply(const ForkId& fork,
-                                     const absl::StatusOr<Message>& reply) {
+void RRefContext::OnForkRequestReply(const ForkId& fork, const absl::StatusOr<Message>& reply) {
   Actions actions;
   {
     absl::MutexLock lock(&mu_);
@@ -1295,11 +1139,10 @@ void RRefContext::OnForkRequestReply(const ForkId& fork,
                             code != absl::StatusCode::kFailedPrecondition;
         SettleUserLocked(
             user,
-            WithPrefix(reply.status(),
-                       absl::StrCat("confirming RRef ", user->rref.ToString(),
-                                    " fork ", fork.ToString(),
-                                    " with its owner (worker ", user->owner,
-                                    ") failed: ")),
+            WithPrefix(
+                reply.status(),
+                absl::StrCat("confirming RRef ", user->rref.ToString(), " fork ", fork.ToString(),
+                             " with its owner (worker ", user->owner, ") failed: ")),
             needs_delete);
       }
     }
@@ -1330,8 +1173,7 @@ void RRefContext::OnChildQueryTimer(const ForkId& fork) {
       std::weak_ptr<RRefContext> weak = weak_from_this();
       WorkerId to = child->child;
       actions.push_back([this, weak, to, fork] {
-        SendControl(to, wire::RREF_CHILD_ACCEPT,
-                    EncodeChildControl(fork, /*query=*/true),
+        SendControl(to, wire::RREF_CHILD_ACCEPT, EncodeChildControl(fork, /*query=*/true),
                     [weak, fork](const absl::StatusOr<Message>& reply) {
                       if (std::shared_ptr<RRefContext> self = weak.lock()) {
                         self->OnChildQueryReply(fork, reply);
@@ -1343,8 +1185,7 @@ void RRefContext::OnChildQueryTimer(const ForkId& fork) {
   RunActions(std::move(actions));
 }
 
-void RRefContext::OnChildQueryReply(const ForkId& fork,
-                                    const absl::StatusOr<Message>& reply) {
+void RRefContext::OnChildQueryReply(const ForkId& fork, const absl::StatusOr<Message>& reply) {
   Actions actions;
   {
     absl::MutexLock lock(&mu_);
@@ -1352,7 +1193,7 @@ void RRefContext::OnChildQueryReply(const ForkId& fork,
     auto it = pending_children_.find(fork);
     if (it == pending_children_.end()) return;
     it->second->query_in_flight = false;
-    rref_wire::ChildQueryReply msg;
+    ChildState state = ChildState::kPending;
     if (!reply.ok()) {
       if (reply.status().code() == absl::StatusCode::kUnavailable ||
           reply.status().code() == absl::StatusCode::kCancelled) {
@@ -1360,11 +1201,11 @@ void RRefContext::OnChildQueryReply(const ForkId& fork,
       } else {
         ScheduleChildQueryLocked(fork, &actions);
       }
-    } else if (!msg.ParseFromString(reply->envelope.payload())) {
+    } else if (!DecodeChildQueryReply(reply->envelope.payload(), &state)) {
       ScheduleChildQueryLocked(fork, &actions);
-    } else if (msg.state() == rref_wire::ChildQueryReply::REFUSED) {
+    } else if (state == ChildState::kRefused) {
       ResolveChildLocked(fork, /*refused=*/true, &actions);
-    } else if (msg.state() == rref_wire::ChildQueryReply::DONE) {
+    } else if (state == ChildState::kDone) {
       ResolveChildLocked(fork, /*refused=*/false, &actions);
     } else {
       ScheduleChildQueryLocked(fork, &actions);
@@ -1378,46 +1219,39 @@ void RRefContext::HandleChildControl(std::shared_ptr<IncomingCall> call) {
     absl::MutexLock lock(&mu_);
     NoteCallerLocked(*call);
   }
-  rref_wire::ChildControl msg;
-  if (!msg.ParseFromString(call->request().envelope.payload()) ||
-      !FromProto(msg.fork_id()).valid()) {
-    call->ReplyError(
-        absl::InvalidArgumentError("RREF_CHILD_ACCEPT: invalid payload"));
+  ForkId fork;
+  bool query = false;
+  if (!DecodeChildControl(call->request().envelope.payload(), &fork, &query) || !fork.valid()) {
+    call->ReplyError(absl::InvalidArgumentError("RREF_CHILD_ACCEPT: invalid payload"));
     return;
   }
-  ForkId fork = FromProto(msg.fork_id());
   Actions actions;
-  rref_wire::ChildQueryReply answer;
+  ChildState answer = ChildState::kRefused;
   {
     absl::MutexLock lock(&mu_);
     TouchLocked();
-    if (!msg.query()) {
+    if (!query) {
       ResolveChildLocked(fork, /*refused=*/false, &actions);
     } else {
       auto rec = received_.find(fork);
       if (rec != received_.end()) {
-        answer.set_state(rec->second->done
-                             ? rref_wire::ChildQueryReply::DONE
-                             : rref_wire::ChildQueryReply::PENDING);
+        answer = rec->second->done ? ChildState::kDone : ChildState::kPending;
       } else if (users_.count(fork) > 0) {
         // Received and already accepted by its parent: the parent just has not
         // heard yet.
         auto& user = users_[fork];
-        answer.set_state(user->state == UserFork::kPending
-                             ? rref_wire::ChildQueryReply::PENDING
-                             : rref_wire::ChildQueryReply::DONE);
+        answer = user->state == UserFork::kPending ? ChildState::kPending : ChildState::kDone;
       } else {
         refused_.insert(fork);
-        answer.set_state(rref_wire::ChildQueryReply::REFUSED);
+        answer = ChildState::kRefused;
       }
     }
   }
   RunActions(std::move(actions));
-  call->Reply(msg.query() ? answer.SerializeAsString() : std::string(), {});
+  call->Reply(query ? EncodeChildQueryReply(answer) : std::string(), {});
 }
 
-Future<Unit> RRefContext::WaitForConfirmations(
-    const std::vector<RRefHandle>& handles) {
+Future<Unit> RRefContext::WaitForConfirmations(const std::vector<RRefHandle>& handles) {
   Future<Unit> out(executor_);
   struct Join {
     absl::Mutex mu;
@@ -1429,15 +1263,14 @@ Future<Unit> RRefContext::WaitForConfirmations(
     absl::MutexLock lock(&mu_);
     for (const RRefHandle& handle : handles) {
       if (!handle.valid()) {
-        out.Set(absl::InvalidArgumentError(
-            "WaitForConfirmations: empty RRef handle"));
+        out.Set(absl::InvalidArgumentError("WaitForConfirmations: empty RRef handle"));
         return out;
       }
       if (handle.is_owner()) continue;
       auto it = users_.find(handle.fork_id());
       if (it == users_.end()) {
-        out.Set(absl::CancelledError(absl::StrCat(
-            "RRef ", handle.rref_id().ToString(), " was deleted by shutdown")));
+        out.Set(absl::CancelledError(
+            absl::StrCat("RRef ", handle.rref_id().ToString(), " was deleted by shutdown")));
         return out;
       }
       UserFork* user = it->second.get();
@@ -1473,8 +1306,7 @@ Future<Unit> RRefContext::WaitForConfirmations(
 // ---------------------------------------------------------------------------------------------
 // Deletion.
 
-void RRefContext::HandleGone(const RRefId& rref, const ForkId& fork,
-                             bool is_owner) {
+void RRefContext::HandleGone(const RRefId& rref, const ForkId& fork, bool is_owner) {
   Actions actions;
   {
     absl::MutexLock lock(&mu_);
@@ -1500,11 +1332,8 @@ void RRefContext::MaybeDeleteUserLocked(const ForkId& fork, Actions* actions) {
   if (it == users_.end()) return;
   UserFork* user = it->second.get();
   if (user->handle_alive && !user->force_delete) return;
-  if (user->state == UserFork::kPending || user->pending_children > 0 ||
-      user->delete_sent)
-    return;
-  if (!user->needs_delete || user->owner_failed ||
-      failed_.count(user->owner) > 0) {
+  if (user->state == UserFork::kPending || user->pending_children > 0 || user->delete_sent) return;
+  if (!user->needs_delete || user->owner_failed || failed_.count(user->owner) > 0) {
     EmitLocked(RRefEvent::kUserReleased, user->rref, fork, user->owner);
     users_.erase(it);
     CheckShutdownDone();
@@ -1521,18 +1350,17 @@ void RRefContext::MaybeDeleteUserLocked(const ForkId& fork, Actions* actions) {
   WorkerId owner = user->owner;
   std::string payload = EncodeForkRef(user->rref, fork);
   actions->push_back([this, weak, owner, payload, fork] {
-    SendControl(owner, wire::RREF_USER_DELETE, payload,
-                [weak, fork](const absl::StatusOr<Message>&) {
-                  std::shared_ptr<RRefContext> self = weak.lock();
-                  if (!self) return;
-                  absl::MutexLock lock(&self->mu_);
-                  auto it = self->users_.find(fork);
-                  if (it == self->users_.end()) return;
-                  self->EmitLocked(RRefEvent::kUserReleased, it->second->rref,
-                                   fork, it->second->owner);
-                  self->users_.erase(it);
-                  self->CheckShutdownDone();
-                });
+    SendControl(
+        owner, wire::RREF_USER_DELETE, payload, [weak, fork](const absl::StatusOr<Message>&) {
+          std::shared_ptr<RRefContext> self = weak.lock();
+          if (!self) return;
+          absl::MutexLock lock(&self->mu_);
+          auto it = self->users_.find(fork);
+          if (it == self->users_.end()) return;
+          self->EmitLocked(RRefEvent::kUserReleased, it->second->rref, fork, it->second->owner);
+          self->users_.erase(it);
+          self->CheckShutdownDone();
+        });
   });
 }
 
@@ -1559,21 +1387,19 @@ void RRefContext::OnPeerFailed(WorkerId peer, const absl::Status& reason) {
     // Children pending on the dead worker, or on a dead owner.
     std::vector<ForkId> children;
     for (const auto& [fork, child] : pending_children_) {
-      if (child->child == peer || child->owner == peer)
-        children.push_back(fork);
+      if (child->child == peer || child->owner == peer) children.push_back(fork);
     }
-    for (const ForkId& fork : children)
-      ResolveChildLocked(fork, /*refused=*/true, &actions);
+    for (const ForkId& fork : children) ResolveChildLocked(fork, /*refused=*/true, &actions);
     // References the dead worker owned.
     std::vector<ForkId> users;
     for (auto& [fork, user] : users_) {
       if (user->owner != peer) continue;
       user->owner_failed = true;
-      SettleUserLocked(user.get(),
-                       absl::UnavailableError(absl::StrCat(
-                           "RRef ", user->rref.ToString(), ": owner worker ",
-                           peer, " failed: ", reason.message())),
-                       false);
+      SettleUserLocked(
+          user.get(),
+          absl::UnavailableError(absl::StrCat("RRef ", user->rref.ToString(), ": owner worker ",
+                                              peer, " failed: ", reason.message())),
+          false);
       users.push_back(fork);
     }
     for (const ForkId& fork : users) MaybeDeleteUserLocked(fork, &actions);
@@ -1597,14 +1423,12 @@ void RRefContext::CheckShutdownDone() {
   // Called with mu_ held.
   mu_.AssertHeld();
   if (!shutting_down_ || shutdown_waiters_.empty()) return;
-  if (!users_.empty() || pending_control_ > 0 || !pending_children_.empty())
-    return;
+  if (!users_.empty() || pending_control_ > 0 || !pending_children_.empty()) return;
   for (auto& waiter : shutdown_waiters_) waiter.Set(Unit{});
   shutdown_waiters_.clear();
 }
 
-Future<Unit> RRefContext::DeleteAllUsersAndUnforkedOwners(
-    absl::Duration timeout) {
+Future<Unit> RRefContext::DeleteAllUsersAndUnforkedOwners(absl::Duration timeout) {
   Future<Unit> out(executor_);
   Actions actions;
   {
@@ -1625,9 +1449,8 @@ Future<Unit> RRefContext::DeleteAllUsersAndUnforkedOwners(
       if (child->has_timer && clock_->Cancel(child->timer)) {
         child->has_timer = false;
         ForkId f = fork;
-        actions.push_back([this, f] {
-          PostSelf([f](RRefContext* c) { c->OnChildQueryTimer(f); });
-        });
+        actions.push_back(
+            [this, f] { PostSelf([f](RRefContext* c) { c->OnChildQueryTimer(f); }); });
       }
     }
     shutdown_waiters_.push_back(out);
@@ -1641,11 +1464,10 @@ Future<Unit> RRefContext::DeleteAllUsersAndUnforkedOwners(
           return;
         }
         absl::MutexLock lock(&self->mu_);
-        out.Set(absl::DeadlineExceededError(absl::StrCat(
-            "deleting all RRefs: timed out with ", self->users_.size(),
-            " users, ", self->pending_control_,
-            " unacknowledged control messages and ",
-            self->pending_children_.size(), " pending children left")));
+        out.Set(absl::DeadlineExceededError(
+            absl::StrCat("deleting all RRefs: timed out with ", self->users_.size(), " users, ",
+                         self->pending_control_, " unacknowledged control messages and ",
+                         self->pending_children_.size(), " pending children left")));
       });
     }
   }
@@ -1656,8 +1478,7 @@ Future<Unit> RRefContext::DeleteAllUsersAndUnforkedOwners(
 std::map<std::string, int64_t> RRefContext::GetDebugInfo() const {
   absl::MutexLock lock(&mu_);
   std::map<std::string, int64_t> info;
-  int64_t owners = 0, placeholders = 0, waiters = 0, forks = 0,
-          pending_users = 0;
+  int64_t owners = 0, placeholders = 0, waiters = 0, forks = 0, pending_users = 0;
   for (const auto& [rref, entry] : owners_) {
     if (entry->placeholder()) {
       ++placeholders;
@@ -1679,8 +1500,7 @@ std::map<std::string, int64_t> RRefContext::GetDebugInfo() const {
   info["num_pending_control"] = pending_control_;
   info["num_received_children"] = static_cast<int64_t>(received_.size());
   info["num_running_functions"] = running_functions_;
-  info["num_deleted_fork_records"] =
-      static_cast<int64_t>(deleted_forks_.size());
+  info["num_deleted_fork_records"] = static_cast<int64_t>(deleted_forks_.size());
   info["num_freed_rref_records"] = static_cast<int64_t>(freed_.size());
   return info;
 }
@@ -1730,9 +1550,9 @@ absl::Status RRefContext::Close(bool ignore_leaks) {
   if (leaks.empty() || ignore_leaks) return absl::OkStatus();
   std::vector<std::string> lines;
   for (const LeakedRRef& leak : leaks) lines.push_back(leak.ToString());
-  return absl::FailedPreconditionError(
-      absl::StrCat("RRef context on worker ", self_, " leaked ", leaks.size(),
-                   " reference(s): ", absl::StrJoin(lines, "; ")));
+  return absl::FailedPreconditionError(absl::StrCat("RRef context on worker ", self_, " leaked ",
+                                                    leaks.size(),
+                                                    " reference(s): ", absl::StrJoin(lines, "; ")));
 }
 
 }  // namespace tether

@@ -3,40 +3,31 @@
 // values owned elsewhere), and the protocol that keeps them consistent over an
 // unreliable network.
 //
-// Identity: every reference has an RRefId and every fork (each copy of a
-// reference that a worker receives) a ForkId, both globally unique (creating
-// worker + that worker's counter).
+// Identity: every reference has an RRefId and every fork (each copy of a reference that a worker
+// receives) a ForkId, both globally unique (creating worker + that worker's counter); they, the
+// descriptors that carry references inside calls and the protocol's payloads are core/rref_ids.h's.
 //
-// Protocol (all control messages are Agent calls retried with backoff until
-// acknowledged; receivers are idempotent, so drops and duplicates change
-// nothing):
-// - Remote(owner, ...): the caller gets a user reference at once and sends
-// *_REMOTE_CALL carrying
-//   (rref id, fork id). The owner creates (or finds) its entry, records the
-//   fork, runs the function once however often the call arrives, and replies
-//   when the value is set. A failed or timed-out creation is remembered and
-//   raised by the next use of the reference.
-// - Fork(handle, to) / Receive(descriptor, from): the sender (parent) allocates
-// a fork id and
-//   keeps its own reference pinned until the child accepts (RREF_CHILD_ACCEPT).
-//   An owner parent records the fork at once. A user child of a user parent
-//   asks the owner to record it (RREF_FORK_REQUEST) and is confirmed by the
-//   owner's acknowledgement. A parent whose child does not accept in time
-//   queries it; a child that never got the fork refuses it forever, so a lost
-//   call frees the parent instead of pinning it.
-// - Deletion: when the last handle to a user reference goes, once its creation
-// or confirmation is
-//   settled and its pending children accepted, RREF_USER_DELETE goes to the
-//   owner exactly once (retried until acknowledged). The owner remembers
-//   deleted forks and freed references, so late or duplicated messages never
-//   re-pin a value; it frees the value when no fork and no local handle remain.
-//   Those records (deleted fork ids, freed reference ids, refused forks) live
-//   as long as the context: a few bytes per reference (see
-//   num_deleted_fork_records, num_freed_rref_records).
-// - Failure: when the agent reports a worker failed, the forks it held and the
-// children pending
-//   on it are released; references it owned fail their next use with
-//   kUnavailable.
+// Protocol (all control messages are Agent calls retried with backoff until acknowledged, see
+// core/retried_call.h; receivers are idempotent, so drops and duplicates change nothing):
+// - Remote(owner, ...): the caller gets a user reference at once and sends *_REMOTE_CALL carrying
+//   (rref id, fork id). The owner creates (or finds) its entry, records the fork, runs the function
+//   once however often the call arrives, and replies when the value is set. A failed or timed-out
+//   creation is remembered and raised by the next use of the reference.
+// - Fork(handle, to) / Receive(descriptor, from): the sender (parent) allocates a fork id and keeps
+//   its own reference pinned until the child accepts (RREF_CHILD_ACCEPT). An owner parent records
+//   the fork at once. A user child of a user parent asks the owner to record it (RREF_FORK_REQUEST)
+//   and is confirmed by the owner's acknowledgement. A parent whose child does not accept in time
+//   queries it; a child that never got the fork refuses it forever, so a lost call frees the parent
+//   instead of pinning it.
+// - Deletion: when the last handle to a user reference goes, once its creation or confirmation is
+//   settled and its pending children accepted, RREF_USER_DELETE goes to the owner exactly once
+//   (retried until acknowledged). The owner remembers deleted forks and freed references, so late
+//   or duplicated messages never re-pin a value; it frees the value when no fork and no local
+//   handle remain. Those records (deleted fork ids, freed reference ids, refused forks) live as
+//   long as the context: a few bytes per reference (see num_deleted_fork_records,
+//   num_freed_rref_records).
+// - Failure: when the agent reports a worker failed, the forks it held and the children pending on
+//   it are released; references it owned fail their next use with kUnavailable.
 //
 // Threading: every method is thread-safe. Remote runners, futures' callbacks
 // and observer events: runners and callbacks run on the executor; observer
@@ -70,27 +61,11 @@
 #include "core/executor.h"
 #include "core/future.h"
 #include "core/message.h"
+#include "core/rref_ids.h"
 
 namespace tether {
 
-struct GloballyUniqueId {
-  WorkerId worker = -1;
-  uint64_t local = 0;
-
-  bool valid() const { return worker >= 0; }
-  std::string ToString() const;  // "GUID(worker:local)"
-  friend bool operator==(const GloballyUniqueId& a, const GloballyUniqueId& b) {
-    return a.worker == b.worker && a.local == b.local;
-  }
-  friend bool operator!=(const GloballyUniqueId& a, const GloballyUniqueId& b) {
-    return !(a == b);
-  }
-  friend bool operator<(const GloballyUniqueId& a, const GloballyUniqueId& b) {
-    return a.worker != b.worker ? a.worker < b.worker : a.local < b.local;
-  }
-};
-using RRefId = GloballyUniqueId;
-using ForkId = GloballyUniqueId;
+class RetriedCaller;
 
 // The value an owner holds, opaque to the core. `object` is an in-process
 // object (for instance a holder of a Python object) kept alive as long as the
@@ -104,19 +79,6 @@ struct RRefValue {
   // the creation's acknowledgement (the callee's profiled events, say). Not
   // kept with the value.
   std::string creation_reply;
-};
-
-// What is pickled in place of an RRef inside a call's arguments.
-struct RRefDescriptor {
-  RRefId rref_id;
-  ForkId fork_id;
-  WorkerId owner = -1;
-  WorkerId parent = -1;
-  std::string type_name;
-
-  std::string Serialize() const;
-  // kInvalidArgument if `bytes` is not a descriptor or has invalid ids.
-  static absl::StatusOr<RRefDescriptor> Parse(absl::string_view bytes);
 };
 
 class RRefContext;
@@ -142,8 +104,7 @@ class RRefHandle {
  private:
   friend class RRefContext;
   struct State;
-  explicit RRefHandle(std::shared_ptr<State> state)
-      : state_(std::move(state)) {}
+  explicit RRefHandle(std::shared_ptr<State> state) : state_(std::move(state)) {}
   std::shared_ptr<State> state_;
 };
 
@@ -171,20 +132,17 @@ using CreationCallback = std::function<void(absl::string_view creation_reply)>;
 // any.
 struct RRefEvent {
   enum Kind {
-    kOwnerCreated,   // owner entry with a creation started (remote() arrived or
-                     // to self)
-    kFunctionRun,    // the remote function was started for `rref`
-    kValueSet,       // owner value (or error) set
-    kOwnerFreed,     // owner value freed
-    kValueServed,    // owner served the value (fetch)
-    kForkAdded,      // owner recorded `fork` held by `peer`
-    kForkRemoved,    // owner dropped `fork` (delete, failure, refusal)
-    kUserCreated,    // user reference `fork` created (peer: its parent)
-    kUserConfirmed,  // user `fork` known to the owner
-    kUserReleased,  // user `fork` gone: delete acknowledged, or nothing to tell
-                    // the owner
-    kUserDeleteSent,  // user `fork` asked the owner to delete it (first
-                      // attempt)
+    kOwnerCreated,    // owner entry with a creation started (remote() arrived or to self)
+    kFunctionRun,     // the remote function was started for `rref`
+    kValueSet,        // owner value (or error) set
+    kOwnerFreed,      // owner value freed
+    kValueServed,     // owner served the value (fetch)
+    kForkAdded,       // owner recorded `fork` held by `peer`
+    kForkRemoved,     // owner dropped `fork` (delete, failure, refusal)
+    kUserCreated,     // user reference `fork` created (peer: its parent)
+    kUserConfirmed,   // user `fork` known to the owner
+    kUserReleased,    // user `fork` gone: delete acknowledged, or nothing to tell the owner
+    kUserDeleteSent,  // user `fork` asked the owner to delete it (first attempt)
     kChildPending,    // parent pinned for child `fork` sent to `peer`
     kChildResolved,   // parent released child `fork`
     kPeerFailed,      // `worker` declared `peer` failed
@@ -207,14 +165,10 @@ class RRefObserver {
 // TETHER_PLANTED_BUGS); the production //core:rref_context compiles their branches out and
 // ignores RRefContextOptions::bugs. The struct is the same in both variants (no ODR difference).
 struct RRefPlantedBugs {
-  bool skip_child_wait =
-      false;  // Parents do not stay pinned until children accept.
-  bool forget_idempotence =
-      false;  // Owner counts fork messages instead of fork ids.
-  bool free_on_first_delete =
-      false;  // Owner frees the value on the first user delete.
-  bool forget_user_delete =
-      false;  // Users go without telling the owner (the owner leaks).
+  bool skip_child_wait = false;       // Parents do not stay pinned until children accept.
+  bool forget_idempotence = false;    // Owner counts fork messages instead of fork ids.
+  bool free_on_first_delete = false;  // Owner frees the value on the first user delete.
+  bool forget_user_delete = false;    // Users go without telling the owner (the owner leaks).
 };
 
 struct RRefContextOptions {
@@ -255,8 +209,7 @@ class RRefContext : public std::enable_shared_from_this<RRefContext> {
  public:
   // Registers the RRef handlers, an activity source and a peer-failure listener
   // on `agent`: call before agent->Start().
-  static std::shared_ptr<RRefContext> Create(Agent* agent, Clock* clock,
-                                             Executor* executor,
+  static std::shared_ptr<RRefContext> Create(Agent* agent, Clock* clock, Executor* executor,
                                              RRefContextOptions options = {});
   ~RRefContext();
 
@@ -275,23 +228,20 @@ class RRefContext : public std::enable_shared_from_this<RRefContext> {
   // == self). `timeout` bounds the creation (unset: the agent's default).
   // `on_created`, if set, receives the owner's creation reply.
   // kInvalidArgument for an unknown worker or a non-remote type.
-  absl::StatusOr<RRefHandle> Remote(
-      WorkerId owner, MessageType type, std::string payload,
-      std::vector<Buffer> buffers,
-      std::optional<absl::Duration> timeout = std::nullopt,
-      std::string created_by = "", std::string type_name = "",
-      CreationCallback on_created = nullptr);
+  absl::StatusOr<RRefHandle> Remote(WorkerId owner, MessageType type, std::string payload,
+                                    std::vector<Buffer> buffers,
+                                    std::optional<absl::Duration> timeout = std::nullopt,
+                                    std::string created_by = "", std::string type_name = "",
+                                    CreationCallback on_created = nullptr);
 
   // Creates an owner reference holding `value` (rpc.RRef(obj)).
-  RRefHandle CreateOwned(RRefValue value, std::string created_by = "",
-                         std::string type_name = "");
+  RRefHandle CreateOwned(RRefValue value, std::string created_by = "", std::string type_name = "");
 
   // The value (to_here). Fails with the creation error if creation failed,
   // kUnavailable if the owner failed, kDeadlineExceeded after `timeout` (unset:
   // agent default; zero: none), on the owner as elsewhere.
-  Future<RRefValue> ToHere(
-      const RRefHandle& handle,
-      std::optional<absl::Duration> timeout = std::nullopt);
+  Future<RRefValue> ToHere(const RRefHandle& handle,
+                           std::optional<absl::Duration> timeout = std::nullopt);
 
   // Whether the handle can still be used: its creation/confirmation error,
   // kUnavailable if its owner failed, kCancelled if it was deleted by shutdown.
@@ -305,8 +255,7 @@ class RRefContext : public std::enable_shared_from_this<RRefContext> {
   // Turns a descriptor received from worker `from` into a handle (user, or
   // owner on the owner) and starts confirming it. kInvalidArgument for a
   // malformed descriptor or a wrong parent.
-  absl::StatusOr<RRefHandle> Receive(const RRefDescriptor& descriptor,
-                                     WorkerId from);
+  absl::StatusOr<RRefHandle> Receive(const RRefDescriptor& descriptor, WorkerId from);
 
   // Completes when every handle is confirmed by its owner (run a call's
   // function only then); fails with the first confirmation error.
@@ -343,8 +292,7 @@ class RRefContext : public std::enable_shared_from_this<RRefContext> {
   struct ReceivedChild;
   using Actions = std::vector<std::function<void()>>;
 
-  RRefContext(Agent* agent, Clock* clock, Executor* executor,
-              RRefContextOptions options);
+  RRefContext(Agent* agent, Clock* clock, Executor* executor, RRefContextOptions options);
   void Attach();
 
   // Handlers (on the executor).
@@ -356,33 +304,25 @@ class RRefContext : public std::enable_shared_from_this<RRefContext> {
   void OnPeerFailed(WorkerId peer, const absl::Status& reason);
 
   void HandleGone(const RRefId& rref, const ForkId& fork, bool is_owner);
-  void OnCreationReply(const ForkId& fork,
-                       const absl::StatusOr<Message>& reply);
-  void OnForkRequestReply(const ForkId& fork,
-                          const absl::StatusOr<Message>& reply);
-  void StartFunction(const RRefId& rref, RemoteRequest request,
-                     MessageType type, CreationCallback on_created);
-  void OnFunctionDone(const RRefId& rref,
-                      const absl::StatusOr<RRefValue>& result);
+  void OnCreationReply(const ForkId& fork, const absl::StatusOr<Message>& reply);
+  void OnForkRequestReply(const ForkId& fork, const absl::StatusOr<Message>& reply);
+  void StartFunction(const RRefId& rref, RemoteRequest request, MessageType type,
+                     CreationCallback on_created);
+  void OnFunctionDone(const RRefId& rref, const absl::StatusOr<RRefValue>& result);
   void OnChildQueryTimer(const ForkId& fork);
-  void OnChildQueryReply(const ForkId& fork,
-                         const absl::StatusOr<Message>& reply);
+  void OnChildQueryReply(const ForkId& fork, const absl::StatusOr<Message>& reply);
   void CheckShutdownDone() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   // Locked helpers. Work that must happen without the lock (agent calls,
   // dropping pins, completing futures' owners) goes to `actions`.
   GloballyUniqueId NewIdLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  OwnerEntry* FindOrCreatePlaceholderLocked(const RRefId& rref)
-      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  OwnerEntry* FindOrCreatePlaceholderLocked(const RRefId& rref) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void AddForkLocked(OwnerEntry* entry, const ForkId& fork, WorkerId holder)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  void RemoveForkLocked(OwnerEntry* entry, const ForkId& fork,
-                        bool duplicate_aware)
+  void RemoveForkLocked(OwnerEntry* entry, const ForkId& fork, bool duplicate_aware)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  void MaybeFreeLocked(const RRefId& rref, Actions* actions)
-      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  void FreeLocked(const RRefId& rref, Actions* actions)
-      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void MaybeFreeLocked(const RRefId& rref, Actions* actions) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void FreeLocked(const RRefId& rref, Actions* actions) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void MaybeDeleteUserLocked(const ForkId& fork, Actions* actions)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void SettleUserLocked(UserFork* user, absl::Status error, bool needs_delete)
@@ -393,26 +333,22 @@ class RRefContext : public std::enable_shared_from_this<RRefContext> {
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void ScheduleChildQueryLocked(const ForkId& fork, Actions* actions)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  void EmitLocked(RRefEvent::Kind kind, const RRefId& rref, const ForkId& fork,
-                  WorkerId peer) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  RRefHandle MakeHandleLocked(const RRefId& rref, const ForkId& fork,
-                              WorkerId owner, bool is_owner,
-                              const std::string& type_name)
+  void EmitLocked(RRefEvent::Kind kind, const RRefId& rref, const ForkId& fork, WorkerId peer)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  RRefHandle MakeHandleLocked(const RRefId& rref, const ForkId& fork, WorkerId owner, bool is_owner,
+                              const std::string& type_name) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void TouchLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { ++events_; }
   // Records the incarnation a request came from; a worker declared failed that
   // speaks again from a newer incarnation is alive again.
-  void NoteCallerLocked(const IncomingCall& call)
-      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void NoteCallerLocked(const IncomingCall& call) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
-  // Sends a control message, retrying on timeouts with backoff until it is
-  // answered (or the peer failed, or the agent shut down). `done` runs on the
-  // executor with the final result.
+  // Sends a control message through control_ (core/retried_call.h), retrying on timeouts with
+  // backoff until it is answered (or the peer failed, or the agent shut down), and counts it in
+  // pending_control_ until then. `done` runs on the executor with the final result.
   void SendControl(WorkerId to, MessageType type, std::string payload,
                    std::function<void(const absl::StatusOr<Message>&)> done);
-  void ControlAttempt(WorkerId to, MessageType type, std::string payload,
-                      int attempt,
-                      std::function<void(const absl::StatusOr<Message>&)> done);
+  // control_'s hook: an attempt finished; returns whether to retry it.
+  bool OnControlAttempt(bool timed_out);
   void RunActions(Actions actions);
   // Posts `fn(ctx)` on the executor if the context is still alive.
   void PostSelf(std::function<void(RRefContext*)> fn);
@@ -423,6 +359,8 @@ class RRefContext : public std::enable_shared_from_this<RRefContext> {
   const RRefContextOptions options_;
   const WorkerId self_;
   std::map<MessageType, RemoteRunner> runners_;
+  // Set once by Attach() (it needs weak_from_this()), before any control message is sent.
+  std::unique_ptr<RetriedCaller> control_;
 
   mutable absl::Mutex mu_;
   bool closed_ ABSL_GUARDED_BY(mu_) = false;
@@ -433,10 +371,8 @@ class RRefContext : public std::enable_shared_from_this<RRefContext> {
   int64_t running_functions_ ABSL_GUARDED_BY(mu_) = 0;
   std::map<RRefId, std::unique_ptr<OwnerEntry>> owners_ ABSL_GUARDED_BY(mu_);
   std::map<ForkId, std::unique_ptr<UserFork>> users_ ABSL_GUARDED_BY(mu_);
-  std::map<ForkId, std::unique_ptr<PendingChild>> pending_children_
-      ABSL_GUARDED_BY(mu_);
-  std::map<ForkId, std::unique_ptr<ReceivedChild>> received_
-      ABSL_GUARDED_BY(mu_);
+  std::map<ForkId, std::unique_ptr<PendingChild>> pending_children_ ABSL_GUARDED_BY(mu_);
+  std::map<ForkId, std::unique_ptr<ReceivedChild>> received_ ABSL_GUARDED_BY(mu_);
   std::set<ForkId> refused_ ABSL_GUARDED_BY(mu_);
   std::set<ForkId> deleted_forks_ ABSL_GUARDED_BY(mu_);
   std::set<RRefId> freed_ ABSL_GUARDED_BY(mu_);

@@ -13,9 +13,8 @@
 namespace tether {
 
 // Adds _set_hooks, listen, sim_listen, abandon_listen, connect, shutdown, shutdown_progress,
-// is_initialized,
-// workers, self_id, get/set_rpc_timeout, agent_debug_info, agent_summary, rref_debug_info,
-// enable_gil_profiling and the server-process profiler switches.
+// is_initialized, workers, self_id, get/set_rpc_timeout, agent_debug_info, agent_summary,
+// rref_debug_info, enable_gil_profiling and the server-process profiler switches.
 void RegisterLifecycleBindings(pybind11::module_& m);
 
 }  // namespace tether

@@ -4,14 +4,13 @@
 // store: tcp://, file://, env://) is done by the Python layer, exactly as
 // torch.distributed.rpc does it, between the two phases below.
 //
-//   auto rt = Runtime::Listen(options).value();        // binds; publish
-//   rt->address() rt->Connect(workers, addresses);                    // agent
-//   + RRef context, not started rt->agent()->RegisterHandler(wire::PYTHON_CALL,
-//   ...); rt->Start();
+//   auto rt = Runtime::Listen(options).value();          // binds; publish rt->address()
+//   rt->Connect(workers, addresses);                     // agent + RRef context, not started
+//   rt->agent()->RegisterHandler(wire::PYTHON_CALL, ...);
+//   rt->Start();
 //   ... rt->agent()->Call(...) ...
 //   rt->agent()->Shutdown(true).Wait();
-//   rt.reset();                                        // stops the network,
-//   joins the threads
+//   rt.reset();                                          // stops the network, joins the threads
 //
 // Threading: Stop() (and the destructor, which calls it) blocks until the
 // pool's threads have left, but at most `stop_join_timeout` (call it without
@@ -83,13 +82,12 @@ class Runtime {
  public:
   // Binds the listening socket. kInvalidArgument for bad options, kUnavailable
   // if binding fails.
-  static absl::StatusOr<std::unique_ptr<Runtime>> Listen(
-      const RuntimeOptions& options);
+  static absl::StatusOr<std::unique_ptr<Runtime>> Listen(const RuntimeOptions& options);
   // A worker inside tether.sim: the simulator's clock, executor and network
   // (not owned; they outlive the runtime). Connect() then ignores addresses.
-  static absl::StatusOr<std::unique_ptr<Runtime>> ForSimulation(
-      const RuntimeOptions& options, Clock* clock, Executor* executor,
-      Network* network);
+  static absl::StatusOr<std::unique_ptr<Runtime>> ForSimulation(const RuntimeOptions& options,
+                                                                Clock* clock, Executor* executor,
+                                                                Network* network);
   ~Runtime();
 
   // "host:port" to publish.

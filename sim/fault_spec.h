@@ -1,41 +1,31 @@
-// FaultSpec: which faults a simulated network injects, written as a string for
-// the command line
-// (`explore --faults=SPEC`), parsed here, and resolved into a concrete plan per
-// seed.
+// FaultSpec: which faults a simulated network injects, written as a string for the command line
+// (`explore --faults=SPEC`), parsed here, and resolved into a concrete plan per seed.
 //
 // Grammar: `none`, `all`, or comma-separated tokens (later tokens override
 // earlier ones; `partition=`, `crash=` and `type=` tokens accumulate):
 //
 //   drop=P              drop each message with probability P (0..1)
 //   dup=P               deliver a second copy with probability P
-//   reorder=P           with probability P a message leaves its FIFO channel
-//   and gets an extra
-//                       delay of up to 4x the delay distribution's bound (may
-//                       overtake others)
+//   reorder=P           with probability P a message leaves its FIFO channel and gets an extra
+//                       delay of up to 4x the delay distribution's bound (may overtake others)
 //   delay=D             one-way latency: a constant D ("2ms", "1.5s", "0"),
 //   delay=A..B          uniform in [A, B],
 //   delay=exp:M         exponential with mean M (capped at 20 M).
-//                       Default when unset: uniform 50us..500us (latency, not a
-//                       fault).
-//   partition=G-G[@T1..T2]   two-way partition between worker groups during
-//   [T1, T2) of virtual partition=G>G[@T1..T2]   time since the start (`@T1..`
-//   = until the end; no `@` = whole run);
-//                       `>` is one-way: messages from the left group to the
-//                       right one are lost. A group is worker ids joined by
-//                       '+', e.g. `0+1-2+3`, `2>0@100ms..400ms`.
-//   partition=random    one random partition (random groups, direction,
-//   window). crash=W@T           worker W crashes at T (its tasks, timers and
-//   in-flight messages vanish;
+//                       Default when unset: uniform 50us..500us (latency, not a fault).
+//   partition=G-G[@T1..T2]   two-way partition between worker groups during [T1, T2) of virtual
+//   partition=G>G[@T1..T2]   time since the start (`@T1..` = until the end; no `@` = whole run);
+//                       `>` is one-way: messages from the left group to the right one are lost.
+//                       A group is worker ids joined by '+', e.g. `0+1-2+3`, `2>0@100ms..400ms`.
+//   partition=random    one random partition (random groups, direction, window).
+//   crash=W@T           worker W crashes at T (its tasks, timers and in-flight messages vanish;
 //                       peers get OnPeerFailed);
 //   crash=W@T..R        ... and restarts at R as a new incarnation.
-//   crash=random        one random worker crashes at a random time, restarting
-//   half the time. skew=D              each worker's clock is offset by a
-//   random amount in [-D, D] drift=X             each worker's clock runs at a
-//   random rate in [1-X, 1+X] (X < 0.5) type=NAME:KEY=VALUE applies KEY (drop,
-//   dup, reorder, delay) only to messages of type NAME
-//                       (as in core/envelope.proto), e.g.
-//                       `type=RREF_USER_DELETE:drop=0.5`; it replaces the
-//                       global value for that type.
+//   crash=random        one random worker crashes at a random time, restarting half the time.
+//   skew=D              each worker's clock is offset by a random amount in [-D, D]
+//   drift=X             each worker's clock runs at a random rate in [1-X, 1+X] (X < 0.5)
+//   type=NAME:KEY=VALUE applies KEY (drop, dup, reorder, delay) only to messages of type NAME
+//                       (as in core/envelope.proto), e.g. `type=RREF_USER_DELETE:drop=0.5`; it
+//                       replaces the global value for that type.
 //
 // `none` injects nothing. `all` draws, per seed, a random mix of every fault
 // above (drop up to 5%, dup up to 10%, reorder up to 20%, delay up to 50ms,

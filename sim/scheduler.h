@@ -19,8 +19,8 @@
 //
 //   Scheduler s(seed);
 //   s.Post({0}, EventKind::kTask, 0, [] { ... });
-//   s.At(s.Now() + absl::Milliseconds(5), {1}, EventKind::kTimer, 7, [] { ...
-//   }); s.RunUntilIdle();
+//   s.At(s.Now() + absl::Milliseconds(5), {1}, EventKind::kTimer, 7, [] { ... });
+//   s.RunUntilIdle();
 //
 // Not thread-safe: create it, post to it and run it on one thread. Event
 // functions run on that thread, inline in Run*(), and may post further events.
@@ -55,14 +55,11 @@ enum class EventKind : uint8_t {
 struct Owners {
   int32_t a = -1;
   int32_t b = -1;
-  bool Has(int32_t domain) const {
-    return domain >= 0 && (a == domain || b == domain);
-  }
+  bool Has(int32_t domain) const { return domain >= 0 && (a == domain || b == domain); }
 };
 
 enum class RunOrder {
-  kRandom,  // pick uniformly among the runnable events (default: explores
-            // interleavings)
+  kRandom,  // pick uniformly among the runnable events (default: explores interleavings)
   kFifo,    // run runnable events in the order they became runnable
 };
 
@@ -82,8 +79,7 @@ class Scheduler {
   absl::Duration Elapsed() const { return absl::Nanoseconds(now_ns_); }
 
   // Makes `fn` runnable now.
-  void Post(Owners owners, EventKind kind, uint64_t tag,
-            std::function<void()> fn);
+  void Post(Owners owners, EventKind kind, uint64_t tag, std::function<void()> fn);
   // Runs `fn` at virtual time `when` (or now, if `when` has passed). The id can
   // be cancelled.
   EventId At(absl::Time when, Owners owners, EventKind kind, uint64_t tag,
@@ -109,8 +105,7 @@ class Scheduler {
   // Runs until `done()` holds (checked before each event), the scheduler is
   // idle, virtual time would pass `limit`, or `max_events` events have run.
   // Returns done().
-  bool RunUntil(const std::function<bool()>& done,
-                absl::Time limit = absl::InfiniteFuture(),
+  bool RunUntil(const std::function<bool()>& done, absl::Time limit = absl::InfiniteFuture(),
                 uint64_t max_events = UINT64_MAX);
   // Runs every event due until Now() + d (time then stands at Now() + d even if
   // idle earlier).
@@ -126,9 +121,7 @@ class Scheduler {
   // Folds extra values into the trace hash (e.g., a fault decision).
   void Trace(uint64_t value);
   uint64_t events_run() const { return events_run_; }
-  uint64_t events_run(EventKind kind) const {
-    return by_kind_[static_cast<int>(kind)];
-  }
+  uint64_t events_run(EventKind kind) const { return by_kind_[static_cast<int>(kind)]; }
 
   // The scheduler's own random stream (run-queue choices). Others should Fork
   // their own.

@@ -11,24 +11,17 @@
 // Prng stream: drop, duplicate, reorder (a message leaves its FIFO channel with
 // an extra delay), partitions (messages crossing one are silently lost), faults
 // aimed at one message type, and crashes:
-// - Crash(w): the worker's queued tasks, timers and in-flight messages to and
-// from it vanish
-//   (Scheduler::PurgeDomain); every other running endpoint is told
-//   OnPeerFailed(w) after a latency. The crashed endpoint never calls its
-//   observer again and its Send() fails.
-// - A restarted worker gets a new endpoint (CreateEndpoint) with the next
-// incarnation. A peer
-//   keeps addressing the incarnation it knows until it has been told of the
-//   failure: messages it sends meanwhile are refused (lost, and the sender is
-//   told OnPeerFailed). Once told, its next Send() connects to the new
-//   incarnation, like a new TCP connection.
-// - Sending to a stopped or crashed worker reports OnPeerFailed to the sender
-// asynchronously
-//   (like a TCP reset), once per peer incarnation.
-// - Stop() flushes: messages already sent are still delivered; then each peer
-// is told
-//   OnPeerFailed (the close travels behind the data in the FIFO channel, like a
-//   TCP FIN).
+// - Crash(w): the worker's queued tasks, timers and in-flight messages to and from it vanish
+//   (Scheduler::PurgeDomain); every other running endpoint is told OnPeerFailed(w) after a latency.
+//   The crashed endpoint never calls its observer again and its Send() fails.
+// - A restarted worker gets a new endpoint (CreateEndpoint) with the next incarnation. A peer keeps
+//   addressing the incarnation it knows until it has been told of the failure: messages it sends
+//   meanwhile are refused (lost, and the sender is told OnPeerFailed). Once told, its next Send()
+//   connects to the new incarnation, like a new TCP connection.
+// - Sending to a stopped or crashed worker reports OnPeerFailed to the sender asynchronously (like
+//   a TCP reset), once per peer incarnation.
+// - Stop() flushes: messages already sent are still delivered; then each peer is told OnPeerFailed
+//   (the close travels behind the data in the FIFO channel, like a TCP FIN).
 //
 // Messages to oneself go through a FIFO channel too, without faults.
 //
@@ -55,14 +48,13 @@ namespace tether::sim {
 class SimNetwork;
 
 struct SimNetworkStats {
-  uint64_t sent = 0;         // Send() calls accepted
-  uint64_t delivered = 0;    // OnMessage calls
-  uint64_t dropped = 0;      // lost to drop faults
-  uint64_t partitioned = 0;  // lost to partitions
-  uint64_t duplicated = 0;   // extra copies sent
-  uint64_t reordered = 0;    // messages taken out of FIFO order
-  uint64_t refused =
-      0;  // addressed to a stopped, crashed or replaced incarnation
+  uint64_t sent = 0;           // Send() calls accepted
+  uint64_t delivered = 0;      // OnMessage calls
+  uint64_t dropped = 0;        // lost to drop faults
+  uint64_t partitioned = 0;    // lost to partitions
+  uint64_t duplicated = 0;     // extra copies sent
+  uint64_t reordered = 0;      // messages taken out of FIFO order
+  uint64_t refused = 0;        // addressed to a stopped, crashed or replaced incarnation
   uint64_t vanished = 0;       // in flight when an end crashed
   uint64_t peer_failures = 0;  // OnPeerFailed calls
 };
@@ -75,8 +67,7 @@ class SimFabric {
  public:
   // `seed` seeds the fabric's own fault stream. `plan` is usually
   // ResolveFaults(...)'s result.
-  SimFabric(Scheduler* scheduler, int num_workers, FaultPlan plan,
-            uint64_t seed);
+  SimFabric(Scheduler* scheduler, int num_workers, FaultPlan plan, uint64_t seed);
   ~SimFabric();
   SimFabric(const SimFabric&) = delete;
   SimFabric& operator=(const SimFabric&) = delete;
@@ -112,27 +103,22 @@ class SimFabric {
   absl::Status Send(SimNetwork* from, WorkerId to, Message message);
   void OnStopped(SimNetwork* endpoint);
   void OnDestroyed(SimNetwork* endpoint);
-  void Enqueue(WorkerId from, WorkerId to, InFlight item, absl::Duration delay,
-               bool fifo, uint64_t digest);
+  void Enqueue(WorkerId from, WorkerId to, InFlight item, absl::Duration delay, bool fifo,
+               uint64_t digest);
   void Deliver(WorkerId from, WorkerId to, InFlight item);
   // Tells `worker`'s current endpoint, after a latency, that `peer` failed
   // (once per peer incarnation).
   void ScheduleFailure(WorkerId worker, WorkerId peer, std::string reason);
-  void NotifyFailure(SimNetwork* endpoint, WorkerId peer,
-                     const std::string& reason);
+  void NotifyFailure(SimNetwork* endpoint, WorkerId peer, const std::string& reason);
   SimNetwork* Running(WorkerId worker) const;
-  Channel& channel(WorkerId from, WorkerId to) {
-    return channels_[from * num_workers_ + to];
-  }
+  Channel& channel(WorkerId from, WorkerId to) { return channels_[from * num_workers_ + to]; }
 
   Scheduler* const scheduler_;
   const int num_workers_;
   const FaultPlan plan_;
   Prng rng_;
-  std::vector<SimNetwork*>
-      endpoints_;  // current incarnation per worker (not owned)
-  std::vector<SimNetwork*>
-      retired_;  // earlier incarnations still alive (not owned)
+  std::vector<SimNetwork*> endpoints_;  // current incarnation per worker (not owned)
+  std::vector<SimNetwork*> retired_;    // earlier incarnations still alive (not owned)
   std::vector<int64_t> incarnations_;
   std::vector<Channel> channels_;
   SimNetworkStats stats_;
@@ -155,10 +141,9 @@ class SimNetwork : public Network {
   friend class SimFabric;
   enum class State { kNew, kRunning, kStopped, kCrashed };
   struct PeerView {
-    uint64_t incarnation = 0;  // the peer incarnation this endpoint addresses
-    bool failure_pending =
-        false;  // a failure notice is scheduled or was delivered
-    bool failure_known = false;  // OnPeerFailed was called for `incarnation`
+    uint64_t incarnation = 0;      // the peer incarnation this endpoint addresses
+    bool failure_pending = false;  // a failure notice is scheduled or was delivered
+    bool failure_known = false;    // OnPeerFailed was called for `incarnation`
   };
 
   SimNetwork(SimFabric* fabric, WorkerId self, uint64_t incarnation);

@@ -7,21 +7,19 @@
 //   SimWorldOptions o;
 //   o.num_workers = 3;
 //   o.seed = 42;
-//   o.faults = FaultSpec::Parse("drop=0.01,delay=0..5ms").value();   //
-//   default: none o.agent.default_timeout = absl::Seconds(5);   // template for
-//   every worker's AgentOptions auto world = SimWorld::Create(o).value(); //
-//   agents created, not started
-//   world->agent(1).RegisterHandler(wire::TEST_CALL,
-//   [](std::shared_ptr<IncomingCall> c) {
+//   o.faults = FaultSpec::Parse("drop=0.01,delay=0..5ms").value();  // default: none
+//   o.agent.default_timeout = absl::Seconds(5);  // template for every worker's AgentOptions
+//   auto world = SimWorld::Create(o).value();    // agents created, not started
+//   world->agent(1).RegisterHandler(wire::TEST_CALL, [](std::shared_ptr<IncomingCall> c) {
 //     c->Reply(c->request().envelope.payload(), {});
 //   });
-//   TETHER_CHECK_OK(world->Start());              // starts every agent (or
-//   StartWorker(w)) Future<Message> f = world->agent(0).Call(1,
-//   wire::TEST_CALL, "hi", {}); world->RunUntilReady(f); // runs the scheduler
-//   until f completes world->Elapsed();                             // virtual
-//   time since the start world->ShutdownAll(/*graceful=*/true);        //
-//   Shutdown on every live agent world->RunUntilIdle(); world->trace_hash(); //
-//   same seed, same hash
+//   TETHER_CHECK_OK(world->Start());  // starts every agent (or StartWorker(w))
+//   Future<Message> f = world->agent(0).Call(1, wire::TEST_CALL, "hi", {});
+//   world->RunUntilReady(f);                   // runs the scheduler until f completes
+//   world->Elapsed();                          // virtual time since the start
+//   world->ShutdownAll(/*graceful=*/true);     // Shutdown on every live agent
+//   world->RunUntilIdle();
+//   world->trace_hash();                       // same seed, same hash
 //
 // Workers are named "worker0", "worker1", ... (or SimWorldOptions::names). Test
 // code calls agents directly between Run*() calls; everything runs on the
@@ -78,8 +76,7 @@ class SimWorld {
  public:
   // kInvalidArgument for a bad worker count, a fault spec naming a missing
   // worker, or an agent registry the Agent rejects.
-  static absl::StatusOr<std::unique_ptr<SimWorld>> Create(
-      SimWorldOptions options);
+  static absl::StatusOr<std::unique_ptr<SimWorld>> Create(SimWorldOptions options);
   ~SimWorld();
   SimWorld(const SimWorld&) = delete;
   SimWorld& operator=(const SimWorld&) = delete;
@@ -95,9 +92,7 @@ class SimWorld {
   SimClock& clock(WorkerId worker) { return *workers_[worker].clock; }
   SimExecutor& executor(WorkerId worker) { return *workers_[worker].executor; }
   SimNetwork& network(WorkerId worker) { return *workers_[worker].network; }
-  uint64_t incarnation(WorkerId worker) const {
-    return workers_[worker].network->incarnation();
-  }
+  uint64_t incarnation(WorkerId worker) const { return workers_[worker].network->incarnation(); }
   bool crashed(WorkerId worker) const { return fabric_->crashed(worker); }
   const std::vector<WorkerInfo>& worker_infos() const { return infos_; }
 
@@ -114,11 +109,9 @@ class SimWorld {
   bool RunUntilIdle(uint64_t max_events = 50'000'000);
   // Runs until `done()`, idleness, or `limit` of virtual time from now. Returns
   // done().
-  bool RunUntil(const std::function<bool()>& done,
-                absl::Duration limit = absl::Hours(1));
+  bool RunUntil(const std::function<bool()>& done, absl::Duration limit = absl::Hours(1));
   template <typename T>
-  bool RunUntilReady(const Future<T>& future,
-                     absl::Duration limit = absl::Hours(1)) {
+  bool RunUntilReady(const Future<T>& future, absl::Duration limit = absl::Hours(1)) {
     return RunUntil([&future] { return future.ready(); }, limit);
   }
   // Runs everything due in the next `d` of virtual time.

@@ -10,8 +10,8 @@
 // with real sleeps) and inside the simulator (run the scheduler):
 //
 //   INSTANTIATE_TEST_SUITE_P(Tcp, NetworkConformanceTest,
-//                            ::testing::Values(NetworkFactory{"tcp",
-//                            &MakeTcpHarness}), NetworkFactoryName);
+//                            ::testing::Values(NetworkFactory{"tcp", &MakeTcpHarness}),
+//                            NetworkFactoryName);
 //
 // The harness owns its networks. The tests own the observers and call
 // Start/Send/Stop themselves; observer callbacks may run on any thread (the
@@ -21,19 +21,17 @@
 // A Network that wraps another (the tracing and faulty networks) runs the suite
 // over the harness of an implementation it wraps, through WrapNetworks:
 //
-//   WrapNetworks("tracing_over_sim", SimNetworkFactory(),
-//                [](NetworkHarness& inner, WorkerId id) {
-//                  return std::make_unique<TracingNetwork>(
-//                      inner.network(id), inner.clock(id), path, name);
-//                })
+//   WrapNetworks("tracing_over_sim", SimNetworkFactory(), [](NetworkHarness& inner, WorkerId id) {
+//     return std::make_unique<TracingNetwork>(inner.network(id), inner.clock(id), path, name);
+//   })
 //
 // Instantiations in the tree (one test target each; every Network passes all
 // of it):
 //   //testing:sim_network_conformance_test            the simulated network
 //   //testing/transport:tcp_network_test              TCP (plain, pooled, HMAC)
 //   //testing/transport:tracing_network_conformance_test  tracing over sim, TCP
-//   //testing/transport:faulty_network_conformance_test   faulty (no faults
-//                                                       configured) over sim, TCP
+//   //testing/transport:faulty_network_conformance_test   faulty (no faults configured)
+//                                                         over sim, TCP
 // Not instantiated: the process simulator's link network (sim/process/child.cc,
 // ChildRuntime's LinkNetwork). It exists once per worker process (ChildRuntime
 // is a process singleton), and every call on it is a request over the link
@@ -69,8 +67,7 @@ class NetworkHarness {
   // Makes progress until `done()` returns true or `timeout` passes (real time
   // on real transports, virtual time in the simulator). Returns done(). `done`
   // is called from the caller's thread only.
-  virtual bool RunUntil(const std::function<bool()>& done,
-                        absl::Duration timeout) = 0;
+  virtual bool RunUntil(const std::function<bool()>& done, absl::Duration timeout) = 0;
   // Makes worker `id` fail abruptly as its peers see it (a crash: its
   // connections reset, nothing more is flushed). Its own observer gets no
   // callback afterwards.
@@ -89,21 +86,17 @@ struct NetworkFactory {
 };
 
 // Builds the network that wraps `inner`'s network of worker `id`.
-using NetworkWrapper =
-    std::function<std::unique_ptr<Network>(NetworkHarness& inner, WorkerId id)>;
+using NetworkWrapper = std::function<std::unique_ptr<Network>(NetworkHarness& inner, WorkerId id)>;
 
 // A factory whose harness is `inner`'s with each network wrapped by `wrap`:
 // Send/Start/Stop go to the wrappers, Crash and RunUntil to the inner harness.
 // The wrappers are destroyed before the inner networks.
-NetworkFactory WrapNetworks(std::string name, NetworkFactory inner,
-                            NetworkWrapper wrap);
+NetworkFactory WrapNetworks(std::string name, NetworkFactory inner, NetworkWrapper wrap);
 
 // For INSTANTIATE_TEST_SUITE_P's name generator.
-std::string NetworkFactoryName(
-    const ::testing::TestParamInfo<NetworkFactory>& info);
+std::string NetworkFactoryName(const ::testing::TestParamInfo<NetworkFactory>& info);
 
-class NetworkConformanceTest : public ::testing::TestWithParam<NetworkFactory> {
-};
+class NetworkConformanceTest : public ::testing::TestWithParam<NetworkFactory> {};
 
 }  // namespace tether::testing
 

@@ -3,8 +3,7 @@
 // endpoints of one SimFabric, a SimClock per worker, progress by running the
 // scheduler in virtual time.
 //
-//   INSTANTIATE_TEST_SUITE_P(Sim, NetworkConformanceTest,
-//                            ::testing::Values(SimNetworkFactory()),
+//   INSTANTIATE_TEST_SUITE_P(Sim, NetworkConformanceTest, ::testing::Values(SimNetworkFactory()),
 //                            NetworkFactoryName);
 #ifndef TETHER_TESTING_SIM_HARNESS_H_
 #define TETHER_TESTING_SIM_HARNESS_H_

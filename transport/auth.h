@@ -1,13 +1,16 @@
-// Peer authentication for the TCP transport: the connection handshake and its
-// HMAC-SHA256 challenge, kept apart from the sockets so it can be tested alone.
+// Peer authentication for the TCP transport: the connection handshake's records and their
+// HMAC-SHA256 challenge, kept apart from the sockets so it can be tested alone (the steps each
+// side takes are in transport/handshake.h).
 //
 // Every connection starts with three fixed-size (80-byte) handshake records
 // before any frame:
 //
 //   dialer   -> acceptor  HELLO  {from, to, nonce_d}
-//   acceptor -> dialer    HELLO  {from, to, nonce_a, mac_a = HMAC(token,
-//   "accept" ids nonce_d nonce_a)} dialer   -> acceptor  PROOF  {from, to,
-//   nonce_d, mac_d = HMAC(token, "dial" ids nonce_a nonce_d)}
+//   acceptor -> dialer    HELLO  {from, to, nonce_a, mac_a}
+//   dialer   -> acceptor  PROOF  {from, to, nonce_d, mac_d}
+//
+//   mac_a = HMAC(token, "accept" ids nonce_d nonce_a)
+//   mac_d = HMAC(token, "dial" ids nonce_a nonce_d)
 //
 // Each side proves it knows the shared token by answering the other's fresh
 // random nonce, so a recorded handshake cannot be replayed. Without a token (on
@@ -37,45 +40,39 @@ inline constexpr uint16_t kHandshakeVersion = 1;
 using Nonce = std::array<uint8_t, 32>;
 using Mac = std::array<uint8_t, 32>;
 
-enum class HandshakeKind : uint16_t {
-  kHello = 1,
-  kAcceptHello = 2,
-  kProof = 3
-};
+enum class HandshakeKind : uint16_t { kHello = 1, kAcceptHello = 2, kProof = 3 };
 
 struct HandshakeRecord {
   HandshakeKind kind = HandshakeKind::kHello;
-  bool authenticated =
-      false;  // The sender has a token (and `mac` is meaningful).
+  bool authenticated = false;  // The sender has a token (and `mac` is meaningful).
   int32_t from = -1;
   int32_t to = -1;
   Nonce nonce{};
   Mac mac{};
 };
 
-void EncodeHandshake(const HandshakeRecord& record,
-                     uint8_t out[kHandshakeSize]);
+void EncodeHandshake(const HandshakeRecord& record, uint8_t out[kHandshakeSize]);
 // kInvalidArgument naming what is wrong (not a Tether handshake, version,
 // kind).
-absl::StatusOr<HandshakeRecord> DecodeHandshake(
-    const uint8_t in[kHandshakeSize], HandshakeKind expected);
+absl::StatusOr<HandshakeRecord> DecodeHandshake(const uint8_t in[kHandshakeSize],
+                                                HandshakeKind expected);
 
 // A fresh random nonce (OpenSSL's CSPRNG).
 absl::StatusOr<Nonce> RandomNonce();
 
 // The MAC the acceptor (dialer) sends: HMAC-SHA256 over a role label, both ids
 // and both nonces.
-Mac AcceptorMac(absl::string_view token, int32_t dialer, int32_t acceptor,
-                const Nonce& nonce_d, const Nonce& nonce_a);
-Mac DialerMac(absl::string_view token, int32_t dialer, int32_t acceptor,
-              const Nonce& nonce_d, const Nonce& nonce_a);
+Mac AcceptorMac(absl::string_view token, int32_t dialer, int32_t acceptor, const Nonce& nonce_d,
+                const Nonce& nonce_a);
+Mac DialerMac(absl::string_view token, int32_t dialer, int32_t acceptor, const Nonce& nonce_d,
+              const Nonce& nonce_a);
 // Constant-time comparison.
 bool MacEquals(const Mac& a, const Mac& b);
 
 // Checks that a peer's record matches our token setting and, with a token,
 // carries `expected`. kUnauthenticated with a clear reason otherwise.
-absl::Status VerifyPeerMac(absl::string_view token,
-                           const HandshakeRecord& record, const Mac& expected);
+absl::Status VerifyPeerMac(absl::string_view token, const HandshakeRecord& record,
+                           const Mac& expected);
 
 // $TETHER_AUTH_TOKEN, or "" if unset.
 std::string TokenFromEnvironment();

@@ -4,8 +4,8 @@
 // one ordered queue served by a single timer thread that the clock owns.
 //
 //   SystemClock clock;
-//   TimerId id = clock.Schedule(clock.Now() + absl::Milliseconds(5), [] { ...
-//   }); clock.Cancel(id);
+//   TimerId id = clock.Schedule(clock.Now() + absl::Milliseconds(5), [] { ... });
+//   clock.Cancel(id);
 //
 // Threading: every method is thread-safe. Callbacks run on the timer thread,
 // one at a time, in deadline order (ties in scheduling order); they must not
@@ -39,8 +39,7 @@ class SystemClock : public Clock {
   SystemClock& operator=(const SystemClock&) = delete;
 
   absl::Time Now() override;
-  TimerId Schedule(absl::Time deadline,
-                   std::function<void()> callback) override;
+  TimerId Schedule(absl::Time deadline, std::function<void()> callback) override;
   bool Cancel(TimerId id) override;
 
   // Timers scheduled and neither run nor cancelled yet.

@@ -1,13 +1,7 @@
 #include "transport/tcp_network.h"
 
-#include <arpa/inet.h>
 #include <errno.h>
-#include <fcntl.h>
-#include <netdb.h>
-#include <netinet/in.h>
-#include <netinet/tcp.h>
 #include <sys/epoll.h>
-#include <sys/eventfd.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
 #include <unistd.h>
@@ -26,6 +20,9 @@
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
 #include "transport/auth.h"
+#include "transport/event_loop.h"
+#include "transport/handshake.h"
+#include "transport/socket_util.h"
 #include "transport/thread_pool.h"
 
 namespace tether {
@@ -41,92 +38,29 @@ constexpr auto kDialRetry = std::chrono::milliseconds(50);
 constexpr auto kCloseLinger = std::chrono::milliseconds(500);
 
 SteadyClock::duration ToSteady(absl::Duration d) {
-  return std::chrono::duration_cast<SteadyClock::duration>(
-      absl::ToChronoNanoseconds(d));
+  return std::chrono::duration_cast<SteadyClock::duration>(absl::ToChronoNanoseconds(d));
 }
 
-void Log(const std::string& message) {
-  std::string line = absl::StrCat("tether: ", message, "\n");
-  (void)!write(STDERR_FILENO, line.data(), line.size());
-}
-
-std::string ErrnoText(int err) { return std::strerror(err); }
-
-std::string SockaddrText(const sockaddr_storage& ss) {
-  char host[INET6_ADDRSTRLEN] = "?";
-  int port = 0;
-  if (ss.ss_family == AF_INET) {
-    const auto* a = reinterpret_cast<const sockaddr_in*>(&ss);
-    inet_ntop(AF_INET, &a->sin_addr, host, sizeof(host));
-    port = ntohs(a->sin_port);
-    return absl::StrCat(host, ":", port);
-  }
-  if (ss.ss_family == AF_INET6) {
-    const auto* a = reinterpret_cast<const sockaddr_in6*>(&ss);
-    inet_ntop(AF_INET6, &a->sin6_addr, host, sizeof(host));
-    port = ntohs(a->sin6_port);
-    return absl::StrCat("[", host, "]:", port);
-  }
-  return "?";
-}
-
-// Splits "host:port" or "[v6]:port".
-absl::Status SplitHostPort(absl::string_view address, std::string* host,
-                           int* port) {
-  size_t colon = address.rfind(':');
-  if (colon == absl::string_view::npos) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("address '", address, "' has no ':port'"));
-  }
-  absl::string_view h = address.substr(0, colon);
-  if (h.size() >= 2 && h.front() == '[' && h.back() == ']')
-    h = h.substr(1, h.size() - 2);
-  int p = 0;
-  if (h.empty() || !absl::SimpleAtoi(address.substr(colon + 1), &p) || p <= 0 ||
-      p > 65535) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("address '", address, "' is not host:port"));
-  }
-  *host = std::string(h);
-  *port = p;
-  return absl::OkStatus();
-}
-
-absl::Status Resolve(const std::string& host, int port, bool passive,
-                     sockaddr_storage* out, socklen_t* len) {
-  addrinfo hints{};
-  hints.ai_family = AF_UNSPEC;
-  hints.ai_socktype = SOCK_STREAM;
-  if (passive) hints.ai_flags = AI_PASSIVE;
-  addrinfo* res = nullptr;
-  std::string port_text = std::to_string(port);
-  int rc = getaddrinfo(host.empty() ? nullptr : host.c_str(), port_text.c_str(),
-                       &hints, &res);
-  if (rc != 0 || res == nullptr) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("cannot resolve host '", host, "': ", gai_strerror(rc)));
-  }
-  std::memcpy(out, res->ai_addr, res->ai_addrlen);
-  *len = res->ai_addrlen;
-  freeaddrinfo(res);
-  return absl::OkStatus();
-}
+using socket_util::ErrnoText;
+using socket_util::Log;
+using socket_util::Resolve;
+using socket_util::SockaddrText;
+using socket_util::SplitHostPort;
 
 void SetSocketOptions(int fd, const TcpNetworkOptions& o) {
-  int one = 1;
-  setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
-  setsockopt(fd, SOL_SOCKET, SO_KEEPALIVE, &one, sizeof(one));
-  int idle = std::max<int64_t>(1, absl::ToInt64Seconds(o.keepalive_idle));
-  int intvl = std::max<int64_t>(1, absl::ToInt64Seconds(o.keepalive_interval));
-  int cnt = std::max(1, o.keepalive_count);
-  setsockopt(fd, IPPROTO_TCP, TCP_KEEPIDLE, &idle, sizeof(idle));
-  setsockopt(fd, IPPROTO_TCP, TCP_KEEPINTVL, &intvl, sizeof(intvl));
-  setsockopt(fd, IPPROTO_TCP, TCP_KEEPCNT, &cnt, sizeof(cnt));
-  unsigned int user_timeout =
-      static_cast<unsigned int>(absl::ToInt64Milliseconds(o.user_timeout));
-  setsockopt(fd, IPPROTO_TCP, TCP_USER_TIMEOUT, &user_timeout,
-             sizeof(user_timeout));
+  socket_util::KeepaliveOptions keepalive;
+  keepalive.idle = o.keepalive_idle;
+  keepalive.interval = o.keepalive_interval;
+  keepalive.count = o.keepalive_count;
+  keepalive.user_timeout = o.user_timeout;
+  socket_util::SetSocketOptions(fd, keepalive);
 }
+
+// Event-loop keys: the listen socket's, and (EventLoop::kWakeKey) the wake-up's; connections
+// count up from kFirstConnKey.
+constexpr uint64_t kListenKey = 0;
+constexpr uint64_t kFirstConnKey = 2;
+static_assert(EventLoop::kWakeKey == 1, "the keys below kFirstConnKey are taken");
 
 std::once_flag warn_once;
 
@@ -170,9 +104,9 @@ class TcpNetwork::Impl {
 
     absl::Mutex mu;
     std::deque<Outgoing> queue ABSL_GUARDED_BY(mu);
-    size_t offset ABSL_GUARDED_BY(mu) = 0;  // Bytes of queue.front() written.
-    int fd ABSL_GUARDED_BY(mu) = -1;  // The ready connection's socket, or -1.
-    uint64_t conn_id ABSL_GUARDED_BY(mu) = 0;  // Its epoll key.
+    size_t offset ABSL_GUARDED_BY(mu) = 0;      // Bytes of queue.front() written.
+    int fd ABSL_GUARDED_BY(mu) = -1;            // The ready connection's socket, or -1.
+    uint64_t conn_id ABSL_GUARDED_BY(mu) = 0;   // Its epoll key.
     bool want_out ABSL_GUARDED_BY(mu) = false;  // EPOLLOUT armed.
     bool failed ABSL_GUARDED_BY(mu) = false;
     absl::Status failure ABSL_GUARDED_BY(mu);
@@ -185,14 +119,7 @@ class TcpNetwork::Impl {
     SteadyTime next_dial{};
   };
 
-  enum Phase {
-    kConnecting,
-    kAwaitHello,
-    kAwaitAcceptHello,
-    kAwaitProof,
-    kReady,
-    kClosing
-  };
+  enum Phase { kConnecting, kAwaitHello, kAwaitAcceptHello, kAwaitProof, kReady, kClosing };
 
   // Loop thread only.
   struct Conn {
@@ -200,11 +127,9 @@ class TcpNetwork::Impl {
     int fd = -1;
     std::string address;
     bool dialer = false;
-    Peer* peer = nullptr;  // Known from the start when dialing, after the hello
-                           // when accepting.
+    Peer* peer = nullptr;  // Known from the start when dialing, after the hello when accepting.
     Phase phase = kConnecting;
-    uint8_t hs[kHandshakeSize];
-    size_t hs_have = 0;
+    HandshakeBuffer hs;
     Nonce my_nonce{};
     Nonce peer_nonce{};  // The dialer's, kept by the acceptor for the proof.
     SteadyTime deadline{};
@@ -261,8 +186,7 @@ class TcpNetwork::Impl {
 
   std::string token_;
   int listen_fd_ = -1;
-  int epoll_fd_ = -1;
-  int event_fd_ = -1;
+  std::unique_ptr<EventLoop> poller_;  // Set by Listen().
   std::map<WorkerId, std::unique_ptr<Peer>> peers_;
   bool peers_set_ = false;
 
@@ -290,7 +214,7 @@ class TcpNetwork::Impl {
   // Whether the caller is the one to finish (flush and close) in pooled mode.
   bool ClaimFinish();
   int next_timeout_ms_ = 10;  // Loop only.
-  absl::Mutex stop_mu_;  // Serializes Stop() callers.
+  absl::Mutex stop_mu_;       // Serializes Stop() callers.
   SteadyTime start_time_{};
   SteadyTime stop_deadline_{};
   bool stop_deadline_set_ = false;  // Loop only.
@@ -300,45 +224,36 @@ class TcpNetwork::Impl {
 
   // Loop thread only.
   std::map<uint64_t, std::unique_ptr<Conn>> conns_;
-  uint64_t next_conn_id_ = 2;  // 0: listen socket, 1: eventfd.
+  uint64_t next_conn_id_ = kFirstConnKey;
   std::vector<uint8_t> staging_;
 
-  std::atomic<int64_t> messages_sent_{0}, messages_received_{0}, bad_input_{0},
-      refused_{0}, peers_failed_{0};
+  std::atomic<int64_t> messages_sent_{0}, messages_received_{0}, bad_input_{0}, refused_{0},
+      peers_failed_{0};
 };
 
 TcpNetwork::Impl::~Impl() {
   Stop(false);
   if (listen_fd_ >= 0) close(listen_fd_);
-  if (epoll_fd_ >= 0) close(epoll_fd_);
-  if (event_fd_ >= 0) close(event_fd_);
 }
 
 absl::Status TcpNetwork::Impl::Listen() {
   if (options_.self < 0) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("bad worker id ", options_.self));
+    return absl::InvalidArgumentError(absl::StrCat("bad worker id ", options_.self));
   }
-  token_ = options_.auth_token.empty() ? TokenFromEnvironment()
-                                       : options_.auth_token;
+  token_ = options_.auth_token.empty() ? TokenFromEnvironment() : options_.auth_token;
   sockaddr_storage ss{};
   socklen_t len = 0;
   std::string host = options_.listen_host;
-  if (host.size() >= 2 && host.front() == '[')
-    host = host.substr(1, host.size() - 2);
-  absl::Status resolved =
-      Resolve(host, options_.listen_port, /*passive=*/true, &ss, &len);
+  if (host.size() >= 2 && host.front() == '[') host = host.substr(1, host.size() - 2);
+  absl::Status resolved = Resolve(host, options_.listen_port, /*passive=*/true, &ss, &len);
   if (!resolved.ok()) return resolved;
-  listen_fd_ =
-      socket(ss.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
-  if (listen_fd_ < 0)
-    return absl::UnavailableError(absl::StrCat("socket: ", ErrnoText(errno)));
+  listen_fd_ = socket(ss.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+  if (listen_fd_ < 0) return absl::UnavailableError(absl::StrCat("socket: ", ErrnoText(errno)));
   int one = 1;
   setsockopt(listen_fd_, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
   if (bind(listen_fd_, reinterpret_cast<sockaddr*>(&ss), len) != 0) {
-    return absl::UnavailableError(
-        absl::StrCat("cannot listen on ", options_.listen_host, ":",
-                     options_.listen_port, ": ", ErrnoText(errno)));
+    return absl::UnavailableError(absl::StrCat("cannot listen on ", options_.listen_host, ":",
+                                               options_.listen_port, ": ", ErrnoText(errno)));
   }
   if (listen(listen_fd_, 1024) != 0) {
     return absl::UnavailableError(absl::StrCat("listen: ", ErrnoText(errno)));
@@ -347,29 +262,17 @@ absl::Status TcpNetwork::Impl::Listen() {
   socklen_t bound_len = sizeof(bound);
   getsockname(listen_fd_, reinterpret_cast<sockaddr*>(&bound), &bound_len);
   listen_address_ = SockaddrText(bound);
-  port_ = bound.ss_family == AF_INET
-              ? ntohs(reinterpret_cast<sockaddr_in*>(&bound)->sin_port)
-              : ntohs(reinterpret_cast<sockaddr_in6*>(&bound)->sin6_port);
-  epoll_fd_ = epoll_create1(EPOLL_CLOEXEC);
-  event_fd_ = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
-  if (epoll_fd_ < 0 || event_fd_ < 0) {
-    return absl::UnavailableError(
-        absl::StrCat("epoll/eventfd: ", ErrnoText(errno)));
-  }
-  epoll_event ev{};
-  ev.events = EPOLLIN;
-  ev.data.u64 = 0;
-  epoll_ctl(epoll_fd_, EPOLL_CTL_ADD, listen_fd_, &ev);
-  ev.data.u64 = 1;
-  epoll_ctl(epoll_fd_, EPOLL_CTL_ADD, event_fd_, &ev);
+  port_ = socket_util::SockaddrPort(bound);
+  absl::StatusOr<std::unique_ptr<EventLoop>> poller = EventLoop::Create();
+  if (!poller.ok()) return poller.status();
+  poller_ = std::move(*poller);
+  poller_->Add(listen_fd_, kListenKey, EPOLLIN);
   return absl::OkStatus();
 }
 
-absl::Status TcpNetwork::Impl::SetPeers(
-    const std::map<WorkerId, std::string>& addresses) {
+absl::Status TcpNetwork::Impl::SetPeers(const std::map<WorkerId, std::string>& addresses) {
   if (state_.load() != kIdle || peers_set_) {
-    return absl::FailedPreconditionError(
-        "SetPeers must be called once, before Start");
+    return absl::FailedPreconditionError("SetPeers must be called once, before Start");
   }
   std::map<WorkerId, std::unique_ptr<Peer>> peers;
   for (const auto& [id, address] : addresses) {
@@ -377,19 +280,16 @@ absl::Status TcpNetwork::Impl::SetPeers(
       return absl::InvalidArgumentError(
           absl::StrCat("peer list names this worker (", id, ") itself"));
     }
-    if (id < 0)
-      return absl::InvalidArgumentError(absl::StrCat("bad worker id ", id));
+    if (id < 0) return absl::InvalidArgumentError(absl::StrCat("bad worker id ", id));
     auto p = std::make_unique<Peer>();
     p->id = id;
     p->address = address;
     std::string host;
     int port = 0;
     absl::Status s = SplitHostPort(address, &host, &port);
-    if (s.ok())
-      s = Resolve(host, port, /*passive=*/false, &p->addr, &p->addr_len);
+    if (s.ok()) s = Resolve(host, port, /*passive=*/false, &p->addr, &p->addr_len);
     if (!s.ok()) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("address of worker ", id, ": ", s.message()));
+      return absl::InvalidArgumentError(absl::StrCat("address of worker ", id, ": ", s.message()));
     }
     peers[id] = std::move(p);
   }
@@ -400,8 +300,7 @@ absl::Status TcpNetwork::Impl::SetPeers(
 
 absl::Status TcpNetwork::Impl::Start(NetworkObserver* observer) {
   int expected = kIdle;
-  if (observer == nullptr)
-    return absl::InvalidArgumentError("Start needs an observer");
+  if (observer == nullptr) return absl::InvalidArgumentError("Start needs an observer");
   if (!state_.compare_exchange_strong(expected, kRunning)) {
     return absl::FailedPreconditionError("network already started or stopped");
   }
@@ -411,8 +310,7 @@ absl::Status TcpNetwork::Impl::Start(NetworkObserver* observer) {
     for (const auto& [id, p] : peers_) {
       std::string host;
       int port;
-      if (SplitHostPort(p->address, &host, &port).ok() &&
-          !IsLoopbackHost(host)) {
+      if (SplitHostPort(p->address, &host, &port).ok() && !IsLoopbackHost(host)) {
         all_loopback = false;
       }
     }
@@ -436,8 +334,7 @@ absl::Status TcpNetwork::Impl::Start(NetworkObserver* observer) {
     pool_ = options_.poll_with;
     if (!pool_->SetPollable(&adapter_)) {
       state_ = kStopped;
-      return absl::FailedPreconditionError(
-          "the thread pool already polls another network");
+      return absl::FailedPreconditionError("the thread pool already polls another network");
     }
     return absl::OkStatus();
   }
@@ -445,22 +342,18 @@ absl::Status TcpNetwork::Impl::Start(NetworkObserver* observer) {
   return absl::OkStatus();
 }
 
-void TcpNetwork::Impl::Wake() {
-  uint64_t one = 1;
-  (void)!write(event_fd_, &one, sizeof(one));
-}
+void TcpNetwork::Impl::Wake() { poller_->Wake(); }
 
 absl::Status TcpNetwork::Impl::Send(WorkerId to, Message message) {
   int state = state_.load();
   auto it = peers_.find(to);
   if (to != options_.self && it == peers_.end()) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "worker ", options_.self, " cannot send to unknown worker ", to));
+    return absl::InvalidArgumentError(
+        absl::StrCat("worker ", options_.self, " cannot send to unknown worker ", to));
   }
   if (state != kRunning) {
-    return absl::UnavailableError(
-        absl::StrCat("the network of worker ", options_.self, " is ",
-                     state == kIdle ? "not started" : "stopped"));
+    return absl::UnavailableError(absl::StrCat("the network of worker ", options_.self, " is ",
+                                               state == kIdle ? "not started" : "stopped"));
   }
   message.envelope.set_from(options_.self);
   message.envelope.set_to(to);
@@ -479,8 +372,7 @@ absl::Status TcpNetwork::Impl::Send(WorkerId to, Message message) {
   size_t size = frame->size();
   absl::ReleasableMutexLock lock(&p->mu);
   if (p->failed) {
-    return absl::UnavailableError(
-        absl::StrCat(PeerName(p), " has failed: ", p->failure.message()));
+    return absl::UnavailableError(absl::StrCat(PeerName(p), " has failed: ", p->failure.message()));
   }
   p->queue.push_back(Outgoing{std::move(*frame), size});
   ++messages_sent_;
@@ -498,16 +390,14 @@ bool TcpNetwork::Impl::FlushLocked(Peer* p) {
     iovec iov[kMaxIov];
     int n = 0;
     size_t skip = p->offset;
-    for (auto it = p->queue.begin(); it != p->queue.end() && n < kMaxIov;
-         ++it) {
+    for (auto it = p->queue.begin(); it != p->queue.end() && n < kMaxIov; ++it) {
       auto add = [&](const void* data, size_t size) {
         if (size == 0 || n >= kMaxIov) return;
         if (skip >= size) {
           skip -= size;
           return;
         }
-        iov[n].iov_base =
-            const_cast<uint8_t*>(static_cast<const uint8_t*>(data) + skip);
+        iov[n].iov_base = const_cast<uint8_t*>(static_cast<const uint8_t*>(data) + skip);
         iov[n].iov_len = size - skip;
         skip = 0;
         ++n;
@@ -526,8 +416,8 @@ bool TcpNetwork::Impl::FlushLocked(Peer* p) {
         SetWantOutLocked(p, true);
         return true;
       }
-      p->write_error = absl::UnavailableError(absl::StrCat(
-          "writing to ", PeerName(p), " failed: ", ErrnoText(errno)));
+      p->write_error = absl::UnavailableError(
+          absl::StrCat("writing to ", PeerName(p), " failed: ", ErrnoText(errno)));
       write_errors_ = true;
       return false;
     }
@@ -551,10 +441,7 @@ bool TcpNetwork::Impl::FlushLocked(Peer* p) {
 
 void TcpNetwork::Impl::SetWantOutLocked(Peer* p, bool want) {
   if (p->want_out == want || p->fd < 0) return;
-  epoll_event ev{};
-  ev.events = EPOLLIN | EPOLLRDHUP | (want ? EPOLLOUT : 0);
-  ev.data.u64 = p->conn_id;
-  epoll_ctl(epoll_fd_, EPOLL_CTL_MOD, p->fd, &ev);
+  poller_->Modify(p->fd, p->conn_id, EPOLLIN | EPOLLRDHUP | (want ? EPOLLOUT : 0));
   p->want_out = want;
 }
 
@@ -566,12 +453,10 @@ thread_local const void* polling_network = nullptr;
 void TcpNetwork::Impl::Stop(bool abort) {
   if (abort) abort_ = true;
   int state = kIdle;
-  if (state_.compare_exchange_strong(state, kStopped))
-    return;  // Never started.
+  if (state_.compare_exchange_strong(state, kStopped)) return;  // Never started.
   state = kRunning;
   state_.compare_exchange_strong(state, kStopping);
-  if (std::this_thread::get_id() == loop_id_.load() ||
-      polling_network == this) {
+  if (std::this_thread::get_id() == loop_id_.load() || polling_network == this) {
     // Called from an observer callback: the loop finishes the flush and exits
     // on its own; no callback runs after this returns (the loop checks the
     // state before each one).
@@ -628,26 +513,23 @@ void TcpNetwork::Impl::Loop() {
 }
 
 bool TcpNetwork::Impl::Iterate(int max_wait_ms) {
-  epoll_event events[64];
   int timeout_ms = std::min(max_wait_ms, next_timeout_ms_);
   int state = state_.load();
   if (state != kRunning) {
     if (abort_.load()) return false;
     timeout_ms = 10;
     if (!stop_deadline_set_) {
-      stop_deadline_ =
-          SteadyClock::now() + ToSteady(options_.stop_flush_timeout);
+      stop_deadline_ = SteadyClock::now() + ToSteady(options_.stop_flush_timeout);
       stop_deadline_set_ = true;
     }
     if (FlushDone() || SteadyClock::now() >= stop_deadline_) return false;
   }
-  int n = epoll_wait(epoll_fd_, events, 64, timeout_ms);
+  int n = poller_->Wait(timeout_ms,
+                        [this](uint64_t key, uint32_t events) { HandleEvent(key, events); });
   if (n < 0 && errno != EINTR) {
-    Log(absl::StrCat("worker ", options_.self,
-                     ": epoll_wait failed: ", ErrnoText(errno)));
+    Log(absl::StrCat("worker ", options_.self, ": epoll_wait failed: ", ErrnoText(errno)));
     return false;
   }
-  for (int i = 0; i < n; ++i) HandleEvent(events[i].data.u64, events[i].events);
   if (write_errors_.exchange(false)) {
     for (auto& [id, p] : peers_) {
       absl::Status err;
@@ -664,19 +546,15 @@ bool TcpNetwork::Impl::Iterate(int max_wait_ms) {
 }
 
 void TcpNetwork::Impl::Close() {
-  epoll_event events[64];
   if (abort_.load()) {
-    while (!conns_.empty())
-      CloseConn(conns_.begin()->second.get(), /*reset=*/true);
+    while (!conns_.empty()) CloseConn(conns_.begin()->second.get(), /*reset=*/true);
   } else {
     // Half-close every connection so peers read all we wrote, then close.
     if (!stop_deadline_set_) {
-      stop_deadline_ =
-          SteadyClock::now() + ToSteady(options_.stop_flush_timeout);
+      stop_deadline_ = SteadyClock::now() + ToSteady(options_.stop_flush_timeout);
       stop_deadline_set_ = true;
     }
-    auto linger_until =
-        std::min(SteadyClock::now() + kCloseLinger, stop_deadline_);
+    auto linger_until = std::min(SteadyClock::now() + kCloseLinger, stop_deadline_);
     // Say goodbye (after whatever is still queued, best effort), so peers see
     // an orderly stop rather than a crash.
     for (auto& [id, p] : peers_) {
@@ -692,20 +570,13 @@ void TcpNetwork::Impl::Close() {
     }
     for (auto& [id, c] : conns_) shutdown(c->fd, SHUT_WR);
     while (!conns_.empty() && SteadyClock::now() < linger_until) {
-      int n = epoll_wait(epoll_fd_, events, 64, 10);
-      for (int i = 0; i < n; ++i) {
-        auto it = conns_.find(events[i].data.u64);
-        if (it == conns_.end()) {
-          if (events[i].data.u64 == 1) {
-            uint64_t v;
-            (void)!read(event_fd_, &v, sizeof(v));
-          }
-          continue;
-        }
+      poller_->Wait(10, [this](uint64_t key, uint32_t) {
+        auto it = conns_.find(key);
+        if (it == conns_.end()) return;  // The listen socket.
         ssize_t r = read(it->second->fd, staging_.data(), staging_.size());
         if (r == 0 || (r < 0 && errno != EAGAIN && errno != EINTR))
           CloseConn(it->second.get(), false);
-      }
+      });
     }
   }
   while (!conns_.empty()) CloseConn(conns_.begin()->second.get(), false);
@@ -730,13 +601,8 @@ bool TcpNetwork::Impl::FlushDone() {
 }
 
 void TcpNetwork::Impl::HandleEvent(uint64_t key, uint32_t events) {
-  if (key == 0) {
+  if (key == kListenKey) {
     AcceptAll();
-    return;
-  }
-  if (key == 1) {
-    uint64_t v;
-    (void)!read(event_fd_, &v, sizeof(v));
     return;
   }
   auto it = conns_.find(key);
@@ -767,13 +633,12 @@ void TcpNetwork::Impl::AcceptAll() {
   while (true) {
     sockaddr_storage ss{};
     socklen_t len = sizeof(ss);
-    int fd = accept4(listen_fd_, reinterpret_cast<sockaddr*>(&ss), &len,
-                     SOCK_NONBLOCK | SOCK_CLOEXEC);
+    int fd =
+        accept4(listen_fd_, reinterpret_cast<sockaddr*>(&ss), &len, SOCK_NONBLOCK | SOCK_CLOEXEC);
     if (fd < 0) {
       if (errno == EINTR || errno == ECONNABORTED) continue;
       if (errno != EAGAIN && errno != EWOULDBLOCK) {
-        Log(absl::StrCat("worker ", options_.self,
-                         ": accept failed: ", ErrnoText(errno)));
+        Log(absl::StrCat("worker ", options_.self, ": accept failed: ", ErrnoText(errno)));
       }
       return;
     }
@@ -788,21 +653,16 @@ void TcpNetwork::Impl::AcceptAll() {
     c->address = SockaddrText(ss);
     c->phase = kAwaitHello;
     c->deadline = SteadyClock::now() + ToSteady(options_.handshake_timeout);
-    epoll_event ev{};
-    ev.events = EPOLLIN | EPOLLRDHUP;
-    ev.data.u64 = c->id;
-    epoll_ctl(epoll_fd_, EPOLL_CTL_ADD, fd, &ev);
+    poller_->Add(fd, c->id, EPOLLIN | EPOLLRDHUP);
     conns_[c->id] = std::move(c);
   }
 }
 
 void TcpNetwork::Impl::Dial(Peer* p) {
-  int fd =
-      socket(p->addr.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+  int fd = socket(p->addr.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
   if (fd < 0) {
-    FailPeer(p, absl::UnavailableError(
-                    absl::StrCat("cannot create a socket to ", PeerName(p),
-                                 ": ", ErrnoText(errno))));
+    FailPeer(p, absl::UnavailableError(absl::StrCat("cannot create a socket to ", PeerName(p), ": ",
+                                                    ErrnoText(errno))));
     return;
   }
   SetSocketOptions(fd, options_);
@@ -816,10 +676,7 @@ void TcpNetwork::Impl::Dial(Peer* p) {
   c->deadline = SteadyClock::now() + ToSteady(options_.handshake_timeout);
   p->conn = c->id;
   int rc = connect(fd, reinterpret_cast<sockaddr*>(&p->addr), p->addr_len);
-  epoll_event ev{};
-  ev.events = EPOLLOUT | EPOLLIN | EPOLLRDHUP;
-  ev.data.u64 = c->id;
-  epoll_ctl(epoll_fd_, EPOLL_CTL_ADD, fd, &ev);
+  poller_->Add(fd, c->id, EPOLLOUT | EPOLLIN | EPOLLRDHUP);
   Conn* raw = c.get();
   conns_[c->id] = std::move(c);
   if (rc != 0 && errno != EINPROGRESS) {
@@ -844,36 +701,21 @@ void TcpNetwork::Impl::OnConnected(Conn* c) {
     p->next_dial = SteadyClock::now() + kDialRetry;
     return;
   }
-  epoll_event ev{};
-  ev.events = EPOLLIN | EPOLLRDHUP;
-  ev.data.u64 = c->id;
-  epoll_ctl(epoll_fd_, EPOLL_CTL_MOD, c->fd, &ev);
+  poller_->Modify(c->fd, c->id, EPOLLIN | EPOLLRDHUP);
   absl::StatusOr<Nonce> nonce = RandomNonce();
   if (!nonce.ok()) {
     ConnError(c, nonce.status(), false);
     return;
   }
   c->my_nonce = *nonce;
-  HandshakeRecord hello;
-  hello.kind = HandshakeKind::kHello;
-  hello.authenticated = !token_.empty();
-  hello.from = options_.self;
-  hello.to = p->id;
-  hello.nonce = c->my_nonce;
   c->phase = kAwaitAcceptHello;
-  WriteRecord(c, hello);
+  WriteRecord(c, MakeHello(token_, options_.self, p->id, c->my_nonce));
 }
 
 bool TcpNetwork::Impl::WriteRecord(Conn* c, const HandshakeRecord& r) {
-  uint8_t bytes[kHandshakeSize];
-  EncodeHandshake(r, bytes);
-  ssize_t w = send(c->fd, bytes, sizeof(bytes), MSG_NOSIGNAL | MSG_DONTWAIT);
-  if (w != static_cast<ssize_t>(sizeof(bytes))) {
-    ConnError(c,
-              absl::UnavailableError(
-                  absl::StrCat("cannot write the handshake to ", c->address,
-                               ": ", w < 0 ? ErrnoText(errno) : "short write")),
-              false);
+  absl::Status sent = SendHandshake(c->fd, r, c->address);
+  if (!sent.ok()) {
+    ConnError(c, sent, false);
     return false;
   }
   return true;
@@ -881,30 +723,22 @@ bool TcpNetwork::Impl::WriteRecord(Conn* c, const HandshakeRecord& r) {
 
 bool TcpNetwork::Impl::ReadHandshake(Conn* c, bool* closed) {
   *closed = false;
-  while (c->hs_have < kHandshakeSize) {
-    ssize_t r = read(c->fd, c->hs + c->hs_have, kHandshakeSize - c->hs_have);
-    if (r > 0) {
-      c->hs_have += r;
-      continue;
-    }
-    if (r < 0 && errno == EINTR) continue;
-    if (r < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) return false;
-    *closed = true;
-    ConnError(c,
-              absl::UnavailableError(absl::StrCat(
-                  c->address, " closed the connection during the handshake",
-                  r < 0 ? absl::StrCat(": ", ErrnoText(errno)) : std::string(),
-                  c->dialer ? " (did it refuse our authentication?)" : "")),
-              false);
-    return false;
-  }
-  c->hs_have = 0;
-  return true;
+  int err = 0;
+  HandshakeBuffer::Result result = c->hs.ReadFrom(c->fd, &err);
+  if (result == HandshakeBuffer::kComplete) return true;
+  if (result == HandshakeBuffer::kWouldBlock) return false;
+  *closed = true;
+  ConnError(c,
+            absl::UnavailableError(
+                absl::StrCat(c->address, " closed the connection during the handshake",
+                             err != 0 ? absl::StrCat(": ", ErrnoText(err)) : std::string(),
+                             c->dialer ? " (did it refuse our authentication?)" : "")),
+            false);
+  return false;
 }
 
 void TcpNetwork::Impl::OnReadable(Conn* c) {
-  const uint64_t id =
-      c->id;  // `c` may be closed (and freed) by any step below.
+  const uint64_t id = c->id;  // `c` may be closed (and freed) by any step below.
   while (c->phase != kReady) {
     bool closed = false;
     if (!ReadHandshake(c, &closed)) return;
@@ -925,28 +759,18 @@ void TcpNetwork::Impl::OnReadable(Conn* c) {
 }
 
 void TcpNetwork::Impl::OnHello(Conn* c) {
-  absl::StatusOr<HandshakeRecord> r =
-      DecodeHandshake(c->hs, HandshakeKind::kHello);
+  absl::StatusOr<HandshakeRecord> r = CheckHello(c->hs.record(), options_.self);
   if (!r.ok()) {
     ConnError(c, r.status(), true);
-    return;
-  }
-  if (r->to != options_.self) {
-    ConnError(c,
-              absl::InvalidArgumentError(
-                  absl::StrCat("handshake addressed to worker ", r->to,
-                               ", but this is worker ", options_.self)),
-              true);
     return;
   }
   auto it = peers_.find(r->from);
   if (it == peers_.end() || r->from <= options_.self) {
     ConnError(c,
-              absl::InvalidArgumentError(absl::StrCat(
-                  "handshake from worker ", r->from,
-                  it == peers_.end()
-                      ? ", which is not a known peer"
-                      : ", which this worker dials itself (lower id)")),
+              absl::InvalidArgumentError(
+                  absl::StrCat("handshake from worker ", r->from,
+                               it == peers_.end() ? ", which is not a known peer"
+                                                  : ", which this worker dials itself (lower id)")),
               true);
     return;
   }
@@ -954,12 +778,11 @@ void TcpNetwork::Impl::OnHello(Conn* c) {
   {
     absl::MutexLock lock(&p->mu);
     if (p->failed || p->conn != 0) {
-      ConnError(
-          c,
-          absl::FailedPreconditionError(absl::StrCat(
-              "refused a second connection claiming to be worker ", r->from,
-              p->failed ? " (already failed)" : " (already connected)")),
-          true);
+      ConnError(c,
+                absl::FailedPreconditionError(
+                    absl::StrCat("refused a second connection claiming to be worker ", r->from,
+                                 p->failed ? " (already failed)" : " (already connected)")),
+                true);
       return;
     }
   }
@@ -967,10 +790,10 @@ void TcpNetwork::Impl::OnHello(Conn* c) {
   absl::Status auth = VerifyPeerMac(token_, *r, r->mac);
   if (!auth.ok()) {
     ++refused_;
-    ConnError(c,
-              absl::UnauthenticatedError(absl::StrCat(
-                  "refused worker ", r->from, ": ", auth.message())),
-              true);
+    ConnError(
+        c,
+        absl::UnauthenticatedError(absl::StrCat("refused worker ", r->from, ": ", auth.message())),
+        true);
     return;
   }
   absl::StatusOr<Nonce> nonce = RandomNonce();
@@ -980,77 +803,35 @@ void TcpNetwork::Impl::OnHello(Conn* c) {
   }
   c->my_nonce = *nonce;
   c->peer = p;  // Tentative: bound for real once the proof checks out.
-  HandshakeRecord reply;
-  reply.kind = HandshakeKind::kAcceptHello;
-  reply.authenticated = !token_.empty();
-  reply.from = options_.self;
-  reply.to = r->from;
-  reply.nonce = c->my_nonce;
-  if (!token_.empty()) {
-    reply.mac =
-        AcceptorMac(token_, r->from, options_.self, r->nonce, c->my_nonce);
-  }
   c->peer_nonce = r->nonce;
   c->phase = kAwaitProof;
-  WriteRecord(c, reply);
+  WriteRecord(c, MakeAcceptHello(token_, options_.self, r->from, r->nonce, c->my_nonce));
 }
 
 void TcpNetwork::Impl::OnAcceptHello(Conn* c) {
   Peer* p = c->peer;
   absl::StatusOr<HandshakeRecord> r =
-      DecodeHandshake(c->hs, HandshakeKind::kAcceptHello);
-  if (r.ok() && (r->from != p->id || r->to != options_.self)) {
-    r = absl::InvalidArgumentError(absl::StrCat("the peer answered as worker ",
-                                                r->from, " to worker ", r->to));
-  }
-  if (r.ok()) {
-    absl::Status auth = VerifyPeerMac(
-        token_, *r,
-        AcceptorMac(token_, options_.self, p->id, c->my_nonce, r->nonce));
-    if (!auth.ok()) r = auth;
-  }
+      CheckAcceptHello(c->hs.record(), token_, options_.self, p->id, c->my_nonce);
   if (!r.ok()) {
     ConnError(c, r.status(), true);
     return;
   }
-  HandshakeRecord proof;
-  proof.kind = HandshakeKind::kProof;
-  proof.authenticated = !token_.empty();
-  proof.from = options_.self;
-  proof.to = p->id;
-  proof.nonce = c->my_nonce;
-  if (!token_.empty())
-    proof.mac = DialerMac(token_, options_.self, p->id, c->my_nonce, r->nonce);
-  if (!WriteRecord(c, proof)) return;
+  if (!WriteRecord(c, MakeProof(token_, options_.self, p->id, c->my_nonce, r->nonce))) return;
   MakeReady(c);
 }
 
 void TcpNetwork::Impl::OnProof(Conn* c) {
   Peer* p = c->peer;
   const Nonce dialer_nonce = c->peer_nonce;
-  absl::StatusOr<HandshakeRecord> r =
-      DecodeHandshake(c->hs, HandshakeKind::kProof);
-  if (r.ok() && (r->from != p->id || r->to != options_.self ||
-                 r->nonce != dialer_nonce)) {
-    r = absl::InvalidArgumentError(
-        "the handshake proof does not match its hello");
-  }
-  if (r.ok()) {
-    absl::Status auth = VerifyPeerMac(
-        token_, *r,
-        DialerMac(token_, p->id, options_.self, dialer_nonce, c->my_nonce));
-    if (!auth.ok()) r = auth;
-  }
+  absl::Status r =
+      CheckProof(c->hs.record(), token_, options_.self, p->id, dialer_nonce, c->my_nonce);
   if (!r.ok()) {
     ++refused_;
-    c->peer = nullptr;  // Not authenticated: refusing it must not fail the real
-                        // worker.
-    ConnError(
-        c,
-        absl::Status(r.status().code(),
-                     absl::StrCat("refused a connection claiming to be worker ",
-                                  p->id, ": ", r.status().message())),
-        true);
+    c->peer = nullptr;  // Not authenticated: refusing it must not fail the real worker.
+    ConnError(c,
+              absl::Status(r.code(), absl::StrCat("refused a connection claiming to be worker ",
+                                                  p->id, ": ", r.message())),
+              true);
     return;
   }
   {
@@ -1058,8 +839,8 @@ void TcpNetwork::Impl::OnProof(Conn* c) {
     if (p->failed || p->conn != 0) {
       c->peer = nullptr;
       ConnError(c,
-                absl::FailedPreconditionError(absl::StrCat(
-                    "refused a second connection from worker ", p->id)),
+                absl::FailedPreconditionError(
+                    absl::StrCat("refused a second connection from worker ", p->id)),
                 true);
       return;
     }
@@ -1098,18 +879,15 @@ void TcpNetwork::Impl::ReadFrames(Conn* c) {
       if (errno == EINTR) continue;
       if (errno == EAGAIN || errno == EWOULDBLOCK) return;
       FailPeer(p, absl::UnavailableError(
-                      absl::StrCat("connection to ", PeerName(p),
-                                   " failed: ", ErrnoText(errno))));
+                      absl::StrCat("connection to ", PeerName(p), " failed: ", ErrnoText(errno))));
       return;
     }
     if (r == 0) {
       if (c->reader->goodbye()) {
-        FailPeer(p,
-                 absl::UnavailableError(absl::StrCat(PeerName(p), " stopped")),
+        FailPeer(p, absl::UnavailableError(absl::StrCat(PeerName(p), " stopped")),
                  /*quiet=*/true);
       } else {
-        FailPeer(p, absl::UnavailableError(
-                        absl::StrCat(PeerName(p), " closed the connection")));
+        FailPeer(p, absl::UnavailableError(absl::StrCat(PeerName(p), " closed the connection")));
       }
       return;
     }
@@ -1149,19 +927,17 @@ void TcpNetwork::Impl::DeliverSelf() {
   }
 }
 
-void TcpNetwork::Impl::ConnError(Conn* c, const absl::Status& status,
-                                 bool bad_input) {
+void TcpNetwork::Impl::ConnError(Conn* c, const absl::Status& status, bool bad_input) {
   if (bad_input) ++bad_input_;
   Peer* p = c->peer;
   bool owns_peer = p != nullptr && p->conn == c->id;
   if (owns_peer) {
-    FailPeer(
-        p, absl::UnavailableError(absl::StrCat("connection to ", PeerName(p),
-                                               " closed: ", status.message())));
+    FailPeer(p, absl::UnavailableError(
+                    absl::StrCat("connection to ", PeerName(p), " closed: ", status.message())));
     return;
   }
-  Log(absl::StrCat("worker ", options_.self, ": closing the connection from ",
-                   c->address, ": ", status.message()));
+  Log(absl::StrCat("worker ", options_.self, ": closing the connection from ", c->address, ": ",
+                   status.message()));
   CloseConn(c, false);
 }
 
@@ -1179,13 +955,12 @@ void TcpNetwork::Impl::CloseConn(Conn* c, bool reset) {
       p->conn_id = 0;
     }
   }
-  epoll_ctl(epoll_fd_, EPOLL_CTL_DEL, c->fd, nullptr);
+  poller_->Remove(c->fd);
   close(c->fd);
   conns_.erase(c->id);
 }
 
-void TcpNetwork::Impl::FailPeer(Peer* p, const absl::Status& status,
-                                bool quiet) {
+void TcpNetwork::Impl::FailPeer(Peer* p, const absl::Status& status, bool quiet) {
   std::deque<Outgoing> dropped;
   {
     absl::MutexLock lock(&p->mu);
@@ -1203,16 +978,14 @@ void TcpNetwork::Impl::FailPeer(Peer* p, const absl::Status& status,
   ++peers_failed_;
   if (state_.load() != kRunning) return;
   if (!quiet)
-    Log(absl::StrCat("worker ", options_.self, ": ", PeerName(p),
-                     " failed: ", status.message()));
+    Log(absl::StrCat("worker ", options_.self, ": ", PeerName(p), " failed: ", status.message()));
   observer_->OnPeerFailed(p->id, absl::UnavailableError(status.message()));
 }
 
 bool TcpNetwork::Impl::CheckTimers() {
   bool busy = false;
   SteadyTime now = SteadyClock::now();
-  SteadyTime connect_deadline =
-      start_time_ + ToSteady(options_.connect_timeout);
+  SteadyTime connect_deadline = start_time_ + ToSteady(options_.connect_timeout);
   for (auto& [id, p] : peers_) {
     if (p->conn != 0 || p->ready_once) continue;
     {
@@ -1220,16 +993,14 @@ bool TcpNetwork::Impl::CheckTimers() {
       if (p->failed) continue;
     }
     if (now >= connect_deadline) {
-      FailPeer(p.get(), absl::UnavailableError(absl::StrCat(
-                            id < options_.self ? "could not connect to "
-                                               : "no connection from ",
-                            PeerName(p.get()), " within ",
-                            absl::FormatDuration(options_.connect_timeout))));
+      FailPeer(p.get(),
+               absl::UnavailableError(absl::StrCat(
+                   id < options_.self ? "could not connect to " : "no connection from ",
+                   PeerName(p.get()), " within ", absl::FormatDuration(options_.connect_timeout))));
       continue;
     }
     busy = true;
-    if (id < options_.self && now >= p->next_dial && state_.load() == kRunning)
-      Dial(p.get());
+    if (id < options_.self && now >= p->next_dial && state_.load() == kRunning) Dial(p.get());
   }
   std::vector<Conn*> expired;
   for (auto& [id, c] : conns_) {
@@ -1240,16 +1011,16 @@ bool TcpNetwork::Impl::CheckTimers() {
   for (Conn* c : expired) {
     if (c->dialer) {
       ConnError(c,
-                absl::DeadlineExceededError(absl::StrCat(
-                    "handshake with ", c->address, " did not finish within ",
-                    absl::FormatDuration(options_.handshake_timeout))),
+                absl::DeadlineExceededError(
+                    absl::StrCat("handshake with ", c->address, " did not finish within ",
+                                 absl::FormatDuration(options_.handshake_timeout))),
                 false);
     } else {
       c->peer = nullptr;
       ConnError(c,
-                absl::DeadlineExceededError(absl::StrCat(
-                    "the peer did not finish the handshake within ",
-                    absl::FormatDuration(options_.handshake_timeout))),
+                absl::DeadlineExceededError(
+                    absl::StrCat("the peer did not finish the handshake within ",
+                                 absl::FormatDuration(options_.handshake_timeout))),
                 true);
     }
   }
@@ -1259,8 +1030,7 @@ bool TcpNetwork::Impl::CheckTimers() {
 TcpNetwork::TcpNetwork(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 TcpNetwork::~TcpNetwork() = default;
 
-absl::StatusOr<std::unique_ptr<TcpNetwork>> TcpNetwork::Listen(
-    TcpNetworkOptions options) {
+absl::StatusOr<std::unique_ptr<TcpNetwork>> TcpNetwork::Listen(TcpNetworkOptions options) {
   auto impl = std::make_unique<Impl>(std::move(options));
   absl::Status s = impl->Listen();
   if (!s.ok()) return s;
@@ -1268,24 +1038,17 @@ absl::StatusOr<std::unique_ptr<TcpNetwork>> TcpNetwork::Listen(
 }
 
 int TcpNetwork::port() const { return impl_->port_; }
-std::string TcpNetwork::listen_address() const {
-  return impl_->listen_address_;
-}
-absl::Status TcpNetwork::SetPeers(
-    const std::map<WorkerId, std::string>& addresses) {
+std::string TcpNetwork::listen_address() const { return impl_->listen_address_; }
+absl::Status TcpNetwork::SetPeers(const std::map<WorkerId, std::string>& addresses) {
   return impl_->SetPeers(addresses);
 }
 WorkerId TcpNetwork::self() const { return impl_->options_.self; }
-absl::Status TcpNetwork::Start(NetworkObserver* observer) {
-  return impl_->Start(observer);
-}
+absl::Status TcpNetwork::Start(NetworkObserver* observer) { return impl_->Start(observer); }
 absl::Status TcpNetwork::Send(WorkerId to, Message message) {
   return impl_->Send(to, std::move(message));
 }
 void TcpNetwork::Stop() { impl_->Stop(false); }
 void TcpNetwork::Abort() { impl_->Stop(true); }
-std::map<std::string, int64_t> TcpNetwork::GetStats() const {
-  return impl_->GetStats();
-}
+std::map<std::string, int64_t> TcpNetwork::GetStats() const { return impl_->GetStats(); }
 
 }  // namespace tether

@@ -1,41 +1,41 @@
 // TcpNetwork: the real-run Network (core/network.h) over TCP.
 //
-//   TcpNetworkOptions o;  o.self = rank;  o.listen_host = "10.0.0.5";
-//   auto net = TcpNetwork::Listen(o).value();        // binds an ephemeral port
-//   publish(net->listen_address());                  // e.g. through the
-//   rendezvous store net->SetPeers({{0, "10.0.0.4:41234"}, ...});     // every
-//   other worker's address net->Start(observer);  net->Send(0, message);  ...
+//   TcpNetworkOptions o;
+//   o.self = rank;
+//   o.listen_host = "10.0.0.5";
+//   auto net = TcpNetwork::Listen(o).value();               // binds an ephemeral port
+//   publish(net->listen_address());                         // e.g. through the rendezvous store
+//   net->SetPeers({{0, "10.0.0.4:41234"}, ...});            // every other worker's address
+//   net->Start(observer);
+//   net->Send(0, message);
+//   ...
 //   net->Stop();
 //
 // Design:
-// - One event-loop thread (epoll) per network reads every connection, accepts,
-// dials and runs
-//   the handshake. Send() writes from the caller's thread when the socket has
-//   room (so a request costs no thread hop) and leaves the rest to the loop
-//   (EPOLLOUT). One connection per pair of workers: the worker with the higher
-//   id dials the lower one at Start(), so two workers never dial each other at
-//   once; messages sent before the connection is up wait in its queue.
-// - Frames (transport/frame.h): header + serialized envelope + the buffers
-// written with one
-//   scatter-gather sendmsg straight from the Buffers; received buffers are read
-//   straight into Buffer::Allocate'd storage. TCP_NODELAY, TCP keepalive and
-//   TCP_USER_TIMEOUT are set, so a peer that stops answering is reported too.
-// - Every connection begins with the handshake of transport/auth.h (ids, and an
-// HMAC challenge
-//   both ways when a token is set); no envelope is decoded before it succeeds.
-// - Bad input (a failed handshake, a frame beyond FrameLimits, garbage) closes
-// that connection
-//   and logs an error naming the peer's address on stderr; if the connection
-//   belonged to a worker, that worker is reported failed. Every other
-//   connection is unaffected.
-// - A peer that closes, resets or times out is reported once through
-// OnPeerFailed (on the loop
+// - One event-loop thread (epoll) per network reads every connection, accepts, dials and runs the
+//   handshake. Send() writes from the caller's thread when the socket has room (so a request costs
+//   no thread hop) and leaves the rest to the loop (EPOLLOUT). One connection per pair of workers:
+//   the worker with the higher id dials the lower one at Start(), so two workers never dial each
+//   other at once; messages sent before the connection is up wait in its queue.
+// - Frames (transport/frame.h): header + serialized envelope + the buffers written with one
+//   scatter-gather sendmsg straight from the Buffers; received buffers are read straight into
+//   Buffer::Allocate'd storage. TCP_NODELAY, TCP keepalive and TCP_USER_TIMEOUT are set, so a peer
+//   that stops answering is reported too.
+// - Every connection begins with the handshake of transport/auth.h (ids, and an HMAC challenge both
+//   ways when a token is set; the steps are transport/handshake.h's); no envelope is decoded
+//   before it succeeds.
+// - Bad input (a failed handshake, a frame beyond FrameLimits, garbage) closes that connection and
+//   logs an error naming the peer's address on stderr; if the connection belonged to a worker, that
+//   worker is reported failed. Every other connection is unaffected.
+// - A peer that closes, resets or times out is reported once through OnPeerFailed (on the loop
 //   thread); from then on Send() to it returns kUnavailable.
-// - Stop() stops delivering, flushes what was queued (bounded by
-// stop_flush_timeout), closes
-//   every connection and joins the loop. It may be called from an observer
-//   callback (then the bounded flush finishes on the loop thread after Stop()
-//   returns, with no callbacks).
+// - Stop() stops delivering, flushes what was queued (bounded by stop_flush_timeout), closes every
+//   connection and joins the loop. It may be called from an observer callback (then the bounded
+//   flush finishes on the loop thread after Stop() returns, with no callbacks).
+//
+// Pieces: transport/socket_util.h (addresses, socket options, the error log),
+// transport/event_loop.h (the epoll set and its wake-up), transport/handshake.h (the handshake's
+// records and checks).
 //
 // Observer callbacks run on the loop thread (in pooled mode: on the pool thread
 // polling at the time), one at a time. All public methods are thread-safe.
@@ -92,8 +92,7 @@ class TcpNetwork : public Network {
  public:
   // Binds and listens. kInvalidArgument for a bad host, kUnavailable if the
   // bind fails.
-  static absl::StatusOr<std::unique_ptr<TcpNetwork>> Listen(
-      TcpNetworkOptions options);
+  static absl::StatusOr<std::unique_ptr<TcpNetwork>> Listen(TcpNetworkOptions options);
   ~TcpNetwork() override;
 
   TcpNetwork(const TcpNetwork&) = delete;

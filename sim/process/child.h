@@ -13,13 +13,11 @@
 // whose every thread is blocked stalls, which the host reports as a hang.
 //
 //   auto child = ChildRuntime::Create(fd, rank, 16).value();
-//   child->WaitForStart();                       // main thread, without the
-//   GIL auto names = child->Register("trainer1");   // rendezvous through the
-//   host
-//   ... build an Agent over child->clock(), child->executor(), child->network()
-//   ... child->BlockUntil([&] { return f.ready(); }, "rpc_sync to worker0");
-//   child->MainDone(/*ok=*/true, "");            // serves until the host says
-//   EXIT
+//   child->WaitForStart();                          // main thread, without the GIL
+//   auto names = child->Register("trainer1");       // rendezvous through the host
+//   ... build an Agent over child->clock(), child->executor(), child->network() ...
+//   child->BlockUntil([&] { return f.ready(); }, "rpc_sync to worker0");
+//   child->MainDone(/*ok=*/true, "");               // serves until the host says EXIT
 //
 // Threading: BlockUntil(), WaitForStart(), Register() and MainDone() block the
 // calling frame and must be called without the Python GIL; BlockUntil()
@@ -50,8 +48,8 @@ namespace tether::sim {
 class ChildRuntime {
  public:
   // Takes `fd` (one end of the link). Starts the controller thread.
-  static absl::StatusOr<std::unique_ptr<ChildRuntime>> Create(
-      int fd, WorkerId rank, int max_task_threads);
+  static absl::StatusOr<std::unique_ptr<ChildRuntime>> Create(int fd, WorkerId rank,
+                                                              int max_task_threads);
   // The runtime of this process, if one was created.
   static ChildRuntime* Current();
   ~ChildRuntime();
@@ -100,8 +98,7 @@ class ChildRuntime {
   ChildRuntime(int fd, WorkerId rank, int max_task_threads);
 
   // Requests, from whoever holds the baton.
-  absl::StatusOr<link::Frame> Request(link::Frame frame,
-                                      const std::vector<Buffer>& buffers = {});
+  absl::StatusOr<link::Frame> Request(link::Frame frame, const std::vector<Buffer>& buffers = {});
   void ControllerLoop();
   void RunTask(std::function<void()> task);
   void TaskThreadLoop(Frame* frame);
@@ -130,13 +127,11 @@ class ChildRuntime {
   std::map<uint64_t, std::function<void()>> tasks_;
   std::map<uint64_t, std::function<void()>> timers_;
   std::map<uint64_t, std::unique_ptr<Frame>> frames_;  // task threads and main
-  std::deque<std::function<void()>>
-      starved_;  // tasks waiting for a free task thread
+  std::deque<std::function<void()>> starved_;          // tasks waiting for a free task thread
   uint64_t next_frame_ = 2;
   bool names_known_ = false;
   std::vector<std::string> names_;
-  std::thread controller_;  // seam-ok: reads the host's commands; holds the
-                            // baton between them
+  std::thread controller_;  // seam-ok: reads the host's commands; holds the baton between them
 };
 
 }  // namespace tether::sim

@@ -11,10 +11,11 @@
 // across processes.
 //
 //   ProcessHostOptions o;
-//   o.num_workers = 3; o.seed = 7; o.faults =
-//   FaultSpec::Parse("drop=0.01").value(); ProcessHost host(o, fds); // one
-//   connected link per worker, in rank order ProcessRunResult r = host.Run();
-//   // until every main function returned, or a hang
+//   o.num_workers = 3;
+//   o.seed = 7;
+//   o.faults = FaultSpec::Parse("drop=0.01").value();
+//   ProcessHost host(o, fds);          // one connected link per worker, in rank order
+//   ProcessRunResult r = host.Run();   // until every main function returned, or a hang
 //
 // Not thread-safe; Run() blocks the calling thread (release the GIL around it).
 #ifndef TETHER_SIM_PROCESS_HOST_H_

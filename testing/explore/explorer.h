@@ -1,19 +1,15 @@
-// The explorer: runs scenarios over ranges of seeds in the simulator, checks
-// every invariant after each run (see testing/scenarios/recorder.h and
-// scenario_runner.h), and reports.
+// The explorer: runs scenarios over ranges of seeds in the simulator, checks every invariant after
+// each run (see testing/scenarios/recorder.h and scenario_runner.h), and reports.
 //
-//   bazel run //testing/explore:explore -- --scenario=NAME|all --seeds=A..B
-//   --faults=none|SPEC|all
+//   bazel run //testing/explore:explore -- --scenario=NAME|all --seeds=A..B --faults=none|SPEC|all
 //       [--check-determinism] [--plant=BUG] [--verbose]
 //   bazel run //testing/explore:explore -- --scenario=NAME --seed=S --trace-hash
 //   bazel run //testing/explore:explore -- --list
 //
-// Output: for each failing run, the scenario, seed, resolved faults, each
-// violated invariant and the exact command that replays it; then one summary
-// line
+// Output: for each failing run, the scenario, seed, resolved faults, each violated invariant and
+// the exact command that replays it; then one summary line
 //   explored scenarios=S seeds=N failed=F
-// where N counts runs (one scenario at one seed) and F the runs that violated
-// an invariant.
+// where N counts runs (one scenario at one seed) and F the runs that violated an invariant.
 // `--check-determinism` runs every seed twice and fails it if the trace hashes
 // or violations differ. `--plant=BUG` turns on one of the agent's PlantedBugs
 // (lose_timeout_timer, drop_reply_at_shutdown, process_duplicates) to show the
@@ -61,16 +57,15 @@ struct ExploreSummary {
 
 // Parses explore's command line (argv[0] is skipped). kInvalidArgument naming
 // the bad flag or value, or naming an unknown scenario or planted bug.
-absl::StatusOr<ExploreOptions> ParseExploreArgs(
-    const std::vector<std::string>& args);
+absl::StatusOr<ExploreOptions> ParseExploreArgs(const std::vector<std::string>& args);
 
 // Sets `bugs` from a planted bug's name; kInvalidArgument for an unknown name.
 absl::Status ParsePlantedBug(const std::string& name, PlantedBugs* bugs,
                              RRefPlantedBugs* rref_bugs);
 
 // The command that replays one run.
-std::string ReplayCommand(const ExploreOptions& options,
-                          const std::string& scenario, uint64_t seed);
+std::string ReplayCommand(const ExploreOptions& options, const std::string& scenario,
+                          uint64_t seed);
 
 // Runs everything `options` asks for, printing to `out`. The summary line comes
 // last.

@@ -9,20 +9,16 @@
 // concurrently.
 //
 // Invariants checked (beyond each scenario's own checks):
-//  - completion: every call made by a worker incarnation that did not crash
-//  completes; one
-//    with a deadline completes no later than deadline + kDeadlineTolerance, and
-//    a timeout is never reported before the deadline;
-//  - status: a call ends OK, with kDeadlineExceeded, kUnavailable, kCancelled,
-//  or a remote
-//    error code the scenario declared; when the faults cannot lose messages it
-//    ends exactly as the scenario expected (e.g. no reply lost by a graceful
-//    shutdown);
+//  - completion: every call made by a worker incarnation that did not crash completes; one with a
+//    deadline completes no later than deadline + kDeadlineTolerance, and a timeout is never
+//    reported before the deadline;
+//  - status: a call ends OK, with kDeadlineExceeded, kUnavailable, kCancelled, or a remote error
+//    code the scenario declared; when the faults cannot lose messages it ends exactly as the
+//    scenario expected (e.g. no reply lost by a graceful shutdown);
 //  - values: an OK reply carries the value the scenario expected;
 //  - at most once: no handler runs twice for one request;
-//  - shutdown: every live worker incarnation shut down, and its shutdown
-//  completed (OK when
-//    the scenario expected so and nothing could be lost).
+//  - shutdown: every live worker incarnation shut down, and its shutdown completed (OK when the
+//    scenario expected so and nothing could be lost).
 #ifndef TETHER_TESTING_SCENARIOS_RECORDER_H_
 #define TETHER_TESTING_SCENARIOS_RECORDER_H_
 
@@ -72,22 +68,18 @@ class Recorder {
   // A call token is unique in a run: caller, caller incarnation and a
   // per-incarnation counter.
   static Token MakeToken(WorkerId caller, uint64_t incarnation, uint32_t seq) {
-    return (static_cast<uint64_t>(caller) << 44) |
-           ((incarnation & 0xfff) << 32) | seq;
+    return (static_cast<uint64_t>(caller) << 44) | ((incarnation & 0xfff) << 32) | seq;
   }
 
-  void CallIssued(Token token, WorkerId caller, uint64_t incarnation,
-                  WorkerId callee, absl::Time issued, absl::Duration timeout,
-                  CallExpectation expect);
-  void CallCompleted(Token token, absl::Time completed,
-                     const absl::Status& status, const std::string& value);
+  void CallIssued(Token token, WorkerId caller, uint64_t incarnation, WorkerId callee,
+                  absl::Time issued, absl::Duration timeout, CallExpectation expect);
+  void CallCompleted(Token token, absl::Time completed, const absl::Status& status,
+                     const std::string& value);
   void HandlerRan(Token token, WorkerId server);
 
   // Returns false if this incarnation's shutdown was already recorded.
-  bool ShutdownBegan(WorkerId worker, uint64_t incarnation, bool graceful,
-                     bool expect_ok);
-  void ShutdownDone(WorkerId worker, uint64_t incarnation,
-                    const absl::Status& status);
+  bool ShutdownBegan(WorkerId worker, uint64_t incarnation, bool graceful, bool expect_ok);
+  void ShutdownDone(WorkerId worker, uint64_t incarnation, const absl::Status& status);
   void WorkerCrashed(WorkerId worker, uint64_t incarnation);
   // Declares that worker incarnation exists (it must shut down unless it
   // crashes).

@@ -3,13 +3,10 @@
 // the simulator's crashes, keeps the true global state of every reference, user
 // fork and pending child, and records a violation whenever an invariant of the
 // RRef protocol breaks:
-// - no owner value is freed while a live user fork or a pending child can still
-// reach it
-//   (unless the owner had declared a worker involved with that reference
-//   failed);
-// - nothing is served after its value was freed (no use after free), and a
-// freed value never
-//   comes back (no resurrection by late or duplicated messages);
+// - no owner value is freed while a live user fork or a pending child can still reach it (unless
+//   the owner had declared a worker involved with that reference failed);
+// - nothing is served after its value was freed (no use after free), and a freed value never comes
+//   back (no resurrection by late or duplicated messages);
 // - the function of a remote() runs at most once per reference.
 // The end-of-run checks (no leak once every handle is dropped and the network
 // settled, zero counters after graceful shutdown) read the contexts themselves
@@ -70,8 +67,7 @@ class RRefLedger : public RRefObserver {
   };
 
   void Violation(std::string text) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  void CheckFree(WorkerId owner, const RRefId& rref)
-      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void CheckFree(WorkerId owner, const RRefId& rref) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   mutable absl::Mutex mu_;
 
   std::map<ForkId, UserG> users_;

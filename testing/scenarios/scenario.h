@@ -5,13 +5,11 @@
 // processes.
 //
 // A Scenario makes one ScenarioWorker per worker incarnation. The driver:
-//   1. builds the worker's agent, calls worker->Setup(env) (register handlers),
-//   starts it;
+//   1. builds the worker's agent, calls worker->Setup(env) (register handlers), starts it;
 //   2. posts worker->Run(env) to the worker's executor (first incarnation) or
 //      worker->RunRestarted(env) (a restarted incarnation);
-//   3. runs until everything settles; every incarnation that did not crash must
-//   have shut
-//      down (use ShutdownWorker());
+//   3. runs until everything settles; every incarnation that did not crash must have shut down (use
+//      ShutdownWorker());
 //   4. checks Recorder::CheckInvariants() plus Scenario::Check().
 // All scenario code runs on the worker's executor (handlers, future callbacks,
 // After()). In the simulator that executor is single-threaded, but over real
@@ -96,9 +94,7 @@ struct WorkerEnv {
   int time_scale = 1;
 
   // Returns a fresh call sequence number (1, 2, ...) of this incarnation.
-  uint32_t NextSeq() {
-    return next_seq.fetch_add(1, std::memory_order_relaxed);
-  }
+  uint32_t NextSeq() { return next_seq.fetch_add(1, std::memory_order_relaxed); }
 };
 
 // `d` multiplied by the run's time scale (exactly `d` at scale 1).
@@ -107,9 +103,7 @@ inline absl::Duration Scaled(const WorkerEnv& env, absl::Duration d) {
 }
 // A count of time units (e.g. the MS of a "late:MS" request) multiplied by the
 // run's time scale.
-inline int64_t ScaledCount(const WorkerEnv& env, int64_t n) {
-  return n * env.time_scale;
-}
+inline int64_t ScaledCount(const WorkerEnv& env, int64_t n) { return n * env.time_scale; }
 
 class ScenarioWorker {
  public:
@@ -134,8 +128,8 @@ class Scenario {
   virtual std::unique_ptr<ScenarioWorker> NewWorker(const WorkerEnv& env) = 0;
   // Scenario-wide checks after the run; add violations to `out`. Over real
   // processes it may run while the worker's pool still runs callbacks.
-  virtual void Check(const Recorder& recorder, bool lossless,
-                     std::vector<std::string>* out) const {}
+  virtual void Check(const Recorder& recorder, bool lossless, std::vector<std::string>* out) const {
+  }
 
   // The time scale of the run (see WorkerEnv::time_scale): a real-time driver
   // sets it before Configure() and NewWorker(); the simulator leaves it at 1.
@@ -172,12 +166,10 @@ class ScenarioRegistry {
 #define TETHER_SCENARIO_CONCAT_INNER_(a, b) a##b
 #define TETHER_SCENARIO_CONCAT_(a, b) TETHER_SCENARIO_CONCAT_INNER_(a, b)
 // Registers a Scenario subclass with static `kName` and `kDescription` members.
-#define TETHER_REGISTER_SCENARIO(cls)                                    \
-  static const bool TETHER_SCENARIO_CONCAT_(tether_scenario_registered_, \
-                                            __LINE__) =                  \
-      ::tether::scenarios::ScenarioRegistry::Global().Register(          \
-          {cls::kName, cls::kDescription,                                \
-           [] { return std::make_unique<cls>(); }})
+#define TETHER_REGISTER_SCENARIO(cls)                                                \
+  static const bool TETHER_SCENARIO_CONCAT_(tether_scenario_registered_, __LINE__) = \
+      ::tether::scenarios::ScenarioRegistry::Global().Register(                      \
+          {cls::kName, cls::kDescription, [] { return std::make_unique<cls>(); }})
 
 // ---- Helpers for scenario code (run on the worker's executor). ----
 
@@ -187,23 +179,20 @@ void After(WorkerEnv& env, absl::Duration delay, std::function<void()> fn);
 // The payload of a tracked request: the call's token, then the body.
 std::string TrackedPayload(Recorder::Token token, const std::string& body);
 // Splits a tracked request's payload. Returns false if it is not one.
-bool ParseTracked(const std::string& payload, Recorder::Token* token,
-                  std::string* body);
+bool ParseTracked(const std::string& payload, Recorder::Token* token, std::string* body);
 
 // Sends a TEST_CALL (or `type`) request whose payload carries a fresh token,
 // records it, and records its completion (on env's executor) before running
 // `then` (if any). `timeout`: nullopt uses the agent's default, zero means
 // none.
-Future<Message> TrackedCall(
-    WorkerEnv& env, WorkerId to, const std::string& body,
-    std::optional<absl::Duration> timeout, CallExpectation expect,
-    std::function<void(const absl::StatusOr<Message>&)> then = {},
-    MessageType type = wire::TEST_CALL);
+Future<Message> TrackedCall(WorkerEnv& env, WorkerId to, const std::string& body,
+                            std::optional<absl::Duration> timeout, CallExpectation expect,
+                            std::function<void(const absl::StatusOr<Message>&)> then = {},
+                            MessageType type = wire::TEST_CALL);
 
 // For handlers: records the run and returns the body of a tracked request (or
 // records a violation and returns nullopt for a malformed one).
-std::optional<std::string> AcceptTracked(WorkerEnv& env,
-                                         const IncomingCall& call);
+std::optional<std::string> AcceptTracked(WorkerEnv& env, const IncomingCall& call);
 
 // Shuts the worker down, recording it; runs `then` (if any) on completion.
 // Calling it again for the same incarnation only adds `then`.

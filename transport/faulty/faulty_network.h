@@ -5,9 +5,9 @@
 //
 //   FaultyNetworkOptions o;
 //   o.fail_types = {wire::RREF_USER_DELETE};
-//   o.num_fail_sends = 2;                         // the first two such sends
-//   fail o.delays[wire::PYTHON_REMOTE_CALL] = absl::Milliseconds(500);
-//   FaultyNetwork faulty(&tcp, &clock, o);        // give `faulty` to the agent
+//   o.num_fail_sends = 2;                                   // the first two such sends fail
+//   o.delays[wire::PYTHON_REMOTE_CALL] = absl::Milliseconds(500);
+//   FaultyNetwork faulty(&tcp, &clock, o);                  // give `faulty` to the agent
 //
 // A failed send returns kUnavailable naming the injected fault. A delayed
 // message is sent from the clock's timer thread when its delay ends, so it may
@@ -33,9 +33,7 @@ struct FaultyNetworkOptions {
   int num_fail_sends = 0;
   std::map<MessageType, absl::Duration> delays;
 
-  bool empty() const {
-    return (fail_types.empty() || num_fail_sends <= 0) && delays.empty();
-  }
+  bool empty() const { return (fail_types.empty() || num_fail_sends <= 0) && delays.empty(); }
   // Builds options from message type names ("PYTHON_CALL"); kInvalidArgument
   // naming an unknown type, a negative count or a negative delay.
   static absl::StatusOr<FaultyNetworkOptions> FromNames(
@@ -49,9 +47,7 @@ class FaultyNetwork : public Network {
   ~FaultyNetwork() override;
 
   WorkerId self() const override { return inner_->self(); }
-  absl::Status Start(NetworkObserver* observer) override {
-    return inner_->Start(observer);
-  }
+  absl::Status Start(NetworkObserver* observer) override { return inner_->Start(observer); }
   absl::Status Send(WorkerId to, Message message) override;
   void Stop() override;
 

@@ -4,8 +4,7 @@
 // when the network stops, and `tools/merge-traces` joins the files of all
 // workers into one timeline, one track per worker.
 //
-//   TracingNetwork traced(&tcp, &clock, "/tmp/run/trace-worker0.json",
-//   "worker0");
+//   TracingNetwork traced(&tcp, &clock, "/tmp/run/trace-worker0.json", "worker0");
 //   ... give `traced` to the agent ...   // the file is written by Stop()
 //
 // Errors are markers of category "error": a reply with an error ("call
@@ -32,8 +31,7 @@ namespace tether {
 
 class TracingNetwork : public Network, private NetworkObserver {
  public:
-  TracingNetwork(Network* inner, Clock* clock, std::string path,
-                 std::string worker_name);
+  TracingNetwork(Network* inner, Clock* clock, std::string path, std::string worker_name);
   ~TracingNetwork() override;
 
   WorkerId self() const override { return inner_->self(); }
@@ -43,8 +41,7 @@ class TracingNetwork : public Network, private NetworkObserver {
   void Stop() override;
 
   // Adds a marker (an error, an RRef event) to this worker's track.
-  void Mark(const std::string& name, const std::string& category,
-            const std::string& detail);
+  void Mark(const std::string& name, const std::string& category, const std::string& detail);
   // Writes the events so far (also done by Stop()). kUnavailable if the file
   // cannot be written.
   absl::Status Flush();
