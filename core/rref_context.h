@@ -264,7 +264,8 @@ class RRefContext : public std::enable_shared_from_this<RRefContext> {
   // Shutdown support: deletes every user reference (handles become unusable:
   // kCancelled) and every owner without forks, and from now on frees owners as
   // soon as their last fork goes. Completes when every deletion this worker
-  // sent is acknowledged, or fails with kDeadlineExceeded after `timeout`.
+  // sent is acknowledged, or fails with kDeadlineExceeded after `timeout` (zero:
+  // no timeout).
   Future<Unit> DeleteAllUsersAndUnforkedOwners(absl::Duration timeout);
 
   // num_owner_rrefs, num_pending_futures, num_pending_users, num_forks

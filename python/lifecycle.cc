@@ -146,14 +146,31 @@ std::vector<std::pair<std::string, int>> Connect(
   worker->self = worker->runtime->agent()->self();
   pycall::SetNodeId(worker->self.id);  // profiled events carry the worker id
   InstallCallee(worker.get());
-  {
-    ScopedGilRelease release;
-    s = worker->runtime->Start();
-    if (!s.ok()) worker->runtime.reset();
-  }
-  if (!s.ok()) Raise(s);
+  // Current before it serves anything (Start()): a peer that finished its own start first may
+  // send a call at once, and its handler needs this worker (and tether.rpc's worker registry,
+  // which the caller fills in before start()).
   SetCurrentWorker(worker);
   return Workers(*worker);
+}
+
+// Starts serving and calling (after connect() and tether.rpc's own registry).
+void Start() {
+  std::shared_ptr<Worker> w = RequireWorker();
+  absl::Status s;
+  {
+    ScopedGilRelease release;
+    s = w->runtime->Start();
+  }
+  if (!s.ok()) {
+    SetCurrentWorker(nullptr);
+    bool left_behind;
+    {
+      ScopedGilRelease release;
+      left_behind = !w->runtime->Stop().empty();
+    }
+    if (left_behind) KeepForever(w);  // As in Shutdown().
+    Raise(s);
+  }
 }
 
 // Stops the worker. Graceful: the agent's barrier (agent.h: every worker calls shutdown(), then
@@ -231,8 +248,8 @@ py::dict ToDict(const std::map<std::string, int64_t>& info, const std::string& p
   return out;
 }
 
-// What the graceful barrier waits for, with names: {"pending", "leader", "joined", "not_joined",
-// "busy"} (agent.h's ShutdownProgress; the last two only on the leader).
+// What the graceful barrier waits for, with names: {"pending", "leader", "joined", "aborting",
+// "not_joined", "busy"} (agent.h's ShutdownProgress; the last three only on the leader).
 py::dict ShutdownProgressInfo() {
   std::shared_ptr<Worker> w = RequireWorker();
   ShutdownProgress p;
@@ -248,6 +265,7 @@ py::dict ShutdownProgressInfo() {
   out["pending"] = p.pending;
   out["leader"] = name(p.leader);
   out["joined"] = p.joined;
+  out["aborting"] = p.aborting;
   py::list not_joined, busy;
   for (WorkerId id : p.not_joined) not_joined.append(name(id));
   for (WorkerId id : p.busy) busy.append(name(id));
@@ -296,6 +314,7 @@ void RegisterLifecycleBindings(py::module_& m) {
   m.def("sim_listen", &SimListen, py::arg("name"), py::arg("rank"), py::arg("world_size"),
         py::arg("num_worker_threads"), py::arg("rpc_timeout"));
   m.def("connect", &Connect, py::arg("workers"));
+  m.def("start", &Start);
   m.def("shutdown_progress", &ShutdownProgressInfo);
   m.def("shutdown", &Shutdown, py::arg("graceful"), py::arg("timeout"),
         py::arg("on_wait") = py::none());

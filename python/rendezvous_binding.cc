@@ -109,7 +109,12 @@ void RegisterRendezvousBindings(py::module_& m) {
   m.def(
       "choose_publish_address",
       [](const std::string& interface, const std::string& address, const std::string& store_host) {
-        return ValueOrRaise(ChoosePublishAddress(interface, address, store_host));
+        absl::StatusOr<std::string> chosen;
+        {
+          ScopedGilRelease release;  // getaddrinfo / getifaddrs may block
+          chosen = ChoosePublishAddress(interface, address, store_host);
+        }
+        return ValueOrRaise(std::move(chosen));
       },
       py::arg("interface"), py::arg("address"), py::arg("store_host"),
       "The address a worker listens on and publishes (transport/rendezvous.h).");

@@ -190,13 +190,14 @@ absl::Status Runtime::Connect(const std::vector<WorkerInfo>& workers,
   impl_->rrefs = RRefContext::Create(impl_->agent.get(), impl_->clock_view, impl_->executor_view,
                                      rref_options);
   // Once every worker has called shutdown() (the barrier's join, agent.h), this worker's user
-  // references and its owners nobody else knows of are deleted; the barrier then waits for the
-  // deletions (the RRef context is one of its activity sources). Bounded by the barrier's own
-  // bound; this one only keeps a lost acknowledgement from holding the context open.
+  // references and its owners nobody else knows of are deleted. The barrier then waits for the
+  // deletions (the RRef context is one of its activity sources), within shutdown()'s own bound,
+  // reporting meanwhile; references still alive after it are reported as leaks (lifecycle.cc).
+  // So the future is not needed (no timeout of its own).
   std::weak_ptr<RRefContext> weak = impl_->rrefs;
   impl_->agent->AddShutdownJoinedListener([weak] {
     if (std::shared_ptr<RRefContext> rrefs = weak.lock()) {
-      rrefs->DeleteAllUsersAndUnforkedOwners(absl::Seconds(60));
+      rrefs->DeleteAllUsersAndUnforkedOwners(absl::ZeroDuration());
     }
   });
   return absl::OkStatus();

@@ -114,24 +114,6 @@ absl::StatusOr<std::string> RouteTo(const std::string& host) {
   return local;
 }
 
-absl::StatusOr<std::string> HostnameAddress() {
-  char name[256] = "";
-  gethostname(name, sizeof(name) - 1);
-  addrinfo hints{};
-  hints.ai_family = AF_UNSPEC;
-  hints.ai_socktype = SOCK_STREAM;
-  addrinfo* res = nullptr;
-  if (getaddrinfo(name, nullptr, &hints, &res) != 0 || res == nullptr)
-    return std::string("127.0.0.1");
-  std::string chosen;
-  for (addrinfo* a = res; a != nullptr; a = a->ai_next) {
-    std::string h = SockaddrHost(a->ai_addr);
-    if (chosen.empty() || (IsLoopbackHost(chosen) && !IsLoopbackHost(h))) chosen = h;
-  }
-  freeaddrinfo(res);
-  return chosen.empty() ? std::string("127.0.0.1") : chosen;
-}
-
 struct InitMethod {
   enum Kind { kTcp, kFile } kind;
   std::string host;  // tcp
@@ -182,7 +164,8 @@ absl::StatusOr<InitMethod> ParseInitMethod(const std::string& init) {
 // A c10d store as the protocol's store (c10d reports errors as exceptions).
 class C10dStore : public RendezvousStore {
  public:
-  explicit C10dStore(c10d::Store& store) : store_(store) {}
+  C10dStore(c10d::Store& store, std::string init_method)
+      : store_(store), init_method_(std::move(init_method)) {}
 
   absl::StatusOr<int64_t> Add(const std::string& key, int64_t delta) override {
     return Guard([&] { return store_.add(key, delta); });
@@ -203,15 +186,18 @@ class C10dStore : public RendezvousStore {
 
  private:
   template <typename Fn>
-  static auto Guard(Fn fn) -> absl::StatusOr<decltype(fn())> {
+  auto Guard(Fn fn) -> absl::StatusOr<decltype(fn())> {
     try {
       return fn();
     } catch (const std::exception& e) {
-      return StoreError(e);
+      absl::Status s = StoreError(e);
+      return absl::Status(
+          s.code(), absl::StrCat("rendezvous through ", init_method_, " failed: ", s.message()));
     }
   }
 
   c10d::Store& store_;
+  std::string init_method_;
 };
 
 }  // namespace
@@ -230,7 +216,10 @@ absl::StatusOr<std::string> ChoosePublishAddress(const std::string& interface,
     if (env != nullptr) ifname = env;
   }
   if (!ifname.empty()) return InterfaceAddress(ifname);
-  if (store_host.empty()) return HostnameAddress();
+  // file:// (no store host): loopback. Listening on a public address by default would expose
+  // the (unauthenticated unless auth_token is set) RPC port; multi-host file:// runs name the
+  // interface or the address.
+  if (store_host.empty()) return std::string("127.0.0.1");
   if (IsLoopbackHost(store_host)) return std::string(store_host == "::1" ? "::1" : "127.0.0.1");
   return RouteTo(store_host);
 }
@@ -286,7 +275,7 @@ absl::StatusOr<Rendezvous> RunRendezvous(const RendezvousOptions& options) {
       store = std::make_unique<c10d::FileStore>(init->path, world_size);
       store->setTimeout(timeout);
     }
-    C10dStore adapter(*store);
+    C10dStore adapter(*store, options.init_method);
     ExchangeOptions exchange;
     exchange.rank = rank;
     exchange.world_size = world_size;

@@ -26,8 +26,8 @@
 // The address to publish (and listen on): `address` if set; else the IPv4
 // address of `interface` (or $TETHER_SOCKET_IFNAME); else loopback when the
 // store's host is loopback, the address of the interface that routes to the
-// store's host otherwise, and for file:// the address the host name resolves
-// to.
+// store's host otherwise, and loopback for file:// (a multi-host file:// run
+// sets the interface or the address).
 //
 // Blocking; call from a plain thread, not from an executor or a callback.
 #ifndef TETHER_TRANSPORT_RENDEZVOUS_H_

@@ -1,6 +1,7 @@
 #include "transport/rendezvous_protocol.h"
 
-#include <set>
+#include <algorithm>
+#include <map>
 #include <utility>
 
 #include "absl/strings/numbers.h"
@@ -13,7 +14,6 @@ namespace tether {
 namespace {
 
 constexpr char kPrefix[] = "tether/rdzv/";
-constexpr absl::Duration kPollInterval = absl::Milliseconds(5);
 
 struct Entry {
   int world_size = 0;
@@ -62,39 +62,28 @@ absl::Status CheckOptions(const ExchangeOptions& o) {
 
 }  // namespace
 
-absl::StatusOr<ExchangeResult> ExchangeAddresses(RendezvousStore& store, const ExchangeOptions& o) {
-  if (absl::Status s = CheckOptions(o); !s.ok()) return s;
-  const absl::Time deadline = absl::Now() + o.timeout;
-  const std::string context =
-      o.init_method.empty() ? std::string() : absl::StrCat(" (init_method ", o.init_method, ")");
+namespace {
 
-  absl::StatusOr<int64_t> claims = store.Add(Key("rank_claims/", absl::StrCat(o.rank)), 1);
-  if (!claims.ok()) return claims.status();
-  if (*claims > 1) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("duplicate rank ", o.rank,
-                     ": another worker already joined the rendezvous as rank ", o.rank, context));
-  }
-  // Publish first, so that a worker which already claimed this name sees the duplicate too.
-  if (absl::Status s = store.Set(Key("worker/", absl::StrCat(o.rank)),
-                                 EncodeEntry(Entry{o.world_size, o.name, o.address}));
-      !s.ok()) {
-    return s;
-  }
-  if (absl::StatusOr<int64_t> n = store.Add(Key("present/", absl::StrCat(o.rank)), 1); !n.ok()) {
-    return n.status();
-  }
-  claims = store.Add(Key("name_claims/", o.name), 1);
-  if (!claims.ok()) return claims.status();
-  if (*claims > 1) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "RPC worker name '", o.name, "' is not unique: another worker already uses it", context));
+// Polls back off from 5 ms to 100 ms, so that a large world does not flood the store's host.
+class Poller {
+ public:
+  void Sleep() {
+    absl::SleepFor(delay_);
+    delay_ = std::min(delay_ * 2, absl::Milliseconds(100));
   }
 
+ private:
+  absl::Duration delay_ = absl::Milliseconds(5);
+};
+
+// Reads every worker's entry (waiting for those not written yet). Every worker reads the same
+// entries, so a name used twice fails every one of them.
+absl::StatusOr<ExchangeResult> ReadAll(RendezvousStore& store, const ExchangeOptions& o,
+                                       absl::Time deadline) {
   ExchangeResult r;
   std::map<std::string, int> rank_of_name;
+  Poller poller;
   for (int i = 0; i < o.world_size; ++i) {
-    const std::string key = Key("worker/", absl::StrCat(i));
     while (true) {
       absl::StatusOr<int64_t> present = store.Add(Key("present/", absl::StrCat(i)), 0);
       if (!present.ok()) return present.status();
@@ -111,9 +100,9 @@ absl::StatusOr<ExchangeResult> ExchangeAddresses(RendezvousStore& store, const E
             "world size ", o.world_size, "): rank(s) ", absl::StrJoin(missing, ", "),
             " never joined"));
       }
-      absl::SleepFor(kPollInterval);
+      poller.Sleep();
     }
-    absl::StatusOr<std::string> value = store.Get(key);
+    absl::StatusOr<std::string> value = store.Get(Key("worker/", absl::StrCat(i)));
     if (!value.ok()) return value.status();
     absl::StatusOr<Entry> e = DecodeEntry(i, *value);
     if (!e.ok()) return e.status();
@@ -131,20 +120,58 @@ absl::StatusOr<ExchangeResult> ExchangeAddresses(RendezvousStore& store, const E
     r.workers.push_back(WorkerInfo{e->name, i});
     r.addresses[i] = e->address;
   }
-  // Rank 0 may host the store: it returns only once every worker has read everything.
+  return r;
+}
+
+}  // namespace
+
+absl::StatusOr<ExchangeResult> ExchangeAddresses(RendezvousStore& store, const ExchangeOptions& o) {
+  if (absl::Status s = CheckOptions(o); !s.ok()) return s;
+  const absl::Time deadline = absl::Now() + o.timeout;
+  const std::string context =
+      o.init_method.empty() ? std::string() : absl::StrCat(" (init_method ", o.init_method, ")");
+
+  absl::StatusOr<int64_t> claims = store.Add(Key("rank_claims/", absl::StrCat(o.rank)), 1);
+  if (!claims.ok()) return claims.status();
+  if (*claims > 1) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("duplicate rank ", o.rank,
+                     ": another worker already joined the rendezvous as rank ", o.rank, context));
+  }
+  if (absl::Status s = store.Set(Key("worker/", absl::StrCat(o.rank)),
+                                 EncodeEntry(Entry{o.world_size, o.name, o.address}));
+      !s.ok()) {
+    return s;
+  }
+  if (absl::StatusOr<int64_t> n = store.Add(Key("present/", absl::StrCat(o.rank)), 1); !n.ok()) {
+    return n.status();
+  }
+
+  absl::StatusOr<ExchangeResult> result = ReadAll(store, o, deadline);
+  if (!result.ok() &&
+      (absl::IsDeadlineExceeded(result.status()) || absl::IsUnavailable(result.status()))) {
+    return result;  // Out of time, or the store is gone: nothing left to wait for.
+  }
+  // Rank 0 may host the store: it returns only once every worker has read everything (on an
+  // error that every worker sees, such as a duplicate name, for a few seconds at most, so that
+  // the others report it rather than a lost store).
   absl::StatusOr<int64_t> done = store.Add(Key("done", ""), 1);
-  if (!done.ok()) return done.status();
+  if (!done.ok()) return result.ok() ? done.status() : result.status();
+  const absl::Time wait_until =
+      result.ok() ? deadline : std::min(deadline, absl::Now() + absl::Seconds(5));
+  Poller poller;
   while (o.rank == 0 && *done < o.world_size) {
-    if (absl::Now() >= deadline) {
+    if (absl::Now() >= wait_until) {
+      if (!result.ok()) return result;
       return absl::DeadlineExceededError(
           absl::StrCat("rendezvous timed out after ", absl::FormatDuration(o.timeout), context,
                        ": not every worker finished reading the worker list"));
     }
-    absl::SleepFor(kPollInterval);
+    poller.Sleep();
     done = store.Add(Key("done", ""), 0);
-    if (!done.ok()) return done.status();
+    if (!done.ok()) return result.ok() ? done.status() : result.status();
   }
-  return r;
+  return result;
 }
 
 }  // namespace tether

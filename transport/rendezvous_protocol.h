@@ -13,20 +13,20 @@
 //   absl::StatusOr<ExchangeResult> r = ExchangeAddresses(store, o);
 //   // r->workers: every worker's name and id (= rank); r->addresses: id -> "host:port".
 //
-// Store layout (under the store's own prefix, if any): `tether/rdzv/rank_claims/<rank>` and
-// `tether/rdzv/name_claims/<name>` (counters that reveal duplicates),
-// `tether/rdzv/worker/<rank>` ("v1\n<world size>\n<name>\n<address>"),
-// `tether/rdzv/present/<rank>` (a counter set to 1 once that entry is written: readers poll it
-// with Add(key, 0), which every c10d store has and which never blocks or throws), and
-// `tether/rdzv/done` (counts the workers that read the whole list; rank 0, which may host
-// the store, returns only once it reaches the world size).
+// Store layout (under the store's own prefix, if any): `tether/rdzv/rank_claims/<rank>` (a
+// counter that reveals a duplicate rank), `tether/rdzv/worker/<rank>`
+// ("v1\n<world size>\n<name>\n<address>"), `tether/rdzv/present/<rank>` (a counter set to 1
+// once that entry is written: readers poll it with Add(key, 0), which every c10d store has and
+// which never blocks or throws), and `tether/rdzv/done` (counts the workers that read the whole
+// list; rank 0, which may host the store, returns only once it reaches the world size).
 //
-// Errors: kInvalidArgument for a duplicate rank, a worker name used twice ("... is not
-// unique", as PyTorch says it; every worker that sees the duplicate fails), workers started
-// with different world sizes, or a malformed entry; kDeadlineExceeded naming the ranks that
-// never joined when `timeout` passes; a store operation's own error is returned as it is.
+// Errors: kInvalidArgument for a duplicate rank, a worker name used twice ("RPC worker name
+// 'x' is not unique", as PyTorch says it; every worker fails, since every worker reads every
+// entry), workers started with different world sizes, or a malformed entry; kDeadlineExceeded
+// naming the ranks that never joined when `timeout` passes; a store operation's own error is
+// returned as it is.
 //
-// Blocking (polls the store every few milliseconds); call from a plain thread. The store's
+// Blocking (polls the store, backing off from 5 to 100 ms); call from a plain thread. The store's
 // methods are called on that thread only.
 #ifndef TETHER_TRANSPORT_RENDEZVOUS_PROTOCOL_H_
 #define TETHER_TRANSPORT_RENDEZVOUS_PROTOCOL_H_

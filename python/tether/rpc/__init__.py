@@ -80,7 +80,8 @@ def _publish_address(init_method, options):
     """The address this worker listens on and publishes (transport/rendezvous.h chooses it, as
     for a C++ worker): the ``interface`` option (an address, or a network interface's name),
     else $TETHER_SOCKET_IFNAME, else loopback if the store's host is loopback, the local address
-    that reaches it otherwise, and for file:// the address the host name resolves to."""
+    that reaches it otherwise, and loopback for file:// (multi-host file:// runs set the
+    interface)."""
     interface = getattr(options, "interface", None) or ""
     address = ""
     if interface:
@@ -138,13 +139,23 @@ def init_rpc(name, backend=None, rank=-1, world_size=None, rpc_backend_options=N
         except BaseException:
             _C.abandon_listen()
             raise
-        api._set_workers(infos, rank)
+        _start(infos, rank)
         return
 
     store, rank, world_size = next(
         dist.rendezvous(opts.init_method, rank=rank, world_size=world_size)
     )
     _init_rpc_backend(backend, store, name, rank, world_size, opts)
+
+
+def _start(infos, rank):
+    """The worker registry first, then the agent serves: a peer may call at once."""
+    api._set_workers(infos, rank)
+    try:
+        _C.start()
+    except BaseException:
+        api._clear_workers()
+        raise
 
 
 def _init_rpc_backend(backend, store, name, rank, world_size, rpc_backend_options):
@@ -174,7 +185,7 @@ def _init_rpc_backend(backend, store, name, rank, world_size, rpc_backend_option
         _C.abandon_listen()
         raise
     infos = _C.connect(workers)
-    api._set_workers(infos, rank)
+    _start(infos, rank)
     _store = store
 
 

@@ -79,16 +79,18 @@ def _barrier_status():
     of themselves when last asked)."""
     from . import api
 
+    me = api._self_info
     try:
         progress = _C.shutdown_progress()
     except Exception:  # noqa: B902 (RPC is not running here any more)
         return [], {}
-    missing = list(progress["not_joined"]) if progress["pending"] else []
-    me = api._self_info
+    if not progress["pending"]:
+        # The leader itself has not called shutdown() yet.
+        name = me.name if me is not None else progress["leader"]
+        return [name], {name: _describe_self()}
+    missing = list(progress["not_joined"])
     with _reports_lock:
         reports = {n: _reports[n] for n in missing if n in _reports}
-    if me is not None and me.name in missing:
-        reports[me.name] = _describe_self()
     return missing, reports
 
 
@@ -269,9 +271,15 @@ class Reporter:
     def _text(self, elapsed, progress, leader, missing):
         waited = f"{elapsed:.1f}s"
         me = self.me.name
+        if progress["aborting"]:
+            return (f"tether: shutdown() on {me} has waited {waited}: it is ending the barrier "
+                    f"(a worker is gone) and waits briefly for the others to hear why")
         if progress["joined"]:
+            busy = [n for n in progress["busy"] if n != me]
+            elsewhere = f"; work in flight on {', '.join(busy)} too" if busy else ""
             return (f"tether: shutdown() on {me} has waited {waited} for the work still in "
-                    f"flight to finish (every worker has called shutdown())\n{_describe_self()}")
+                    f"flight to finish (every worker has called shutdown(){elsewhere})\n"
+                    f"{_describe_self()}")
         lines = []
         if me == leader:
             reports = {}

@@ -304,7 +304,17 @@ def shutdown(graceful=True, timeout=DEFAULT_SHUTDOWN_TIMEOUT):
     worker called shutdown(). Otherwise stops at once; pending calls fail."""
     try:
         on_wait = _shutdown.reporter(_self_info) if graceful else None
-        _C.shutdown(bool(graceful), float(timeout), on_wait)
+        try:
+            _C.shutdown(bool(graceful), float(timeout), on_wait)
+        except BaseException:
+            # Ctrl-C (or anything else) in the middle of the barrier: stop at once, so that RPC
+            # is not left half shut down (as PyTorch finalizes its shutdown in every case).
+            if _C.is_initialized():
+                try:
+                    _C.shutdown(False, 0.0)
+                except Exception:  # noqa: B902 (the first error is the one to raise)
+                    pass
+            raise
     finally:
         # A handler stuck in user code does not hold the stop up for more than a bound (the
         # runtime leaves its thread behind); say which ones.

@@ -90,7 +90,7 @@ class TetherRpcBackendOptions(TensorPipeRpcBackendOptions):
             others, or the name of the network interface whose address to use (``eth0``).
             Default: ``$TETHER_SOCKET_IFNAME``'s address if set, else 127.0.0.1 when the
             rendezvous host is loopback, else the local address that reaches the rendezvous
-            host (for file://, the address the host name resolves to).
+            host (for file://, loopback: set it for a multi-host file:// run).
         connect_timeout (float): seconds to wait for the other workers' connections.
     """
 
