@@ -75,6 +75,9 @@ struct Agent::ShutdownState {
   bool listeners_done = false;  // Reports say "joined" only once they have returned.
   std::optional<TimerId> deadline_timer;
   std::optional<TimerId> poll_timer;
+  // Bumped by every SchedulePollLocked(): a poll whose generation is stale (its timer was
+  // replaced while it was queued on the executor) does nothing, so one chain of polls runs.
+  uint64_t poll_gen = 0;
   // Leader only.
   std::set<WorkerId> declared;  // Workers that called Shutdown(true).
   uint64_t round = 0;
@@ -814,7 +817,7 @@ Future<Unit> Agent::Shutdown(bool graceful) {
   } else if (leader_gone) {
     FinishShutdown(*leader_gone);
   } else if (leader) {
-    executor_->Post(Guarded([this] { LeaderPoll(); }));
+    executor_->Post(Guarded([this] { LeaderPoll(0); }));
   }
   return shutdown_future_;
 }
@@ -923,18 +926,25 @@ void Agent::AbortBarrier(WorkerId lost, const absl::Status& reason) {
     // that the leader is gone): ABORT until acknowledged, resent by LeaderPoll.
     shutdown_->abort_text = text;
     shutdown_->acked.clear();
-    if (!targets.empty()) {
-      if (shutdown_->poll_timer) clock_->Cancel(*shutdown_->poll_timer);
-      shutdown_->poll_timer =
-          clock_->Schedule(clock_->Now() + options_.shutdown_poll_interval,
-                           Guarded([this] { executor_->Post(Guarded([this] { LeaderPoll(); })); }));
-    }
+    if (!targets.empty()) SchedulePollLocked();
   }
   for (WorkerId w : targets) SendControl(w, wire::SHUTDOWN_ABORT, text);
   MaybeCommit();
 }
 
-void Agent::LeaderPoll() {
+void Agent::SchedulePollLocked() {
+  ShutdownState& s = *shutdown_;
+  if (s.poll_timer) clock_->Cancel(*s.poll_timer);
+  const uint64_t gen = ++s.poll_gen;
+  absl::Duration delay = options_.shutdown_poll_interval;
+  if (s.abort_text)
+    delay = std::min(delay, std::max(absl::ZeroDuration(), s.abort_deadline - clock_->Now()));
+  s.poll_timer = clock_->Schedule(clock_->Now() + delay, Guarded([this, gen] {
+                                    executor_->Post(Guarded([this, gen] { LeaderPoll(gen); }));
+                                  }));
+}
+
+void Agent::LeaderPoll(uint64_t gen) {
   std::vector<WorkerId> targets;
   uint64_t round;
   bool commit_resend = false;
@@ -946,7 +956,8 @@ void Agent::LeaderPoll() {
     absl::MutexLock lock(&mu_);
     if (!shutdown_ || shutdown_->finished) return;
     ShutdownState& s = *shutdown_;
-    s.poll_timer.reset();  // The timer that ran this poll (if any) has fired.
+    if (gen != s.poll_gen) return;  // Replaced while queued.
+    s.poll_timer.reset();           // The timer that ran this poll (if any) has fired.
     if (options_.shutdown_fails_on_lost_peer && !s.joined && !s.abort_text) {
       for (const WorkerInfo& w : workers_) {
         if (w.id != self_.id && peers_[w.id]->failed) {
@@ -964,9 +975,8 @@ void Agent::LeaderPoll() {
     absl::MutexLock lock(&mu_);
     if (!shutdown_ || shutdown_->finished) return;
     ShutdownState& s = *shutdown_;
-    s.poll_timer =
-        clock_->Schedule(clock_->Now() + options_.shutdown_poll_interval,
-                         Guarded([this] { executor_->Post(Guarded([this] { LeaderPoll(); })); }));
+    if (gen != s.poll_gen || s.poll_timer) return;  // Another chain was started meanwhile.
+    SchedulePollLocked();
     if (s.committing || s.abort_text) {
       commit_resend = true;
       for (const WorkerInfo& w : workers_) {
@@ -1067,11 +1077,7 @@ void Agent::MaybeCommit() {
             finish = false;
           }
         }
-        if (!finish) {
-          s.poll_timer = clock_->Schedule(
-              clock_->Now() + options_.shutdown_poll_interval,
-              Guarded([this] { executor_->Post(Guarded([this] { LeaderPoll(); })); }));
-        }
+        if (!finish) SchedulePollLocked();
       } else {
         s.previous = std::move(live);
         // A quiet round is confirmed by an immediate second one; otherwise wait

@@ -309,7 +309,10 @@ class Agent : public NetworkObserver {
   void OnCallTimeout(uint64_t request_id);
   void ServerCallDone();
   void SendControl(WorkerId to, MessageType type, std::string payload);
-  void LeaderPoll();
+  // `gen`: the poll generation it was scheduled for (see ShutdownState::poll_gen).
+  void LeaderPoll(uint64_t gen);
+  // (Re)arms the leader's poll timer, replacing any armed one. mu_ held.
+  void SchedulePollLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void MaybeCommit();
   // Leader: a join completed by the last report (or a failure) starts the
   // quiescence phase; a peer lost before it aborts the barrier.

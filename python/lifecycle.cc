@@ -161,6 +161,8 @@ void Start() {
     ScopedGilRelease release;
     s = w->runtime->Start();
   }
+  // A second start() of a running worker: only say so.
+  if (absl::IsFailedPrecondition(s)) Raise(s);
   if (!s.ok()) {
     SetCurrentWorker(nullptr);
     bool left_behind;

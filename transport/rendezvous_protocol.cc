@@ -82,8 +82,8 @@ absl::StatusOr<ExchangeResult> ReadAll(RendezvousStore& store, const ExchangeOpt
                                        absl::Time deadline) {
   ExchangeResult r;
   std::map<std::string, int> rank_of_name;
-  Poller poller;
   for (int i = 0; i < o.world_size; ++i) {
+    Poller poller;
     while (true) {
       absl::StatusOr<int64_t> present = store.Add(Key("present/", absl::StrCat(i)), 0);
       if (!present.ok()) return present.status();
@@ -152,13 +152,23 @@ absl::StatusOr<ExchangeResult> ExchangeAddresses(RendezvousStore& store, const E
       (absl::IsDeadlineExceeded(result.status()) || absl::IsUnavailable(result.status()))) {
     return result;  // Out of time, or the store is gone: nothing left to wait for.
   }
-  // Rank 0 may host the store: it returns only once every worker has read everything (on an
-  // error that every worker sees, such as a duplicate name, for a few seconds at most, so that
-  // the others report it rather than a lost store).
-  absl::StatusOr<int64_t> done = store.Add(Key("done", ""), 1);
+  // Rank 0 may host the store: it returns only once every worker has read everything (`done`),
+  // or, on an error, once every worker has finished one way or the other (`failed` counts the
+  // ones that did not read it all), for a few seconds at most, so that the others report their
+  // own error rather than a lost store.
+  absl::StatusOr<int64_t> done = store.Add(Key(result.ok() ? "done" : "failed", ""), 1);
   if (!done.ok()) return result.ok() ? done.status() : result.status();
   const absl::Time wait_until =
       result.ok() ? deadline : std::min(deadline, absl::Now() + absl::Seconds(5));
+  auto finished = [&]() -> absl::StatusOr<int64_t> {
+    absl::StatusOr<int64_t> d = store.Add(Key("done", ""), 0);
+    if (!d.ok() || result.ok()) return d;  // Success needs everyone's "done".
+    absl::StatusOr<int64_t> f = store.Add(Key("failed", ""), 0);
+    if (!f.ok()) return f;
+    return *d + *f;
+  };
+  done = finished();
+  if (!done.ok()) return result.ok() ? done.status() : result.status();
   Poller poller;
   while (o.rank == 0 && *done < o.world_size) {
     if (absl::Now() >= wait_until) {
@@ -168,7 +178,7 @@ absl::StatusOr<ExchangeResult> ExchangeAddresses(RendezvousStore& store, const E
                        ": not every worker finished reading the worker list"));
     }
     poller.Sleep();
-    done = store.Add(Key("done", ""), 0);
+    done = finished();
     if (!done.ok()) return result.ok() ? done.status() : result.status();
   }
   return result;

@@ -17,7 +17,8 @@
 // counter that reveals a duplicate rank), `tether/rdzv/worker/<rank>`
 // ("v1\n<world size>\n<name>\n<address>"), `tether/rdzv/present/<rank>` (a counter set to 1
 // once that entry is written: readers poll it with Add(key, 0), which every c10d store has and
-// which never blocks or throws), and `tether/rdzv/done` (counts the workers that read the whole
+// which never blocks or throws), `tether/rdzv/failed` (counts the workers that stopped on an
+// error), and `tether/rdzv/done` (counts the workers that read the whole
 // list; rank 0, which may host the store, returns only once it reaches the world size).
 //
 // Errors: kInvalidArgument for a duplicate rank, a worker name used twice ("RPC worker name

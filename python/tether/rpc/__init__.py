@@ -149,12 +149,18 @@ def init_rpc(name, backend=None, rank=-1, world_size=None, rpc_backend_options=N
 
 
 def _start(infos, rank):
-    """The worker registry first, then the agent serves: a peer may call at once."""
-    api._set_workers(infos, rank)
+    """The worker registry first, then the agent serves: a peer may call at once. On any error
+    (Ctrl-C included) nothing is left half started."""
     try:
+        api._set_workers(infos, rank)
         _C.start()
     except BaseException:
         api._clear_workers()
+        if _C.is_initialized():
+            try:
+                _C.shutdown(False, 0.0)
+            except BaseException:  # noqa: B902 (the first error is the one to raise)
+                pass
         raise
 
 

@@ -329,7 +329,7 @@ class Reporter:
 def reporter(me) -> Optional[Reporter]:
     """The on_wait hook for a graceful shutdown of worker `me`; None when reports are off or
     inside tether.sim."""
-    if REPORT_INTERVAL <= 0 or _C.sim_in_worker():
+    if me is None or REPORT_INTERVAL <= 0 or _C.sim_in_worker():
         return None
     with _reports_lock:
         _reports.clear()

@@ -312,7 +312,7 @@ def shutdown(graceful=True, timeout=DEFAULT_SHUTDOWN_TIMEOUT):
             if _C.is_initialized():
                 try:
                     _C.shutdown(False, 0.0)
-                except Exception:  # noqa: B902 (the first error is the one to raise)
+                except BaseException:  # noqa: B902 (the first error is the one to raise)
                     pass
             raise
     finally:
