@@ -8,6 +8,15 @@
 // dlsym(RTLD_NEXT) and telling TSan the happens-before edge it creates:
 // release before letting go of the mutex, acquire once it is held (or a
 // notification is seen). Built only under --config=tsan.
+//
+// Every Abseil entry point that takes, lets go of or re-takes a mutex must be
+// here, CondVar's waits included: a wait lets go of the mutex and takes it back
+// inside the library (not through Mutex::Lock/Unlock), so without them TSan
+// sees the waiter's accesses after the wait as unordered with everything the
+// other threads did under the mutex meanwhile (false reports on every CondVar
+// user: ThreadPool, SystemClock, TcpNetwork's pooled Poll). Using a new one
+// (a Mutex::LockWhenWithTimeout, a Notification::HasBeenNotified, ...) means
+// adding it here.
 #include <dlfcn.h>
 
 #include <cstdio>
@@ -52,6 +61,18 @@ struct AnnotatedCondition {
     return met;
   }
 };
+
+// Abseil's lock-order (deadlock) detector, on in Debian's build, keeps its
+// graph (synchronization_internal::GraphCycles) under an internal SpinLock
+// that is as invisible to TSan as the rest of the library; TSan still sees the
+// graph's memmove()s (an intercepted libc call) and reports them as races
+// between any two threads that lock a mutex (GraphCycles::GetId under
+// Mutex::Lock). TSan checks the program's synchronization itself, so under
+// --config=tsan the detector is switched off, before main() and before any
+// other static initializer of the executable.
+__attribute__((constructor(101))) void DisableAbslDeadlockDetection() {
+  absl::SetMutexDeadlockDetectionMode(absl::OnDeadlockCycle::kIgnore);
+}
 
 }  // namespace
 
@@ -131,6 +152,38 @@ bool Mutex::AwaitWithDeadline(const Condition& cond, Time deadline) {
   bool met = real(this, Condition(&AnnotatedCondition::Eval, &a), deadline);
   Acquire(this);
   return met;
+}
+
+// CondVar waits: the mutex is let go of on entry and held again on return
+// (timed out or not).
+using CondWaitFn = void (*)(CondVar*, Mutex*);
+using CondWaitTimeoutFn = bool (*)(CondVar*, Mutex*, Duration);
+using CondWaitDeadlineFn = bool (*)(CondVar*, Mutex*, Time);
+
+void CondVar::Wait(Mutex* mu) {
+  static auto real =
+      Real<CondWaitFn>("_ZN4absl7debian37CondVar4WaitEPNS0_5MutexE");
+  Release(mu);
+  real(this, mu);
+  Acquire(mu);
+}
+
+bool CondVar::WaitWithTimeout(Mutex* mu, Duration timeout) {
+  static auto real = Real<CondWaitTimeoutFn>(
+      "_ZN4absl7debian37CondVar15WaitWithTimeoutEPNS0_5MutexENS0_8DurationE");
+  Release(mu);
+  bool timed_out = real(this, mu, timeout);
+  Acquire(mu);
+  return timed_out;
+}
+
+bool CondVar::WaitWithDeadline(Mutex* mu, Time deadline) {
+  static auto real = Real<CondWaitDeadlineFn>(
+      "_ZN4absl7debian37CondVar16WaitWithDeadlineEPNS0_5MutexENS0_4TimeE");
+  Release(mu);
+  bool timed_out = real(this, mu, deadline);
+  Acquire(mu);
+  return timed_out;
 }
 
 void Notification::Notify() {
