@@ -156,11 +156,7 @@ def _start(infos, rank):
         _C.start()
     except BaseException:
         api._clear_workers()
-        if _C.is_initialized():
-            try:
-                _C.shutdown(False, 0.0)
-            except BaseException:  # noqa: B902 (the first error is the one to raise)
-                pass
+        api._stop_now()
         raise
 
 

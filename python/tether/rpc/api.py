@@ -295,6 +295,16 @@ def _wait_all():
     return _WaitAll()
 
 
+def _stop_now():
+    """Stops this worker's RPC at once (ungracefully) if it runs; never raises (the caller has
+    the error that matters)."""
+    if _C.is_initialized():
+        try:
+            _C.shutdown(False, 0.0)
+        except BaseException:  # noqa: B902
+            pass
+
+
 @_require_initialized
 def shutdown(graceful=True, timeout=DEFAULT_SHUTDOWN_TIMEOUT):
     """Shuts down RPC. Graceful (default): waits until every worker has called shutdown(), then
@@ -307,13 +317,9 @@ def shutdown(graceful=True, timeout=DEFAULT_SHUTDOWN_TIMEOUT):
         try:
             _C.shutdown(bool(graceful), float(timeout), on_wait)
         except BaseException:
-            # Ctrl-C (or anything else) in the middle of the barrier: stop at once, so that RPC
-            # is not left half shut down (as PyTorch finalizes its shutdown in every case).
-            if _C.is_initialized():
-                try:
-                    _C.shutdown(False, 0.0)
-                except BaseException:  # noqa: B902 (the first error is the one to raise)
-                    pass
+            # Ctrl-C (or anything else) in the middle of the barrier: RPC is not left half shut
+            # down (as PyTorch finalizes its shutdown in every case).
+            _stop_now()
             raise
     finally:
         # A handler stuck in user code does not hold the stop up for more than a bound (the
