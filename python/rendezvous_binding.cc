@@ -84,6 +84,7 @@ std::vector<std::tuple<std::string, int, std::string>> ExchangeAddressesOver(
   options.address = address;
   options.timeout = timeout > 0 ? absl::Seconds(timeout) : absl::InfiniteDuration();
   options.init_method = init_method;
+  options.loopback_scope = LocalLoopbackScope();
   absl::StatusOr<ExchangeResult> result;
   {
     ScopedGilRelease release;

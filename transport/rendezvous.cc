@@ -283,6 +283,7 @@ absl::StatusOr<Rendezvous> RunRendezvous(const RendezvousOptions& options) {
     exchange.address = (*network)->listen_address();
     exchange.timeout = options.timeout;
     exchange.init_method = options.init_method;
+    exchange.loopback_scope = LocalLoopbackScope();
     absl::StatusOr<ExchangeResult> result = ExchangeAddresses(adapter, exchange);
     if (!result.ok()) return result.status();
     Rendezvous r;

@@ -13,19 +13,24 @@
 //   absl::StatusOr<ExchangeResult> r = ExchangeAddresses(store, o);
 //   // r->workers: every worker's name and id (= rank); r->addresses: id -> "host:port".
 //
-// Store layout (under the store's own prefix, if any): `tether/rdzv/rank_claims/<rank>` (a
-// counter that reveals a duplicate rank), `tether/rdzv/worker/<rank>`
-// ("v1\n<world size>\n<name>\n<address>"), `tether/rdzv/present/<rank>` (a counter set to 1
-// once that entry is written: readers poll it with Add(key, 0), which every c10d store has and
-// which never blocks or throws), `tether/rdzv/failed` (counts the workers that stopped on an
-// error), and `tether/rdzv/done` (counts the workers that read the whole
-// list; rank 0, which may host the store, returns only once it reaches the world size).
+// Store layout (under the store's own prefix, if any), all under `tether/rdzv/`:
+//   rank_claims/<rank>  a counter that reveals a duplicate rank;
+//   worker/<rank>       "v2\n<world size>\n<name>\n<address>\n<loopback scope>";
+//   present/<rank>      a counter set to 1 once that entry is written (readers poll it with
+//                       Add(key, 0), which every c10d store has and which never blocks or throws);
+//   name_claims/<name>  a counter that reveals a duplicate name at once;
+//   error_claims, error the first failure, "worker 'x' (rank r) failed: ...";
+//   failed              counts the workers that stopped on an error (set after `error`);
+//   done                counts the workers that read the whole list (rank 0, which may host the
+//                       store, returns only once it reaches the world size).
 //
 // Errors: kInvalidArgument for a duplicate rank, a worker name used twice ("RPC worker name
-// 'x' is not unique", as PyTorch says it; every worker fails, since every worker reads every
-// entry), workers started with different world sizes, or a malformed entry; kDeadlineExceeded
-// naming the ranks that never joined when `timeout` passes; a store operation's own error is
-// returned as it is.
+// 'x' is not unique", as PyTorch says it), workers started with different world sizes, a
+// malformed entry, or a loopback address published to a worker on another host or network
+// namespace (a multi-host file:// run without `interface`); kDeadlineExceeded naming the ranks
+// that never joined when `timeout` passes; a store operation's own error is returned as it is.
+// A worker that fails publishes its error, and every other worker then fails with that error at
+// once (kInvalidArgument) rather than waiting for the timeout.
 //
 // Blocking (polls the store, backing off from 5 to 100 ms); call from a plain thread. The store's
 // methods are called on that thread only.
@@ -63,6 +68,9 @@ struct ExchangeOptions {
   absl::Duration timeout = absl::Seconds(300);
   // Named in errors (for example "tcp://10.0.0.1:29500").
   std::string init_method;
+  // Which workers can reach this one's loopback address: LocalLoopbackScope() in production.
+  // Empty: unknown, never compared.
+  std::string loopback_scope;
 };
 
 struct ExchangeResult {
@@ -74,6 +82,10 @@ struct ExchangeResult {
 
 absl::StatusOr<ExchangeResult> ExchangeAddresses(RendezvousStore& store,
                                                  const ExchangeOptions& options);
+
+// This process's host and network namespace ("<boot id>/net:[<inode>]"): two processes share
+// loopback exactly when these are equal. Empty if /proc does not say.
+std::string LocalLoopbackScope();
 
 }  // namespace tether
 

@@ -89,6 +89,55 @@ TEST(RendezvousProtocolTest, DuplicateNameFailsEveryWorkerThatSeesIt) {
   }
 }
 
+TEST(RendezvousProtocolTest, DuplicateNameFailsEveryWorkerWithoutWaitingForTheOthers) {
+  // Rank 1 never comes; the workers fail on the duplicate at once, not after the timeout.
+  MemoryStore store;
+  std::vector<ExchangeOptions> all = {Opts(0, 4, "x"), Opts(2, 4, "x"), Opts(3, 4, "y")};
+  for (ExchangeOptions& o : all) o.timeout = absl::Seconds(3);
+  auto results = RunAll(store, all);
+  for (const auto& r : results) {
+    ASSERT_FALSE(r.ok());
+    EXPECT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument) << r.status();
+    EXPECT_TRUE(absl::StrContains(r.status().message(),
+                                  "RPC worker name 'x' is not unique: ranks 0 and 2 both use it"))
+        << r.status();
+  }
+  // The worker that did nothing wrong names the one that failed.
+  EXPECT_TRUE(absl::StrContains(results[2].status().message(), "failed: RPC worker name"))
+      << results[2].status();
+}
+
+TEST(RendezvousProtocolTest, LoopbackAcrossHostsIsRefused) {
+  MemoryStore store;
+  std::vector<ExchangeOptions> all = {Opts(0, 2, "a"), Opts(1, 2, "b")};
+  all[0].address = "127.0.0.1:1000";
+  all[0].loopback_scope = "host-a/net:[1]";
+  all[1].address = "10.0.0.2:1000";
+  all[1].loopback_scope = "host-b/net:[1]";
+  auto results = RunAll(store, all);
+  for (const auto& r : results) {
+    ASSERT_FALSE(r.ok());
+    EXPECT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument);
+    EXPECT_TRUE(absl::StrContains(r.status().message(),
+                                  "worker 'a' (rank 0) publishes the loopback address "
+                                  "127.0.0.1:1000, which worker 'b' (rank 1) cannot reach"))
+        << r.status();
+    EXPECT_TRUE(absl::StrContains(r.status().message(), "`interface` option")) << r.status();
+  }
+}
+
+TEST(RendezvousProtocolTest, LoopbackOnOneHostIsFine) {
+  MemoryStore store;
+  std::vector<ExchangeOptions> all = {Opts(0, 3, "a"), Opts(1, 3, "b"), Opts(2, 3, "c")};
+  for (ExchangeOptions& o : all) {
+    o.address = absl::StrCat("127.0.0.1:100", o.rank);
+    o.loopback_scope = LocalLoopbackScope();
+  }
+  all[2].loopback_scope = "";  // Unknown: not compared.
+  for (const auto& r : RunAll(store, all)) EXPECT_TRUE(r.ok()) << r.status();
+  EXPECT_FALSE(LocalLoopbackScope().empty());
+}
+
 TEST(RendezvousProtocolTest, DuplicateRankIsRejected) {
   MemoryStore store;
   ExchangeOptions first = Opts(0, 2, "a");
