@@ -3,6 +3,7 @@
 #include <torch/csrc/jit/python/pybind_utils.h>
 #include <torch/csrc/jit/python/python_ivalue.h>
 
+#include <functional>
 #include <stdexcept>
 #include <utility>
 
@@ -76,27 +77,127 @@ py::object ToPython(Decoded& d, const CallContext& ctx) {
               ctx.to);
 }
 
+// One rpc_async result on its way into its torch future. It is delivered exactly once, by
+// whichever comes first: the delivery queue, or a wait() on that future (which must not depend
+// on a queue that a blocked done-callback of another future may hold up). The reply is decoded
+// once (the decode also adds the callee's profiling events).
+class Delivery {
+ public:
+  Delivery(py::object target, CallContext ctx)
+      : target_(std::make_shared<PyRef>(std::move(target))), ctx_(std::move(ctx)) {}
+
+  // A pool thread, the reply in: decodes it (no GIL) unless a wait() already took it. Returns
+  // whether it is now ready for the queue.
+  bool Prepare(const std::function<Decoded()>& decode) {
+    {
+      absl::MutexLock lock(&mu_);
+      if (state_ != kWaiting) return false;
+      state_ = kDecoding;
+    }
+    Decoded d = decode();
+    absl::MutexLock lock(&mu_);
+    decoded_ = std::move(d);
+    state_ = kReady;
+    return true;
+  }
+
+  // GIL held; from the queue, after Prepare(). Completes the target unless a wait() took the
+  // delivery first.
+  void CompleteFromQueue() {
+    Decoded d;
+    {
+      absl::MutexLock lock(&mu_);
+      if (state_ != kReady) return;
+      d = std::move(decoded_);
+      state_ = kTaken;
+    }
+    Deliver(d);
+  }
+
+  // GIL held (released while it waits for a decode in progress, and while it decodes); from a
+  // wait() once the reply is in. Completes the target unless the queue took the delivery first;
+  // `decode` decodes the reply if no pool thread has started to.
+  void CompleteNow(const std::function<Decoded()>& decode) {
+    Decoded d;
+    {
+      ScopedGilRelease release;
+      bool decode_here;
+      {
+        absl::MutexLock lock(&mu_);
+        mu_.Await(absl::Condition(
+            +[](State* s) { return *s != kDecoding; }, &state_));
+        if (state_ == kTaken) return;
+        decode_here = state_ == kWaiting;
+        if (!decode_here) d = std::move(decoded_);
+        state_ = kTaken;
+      }
+      if (decode_here) d = decode();
+    }
+    Deliver(d);
+  }
+
+ private:
+  enum State { kWaiting, kDecoding, kReady, kTaken };
+
+  // GIL held. Never throws: the result or the error goes into the future, and what cannot be
+  // delivered (a future the user completed already, an error while converting) is reported as
+  // unraisable.
+  void Deliver(Decoded& d) {
+    py::object f = target_->get();
+    try {
+      try {
+        py::object value = ToPython(d, ctx_);
+        // Complete the future directly: torch's set_result() releases the GIL around it, which
+        // would hand the GIL to a waiting thread in the middle of the batch.
+        std::shared_ptr<torch::jit::PythonFutureWrapper> wrapper;
+        try {
+          wrapper = py::cast<std::shared_ptr<torch::jit::PythonFutureWrapper>>(f);
+        } catch (const py::cast_error&) {
+        }
+        if (wrapper != nullptr) {
+          if (wrapper->fut->completed()) return;  // The user set it: theirs stands.
+          wrapper->fut->markCompleted(
+              c10::IValue(c10::ivalue::ConcretePyObjectHolder::create(std::move(value))));
+        } else {
+          f.attr("set_result")(value);
+        }
+      } catch (py::error_already_set& e) {
+        if (!f.attr("done")().cast<bool>()) f.attr("set_exception")(e.value());
+      }
+    } catch (py::error_already_set& e) {
+      e.discard_as_unraisable("tether: delivering an RPC result into its future");
+    } catch (const std::exception& e) {
+      py::module_::import("warnings")
+          .attr("warn")(
+              absl::StrCat("tether: delivering an RPC result into its future: ", e.what()),
+              py::module_::import("builtins").attr("RuntimeWarning"));
+    }
+  }
+
+  const std::shared_ptr<PyRef> target_;
+  const CallContext ctx_;
+  absl::Mutex mu_;
+  State state_ ABSL_GUARDED_BY(mu_) = kWaiting;
+  Decoded decoded_ ABSL_GUARDED_BY(mu_);
+};
+
 // Completions of rpc_async futures, delivered in batches: whichever pool thread finds no
 // delivery in progress takes the GIL once and completes every future whose reply has arrived
 // meanwhile; the others only queue theirs (decoded without the GIL) and return. Under load this
-// replaces one GIL acquisition per reply (a convoy of pool threads) with one per batch.
+// replaces one GIL acquisition per reply (a convoy of pool threads) with one per batch. A
+// done-callback that blocks holds the rest of the batch up, but never a wait() on one of these
+// futures (Delivery).
 class DeliveryQueue {
  public:
-  struct Item {
-    std::shared_ptr<PyRef> target;
-    Decoded decoded;
-    CallContext ctx;
-  };
-
-  void Push(Item item) {
+  void Push(std::shared_ptr<Delivery> delivery) {
     {
       absl::MutexLock lock(&mu_);
-      items_.push_back(std::move(item));
+      items_.push_back(std::move(delivery));
       if (draining_) return;
       draining_ = true;
     }
     while (true) {
-      std::vector<Item> batch;
+      std::vector<std::shared_ptr<Delivery>> batch;
       {
         absl::MutexLock lock(&mu_);
         if (items_.empty()) {
@@ -106,40 +207,14 @@ class DeliveryQueue {
         batch.swap(items_);
       }
       Gil gil;
-      for (Item& it : batch) Deliver(it);
+      for (std::shared_ptr<Delivery>& d : batch) d->CompleteFromQueue();
       batch.clear();  // Drops the Python references with the GIL held.
     }
   }
 
  private:
-  static void Deliver(Item& it) {
-    py::object f = it.target->get();
-    try {
-      py::object value = ToPython(it.decoded, it.ctx);
-      // Complete the future directly: torch's set_result() releases the GIL around it, which
-      // would hand the GIL to a waiting thread in the middle of the batch.
-      std::shared_ptr<torch::jit::PythonFutureWrapper> wrapper;
-      try {
-        wrapper = py::cast<std::shared_ptr<torch::jit::PythonFutureWrapper>>(f);
-      } catch (const py::cast_error&) {
-      }
-      if (wrapper != nullptr) {
-        wrapper->fut->markCompleted(
-            c10::IValue(c10::ivalue::ConcretePyObjectHolder::create(std::move(value))));
-      } else {
-        f.attr("set_result")(value);
-      }
-    } catch (py::error_already_set& e) {
-      try {
-        f.attr("set_exception")(e.value());
-      } catch (py::error_already_set& e2) {
-        e2.discard_as_unraisable("tether: delivering an RPC error into its future");
-      }
-    }
-  }
-
   absl::Mutex mu_;
-  std::vector<Item> items_ ABSL_GUARDED_BY(mu_);
+  std::vector<std::shared_ptr<Delivery>> items_ ABSL_GUARDED_BY(mu_);
   bool draining_ ABSL_GUARDED_BY(mu_) = false;
 };
 
@@ -177,18 +252,30 @@ class Pending {
   }
 
   // Completes the torch.futures.Future `fut` with the result (set_result) or the error
-  // (set_exception) once the reply arrives. The delivery runs on a pool thread.
+  // (set_exception) once the reply arrives. The delivery runs on a pool thread, or in
+  // DeliverNow(), whichever comes first.
   void DeliverTo(py::object fut) {
-    auto target = std::make_shared<PyRef>(std::move(fut));
-    CallContext ctx = ctx_;
+    delivery_ = std::make_shared<Delivery>(std::move(fut), ctx_);
+    std::shared_ptr<Delivery> delivery = delivery_;
     bool copy = copy_;
     std::shared_ptr<const pycall::CallerProfile> profile = profile_;
-    future_.Then([target, ctx, copy, profile](const absl::StatusOr<Message>& reply) {
-      Deliveries()->Push(DeliveryQueue::Item{target, Decode(reply, copy, profile.get()), ctx});
+    future_.Then([delivery, copy, profile](const absl::StatusOr<Message>& reply) {
+      if (delivery->Prepare([&] { return Decode(reply, copy, profile.get()); })) {
+        Deliveries()->Push(delivery);
+      }
     });
   }
 
+  // Blocks (interruptibly) until the reply is in, then delivers it into the DeliverTo() future
+  // on this thread unless the queue already did.
+  void DeliverNow() {
+    WaitInterruptibly(future_);
+    if (delivery_ == nullptr) return;
+    delivery_->CompleteNow([this] { return Decode(future_.result(), copy_, profile_.get()); });
+  }
+
  private:
+  std::shared_ptr<Delivery> delivery_;
   Future<Message> future_;
   CallContext ctx_;
   bool copy_;
@@ -298,7 +385,8 @@ void RegisterCallerBindings(py::module_& m) {
       .def("wait", &Pending::Wait)
       .def("done", &Pending::done)
       .def("wait_done", &Pending::WaitDone)
-      .def("deliver_to", &Pending::DeliverTo);
+      .def("deliver_to", &Pending::DeliverTo)
+      .def("deliver_now", &Pending::DeliverNow);
   auto call = [](Prepared p, WorkerId to, double timeout) {
     return Send(std::move(p), to, timeout);
   };

@@ -19,6 +19,7 @@
 #include "core/agent.h"
 #include "core/future.h"
 #include "core/rref_context.h"
+#include "core/status.h"
 #include "python/call_profiling.h"
 #include "python/callee.h"
 #include "python/errors.h"
@@ -240,7 +241,10 @@ void Shutdown(bool graceful, double timeout, py::object on_wait) {
     KeepForever(w);
   }
   if (!status.ok() && graceful) {
-    throw std::runtime_error(absl::StrCat("RPC shutdown was not graceful: ", status.message()));
+    // The kind stays data: a barrier past its timeout is a timeout error, a lost peer kUnavailable.
+    std::string text = absl::StrCat("RPC shutdown was not graceful: ", status.message());
+    Raise(absl::IsDeadlineExceeded(status) ? RpcTimeoutError(text)
+                                           : absl::Status(status.code(), text));
   }
 }
 

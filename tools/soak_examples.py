@@ -1,6 +1,8 @@
 """The loop behind tools/soak-examples (a file, not stdin: launch.py spawns its workers)."""
 import importlib
+import os
 import sys
+import tempfile
 import time
 
 SIZES = {
@@ -8,6 +10,30 @@ SIZES = {
     "reinforcement_learning": {"episodes": 4, "verbose": False},
     "pipeline": {"steps": 6, "micro_batches": 2, "verbose": False},
 }
+
+
+# What a swallowed error of the extension looks like in a worker's output (printed while
+# dropping a reference, or reported as unraisable): a run that prints one fails, as a crash would.
+SWALLOWED = ("tether: error", "Exception ignored", "pybind11_object_dealloc", "Traceback")
+
+
+def run_capturing_stderr(fn):
+    """Runs fn() with fd 2 (inherited by the spawned workers) going to a file; returns what was
+    written there, after echoing it to the real stderr."""
+    with tempfile.TemporaryFile() as out:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        os.dup2(out.fileno(), 2)
+        try:
+            fn()
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            out.seek(0)
+            text = out.read().decode(errors="replace")
+            sys.stderr.write(text)
+    return text
 
 
 def main() -> None:
@@ -22,10 +48,16 @@ def main() -> None:
     start = time.time()
     for i in range(1, runs + 1):
         t = time.time()
+        failure = None
         try:
-            launch(target, 3, timeout=120, **SIZES[example])
+            text = run_capturing_stderr(lambda: launch(target, 3, timeout=120, **SIZES[example]))
+            found = [marker for marker in SWALLOWED if marker in text]
+            if found:
+                failure = f"the workers printed {found}"
         except SystemExit as e:
-            print(f"run {i}/{runs}: FAILED after {time.time() - t:.1f}s: {e}", flush=True)
+            failure = str(e)
+        if failure is not None:
+            print(f"run {i}/{runs}: FAILED after {time.time() - t:.1f}s: {failure}", flush=True)
             print(f"soak {example}: {i - 1} clean runs, then a failure", flush=True)
             sys.exit(1)
         print(f"run {i}/{runs}: ok {time.time() - t:.1f}s", flush=True)

@@ -182,18 +182,37 @@ def test_timeouts():
         rpc.rpc_sync("worker1", f.noop, timeout=-5)
 
 
+def _interrupt_soon(start):
+    """SIGINT to this process 0.3 s from now; returns when it was sent (seconds after start)."""
+    sent = []
+
+    def interrupt():
+        sent.append(time.monotonic() - start)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    threading.Timer(0.3, interrupt).start()
+    return sent
+
+
+def _expect_interrupted(wait, start, sent):
+    try:
+        wait()
+    except KeyboardInterrupt:
+        return
+    # Which of the two went wrong: the wait ignored the signal, or the signal came too late.
+    pytest.fail(f"not interrupted: the wait returned after {time.monotonic() - start:.1f}s; "
+                + (f"SIGINT was sent at {sent[0]:.1f}s" if sent else "SIGINT not sent yet"))
+
+
 def test_blocking_wait_is_interrupted_by_ctrl_c():
-    timer = threading.Timer(0.3, lambda: os.kill(os.getpid(), signal.SIGINT))
-    timer.start()
     start = time.monotonic()
-    with pytest.raises(KeyboardInterrupt):
-        rpc.rpc_sync("worker1", f.sleep, args=(5,), timeout=0)
+    sent = _interrupt_soon(start)
+    _expect_interrupted(lambda: rpc.rpc_sync("worker1", f.sleep, args=(5,), timeout=0), start, sent)
     assert time.monotonic() - start < 4.5  # interrupted, not finished
-    timer = threading.Timer(0.3, lambda: os.kill(os.getpid(), signal.SIGINT))
-    timer.start()
+    start = time.monotonic()
+    sent = _interrupt_soon(start)
     fut = rpc.rpc_async("worker2", f.sleep, args=(5,), timeout=0)
-    with pytest.raises(KeyboardInterrupt):
-        fut.wait()
+    _expect_interrupted(fut.wait, start, sent)
     assert fut.wait() == 5  # the call itself carried on
 
 
@@ -214,6 +233,37 @@ def test_futures_are_torch_futures():
     while not done and time.monotonic() < deadline:
         time.sleep(0.01)
     assert done == [7]
+
+
+def _wait_bounded(fut, seconds=60):
+    """fut.wait() on a helper thread: a deadlock fails the test instead of hanging it."""
+    box = []
+    t = threading.Thread(target=lambda: box.append(fut.wait()), daemon=True)
+    t.start()
+    t.join(seconds)
+    assert box, f"wait() did not return within {seconds}s (deadlocked deliveries?)"
+    return box[0]
+
+
+def test_done_callback_may_wait_on_another_call():
+    # The callback runs while the future is being delivered and blocks in wait() of a second
+    # rpc_async, whose own delivery must not queue behind it.
+    fut = rpc.rpc_async("worker1", f.add, args=(1, 2))
+    chained = fut.then(lambda x: rpc.rpc_async("worker2", f.add, args=(x.wait(), 1)).wait())
+    assert _wait_bounded(chained) == 4
+    futs = [rpc.rpc_async("worker1", f.add, args=(i, 0)) for i in range(8)]
+    chained = [fu.then(lambda x: rpc.rpc_async("worker2", f.add, args=(x.wait(), 0)).wait())
+               for fu in futs]
+    assert [_wait_bounded(c) for c in chained] == list(range(8))
+
+
+def test_future_completed_by_the_user_keeps_its_value():
+    fut = rpc.rpc_async("worker1", f.sleep, args=(0.3,))
+    fut.set_result("mine")
+    assert fut.wait() == "mine"
+    time.sleep(0.6)  # the reply arrives, finds the future complete, and is dropped
+    assert fut.wait() == "mine"
+    assert rpc.rpc_async("worker1", f.add, args=(1, 2)).wait() == 3  # deliveries go on
 
 
 def test_future_errors_wait_twice_and_wait_all():

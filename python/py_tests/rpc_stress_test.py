@@ -84,7 +84,41 @@ class Leaf:
         return self.count
 
 
+# What a swallowed error of the extension looks like (printed while dropping a reference, or
+# reported as unraisable): any of these on a worker fails the run, as a crash would.
+SWALLOWED = ("tether: error", "Exception ignored", "pybind11_object_dealloc", "Traceback")
+
+
+class _Tee:
+    """sys.stderr that also keeps what was written (PySys_WriteStderr goes through it)."""
+
+    def __init__(self, stream):
+        self.stream = stream
+        self.text = []
+
+    def write(self, s):
+        self.text.append(s)
+        return self.stream.write(s)
+
+    def flush(self):
+        self.stream.flush()
+
+
+def _watch_for_swallowed_errors():
+    unraisable = []
+    sys.unraisablehook = lambda u: unraisable.append(f"{u.err_msg}: {u.exc_value!r}")
+    tee = sys.stderr = _Tee(sys.stderr)
+
+    def check():
+        text = "".join(tee.text)
+        found = [marker for marker in SWALLOWED if marker in text]
+        assert not unraisable and not found, (unraisable, found, text[-4000:])
+
+    return check
+
+
 def _body(rank, world_size, init_method):
+    check_swallowed = _watch_for_swallowed_errors()
     rpc.init_rpc(f"worker{rank}", rank=rank, world_size=world_size,
                  rpc_backend_options=harness.options(init_method, num_worker_threads=THREADS))
     done = 0
@@ -105,6 +139,7 @@ def _body(rank, world_size, init_method):
             done += 1
         assert hub.calls > 0
     rpc.shutdown()
+    check_swallowed()
     return done
 
 

@@ -167,7 +167,9 @@ class _RpcFuture(torch.futures.Future):
     def wait(self):
         pending = getattr(self, "_pending", None)
         if pending is not None and not self.done():
-            pending.wait_done()
+            # Delivers the reply here if the delivery queue has not yet (it may be held up by
+            # a blocked done-callback of another future, or stopped by a shutdown).
+            pending.deliver_now()
         return super().wait()
 
     def __await__(self):
