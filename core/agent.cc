@@ -200,7 +200,7 @@ Agent::~Agent() {
   std::map<uint64_t, std::unique_ptr<PendingCall>> abandoned;
   bool stop_network = false;
   {
-    absl::MutexLock lock(&mu_);
+    ShutdownBarrier::OwnerLock lock(&mu_, barrier_.get());
     for (auto& [id, call] : pending_) {
       if (call->timer) timers.push_back(*call->timer);
     }
@@ -234,7 +234,7 @@ void Agent::AddShutdownJoinedListener(ShutdownJoinedListener listener) {
 
 absl::Status Agent::Start() {
   {
-    absl::MutexLock lock(&mu_);
+    ShutdownBarrier::OwnerLock lock(&mu_, barrier_.get());
     if (started_) return absl::FailedPreconditionError("agent already started");
     if (barrier_->BegunLocked()) {
       return absl::CancelledError("agent was shut down before it started");
@@ -277,7 +277,7 @@ void Agent::set_planted_bugs(PlantedBugs bugs) {
 }
 
 bool Agent::is_shut_down() const {
-  absl::MutexLock lock(&mu_);
+  ShutdownBarrier::OwnerLock lock(&mu_, barrier_.get());
   return barrier_->FinishedLocked();
 }
 
@@ -390,7 +390,7 @@ Future<Message> Agent::Call(WorkerId to, MessageType type, std::string payload,
   Message m;
   uint64_t id;
   {
-    absl::MutexLock lock(&mu_);
+    ShutdownBarrier::OwnerLock lock(&mu_, barrier_.get());
     if (!started_ || barrier_->FinishedLocked()) {
       future.Set(absl::CancelledError(absl::StrCat("RPC agent of worker '", self_.name, "' is ",
                                                    started_ ? "shut down" : "not started")));
@@ -470,7 +470,7 @@ void Agent::OnCallTimeout(uint64_t request_id) {
 void Agent::OnMessage(Message message) {
   const wire::Envelope& env = message.envelope;
   {
-    absl::MutexLock lock(&mu_);
+    ShutdownBarrier::OwnerLock lock(&mu_, barrier_.get());
     auto peer = peers_.find(env.from());
     if (peer == peers_.end()) {
       Count(counters_.messages_from_unknown_worker);
@@ -550,7 +550,7 @@ void Agent::HandleRequest(Message message) {
   Handler handler;
   absl::Time deadline = absl::InfiniteFuture();
   {
-    absl::MutexLock lock(&mu_);
+    ShutdownBarrier::OwnerLock lock(&mu_, barrier_.get());
     if (barrier_->FinishedLocked()) return;
     if (IsDuplicateLocked(from, id) && !(kPlantedBugs && bugs_.process_duplicates)) {
       Count(counters_.duplicates_dropped);
@@ -590,7 +590,7 @@ void Agent::SendReply(WorkerId to, uint64_t request_id, absl::StatusOr<Message> 
   bool drop = false;
   uint64_t incarnation = options_.incarnation;
   {
-    absl::MutexLock lock(&mu_);
+    ShutdownBarrier::OwnerLock lock(&mu_, barrier_.get());
     --server_active_;
     ++events_;
     drop = ((kPlantedBugs && bugs_.drop_reply_at_shutdown) && barrier_->BegunLocked()) ||
@@ -626,7 +626,7 @@ void Agent::OnPeerFailed(WorkerId peer, const absl::Status& reason) {
   std::vector<uint64_t> failed_calls;
   std::string name = absl::StrCat(peer);
   {
-    absl::MutexLock lock(&mu_);
+    ShutdownBarrier::OwnerLock lock(&mu_, barrier_.get());
     auto it = peers_.find(peer);
     if (it == peers_.end() || it->second->failed) return;
     it->second->failed = true;
@@ -678,7 +678,7 @@ void Agent::SendControl(WorkerId to, MessageType type, std::string payload) {
 Future<Unit> Agent::Shutdown(bool graceful) {
   bool end_graceful = false;
   {
-    absl::MutexLock lock(&mu_);
+    ShutdownBarrier::OwnerLock lock(&mu_, barrier_.get());
     end_graceful = !graceful && barrier_->PendingLocked();
     if (barrier_->BegunLocked() && !end_graceful) return shutdown_future_;
   }
@@ -689,7 +689,7 @@ Future<Unit> Agent::Shutdown(bool graceful) {
   }
   bool run_barrier = false;  // Graceful, and there is a network to hold the barrier over.
   {
-    absl::MutexLock lock(&mu_);
+    ShutdownBarrier::OwnerLock lock(&mu_, barrier_.get());
     if (barrier_->BegunLocked()) return shutdown_future_;
     run_barrier = graceful && started_;
     barrier_->BeginLocked(run_barrier);
@@ -708,7 +708,7 @@ void Agent::FinishShutdown(absl::Status status) {
   std::vector<uint64_t> calls;
   std::vector<TimerId> timers;
   {
-    absl::MutexLock lock(&mu_);
+    ShutdownBarrier::OwnerLock lock(&mu_, barrier_.get());
     if (!barrier_->FinishLocked(&timers)) return;
     for (const auto& [id, call] : pending_) calls.push_back(id);
   }

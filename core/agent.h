@@ -46,6 +46,7 @@
 // reached this worker: once it has every ack it stops, and that is no failure), or the barrier
 // takes longer than `shutdown_timeout`, each worker stops on its own and pending calls fail with
 // kCancelled. GetShutdownProgress() says what the barrier waits for (for reports while it waits).
+// The barrier itself is core/shutdown_barrier.h; the agent drives it under its own mutex.
 #ifndef TETHER_CORE_AGENT_H_
 #define TETHER_CORE_AGENT_H_
 
@@ -346,8 +347,9 @@ class Agent : public NetworkObserver {
   PlantedBugs bugs_ ABSL_GUARDED_BY(mu_);
   Future<Unit> shutdown_future_;
   // The shutdown's state and the graceful barrier (core/shutdown_barrier.h). Its state is guarded
-  // by mu_ too: its *Locked methods are called with mu_ held, the others without. It calls the
-  // agent back through barrier_host_, with mu_ released.
+  // by mu_ too: its *Locked methods are called with mu_ held (taken with
+  // ShutdownBarrier::OwnerLock, which the thread-safety analysis reads as holding both), the
+  // others without. It calls the agent back through barrier_host_, with mu_ released.
   std::unique_ptr<BarrierHost> barrier_host_;
   std::unique_ptr<ShutdownBarrier> barrier_;
 };

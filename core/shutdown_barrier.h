@@ -5,8 +5,8 @@
 //
 //   ShutdownBarrier barrier(options, &mu_, clock, executor, gate, &host);
 //   {
-//     absl::MutexLock lock(&mu_);
-//     barrier.BeginLocked(/*graceful=*/true);  // Arms the deadline.
+//     ShutdownBarrier::OwnerLock lock(&mu_, &barrier);  // mu_, the owner's
+//     barrier.BeginLocked(/*graceful=*/true);            // Arms the deadline.
 //   }
 //   barrier.Run();  // The leader starts polling; a follower waits for the leader's messages.
 //   // For every SHUTDOWN_* message, on the executor:
@@ -22,9 +22,10 @@
 //
 // Locking: the barrier has no mutex of its own. `mu`, the owner's mutex, guards its state along
 // with the owner's, so the owner reads and changes both in one critical section. Methods named
-// *Locked are called with `mu` held (they check it); every other method takes `mu` itself, so
-// call those without it. The barrier calls the Host and the joined listeners only with `mu`
-// released; it calls Clock::Now, Schedule and Cancel with `mu` held (Schedule never runs its
+// *Locked are called with `mu` held (the owner takes it with an OwnerLock, which the
+// thread-safety analysis understands; the methods assert it); every other method takes `mu`
+// itself, so call those without it. The barrier calls the Host and the joined listeners only with
+// `mu` released; it calls Clock::Now, Schedule and Cancel with `mu` held (Schedule never runs its
 // callback inline).
 //
 // Threads: every method runs on its caller's thread, and the Host calls it makes run there too
@@ -36,6 +37,7 @@
 #define TETHER_CORE_SHUTDOWN_BARRIER_H_
 
 #include <cstdint>
+#include <cstdlib>
 #include <map>
 #include <memory>
 #include <optional>
@@ -130,6 +132,29 @@ class ShutdownBarrier {
     // true, cancels the timers it returned and stops (fails its calls, stops its network,
     // completes its shutdown with `status`).
     virtual void FinishShutdown(absl::Status status) = 0;
+  };
+
+  // The owner's lock for a critical section that touches the barrier (its *Locked methods): it
+  // takes `mu` once, and tells the thread-safety analysis that both the owner's mutex and the
+  // barrier's are held (they are the same mutex; the constructor checks it).
+  //
+  //   ShutdownBarrier::OwnerLock lock(&mu_, barrier_.get());
+  //   if (barrier_->FinishedLocked()) return;
+  class ABSL_SCOPED_LOCKABLE OwnerLock {
+   public:
+    OwnerLock(absl::Mutex* mu, const ShutdownBarrier* barrier)
+        ABSL_EXCLUSIVE_LOCK_FUNCTION(mu, barrier->mu_)
+        : mu_(mu) {
+      if (barrier->mu_ != mu) std::abort();  // Not the mutex the barrier was given.
+      mu_->Lock();
+      barrier->mu_->AssertHeld();
+    }
+    ~OwnerLock() ABSL_UNLOCK_FUNCTION() { mu_->Unlock(); }
+    OwnerLock(const OwnerLock&) = delete;
+    OwnerLock& operator=(const OwnerLock&) = delete;
+
+   private:
+    absl::Mutex* const mu_;
   };
 
   // `mu`, `clock`, `executor` and `host` are not owned and must outlive the barrier; `gate` is the

@@ -137,7 +137,7 @@ class BarrierTest : public ::testing::Test {
     void FinishShutdown(absl::Status status) override {
       std::vector<TimerId> timers;
       {
-        absl::MutexLock lock(&t_->mu_);
+        ShutdownBarrier::OwnerLock lock(&t_->mu_, t_->barrier_.get());
         if (!t_->barrier_->FinishLocked(&timers)) return;
       }
       for (TimerId id : timers) t_->clock_.Cancel(id);
@@ -165,7 +165,7 @@ class BarrierTest : public ::testing::Test {
   // Shutdown(true), as the Agent runs it.
   void Begin() {
     {
-      absl::MutexLock lock(&mu_);
+      ShutdownBarrier::OwnerLock lock(&mu_, barrier_.get());
       barrier_->BeginLocked(/*graceful=*/true);
     }
     barrier_->Run();
@@ -190,7 +190,7 @@ class BarrierTest : public ::testing::Test {
 
   void Lose(WorkerId peer, absl::Status reason = absl::UnavailableError("crashed")) {
     {
-      absl::MutexLock lock(&mu_);
+      ShutdownBarrier::OwnerLock lock(&mu_, barrier_.get());
       barrier_->OnPeerFailedLocked(peer, reason);
     }
     barrier_->HandlePeerFailure(peer, reason);
@@ -214,7 +214,7 @@ class BarrierTest : public ::testing::Test {
   }
 
   bool Finished() {
-    absl::MutexLock lock(&mu_);
+    ShutdownBarrier::OwnerLock lock(&mu_, barrier_.get());
     return barrier_->FinishedLocked();
   }
 
@@ -444,7 +444,7 @@ TEST_F(BarrierTest, RestartedLeaderIsNoLongerGone) {
   Lose(0);
   ASSERT_TRUE(Deliver(0, wire::SHUTDOWN_ABORT, "why").ok());
   {
-    absl::MutexLock lock(&mu_);
+    ShutdownBarrier::OwnerLock lock(&mu_, barrier_.get());
     barrier_->OnPeerRestartedLocked(0);
   }
   Begin();
@@ -455,7 +455,7 @@ TEST_F(BarrierTest, RestartedLeaderIsNoLongerGone) {
 TEST_F(BarrierTest, UngracefulShutdownRunsNoBarrierAndFinishesOnce) {
   Make(0, 2);
   std::vector<TimerId> timers;
-  absl::MutexLock lock(&mu_);
+  ShutdownBarrier::OwnerLock lock(&mu_, barrier_.get());
   EXPECT_FALSE(barrier_->BegunLocked());
   EXPECT_FALSE(barrier_->FinishLocked(&timers));  // Nothing to finish before it begins.
   barrier_->BeginLocked(/*graceful=*/false);
