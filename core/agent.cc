@@ -3,11 +3,10 @@
 #include <algorithm>
 #include <utility>
 
-#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
-#include "absl/strings/str_split.h"
 #include "core/callback_gate.h"
+#include "core/shutdown_barrier.h"
 #include "core/status.h"
 
 namespace tether {
@@ -32,6 +31,20 @@ auto Agent::Guarded(Fn fn) const {
   return CallbackGate::Guard(gate_, std::move(fn));
 }
 
+// The agent as its shutdown barrier sees it.
+class Agent::BarrierHost final : public ShutdownBarrier::Host {
+ public:
+  explicit BarrierHost(Agent* agent) : agent_(agent) {}
+  void SendBarrierMessage(WorkerId to, MessageType type, std::string payload) override {
+    agent_->SendControl(to, type, std::move(payload));
+  }
+  ActivitySnapshot LocalActivity() override { return agent_->LocalActivity(); }
+  void FinishShutdown(absl::Status status) override { agent_->FinishShutdown(std::move(status)); }
+
+ private:
+  Agent* const agent_;
+};
+
 struct Agent::PendingCall {
   WorkerId to = -1;
   absl::Time started;
@@ -50,49 +63,6 @@ struct Agent::PeerState {
   // it.
   uint64_t watermark = 0;
   absl::btree_set<uint64_t> seen;
-};
-
-// What one worker reports to the leader in one poll round.
-struct BarrierReport {
-  bool declared = false;
-  ActivitySnapshot activity;
-  // The worker knows every worker joined, and has run its joined listeners.
-  bool joined = false;
-
-  bool operator==(const BarrierReport& o) const {
-    return declared == o.declared && activity.pending == o.activity.pending &&
-           activity.events == o.activity.events && joined == o.joined;
-  }
-};
-
-struct Agent::ShutdownState {
-  bool graceful = false;
-  bool finished = false;
-  // Every worker has joined (the leader saw it, or a follower was told); the
-  // joined listeners have run (or are running) once it is set.
-  bool joined = false;
-  bool listeners_ran = false;
-  bool listeners_done = false;  // Reports say "joined" only once they have returned.
-  std::optional<TimerId> deadline_timer;
-  std::optional<TimerId> poll_timer;
-  // Bumped by every SchedulePollLocked(): a poll whose generation is stale (its timer was
-  // replaced while it was queued on the executor) does nothing, so one chain of polls runs.
-  uint64_t poll_gen = 0;
-  // Leader only.
-  std::set<WorkerId> declared;  // Workers that called Shutdown(true).
-  uint64_t round = 0;
-  std::map<WorkerId, BarrierReport> reports;
-  std::optional<std::map<WorkerId, BarrierReport>> previous;
-  bool committing = false;
-  // Leader: the barrier is being ended (a worker was lost before the join); the
-  // ABORT is resent until every live follower acknowledged it, then it stops.
-  std::optional<std::string> abort_text;
-  absl::Time abort_deadline;  // When it stops without the missing acks (kAbortAckBound).
-  std::set<WorkerId> acked;
-  // Follower only: the leader's commit arrived, so the barrier is complete.
-  // Set before the ack goes out: once the leader has it, it may stop, and
-  // its stop must not then count as a failure.
-  bool committed = false;
 };
 
 namespace {
@@ -157,45 +127,6 @@ std::string TimeoutText(absl::Duration timeout) {
                       " ms) and will now be marked with an error");
 }
 
-std::string EncodeReport(uint64_t round, const BarrierReport& r) {
-  return absl::StrCat(round, ",", r.declared ? 1 : 0, ",", r.activity.pending, ",",
-                      r.activity.events, ",", r.joined ? 1 : 0);
-}
-
-bool DecodeReport(absl::string_view payload, uint64_t* round, BarrierReport* r) {
-  std::vector<absl::string_view> parts = absl::StrSplit(payload, ',');
-  if (parts.size() != 5) return false;
-  int declared = 0, joined = 0;
-  if (!absl::SimpleAtoi(parts[0], round) || !absl::SimpleAtoi(parts[1], &declared) ||
-      !absl::SimpleAtoi(parts[2], &r->activity.pending) ||
-      !absl::SimpleAtoi(parts[3], &r->activity.events) || !absl::SimpleAtoi(parts[4], &joined)) {
-    return false;
-  }
-  r->declared = declared != 0;
-  r->joined = joined != 0;
-  return true;
-}
-
-// A leader's query: "<round>", or "<round>,1" once every worker has joined.
-std::string EncodeQuery(uint64_t round, bool joined) {
-  return joined ? absl::StrCat(round, ",1") : absl::StrCat(round);
-}
-
-bool DecodeQuery(absl::string_view payload, uint64_t* round, bool* joined) {
-  std::vector<absl::string_view> parts = absl::StrSplit(payload, ',');
-  if (parts.empty() || parts.size() > 2 || !absl::SimpleAtoi(parts[0], round)) return false;
-  *joined = parts.size() == 2 && parts[1] == "1";
-  return parts.size() == 1 || *joined;
-}
-
-// Bound on how long a leader ending the barrier waits for the followers' acks of its ABORT (a
-// follower whose threads are all busy cannot ack; the abort must not wait on it).
-constexpr absl::Duration kAbortAckBound = absl::Seconds(1);
-
-bool IsShutdownMessage(MessageType type) {
-  return type >= wire::SHUTDOWN_INTENT && type <= wire::SHUTDOWN_ABORT;
-}
-
 }  // namespace
 
 absl::StatusOr<std::unique_ptr<Agent>> Agent::Create(AgentOptions options, Clock* clock,
@@ -242,7 +173,8 @@ Agent::Agent(AgentOptions options, Clock* clock, Network* network, Executor* exe
       executor_(executor),
       workers_(options_.workers),
       default_timeout_(options_.default_timeout),
-      shutdown_future_(executor) {
+      shutdown_future_(executor),
+      barrier_host_(std::make_unique<BarrierHost>(this)) {
   std::sort(workers_.begin(), workers_.end(),
             [](const WorkerInfo& a, const WorkerInfo& b) { return a.id < b.id; });
   for (const WorkerInfo& w : workers_) {
@@ -250,6 +182,14 @@ Agent::Agent(AgentOptions options, Clock* clock, Network* network, Executor* exe
     if (w.id == options_.self) self_ = w;
     peers_[w.id] = std::make_unique<PeerState>();
   }
+  ShutdownBarrierOptions b;
+  b.self = options_.self;
+  b.workers = workers_;
+  b.timeout = options_.shutdown_timeout;
+  b.poll_interval = options_.shutdown_poll_interval;
+  b.fails_on_lost_peer = options_.shutdown_fails_on_lost_peer;
+  barrier_ = std::make_unique<ShutdownBarrier>(std::move(b), &mu_, clock_, executor_, gate_,
+                                               barrier_host_.get());
 }
 
 Agent::~Agent() {
@@ -260,20 +200,15 @@ Agent::~Agent() {
   std::map<uint64_t, std::unique_ptr<PendingCall>> abandoned;
   bool stop_network = false;
   {
-    absl::MutexLock lock(&mu_);
+    ShutdownBarrier::OwnerLock lock(&mu_, barrier_.get());
     for (auto& [id, call] : pending_) {
       if (call->timer) timers.push_back(*call->timer);
     }
-    if (shutdown_) {
-      if (shutdown_->deadline_timer) timers.push_back(*shutdown_->deadline_timer);
-      if (shutdown_->poll_timer) timers.push_back(*shutdown_->poll_timer);
-    }
-    stop_network = started_ && !(shutdown_ && shutdown_->finished);
+    stop_network = started_ && !barrier_->FinishedLocked();
     // From here on nothing is sent: replies owed by requests that pending
     // calls' callbacks still hold are dropped when those callbacks go, below,
     // while every member is alive.
-    if (!shutdown_) shutdown_ = std::make_unique<ShutdownState>();
-    shutdown_->finished = true;
+    barrier_->CloseLocked(&timers);
     abandoned.swap(pending_);
   }
   for (TimerId t : timers) clock_->Cancel(t);
@@ -294,14 +229,16 @@ void Agent::AddPeerFailureListener(PeerFailureListener listener) {
 }
 
 void Agent::AddShutdownJoinedListener(ShutdownJoinedListener listener) {
-  joined_listeners_.push_back(std::move(listener));
+  barrier_->AddJoinedListener(std::move(listener));
 }
 
 absl::Status Agent::Start() {
   {
-    absl::MutexLock lock(&mu_);
+    ShutdownBarrier::OwnerLock lock(&mu_, barrier_.get());
     if (started_) return absl::FailedPreconditionError("agent already started");
-    if (shutdown_) return absl::CancelledError("agent was shut down before it started");
+    if (barrier_->BegunLocked()) {
+      return absl::CancelledError("agent was shut down before it started");
+    }
     started_ = true;
   }
   return network_->Start(this);
@@ -340,8 +277,8 @@ void Agent::set_planted_bugs(PlantedBugs bugs) {
 }
 
 bool Agent::is_shut_down() const {
-  absl::MutexLock lock(&mu_);
-  return shutdown_ != nullptr && shutdown_->finished;
+  ShutdownBarrier::OwnerLock lock(&mu_, barrier_.get());
+  return barrier_->FinishedLocked();
 }
 
 namespace {
@@ -453,8 +390,8 @@ Future<Message> Agent::Call(WorkerId to, MessageType type, std::string payload,
   Message m;
   uint64_t id;
   {
-    absl::MutexLock lock(&mu_);
-    if (!started_ || (shutdown_ && shutdown_->finished)) {
+    ShutdownBarrier::OwnerLock lock(&mu_, barrier_.get());
+    if (!started_ || barrier_->FinishedLocked()) {
       future.Set(absl::CancelledError(absl::StrCat("RPC agent of worker '", self_.name, "' is ",
                                                    started_ ? "shut down" : "not started")));
       return future;
@@ -533,7 +470,7 @@ void Agent::OnCallTimeout(uint64_t request_id) {
 void Agent::OnMessage(Message message) {
   const wire::Envelope& env = message.envelope;
   {
-    absl::MutexLock lock(&mu_);
+    ShutdownBarrier::OwnerLock lock(&mu_, barrier_.get());
     auto peer = peers_.find(env.from());
     if (peer == peers_.end()) {
       Count(counters_.messages_from_unknown_worker);
@@ -551,12 +488,7 @@ void Agent::OnMessage(Message message) {
       p.failed = false;
       p.failure = absl::OkStatus();
       // The new incarnation has not declared anything yet.
-      if (shutdown_) {
-        shutdown_->declared.erase(env.from());
-        shutdown_->reports.erase(env.from());
-        shutdown_->acked.erase(env.from());
-      }
-      if (env.from() == workers_.front().id) leader_abort_.reset();
+      barrier_->OnPeerRestartedLocked(env.from());
       p.watermark = 0;
       p.seen.clear();
     }
@@ -567,7 +499,7 @@ void Agent::OnMessage(Message message) {
   }
   executor_->Post(Guarded([this, m = std::move(message)]() mutable {
     if (IsShutdownMessage(m.envelope.type())) {
-      HandleShutdownMessage(std::move(m));
+      if (!barrier_->HandleMessage(m).ok()) Count(counters_.malformed_control_messages);
     } else {
       HandleRequest(std::move(m));
     }
@@ -618,8 +550,8 @@ void Agent::HandleRequest(Message message) {
   Handler handler;
   absl::Time deadline = absl::InfiniteFuture();
   {
-    absl::MutexLock lock(&mu_);
-    if (shutdown_ && shutdown_->finished) return;
+    ShutdownBarrier::OwnerLock lock(&mu_, barrier_.get());
+    if (barrier_->FinishedLocked()) return;
     if (IsDuplicateLocked(from, id) && !(kPlantedBugs && bugs_.process_duplicates)) {
       Count(counters_.duplicates_dropped);
       return;
@@ -658,11 +590,11 @@ void Agent::SendReply(WorkerId to, uint64_t request_id, absl::StatusOr<Message> 
   bool drop = false;
   uint64_t incarnation = options_.incarnation;
   {
-    absl::MutexLock lock(&mu_);
+    ShutdownBarrier::OwnerLock lock(&mu_, barrier_.get());
     --server_active_;
     ++events_;
-    drop = ((kPlantedBugs && bugs_.drop_reply_at_shutdown) && shutdown_ != nullptr) ||
-           (shutdown_ && shutdown_->finished);
+    drop = ((kPlantedBugs && bugs_.drop_reply_at_shutdown) && barrier_->BegunLocked()) ||
+           barrier_->FinishedLocked();
   }
   if (drop) return;
   Message m;
@@ -694,11 +626,12 @@ void Agent::OnPeerFailed(WorkerId peer, const absl::Status& reason) {
   std::vector<uint64_t> failed_calls;
   std::string name = absl::StrCat(peer);
   {
-    absl::MutexLock lock(&mu_);
+    ShutdownBarrier::OwnerLock lock(&mu_, barrier_.get());
     auto it = peers_.find(peer);
     if (it == peers_.end() || it->second->failed) return;
     it->second->failed = true;
     it->second->failure = reason;
+    barrier_->OnPeerFailedLocked(peer, reason);
     Count(counters_.peers_failed);
     ++events_;
     for (const auto& [id, call] : pending_) {
@@ -713,32 +646,7 @@ void Agent::OnPeerFailed(WorkerId peer, const absl::Status& reason) {
   }
   executor_->Post(Guarded([this, peer, reason] {
     for (const PeerFailureListener& l : peer_failure_listeners_) l(peer, reason);
-    bool finish_unavailable = false;
-    bool abort = false;
-    {
-      absl::MutexLock lock(&mu_);
-      if (!shutdown_ || shutdown_->finished || !shutdown_->graceful) return;
-      const WorkerId leader = workers_.front().id;
-      if (self_.id != leader && peer == leader) {
-        // After its commit the leader stops as soon as it has our ack: that
-        // is the barrier's end, not a failure (the commit finishes us).
-        if (shutdown_->committed) return;
-        finish_unavailable = true;
-      } else if (self_.id == leader) {
-        abort =
-            options_.shutdown_fails_on_lost_peer && !shutdown_->joined && !shutdown_->abort_text;
-        shutdown_->reports.erase(peer);
-        if (shutdown_->committing || shutdown_->abort_text) shutdown_->acked.insert(peer);
-      }
-    }
-    if (finish_unavailable) {
-      FinishShutdown(LeaderGoneStatus());
-    } else if (abort) {
-      AbortBarrier(peer, reason);
-    } else {
-      MaybeJoin();
-      MaybeCommit();
-    }
+    barrier_->HandlePeerFailure(peer, reason);
   }));
 }
 
@@ -768,462 +676,41 @@ void Agent::SendControl(WorkerId to, MessageType type, std::string payload) {
 }
 
 Future<Unit> Agent::Shutdown(bool graceful) {
-  bool start_now = false;
-  bool was_started = false;
-  bool leader = false;
   bool end_graceful = false;
   {
-    absl::MutexLock lock(&mu_);
-    end_graceful = shutdown_ && !graceful && shutdown_->graceful && !shutdown_->finished;
-    if (shutdown_ && !end_graceful) return shutdown_future_;
+    ShutdownBarrier::OwnerLock lock(&mu_, barrier_.get());
+    end_graceful = !graceful && barrier_->PendingLocked();
+    if (barrier_->BegunLocked() && !end_graceful) return shutdown_future_;
   }
   if (end_graceful) {
     FinishShutdown(absl::CancelledError(
         "the graceful shutdown was ended by a non-graceful one before it completed"));
     return shutdown_future_;
   }
+  bool run_barrier = false;  // Graceful, and there is a network to hold the barrier over.
   {
-    absl::MutexLock lock(&mu_);
-    if (shutdown_) return shutdown_future_;
-    shutdown_ = std::make_unique<ShutdownState>();
-    shutdown_->graceful = graceful && started_;
-    was_started = started_;
-    start_now = true;
-    leader = workers_.front().id == self_.id;
-    if (leader) shutdown_->declared.insert(self_.id);
-    if (shutdown_->graceful && options_.shutdown_timeout > absl::ZeroDuration()) {
-      shutdown_->deadline_timer =
-          clock_->Schedule(clock_->Now() + options_.shutdown_timeout, Guarded([this] {
-                             executor_->Post(Guarded([this] {
-                               FinishShutdown(absl::DeadlineExceededError(
-                                   "graceful shutdown did not complete within its timeout; "
-                                   "stopped without it"));
-                             }));
-                           }));
-    }
+    ShutdownBarrier::OwnerLock lock(&mu_, barrier_.get());
+    if (barrier_->BegunLocked()) return shutdown_future_;
+    run_barrier = graceful && started_;
+    barrier_->BeginLocked(run_barrier);
   }
-  if (!start_now) return shutdown_future_;
-  std::optional<absl::Status> leader_gone;
-  if (graceful && was_started && !leader) {
-    bool gone = false;
-    {
-      absl::MutexLock lock(&mu_);
-      gone = leader_abort_.has_value() || peers_[workers_.front().id]->failed;
-    }
-    if (gone) leader_gone = LeaderGoneStatus();
-  }
-  if (!graceful || !was_started) {
+  if (run_barrier) {
+    barrier_->Run();
+  } else {
     FinishShutdown(absl::OkStatus());
-  } else if (leader_gone) {
-    FinishShutdown(*leader_gone);
-  } else if (leader) {
-    executor_->Post(Guarded([this] { LeaderPoll(0); }));
   }
   return shutdown_future_;
 }
 
-absl::Status Agent::LeaderGoneStatus() const {
-  absl::MutexLock lock(&mu_);
-  // The leader's own reason, when its ABORT came before its stop.
-  if (leader_abort_) return *leader_abort_;
-  const WorkerInfo& leader = workers_.front();
-  const absl::Status& why = peers_.at(leader.id)->failure;
-  return absl::UnavailableError(
-      absl::StrCat("the shutdown leader ", leader.name, " is gone", why.ok() ? "" : " (",
-                   why.ok() ? "" : why.message(), why.ok() ? "" : ")",
-                   "; this worker stopped without the graceful shutdown barrier"));
-}
-
-ShutdownProgress Agent::GetShutdownProgress() const {
-  absl::MutexLock lock(&mu_);
-  ShutdownProgress p;
-  p.leader = workers_.front().id;
-  if (!shutdown_ || !shutdown_->graceful || shutdown_->finished) return p;
-  p.pending = true;
-  p.joined = shutdown_->joined;
-  p.aborting = shutdown_->abort_text.has_value();
-  if (self_.id != p.leader) return p;
-  for (const WorkerInfo& w : workers_) {
-    if (peers_.at(w.id)->failed && w.id != self_.id) continue;
-    if (!shutdown_->declared.count(w.id)) p.not_joined.push_back(w.id);
-    auto it = shutdown_->reports.find(w.id);
-    const BarrierReport* r = it != shutdown_->reports.end() ? &it->second : nullptr;
-    if (r == nullptr && shutdown_->previous) {
-      auto prev = shutdown_->previous->find(w.id);
-      if (prev != shutdown_->previous->end()) r = &prev->second;
-    }
-    if (r != nullptr && r->activity.pending != 0) p.busy.push_back(w.id);
-  }
-  return p;
-}
-
-void Agent::RunJoinedListeners() {
-  {
-    absl::MutexLock lock(&mu_);
-    if (!shutdown_ || !shutdown_->joined || shutdown_->listeners_ran) return;
-    shutdown_->listeners_ran = true;
-  }
-  for (const ShutdownJoinedListener& l : joined_listeners_) l();
-  absl::MutexLock lock(&mu_);
-  shutdown_->listeners_done = true;
-}
-
-void Agent::MaybeJoin() {
-  std::vector<WorkerId> targets;
-  uint64_t round = 0;
-  {
-    absl::MutexLock lock(&mu_);
-    if (!shutdown_ || shutdown_->finished || shutdown_->joined || shutdown_->abort_text ||
-        workers_.front().id != self_.id) {
-      return;
-    }
-    ShutdownState& s = *shutdown_;
-    for (const WorkerInfo& w : workers_) {
-      if (w.id != self_.id && peers_[w.id]->failed) {
-        // The barrier fails instead (the task OnPeerFailed posted, or the next poll).
-        if (options_.shutdown_fails_on_lost_peer) return;
-        continue;
-      }
-      if (!s.declared.count(w.id)) return;
-    }
-    s.joined = true;
-    // The quiescence phase starts with a fresh round that tells every worker.
-    ++s.round;
-    s.reports.clear();
-    s.previous.reset();
-    round = s.round;
-    for (const WorkerInfo& w : workers_) {
-      if (w.id != self_.id && !peers_[w.id]->failed) targets.push_back(w.id);
-    }
-  }
-  RunJoinedListeners();
-  BarrierReport mine{true, LocalActivity(), false};
-  {
-    absl::MutexLock lock(&mu_);
-    mine.joined = shutdown_->listeners_done;
-    if (shutdown_->round == round) shutdown_->reports[self_.id] = mine;
-  }
-  for (WorkerId w : targets) SendControl(w, wire::SHUTDOWN_QUERY, EncodeQuery(round, true));
-}
-
-void Agent::AbortBarrier(WorkerId lost, const absl::Status& reason) {
-  std::vector<WorkerId> targets;
-  std::string name = absl::StrCat("worker ", lost);
-  std::string text;
-  {
-    absl::MutexLock lock(&mu_);
-    if (!shutdown_ || shutdown_->finished || shutdown_->joined || shutdown_->abort_text) return;
-    for (const WorkerInfo& w : workers_) {
-      if (w.id == lost) name = w.name;
-      if (w.id != self_.id && !peers_[w.id]->failed) targets.push_back(w.id);
-    }
-    text = absl::StrCat(name, " is gone (", reason.message(), ")",
-                        shutdown_->declared.count(lost) ? " after it called shutdown() but" : "",
-                        " before every worker called shutdown(): the graceful shutdown barrier "
-                        "cannot complete");
-    shutdown_->abort_deadline = clock_->Now() + kAbortAckBound;
-    // Followers must hear why before this worker stops (its stop alone would only tell them
-    // that the leader is gone): ABORT until acknowledged, resent by LeaderPoll.
-    shutdown_->abort_text = text;
-    shutdown_->acked.clear();
-    if (!targets.empty()) SchedulePollLocked();
-  }
-  for (WorkerId w : targets) SendControl(w, wire::SHUTDOWN_ABORT, text);
-  MaybeCommit();
-}
-
-void Agent::SchedulePollLocked() {
-  ShutdownState& s = *shutdown_;
-  if (s.poll_timer) clock_->Cancel(*s.poll_timer);
-  const uint64_t gen = ++s.poll_gen;
-  absl::Duration delay = options_.shutdown_poll_interval;
-  if (s.abort_text)
-    delay = std::min(delay, std::max(absl::ZeroDuration(), s.abort_deadline - clock_->Now()));
-  s.poll_timer = clock_->Schedule(clock_->Now() + delay, Guarded([this, gen] {
-                                    executor_->Post(Guarded([this, gen] { LeaderPoll(gen); }));
-                                  }));
-}
-
-void Agent::LeaderPoll(uint64_t gen) {
-  std::vector<WorkerId> targets;
-  uint64_t round;
-  bool commit_resend = false;
-  std::optional<std::string> abort_text;
-  bool abort_expired = false;
-  bool joined = false;
-  std::optional<std::pair<WorkerId, absl::Status>> lost;
-  {
-    absl::MutexLock lock(&mu_);
-    if (!shutdown_ || shutdown_->finished) return;
-    ShutdownState& s = *shutdown_;
-    if (gen != s.poll_gen) return;  // Replaced while queued.
-    s.poll_timer.reset();           // The timer that ran this poll (if any) has fired.
-    if (options_.shutdown_fails_on_lost_peer && !s.joined && !s.abort_text) {
-      for (const WorkerInfo& w : workers_) {
-        if (w.id != self_.id && peers_[w.id]->failed) {
-          lost.emplace(w.id, peers_[w.id]->failure);
-          break;
-        }
-      }
-    }
-  }
-  if (lost) {
-    AbortBarrier(lost->first, lost->second);
-    return;
-  }
-  {
-    absl::MutexLock lock(&mu_);
-    if (!shutdown_ || shutdown_->finished) return;
-    ShutdownState& s = *shutdown_;
-    if (gen != s.poll_gen || s.poll_timer) return;  // Another chain was started meanwhile.
-    SchedulePollLocked();
-    if (s.committing || s.abort_text) {
-      commit_resend = true;
-      for (const WorkerInfo& w : workers_) {
-        if (w.id != self_.id && !s.acked.count(w.id) && !peers_[w.id]->failed) {
-          targets.push_back(w.id);
-        }
-      }
-      if (s.abort_text) {
-        abort_text = *s.abort_text;
-        abort_expired = clock_->Now() >= s.abort_deadline;
-      }
-    } else {
-      bool complete = true;
-      for (const WorkerInfo& w : workers_) {
-        if (w.id != self_.id && !peers_[w.id]->failed && !s.reports.count(w.id)) complete = false;
-      }
-      // An incomplete round is resent to whoever has not answered; a complete
-      // one that did not commit starts the next.
-      if (complete || s.round == 0) {
-        ++s.round;
-        s.reports.clear();
-      }
-      for (const WorkerInfo& w : workers_) {
-        if (w.id != self_.id && !peers_[w.id]->failed && !s.reports.count(w.id)) {
-          targets.push_back(w.id);
-        }
-      }
-    }
-    round = s.round;
-    joined = s.listeners_done;
-  }
-  if (abort_expired) {
-    FinishShutdown(absl::UnavailableError(*abort_text));
-    return;
-  }
-  if (commit_resend) {
-    for (WorkerId w : targets) {
-      if (abort_text) {
-        SendControl(w, wire::SHUTDOWN_ABORT, *abort_text);
-      } else {
-        SendControl(w, wire::SHUTDOWN_COMMIT, "");
-      }
-    }
-    if (abort_text) MaybeCommit();
-    return;
-  }
-  BarrierReport mine{true, LocalActivity(), joined};
-  {
-    absl::MutexLock lock(&mu_);
-    if (shutdown_->round == round) shutdown_->reports[self_.id] = mine;
-  }
-  for (WorkerId w : targets) SendControl(w, wire::SHUTDOWN_QUERY, EncodeQuery(round, joined));
-  MaybeJoin();
-  MaybeCommit();
-}
-
-void Agent::MaybeCommit() {
-  std::vector<WorkerId> targets;
-  bool finish = false;
-  bool next_round = false;
-  std::optional<absl::Status> abort_status;
-  {
-    absl::MutexLock lock(&mu_);
-    if (!shutdown_ || shutdown_->finished || workers_.front().id != self_.id) return;
-    ShutdownState& s = *shutdown_;
-    if (s.abort_text) {
-      for (const WorkerInfo& w : workers_) {
-        if (w.id != self_.id && !s.acked.count(w.id) && !peers_[w.id]->failed) return;
-      }
-      abort_status = absl::UnavailableError(*s.abort_text);
-    } else if (s.committing) {
-      finish = true;
-      for (const WorkerInfo& w : workers_) {
-        if (w.id != self_.id && !s.acked.count(w.id) && !peers_[w.id]->failed) finish = false;
-      }
-    } else {
-      std::map<WorkerId, BarrierReport> live;
-      for (const WorkerInfo& w : workers_) {
-        if (w.id != self_.id && peers_[w.id]->failed) continue;
-        auto it = s.reports.find(w.id);
-        if (it == s.reports.end()) return;  // Round incomplete.
-        live[w.id] = it->second;
-      }
-      bool quiet = s.joined;
-      for (const auto& [id, r] : live) {
-        if (!r.declared || !r.joined || r.activity.pending != 0) quiet = false;
-      }
-      if (quiet && s.previous && *s.previous == live) {
-        s.committing = true;
-        if (s.poll_timer) {
-          clock_->Cancel(*s.poll_timer);
-          s.poll_timer.reset();
-        }
-        finish = true;
-        for (const WorkerInfo& w : workers_) {
-          if (w.id != self_.id && !peers_[w.id]->failed) {
-            targets.push_back(w.id);
-            finish = false;
-          }
-        }
-        if (!finish) SchedulePollLocked();
-      } else {
-        s.previous = std::move(live);
-        // A quiet round is confirmed by an immediate second one; otherwise wait
-        // for the poll.
-        next_round = quiet;
-        if (next_round) {
-          ++s.round;
-          s.reports.clear();
-        }
-      }
-    }
-  }
-  if (abort_status) {
-    FinishShutdown(*abort_status);
-    return;
-  }
-  for (WorkerId w : targets) SendControl(w, wire::SHUTDOWN_COMMIT, "");
-  if (finish) {
-    FinishShutdown(absl::OkStatus());
-    return;
-  }
-  if (next_round) {
-    std::vector<WorkerId> all;
-    uint64_t round;
-    {
-      absl::MutexLock lock(&mu_);
-      round = shutdown_->round;
-      for (const WorkerInfo& w : workers_) {
-        if (w.id != self_.id && !peers_[w.id]->failed) all.push_back(w.id);
-      }
-    }
-    BarrierReport mine{true, LocalActivity(), false};
-    {
-      absl::MutexLock lock(&mu_);
-      mine.joined = shutdown_->listeners_done;
-      if (shutdown_->round == round) shutdown_->reports[self_.id] = mine;
-    }
-    for (WorkerId w : all) SendControl(w, wire::SHUTDOWN_QUERY, EncodeQuery(round, true));
-    MaybeCommit();
-  }
-}
-
-void Agent::HandleShutdownMessage(Message message) {
-  const wire::Envelope& env = message.envelope;
-  switch (env.type()) {
-    case wire::SHUTDOWN_QUERY: {
-      uint64_t round = 0;
-      bool joined = false;
-      if (!DecodeQuery(env.payload(), &round, &joined)) {
-        Count(counters_.malformed_control_messages);
-        return;
-      }
-      BarrierReport r;
-      {
-        absl::MutexLock lock(&mu_);
-        if (shutdown_ && shutdown_->finished) return;
-        r.declared = shutdown_ != nullptr && shutdown_->graceful;
-        // Only a worker that declared can have been counted in the join.
-        if (joined && r.declared) shutdown_->joined = true;
-      }
-      if (joined && r.declared) RunJoinedListeners();
-      {
-        absl::MutexLock lock(&mu_);
-        r.joined = shutdown_ != nullptr && shutdown_->listeners_done;
-      }
-      r.activity = LocalActivity();
-      SendControl(env.from(), wire::SHUTDOWN_REPORT, EncodeReport(round, r));
-      return;
-    }
-    case wire::SHUTDOWN_REPORT: {
-      uint64_t round = 0;
-      BarrierReport r;
-      if (!DecodeReport(env.payload(), &round, &r)) {
-        Count(counters_.malformed_control_messages);
-        return;
-      }
-      {
-        absl::MutexLock lock(&mu_);
-        if (!shutdown_ || shutdown_->finished || shutdown_->committing ||
-            shutdown_->round != round) {
-          return;
-        }
-        shutdown_->reports[env.from()] = r;
-        if (r.declared) shutdown_->declared.insert(env.from());
-      }
-      MaybeJoin();
-      MaybeCommit();
-      return;
-    }
-    case wire::SHUTDOWN_COMMIT: {
-      bool commit = false;
-      {
-        absl::MutexLock lock(&mu_);
-        // A commit only follows this worker's own declaration.
-        commit = shutdown_ && shutdown_->graceful;
-        if (commit) shutdown_->committed = true;
-      }
-      SendControl(env.from(), wire::SHUTDOWN_ACK, "");
-      if (commit) FinishShutdown(absl::OkStatus());
-      return;
-    }
-    case wire::SHUTDOWN_ABORT: {
-      if (env.from() != workers_.front().id) {
-        Count(counters_.malformed_control_messages);
-        return;
-      }
-      absl::Status why = absl::UnavailableError(absl::StrCat(
-          env.payload(), " (the shutdown leader ", workers_.front().name, " ended the barrier)"));
-      bool finish = false;
-      {
-        // Recorded before the ack: once the leader has it, it may stop, and whatever then
-        // reports its stop (or a later Shutdown(true)) must give this reason.
-        absl::MutexLock lock(&mu_);
-        if (!leader_abort_) leader_abort_ = why;
-        finish = shutdown_ && shutdown_->graceful && !shutdown_->finished;
-      }
-      SendControl(env.from(), wire::SHUTDOWN_ACK, "");
-      if (finish) FinishShutdown(why);
-      return;
-    }
-    case wire::SHUTDOWN_ACK: {
-      {
-        absl::MutexLock lock(&mu_);
-        if (!shutdown_ || !(shutdown_->committing || shutdown_->abort_text)) return;
-        shutdown_->acked.insert(env.from());
-      }
-      MaybeCommit();
-      return;
-    }
-    default:
-      return;
-  }
-}
+ShutdownProgress Agent::GetShutdownProgress() const { return barrier_->Progress(); }
 
 void Agent::FinishShutdown(absl::Status status) {
   std::vector<uint64_t> calls;
   std::vector<TimerId> timers;
   {
-    absl::MutexLock lock(&mu_);
-    if (!shutdown_ || shutdown_->finished) return;
-    shutdown_->finished = true;
+    ShutdownBarrier::OwnerLock lock(&mu_, barrier_.get());
+    if (!barrier_->FinishLocked(&timers)) return;
     for (const auto& [id, call] : pending_) calls.push_back(id);
-    if (shutdown_->deadline_timer) timers.push_back(*shutdown_->deadline_timer);
-    if (shutdown_->poll_timer) timers.push_back(*shutdown_->poll_timer);
-    shutdown_->deadline_timer.reset();
-    shutdown_->poll_timer.reset();
   }
   for (TimerId t : timers) clock_->Cancel(t);
   for (uint64_t id : calls) {

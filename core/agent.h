@@ -46,6 +46,7 @@
 // reached this worker: once it has every ack it stops, and that is no failure), or the barrier
 // takes longer than `shutdown_timeout`, each worker stops on its own and pending calls fail with
 // kCancelled. GetShutdownProgress() says what the barrier waits for (for reports while it waits).
+// The barrier itself is core/shutdown_barrier.h; the agent drives it under its own mutex.
 #ifndef TETHER_CORE_AGENT_H_
 #define TETHER_CORE_AGENT_H_
 
@@ -75,6 +76,7 @@
 namespace tether {
 
 class CallbackGate;
+class ShutdownBarrier;
 
 struct WorkerInfo {
   std::string name;
@@ -274,8 +276,8 @@ class Agent : public NetworkObserver {
 
  private:
   struct PendingCall;
-  struct ShutdownState;
   struct PeerState;
+  class BarrierHost;
 
   // Event counts for GetDebugInfo(), one field each (no map lookup on the hot path). Relaxed
   // atomics: bumped with or without mu_, read by GetDebugInfo() under mu_ (so the counts bumped
@@ -302,26 +304,15 @@ class Agent : public NetworkObserver {
   // Everything below is defined in agent.cc.
   void HandleRequest(Message message);
   void HandleReply(Message message);
-  void HandleShutdownMessage(Message message);
   void SendReply(WorkerId to, uint64_t request_id, absl::StatusOr<Message> reply);
   // `from_reply`: the result is the callee's reply (not decided here).
   void CompleteCall(uint64_t request_id, absl::StatusOr<Message> result, bool from_reply = false);
   void OnCallTimeout(uint64_t request_id);
   void ServerCallDone();
+  // Sends a barrier message (the barrier's Host).
   void SendControl(WorkerId to, MessageType type, std::string payload);
-  // `gen`: the poll generation it was scheduled for (see ShutdownState::poll_gen).
-  void LeaderPoll(uint64_t gen);
-  // (Re)arms the leader's poll timer, replacing any armed one. mu_ held.
-  void SchedulePollLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  void MaybeCommit();
-  // Leader: a join completed by the last report (or a failure) starts the
-  // quiescence phase; a peer lost before it aborts the barrier.
-  void MaybeJoin();
-  void AbortBarrier(WorkerId lost, const absl::Status& reason);
-  // A follower's error when the leader is gone (or ended the barrier).
-  absl::Status LeaderGoneStatus() const;
-  // Runs the joined listeners once (executor thread).
-  void RunJoinedListeners();
+  // Stops: fails the pending calls, stops the network, completes shutdown_future_ with `status`.
+  // Once per agent (the first call wins); the barrier's Host calls it too.
   void FinishShutdown(absl::Status status);
   ActivitySnapshot LocalActivity() const;
   bool IsDuplicateLocked(WorkerId from, uint64_t request_id);
@@ -343,7 +334,6 @@ class Agent : public NetworkObserver {
   std::map<MessageType, Handler> handlers_;
   std::vector<ActivitySource> activity_sources_;
   std::vector<PeerFailureListener> peer_failure_listeners_;
-  std::vector<ShutdownJoinedListener> joined_listeners_;
 
   mutable absl::Mutex mu_;
   bool started_ ABSL_GUARDED_BY(mu_) = false;
@@ -354,11 +344,14 @@ class Agent : public NetworkObserver {
   int64_t server_active_ ABSL_GUARDED_BY(mu_) = 0;
   Counters counters_;
   uint64_t events_ ABSL_GUARDED_BY(mu_) = 0;
-  std::unique_ptr<ShutdownState> shutdown_ ABSL_GUARDED_BY(mu_);
-  // The leader's SHUTDOWN_ABORT, when it came before this worker's Shutdown().
-  std::optional<absl::Status> leader_abort_ ABSL_GUARDED_BY(mu_);
   PlantedBugs bugs_ ABSL_GUARDED_BY(mu_);
   Future<Unit> shutdown_future_;
+  // The shutdown's state and the graceful barrier (core/shutdown_barrier.h). Its state is guarded
+  // by mu_ too: its *Locked methods are called with mu_ held (taken with
+  // ShutdownBarrier::OwnerLock, which the thread-safety analysis reads as holding both), the
+  // others without. It calls the agent back through barrier_host_, with mu_ released.
+  std::unique_ptr<BarrierHost> barrier_host_;
+  std::unique_ptr<ShutdownBarrier> barrier_;
 };
 
 }  // namespace tether
