@@ -216,7 +216,11 @@ void Shutdown(bool graceful, double timeout, py::object on_wait) {
   status = barrier;
   if (graceful && finished && status.ok()) {
     // After a clean graceful shutdown no reference may remain (a leak).
-    std::vector<LeakedRRef> leaks = w->runtime->rrefs()->Leaks();
+    std::vector<LeakedRRef> leaks;
+    {
+      ScopedGilRelease release;  // py_ownership.h rule 5: the RRef context's lock without the GIL
+      leaks = w->runtime->rrefs()->Leaks();
+    }
     if (!leaks.empty()) {
       std::string text = absl::StrCat("RRef leak on worker '", w->self.name, "': ", leaks.size(),
                                       " reference(s) alive after a graceful shutdown:");

@@ -11,9 +11,17 @@
 //      pybind11_object_dealloc, where releasing the GIL lets other threads run in the middle of
 //      an interpreter deallocation, and where a C++ exception would unwind through the
 //      interpreter's frames (skipping every `with` block's exit: a user's lock stays held).
-//   4. The GIL is released around blocking waits and calls into the agent or the RRef context
-//      only in bound functions (never in destructors), with ScopedGilRelease, and taken on pool
-//      threads only to run Python, with Gil.
+//   4. The GIL is released around blocking waits and C++-heavy calls into the agent or the RRef
+//      context, only in bound functions (never in destructors), with ScopedGilRelease, and taken
+//      on pool threads only to run Python, with Gil. Short, non-blocking calls keep it (a small
+//      send, GetWorker, Leaks(), set_default_timeout, a Responder's reply), which is safe
+//      because of 5.
+//   5. No C++ lock (the agent's, the RRef context's, the transport's, a queue's here) is held
+//      while taking the GIL: the GIL always comes first. Core and transport never call back
+//      into this layer with a lock held, and this layer takes the GIL only outside its own
+//      locks. A PyRef dropped on a thread without the GIL takes it, so a PyRef must not be
+//      dropped under a C++ lock either (keep the captures of callbacks that core may destroy
+//      under its lock free of PyRefs, or drop them after unlocking).
 //
 // CheckGilHeld() enforces 1 in debug builds (the suite's), at the points where references are
 // made, copied or dropped.

@@ -3,6 +3,7 @@
 #include <pybind11/stl.h>
 
 #include <memory>
+#include <optional>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -101,10 +102,12 @@ bool SimWaitUntil(const std::function<bool()>& ready, absl::Time deadline,
 }
 
 void RegisterSimBindings(py::module& m) {
-  m.def("sim_parse_faults", [](const std::string& spec) { return ParseFaults(spec).ToString(); },
-        py::arg("spec"), "Canonical text of a fault spec; ValueError naming a bad token.");
+  m.def(
+      "sim_parse_faults", [](const std::string& spec) { return ParseFaults(spec).ToString(); },
+      py::arg("spec"), "Canonical text of a fault spec; ValueError naming a bad token.");
   m.def("sim_host_run", &RunHost, py::arg("fds"), py::arg("seed"), py::arg("faults"),
-        py::arg("time_limit"), py::arg("max_events"), py::arg("fifo") = false, py::arg("record_trace") = false,
+        py::arg("time_limit"), py::arg("max_events"), py::arg("fifo") = false,
+        py::arg("record_trace") = false,
         "Runs the simulated world over worker processes linked by `fds` (closed by the host).");
   m.def("sim_in_worker", &InSimulatedWorker);
   m.def(
@@ -144,14 +147,31 @@ void RegisterSimBindings(py::module& m) {
       "sim_block_until",
       [](py::object ready, const std::string& where, double timeout) {
         RequireChild();
-        auto check = [&ready] {
+        // ready() also runs on the simulator's controller thread: what it raises is kept and
+        // raised here, on the waiting thread (an exception must not leave the controller).
+        std::optional<py::error_already_set> error;
+        auto check = [&ready, &error] {
           py::gil_scoped_acquire gil;
-          return ready().cast<bool>();
+          if (error) return true;
+          try {
+            return ready().cast<bool>();
+          } catch (py::error_already_set& e) {
+            error.emplace(std::move(e));
+          } catch (const py::cast_error&) {
+            PyErr_SetString(PyExc_TypeError, "sim_block_until: ready() must return a bool");
+            error.emplace();
+          }
+          return true;
         };
-        absl::Time deadline = timeout < 0 ? absl::InfiniteFuture()
-                                          : SimWorkerClock()->Now() + absl::Seconds(timeout);
-        py::gil_scoped_release release;
-        return SimWaitUntil(check, deadline, where);
+        absl::Time deadline =
+            timeout < 0 ? absl::InfiniteFuture() : SimWorkerClock()->Now() + absl::Seconds(timeout);
+        bool done;
+        {
+          py::gil_scoped_release release;
+          done = SimWaitUntil(check, deadline, where);
+        }
+        if (error) throw std::move(*error);
+        return done;
       },
       py::arg("ready"), py::arg("where"), py::arg("timeout") = -1.0,
       "Yields to the simulator until ready() is true (or `timeout` virtual seconds pass).");
@@ -164,8 +184,10 @@ void RegisterSimBindings(py::module& m) {
         SimWaitUntil([] { return false; }, until, absl::StrCat("time.sleep(", seconds, ")"));
       },
       py::arg("seconds"));
-  m.def("sim_now", [] { return absl::ToDoubleSeconds(SimWorkerClock()->Now() - absl::UnixEpoch()); });
-  m.def("sim_trace", [](const std::string& json) { RequireChild().Trace(json); }, py::arg("json"));
+  m.def("sim_now",
+        [] { return absl::ToDoubleSeconds(SimWorkerClock()->Now() - absl::UnixEpoch()); });
+  m.def(
+      "sim_trace", [](const std::string& json) { RequireChild().Trace(json); }, py::arg("json"));
 }
 
 }  // namespace tether
