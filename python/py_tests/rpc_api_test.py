@@ -204,7 +204,16 @@ def _expect_interrupted(wait, start, sent):
                 + (f"SIGINT was sent at {sent[0]:.1f}s" if sent else "SIGINT not sent yet"))
 
 
-def test_blocking_wait_is_interrupted_by_ctrl_c():
+@pytest.fixture
+def sigint_raises_keyboard_interrupt():
+    """Python's own SIGINT handler, whatever this process inherited: a process started in the
+    background by a non-interactive shell ignores SIGINT, and then Python keeps ignoring it."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_blocking_wait_is_interrupted_by_ctrl_c(sigint_raises_keyboard_interrupt):
     start = time.monotonic()
     sent = _interrupt_soon(start)
     _expect_interrupted(lambda: rpc.rpc_sync("worker1", f.sleep, args=(5,), timeout=0), start, sent)
