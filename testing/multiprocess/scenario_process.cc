@@ -21,7 +21,8 @@
 //
 // Real threads on a shared machine can miss a scenario's timing margins (the
 // `timeouts` scenario replies "just in time"); --retries reruns a failed
-// scenario and reports it as FLAKY if a rerun passes.
+// scenario, each rerun with the time scale doubled, and reports it as FLAKY if a
+// rerun passes.
 //
 // Crashes requested by a scenario (WorldControl::Crash) are carried out by the
 // launcher with SIGKILL, as a real machine failure would be. Restarting a
@@ -404,15 +405,20 @@ int Main(int argc, char** argv) {
     }
     for (int k = 0; k < seeds; ++k) {
       bool ok = RunScenarioProcesses(*info, seed + k, absl::Seconds(timeout_s));
+      // Each retry doubles the real-time margins (the forked workers inherit time_scale): a
+      // scenario that misses them only on a loaded machine passes, a real failure does not.
+      const int base_scale = time_scale;
       for (int r = 0; !ok && r < retries; ++r) {
+        time_scale *= 2;
         ok = RunScenarioProcesses(*info, seed + k, absl::Seconds(timeout_s));
         if (ok) {
           std::fprintf(stderr,
                        "FLAKY scenario %s (seed %llu): failed, then passed on "
-                       "retry (real-time margins on a loaded machine?)\n",
-                       name.c_str(), static_cast<unsigned long long>(seed + k));
+                       "retry with time scale %d (real-time margins on a loaded machine?)\n",
+                       name.c_str(), static_cast<unsigned long long>(seed + k), time_scale);
         }
       }
+      time_scale = base_scale;
       if (!ok) ++failed;
     }
   }
