@@ -111,7 +111,7 @@ class Delivery {
       d = std::move(decoded_);
       state_ = kTaken;
     }
-    Deliver(d);
+    Deliver(d, /*from_wait=*/false);
   }
 
   // GIL held (released while it waits for a decode in progress, and while it decodes); from a
@@ -133,48 +133,77 @@ class Delivery {
       }
       if (decode_here) d = decode();
     }
-    Deliver(d);
+    Deliver(d, /*from_wait=*/true);
   }
 
  private:
   enum State { kWaiting, kDecoding, kReady, kTaken };
 
-  // GIL held. Never throws: the result or the error goes into the future, and what cannot be
-  // delivered (a future the user completed already, an error while converting) is reported as
-  // unraisable.
-  void Deliver(Decoded& d) {
+  // GIL held. The result or the error goes into the future unless the user completed it
+  // already (theirs stands). Never throws, except, from a wait() (`from_wait`), the Ctrl-C that
+  // interrupted the result's decoding on that thread: the future then gets an error saying the
+  // result was lost. What cannot be delivered is reported as unraisable.
+  void Deliver(Decoded& d, bool from_wait) {
     py::object f = target_->get();
+    std::optional<py::error_already_set> interrupt;
+    std::shared_ptr<torch::jit::PythonFutureWrapper> wrapper;
     try {
+      wrapper = py::cast<std::shared_ptr<torch::jit::PythonFutureWrapper>>(f);
+    } catch (const py::cast_error&) {
+    }
+    try {
+      py::object value;
+      py::object error;
       try {
-        py::object value = ToPython(d, ctx_);
+        value = ToPython(d, ctx_);
+      } catch (py::error_already_set& e) {
+        if (e.matches(PyExc_Exception)) {
+          error = e.value();
+        } else {
+          error = RuntimeErrorObject(absl::StrCat("the result of the RPC to worker '", ctx_.to_name,
+                                                  "' was lost: its decoding was interrupted"));
+          if (from_wait) interrupt.emplace(std::move(e));
+        }
+      } catch (const std::exception& e) {
+        error = RuntimeErrorObject(absl::StrCat("the result of the RPC to worker '", ctx_.to_name,
+                                                "' could not be converted: ", e.what()));
+      }
+      const bool done =
+          wrapper != nullptr ? wrapper->fut->completed() : f.attr("done")().cast<bool>();
+      if (!done && error) {
+        f.attr("set_exception")(error);
+      } else if (!done && wrapper != nullptr) {
         // Complete the future directly: torch's set_result() releases the GIL around it, which
         // would hand the GIL to a waiting thread in the middle of the batch.
-        std::shared_ptr<torch::jit::PythonFutureWrapper> wrapper;
-        try {
-          wrapper = py::cast<std::shared_ptr<torch::jit::PythonFutureWrapper>>(f);
-        } catch (const py::cast_error&) {
-        }
-        if (wrapper != nullptr) {
-          if (wrapper->fut->completed()) return;  // The user set it: theirs stands.
-          wrapper->fut->markCompleted(
-              c10::IValue(c10::ivalue::ConcretePyObjectHolder::create(std::move(value))));
-        } else {
-          f.attr("set_result")(value);
-        }
-      } catch (py::error_already_set& e) {
-        if (!f.attr("done")().cast<bool>()) f.attr("set_exception")(e.value());
+        wrapper->fut->markCompleted(
+            c10::IValue(c10::ivalue::ConcretePyObjectHolder::create(std::move(value))));
+      } else if (!done) {
+        f.attr("set_result")(value);
       }
     } catch (py::error_already_set& e) {
       e.discard_as_unraisable("tether: delivering an RPC result into its future");
     } catch (const std::exception& e) {
-      py::module_::import("warnings")
-          .attr("warn")(
-              absl::StrCat("tether: delivering an RPC result into its future: ", e.what()),
-              py::module_::import("builtins").attr("RuntimeWarning"));
+      PyErr_SetString(
+          PyExc_RuntimeError,
+          absl::StrCat("tether: delivering an RPC result into its future: ", e.what()).c_str());
+      PyErr_WriteUnraisable(nullptr);
     }
+    if (wrapper != nullptr && !wrapper->fut->completed()) {
+      // Delivery itself failed (reported above): no wait() may block on this future for ever.
+      wrapper->fut->setError(std::make_exception_ptr(std::runtime_error(absl::StrCat(
+          "the result of the RPC to worker '", ctx_.to_name, "' could not be delivered"))));
+    }
+    // The future holds its Pending, which holds this: dropping the target (GIL held) breaks
+    // that cycle once the future is complete.
+    target_.reset();
+    if (interrupt) throw std::move(*interrupt);
   }
 
-  const std::shared_ptr<PyRef> target_;
+  static py::object RuntimeErrorObject(const std::string& text) {
+    return py::reinterpret_borrow<py::object>(PyExc_RuntimeError)(text);
+  }
+
+  std::shared_ptr<PyRef> target_;  // Dropped once delivered (GIL held).
   const CallContext ctx_;
   absl::Mutex mu_;
   State state_ ABSL_GUARDED_BY(mu_) = kWaiting;
@@ -236,9 +265,6 @@ class Pending {
         profile_(std::move(profile)) {}
 
   bool done() const { return future_.ready(); }
-
-  // Blocks (interruptibly) until the reply has arrived.
-  void WaitDone() { WaitInterruptibly(future_); }
 
   // Blocks (interruptibly) and returns the result or raises.
   py::object Wait() {
@@ -384,7 +410,6 @@ void RegisterCallerBindings(py::module_& m) {
   py::class_<Pending, std::shared_ptr<Pending>>(m, "Pending")
       .def("wait", &Pending::Wait)
       .def("done", &Pending::done)
-      .def("wait_done", &Pending::WaitDone)
       .def("deliver_to", &Pending::DeliverTo)
       .def("deliver_now", &Pending::DeliverNow);
   auto call = [](Prepared p, WorkerId to, double timeout) {

@@ -247,7 +247,9 @@ void Shutdown(bool graceful, double timeout, py::object on_wait) {
   if (!status.ok() && graceful) {
     // The kind stays data: a barrier past its timeout is a timeout error, a lost peer kUnavailable.
     std::string text = absl::StrCat("RPC shutdown was not graceful: ", status.message());
+    // kCancelled would read "RPC is shut down: RPC shutdown was not graceful": a plain error.
     Raise(absl::IsDeadlineExceeded(status) ? RpcTimeoutError(text)
+          : absl::IsCancelled(status)      ? absl::UnknownError(text)
                                            : absl::Status(status.code(), text));
   }
 }

@@ -14,7 +14,7 @@
 //   4. The GIL is released around blocking waits and C++-heavy calls into the agent or the RRef
 //      context, only in bound functions (never in destructors), with ScopedGilRelease, and taken
 //      on pool threads only to run Python, with Gil. Short, non-blocking calls keep it (a small
-//      send, GetWorker, Leaks(), set_default_timeout, a Responder's reply), which is safe
+//      send, GetWorker, set_default_timeout, a Responder's reply), which is safe
 //      because of 5.
 //   5. No C++ lock (the agent's, the RRef context's, the transport's, a queue's here) is held
 //      while taking the GIL: the GIL always comes first. Core and transport never call back

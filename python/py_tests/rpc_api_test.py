@@ -1,12 +1,14 @@
 """tether.rpc's calls, futures, errors and RRefs, checked the way PyTorch's RPC tests check them.
 The test process is worker0 of a group of three; worker1 and worker2 are spawned processes."""
 import asyncio
+import gc
 import os
 import pickle
 import signal
 import sys
 import threading
 import time
+import weakref
 
 import pytest
 import torch
@@ -266,10 +268,34 @@ def test_done_callback_may_wait_on_another_call():
     assert [_wait_bounded(c) for c in chained] == list(range(8))
 
 
+def _freed(ref, seconds=10):
+    deadline = time.monotonic() + seconds
+    while ref() is not None and time.monotonic() < deadline:
+        gc.collect()
+        time.sleep(0.02)
+    return ref() is None
+
+
+def test_rpc_async_futures_are_freed():
+    fut = rpc.rpc_async("worker1", f.add, args=(1, 2))
+    assert fut.wait() == 3  # delivered by wait() or by the delivery queue
+    ref = weakref.ref(fut)
+    del fut
+    assert _freed(ref), "an rpc_async future outlived its last reference"
+    fut = rpc.rpc_async("worker1", f.add, args=(1, 2))
+    delivered = threading.Event()
+    fut.add_done_callback(lambda _: delivered.set())  # nobody waits: the queue delivers
+    assert delivered.wait(60)
+    ref = weakref.ref(fut)
+    del fut
+    assert _freed(ref), "an rpc_async future outlived its last reference"
+
+
 def test_future_completed_by_the_user_keeps_its_value():
     fut = rpc.rpc_async("worker1", f.sleep, args=(0.3,))
     fut.set_result("mine")
     assert fut.wait() == "mine"
+    fut._pending.deliver_now()  # the wait()'s own delivery finds it complete too
     time.sleep(0.6)  # the reply arrives, finds the future complete, and is dropped
     assert fut.wait() == "mine"
     assert rpc.rpc_async("worker1", f.add, args=(1, 2)).wait() == 3  # deliveries go on

@@ -12,6 +12,7 @@ Soak: TETHER_STRESS_SECONDS=120 TETHER_STRESS_RUNS=20 bazel test //python:rpc_st
 import gc
 import os
 import sys
+import tempfile
 import threading
 import time
 
@@ -89,28 +90,24 @@ class Leaf:
 SWALLOWED = ("tether: error", "Exception ignored", "pybind11_object_dealloc", "Traceback")
 
 
-class _Tee:
-    """sys.stderr that also keeps what was written (PySys_WriteStderr goes through it)."""
-
-    def __init__(self, stream):
-        self.stream = stream
-        self.text = []
-
-    def write(self, s):
-        self.text.append(s)
-        return self.stream.write(s)
-
-    def flush(self):
-        self.stream.flush()
-
-
 def _watch_for_swallowed_errors():
+    """Sends this worker's fd 2 (Python's and C++'s stderr alike) to a file; the returned check
+    echoes it, restores fd 2 and fails on what a swallowed error prints."""
     unraisable = []
     sys.unraisablehook = lambda u: unraisable.append(f"{u.err_msg}: {u.exc_value!r}")
-    tee = sys.stderr = _Tee(sys.stderr)
+    out = tempfile.TemporaryFile()
+    sys.stderr.flush()
+    saved = os.dup(2)
+    os.dup2(out.fileno(), 2)
 
     def check():
-        text = "".join(tee.text)
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+        out.seek(0)
+        text = out.read().decode(errors="replace")
+        out.close()
+        sys.stderr.write(text)
         found = [marker for marker in SWALLOWED if marker in text]
         assert not unraisable and not found, (unraisable, found, text[-4000:])
 

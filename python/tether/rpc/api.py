@@ -168,7 +168,8 @@ class _RpcFuture(torch.futures.Future):
         pending = getattr(self, "_pending", None)
         if pending is not None and not self.done():
             # Delivers the reply here if the delivery queue has not yet (it may be held up by
-            # a blocked done-callback of another future, or stopped by a shutdown).
+            # a blocked done-callback of another future, or stopped by a shutdown). A future
+            # made by _follow() is completed by the callbacks that delivery runs.
             pending.deliver_now()
         return super().wait()
 
@@ -252,8 +253,24 @@ def rpc_async(to, func, args=None, kwargs=None, timeout=UNSET_RPC_TIMEOUT):
         with _profiling.record(key) as rf:
             fut = _rpc_async(to, func, args, kwargs, timeout, profiling_key=key)
             # The event ends when the result arrives; wait() on the returned future sees it.
-            return rf._call_end_callbacks_on_future(fut)
+            return _follow(rf._call_end_callbacks_on_future(fut), fut._pending)
     return _rpc_async(to, func, args, kwargs, timeout)
+
+
+def _follow(source, pending):
+    """An _RpcFuture completed as `source` (a torch future chained to an rpc_async future) is:
+    its wait() delivers the call's result itself if need be, as the rpc_async future's does."""
+    out = _RpcFuture()
+    out._pending = pending
+
+    def transfer(src):
+        try:
+            out.set_result(src.value())
+        except Exception as e:  # noqa: B902 (the call's error, delivered to the waiter)
+            out.set_exception(e)
+
+    source.add_done_callback(transfer)
+    return out
 
 
 def _rpc_async(to, func, args, kwargs, timeout, profiling_key=""):
