@@ -36,8 +36,7 @@ void RetriedCaller::Attempt(WorkerId to, MessageType type, std::string payload, 
               done](const absl::StatusOr<Message>& result) {
     std::shared_ptr<const void> alive = owner.lock();
     if (!alive) return;
-    bool timed_out = !result.ok() && result.status().code() == absl::StatusCode::kDeadlineExceeded;
-    bool retry = on_attempt_(timed_out) && timed_out;
+    bool retry = on_attempt_(to, attempt, result.status()) && !result.ok();
     if (!retry) {
       done(result);
       return;
