@@ -165,7 +165,8 @@ void RRefContext::Attach() {
       [agent](WorkerId to, MessageType type, std::string payload, absl::Duration timeout) {
         return agent->Call(to, type, std::move(payload), {}, timeout);
       },
-      clock_, executor_, policy, [this](WorkerId, int, const absl::Status& status) {
+      clock_, executor_, policy,
+      [this](WorkerId, int, const absl::Status& status) {
         return OnControlAttempt(status.code() == absl::StatusCode::kDeadlineExceeded);
       });
   auto route = [weak](void (RRefContext::*method)(std::shared_ptr<IncomingCall>)) {
