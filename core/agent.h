@@ -249,6 +249,10 @@ class Agent : public NetworkObserver {
   // Either way the network is stopped when the future completes.
   Future<Unit> Shutdown(bool graceful);
   bool is_shut_down() const;
+  // Completes (its callbacks on the executor) when this agent has stopped, however the shutdown
+  // began: Shutdown()'s future, without beginning one. For components that must end their own
+  // work then (the distributed-autograd passes).
+  Future<Unit> stopped() const { return shutdown_future_; }
   ShutdownProgress GetShutdownProgress() const;
 
   absl::Duration default_timeout() const;

@@ -32,26 +32,25 @@ void RetriedCaller::Attempt(WorkerId to, MessageType type, std::string payload, 
   // lives as long as its owner.
   std::weak_ptr<const void> owner = owner_;
   Future<Message> reply = send_(to, type, payload, policy_.attempt_timeout);
-  reply.Then([this, owner, to, type, payload, attempt,
-              done](const absl::StatusOr<Message>& result) {
-    std::shared_ptr<const void> alive = owner.lock();
-    if (!alive) return;
-    bool timed_out = !result.ok() && result.status().code() == absl::StatusCode::kDeadlineExceeded;
-    bool retry = on_attempt_(timed_out) && timed_out;
-    if (!retry) {
-      done(result);
-      return;
-    }
-    clock_->Schedule(clock_->Now() + RetryBackoff(policy_, attempt),
-                     [this, owner, to, type, payload, attempt, done] {
-                       std::shared_ptr<const void> alive = owner.lock();
-                       if (!alive) return;
-                       executor_->Post([this, owner, to, type, payload, attempt, done] {
-                         std::shared_ptr<const void> alive = owner.lock();
-                         if (alive) Attempt(to, type, payload, attempt + 1, done);
-                       });
-                     });
-  });
+  reply.Then(
+      [this, owner, to, type, payload, attempt, done](const absl::StatusOr<Message>& result) {
+        std::shared_ptr<const void> alive = owner.lock();
+        if (!alive) return;
+        bool retry = on_attempt_(to, attempt, result.status()) && !result.ok();
+        if (!retry) {
+          done(result);
+          return;
+        }
+        clock_->Schedule(clock_->Now() + RetryBackoff(policy_, attempt),
+                         [this, owner, to, type, payload, attempt, done] {
+                           std::shared_ptr<const void> alive = owner.lock();
+                           if (!alive) return;
+                           executor_->Post([this, owner, to, type, payload, attempt, done] {
+                             std::shared_ptr<const void> alive = owner.lock();
+                             if (alive) Attempt(to, type, payload, attempt + 1, done);
+                           });
+                         });
+      });
 }
 
 }  // namespace tether

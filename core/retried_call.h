@@ -7,9 +7,10 @@
 //   control.Send(owner, wire::RREF_USER_DELETE, payload,
 //                [](const absl::StatusOr<Message>& reply) { ... });  // runs once, at the end
 //
-// Only an attempt that fails with kDeadlineExceeded is retried, and only while `on_attempt` says
-// so; any other result (a reply, a remote error, kUnavailable for a failed peer, kCancelled at
-// shutdown) ends the call. Attempt k+1 is sent RetryBackoff(policy, k) after attempt k timed out.
+// After every attempt `on_attempt` is told its result and decides whether to retry it: a failed
+// attempt is retried while it says so (the RRef context retries only kDeadlineExceeded; the
+// distributed-autograd cleanup also retries send failures, bounded), and an answered one (OK)
+// always ends the call. Attempt k+1 is sent RetryBackoff(policy, k) after attempt k failed.
 //
 // Threads and lifetime: `on_attempt` and `done` run on the thread that completes the attempt's
 // reply future (the executor, for an Agent's futures), `on_attempt` first. A retry is scheduled on
@@ -24,6 +25,7 @@
 #include <memory>
 #include <string>
 
+#include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
 #include "core/clock.h"
@@ -51,9 +53,10 @@ class RetriedCaller {
   // Sends one attempt (the RRef context: Agent::Call without buffers).
   using SendFn = std::function<Future<Message>(WorkerId to, MessageType type, std::string payload,
                                                absl::Duration timeout)>;
-  // Told that an attempt finished and whether it timed out; returns whether to retry it (ignored
-  // unless it timed out). When the call ends (no retry), `done` runs right after.
-  using AttemptHook = std::function<bool(bool timed_out)>;
+  // Told that attempt `attempt` (0 is the first) to `to` finished with `status`; returns whether
+  // to retry it (ignored when `status` is OK). When the call ends (no retry), `done` runs right
+  // after.
+  using AttemptHook = std::function<bool(WorkerId to, int attempt, const absl::Status& status)>;
 
   RetriedCaller(std::weak_ptr<const void> owner, SendFn send, Clock* clock, Executor* executor,
                 RetryPolicy policy, AttemptHook on_attempt);

@@ -76,9 +76,13 @@ class RetriedCallTest : public ::testing::Test {
           return reply;
         },
         &clock_, &ex_, policy_,
-        [this](bool timed_out) {
+        [this](WorkerId to, int attempt, const absl::Status& status) {
+          bool timed_out = status.code() == absl::StatusCode::kDeadlineExceeded;
           hook_calls_.push_back(timed_out);
-          return allow_retry_;
+          hook_seen_.push_back(HookCall{to, attempt, status.code()});
+          // The RRef context's policy (only timeouts), unless the test retries other errors too
+          // (the distributed-autograd cleanup's), bounded by max_attempts_.
+          return allow_retry_ && (timed_out || retry_other_errors_) && attempt + 1 < max_attempts_;
         });
   }
 
@@ -93,8 +97,16 @@ class RetriedCallTest : public ::testing::Test {
   RetryPolicy policy_;
   std::shared_ptr<int> owner_;
   std::vector<SentAttempt> sent_;
+  struct HookCall {
+    WorkerId to;
+    int attempt;
+    absl::StatusCode code;
+  };
   std::vector<bool> hook_calls_;
+  std::vector<HookCall> hook_seen_;
   bool allow_retry_ = true;
+  bool retry_other_errors_ = false;
+  int max_attempts_ = 1000;
 };
 
 TEST(RetryBackoffTest, DoublesFromInitialAndCaps) {
@@ -169,6 +181,47 @@ TEST_F(RetriedCallTest, OtherErrorsEndTheCallWithoutRetry) {
   EXPECT_EQ(clock_.pending(), 0u);
   // The hook's "retry" is ignored for anything but a timeout.
   EXPECT_EQ(hook_calls_, std::vector<bool>{false});
+}
+
+TEST_F(RetriedCallTest, HookSeesDestinationAttemptAndStatus) {
+  auto caller = MakeCaller();
+  caller->Send(4, wire::RREF_USER_DELETE, "p", [](const absl::StatusOr<Message>&) {});
+  sent_[0].reply.Set(absl::DeadlineExceededError("timed out"));
+  ex_.RunAll();
+  clock_.Advance(absl::Seconds(1));
+  ex_.RunAll();
+  ASSERT_EQ(sent_.size(), 2u);
+  sent_[1].reply.Set(Reply("ack"));
+  ex_.RunAll();
+  ASSERT_EQ(hook_seen_.size(), 2u);
+  EXPECT_EQ(hook_seen_[0].to, 4);
+  EXPECT_EQ(hook_seen_[0].attempt, 0);
+  EXPECT_EQ(hook_seen_[0].code, absl::StatusCode::kDeadlineExceeded);
+  EXPECT_EQ(hook_seen_[1].attempt, 1);
+  EXPECT_EQ(hook_seen_[1].code, absl::StatusCode::kOk);
+}
+
+TEST_F(RetriedCallTest, HookMayRetryOtherErrorsAndBoundTheAttempts) {
+  retry_other_errors_ = true;  // e.g. send failures of a peer not declared failed
+  max_attempts_ = 3;
+  auto caller = MakeCaller();
+  absl::Status final_status;
+  int done = 0;
+  caller->Send(1, wire::CLEANUP_AUTOGRAD_CONTEXT_REQ, "p", [&](const absl::StatusOr<Message>& r) {
+    final_status = r.status();
+    ++done;
+  });
+  for (int attempt = 0; attempt < 3; ++attempt) {
+    ASSERT_EQ(sent_.size(), static_cast<size_t>(attempt + 1));
+    sent_.back().reply.Set(absl::UnavailableError("injected send failure"));
+    ex_.RunAll();
+    clock_.Advance(absl::Seconds(1));
+    ex_.RunAll();
+  }
+  EXPECT_EQ(sent_.size(), 3u);  // the bound: no fourth attempt
+  EXPECT_EQ(done, 1);
+  EXPECT_EQ(final_status.code(), absl::StatusCode::kUnavailable);
+  EXPECT_EQ(clock_.pending(), 0u);
 }
 
 TEST_F(RetriedCallTest, HookCanRefuseARetry) {

@@ -165,7 +165,10 @@ void RRefContext::Attach() {
       [agent](WorkerId to, MessageType type, std::string payload, absl::Duration timeout) {
         return agent->Call(to, type, std::move(payload), {}, timeout);
       },
-      clock_, executor_, policy, [this](bool timed_out) { return OnControlAttempt(timed_out); });
+      clock_, executor_, policy,
+      [this](WorkerId, int, const absl::Status& status) {
+        return OnControlAttempt(status.code() == absl::StatusCode::kDeadlineExceeded);
+      });
   auto route = [weak](void (RRefContext::*method)(std::shared_ptr<IncomingCall>)) {
     return [weak, method](std::shared_ptr<IncomingCall> call) {
       if (std::shared_ptr<RRefContext> self = weak.lock()) {
