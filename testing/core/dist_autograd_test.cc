@@ -203,8 +203,8 @@ DistAutogradOptions TestOptions(EventLog* log) {
 
 class Cluster {
  public:
-  static std::unique_ptr<Cluster> Make(int n, const std::string& faults = "none",
-                                       uint64_t seed = 1) {
+  static std::unique_ptr<Cluster> Make(int n, const std::string& faults = "none", uint64_t seed = 1,
+                                       DistAutogradPlantedBugs bugs = {}) {
     auto c = std::unique_ptr<Cluster>(new Cluster());
     sim::SimWorldOptions o;
     o.num_workers = n;
@@ -214,8 +214,9 @@ class Cluster {
     c->dag_.resize(n);
     c->runner_.resize(n);
     Cluster* raw = c.get();
-    o.on_agent = [raw](sim::SimWorld& world, WorkerId id, Agent& agent) {
+    o.on_agent = [raw, bugs](sim::SimWorld& world, WorkerId id, Agent& agent) {
       DistAutogradOptions opts = TestOptions(&raw->log_);
+      opts.bugs = bugs;
       opts.incarnation = world.incarnation(id);
       raw->dag_[id] =
           DistAutograd::Create(&agent, &world.clock(id), &world.executor(id), opts).value();
@@ -884,6 +885,66 @@ TEST(DistAutogradTest, DebugInfoCountsContextsAndPasses) {
     EXPECT_EQ(c->Debug(w, "num_current_backward_passes"), 0) << w;
   }
   EXPECT_EQ(c->Debug(0, "num_backward_passes_failed"), 1);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Planted bugs: this file is also built against //core:dist_autograd_planted
+// (:dist_autograd_planted_test), where each bug shows its symptom; in the production library
+// setting them changes nothing.
+
+TEST(DistAutogradTest, PlantedBugsTakeEffectOnlyInThePlantedVariant) {
+  const bool planted = DistAutogradPlantedBugsCompiledIn();
+  {
+    DistAutogradPlantedBugs bugs;
+    bugs.forget_transitive_release = true;
+    auto c = Cluster::Make(3, "none", 1, bugs);
+    ContextId ctx = c->dag(0).NewContext();
+    c->Forward(ctx, 0, 1);
+    c->Forward(ctx, 1, 2);
+    ASSERT_TRUE(c->dag(0).Release(ctx).ok());
+    ASSERT_TRUE(c->world().RunUntilIdle());
+    EXPECT_FALSE(c->dag(1).Exists(ctx));
+    EXPECT_EQ(c->dag(2).Exists(ctx), planted) << "forget_transitive_release";
+  }
+  {
+    DistAutogradPlantedBugs bugs;
+    bugs.release_once = true;
+    auto c = Cluster::Make(2, "partition=0-1@0..100ms", 1, bugs);
+    ContextId ctx = c->dag(0).NewContext();
+    c->Forward(ctx, 0, 1);
+    ASSERT_TRUE(c->dag(0).Release(ctx).ok());  // the first attempt is lost in the partition
+    ASSERT_TRUE(c->world().RunUntilIdle());
+    EXPECT_EQ(c->dag(1).Exists(ctx), planted) << "release_once";
+  }
+  {
+    DistAutogradPlantedBugs bugs;
+    bugs.resurrect_released = true;
+    auto c = Cluster::Make(2, "none", 1, bugs);
+    ContextId ctx = c->dag(0).NewContext();
+    c->Forward(ctx, 0, 1);
+    ASSERT_TRUE(c->dag(0).Release(ctx).ok());
+    ASSERT_TRUE(c->world().RunUntilIdle());
+    EXPECT_EQ(c->dag(1).Join(ctx, 0).ok(), planted) << "resurrect_released";
+    EXPECT_EQ(c->dag(1).Exists(ctx), planted);
+  }
+  {
+    DistAutogradPlantedBugs bugs;
+    bugs.reply_before_rpcs = true;
+    auto c = Cluster::Make(3, "type=BACKWARD_AUTOGRAD_REQ:delay=50ms", 1, bugs);
+    // 0 -> 1 -> 2; only the replies carry gradients (the requests had none that required grad),
+    // so worker 1's share is locally done as soon as it has sent worker 2 its gradients.
+    ContextId ctx = c->dag(0).NewContext();
+    ASSERT_TRUE(c->dag(1).Join(ctx, 0).ok());
+    ASSERT_TRUE(c->dag(2).Join(ctx, 1).ok());
+    AutogradMessageId r0 = c->Forward(ctx, 1, 0);
+    AutogradMessageId r1 = c->Forward(ctx, 2, 1);
+    c->runner(0).On(ctx, FakeRunner::kRoot, {{1, r0}});
+    c->runner(1).On(ctx, r0, {{2, r1}});
+    ASSERT_TRUE(c->RunBackward(0, ctx).ok());
+    // Correct: the backward returns only once worker 2 ran its share.
+    EXPECT_EQ(c->log().Count(DistAutogradEvent::kGradientsRun, 2), planted ? 0 : 1)
+        << "reply_before_rpcs";
+  }
 }
 
 // ---------------------------------------------------------------------------------------------
