@@ -552,6 +552,25 @@ void DistAutograd::StartPassLocked(Context* ctx, int64_t pass_id, bool initiator
       actions);
 }
 
+void DistAutograd::FailIfPeerFailedLocked(Context* ctx, Actions* actions) {
+  const Pass* pass = ctx->pass.get();
+  if (pass == nullptr) return;
+  WorkerId peer = -1;
+  if (pass->first_call != nullptr && failed_.count(pass->first_call->caller()) > 0) {
+    peer = pass->first_call->caller();
+  }
+  for (const auto& [message, dst] : ctx->sends) {
+    if (peer < 0 && failed_.count(dst) > 0 && pass->ran.count(message) == 0) peer = dst;
+  }
+  if (peer < 0) return;
+  FailPassLocked(
+      ctx,
+      absl::UnavailableError(absl::StrCat(
+          "worker ", peer, " failed before the distributed backward of autograd context ", ctx->id,
+          " could get its gradients")),
+      actions);
+}
+
 void DistAutograd::MaybeCompleteLocked(Context* ctx, Actions* actions) {
   Pass* pass = ctx->pass.get();
   if (pass == nullptr || !pass->local_done) return;
@@ -664,6 +683,7 @@ Future<Unit> DistAutograd::Backward(ContextId context, bool retain_graph, absl::
             OnProgress(context, pass_id, runner->RunRoot(context));
           },
           &actions);
+      FailIfPeerFailedLocked(ctx, &actions);
     }
   }
   if (!refused.ok()) done.Set(refused);
@@ -746,7 +766,10 @@ Future<Message> DistAutograd::SendGradients(ContextId context, WorkerId to,
       req.set_pass_id(pass_id);
       payload = req.SerializeAsString();
       if (pass->deadline != absl::InfiniteFuture()) {
-        timeout = std::max(pass->deadline - clock_->Now(), absl::Nanoseconds(1));
+        // The time left, plus a grace period: the pass's own deadline reports first, naming what
+        // it waits for, rather than the call's timeout (the receiver's pass ends by then too).
+        absl::Duration left = std::max(pass->deadline - clock_->Now(), absl::ZeroDuration());
+        timeout = left + std::max(absl::Milliseconds(10), left / 10);
       }
       call_id = next_call_++;
       pass->outstanding[call_id] = Pass::Outstanding{to, message};
@@ -856,6 +879,7 @@ void DistAutograd::HandleBackward(std::shared_ptr<IncomingCall> call) {
                        runner->RunSendFunction(context, message, *gradients, buffers));
           },
           &actions);
+      FailIfPeerFailedLocked(ctx, &actions);
     }
   }
   if (!refused.ok()) {

@@ -236,8 +236,9 @@ class DistAutograd : public std::enable_shared_from_this<DistAutograd> {
   // pass is already running in it, kCancelled when the agent stops.
   Future<Unit> Backward(ContextId context, bool retain_graph, absl::Time deadline);
   // From a recv node during a runner call: sends `gradients`/`buffers` for the send function
-  // `message` of worker `to` (the recv's source), within the pass's deadline. The pass waits for
-  // the reply and fails with its error. kNotFound / kFailedPrecondition (nothing sent) if the
+  // `message` of worker `to` (the recv's source), with the pass's retain_graph and a call timeout
+  // of the pass's time left (plus a grace period). The pass waits for the reply and fails with
+  // its error. kNotFound / kFailedPrecondition (nothing sent) if the
   // context is gone, the recv function is not recorded, or no pass runs.
   Future<Message> SendGradients(ContextId context, WorkerId to, AutogradMessageId message,
                                 std::string gradients, std::vector<Buffer> buffers);
@@ -280,6 +281,8 @@ class DistAutograd : public std::enable_shared_from_this<DistAutograd> {
                        absl::Time deadline, std::shared_ptr<IncomingCall> first_call, WorkerId from,
                        Actions* actions) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void MaybeCompleteLocked(Context* ctx, Actions* actions) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Fails the context's pass if it depends on a worker already declared failed.
+  void FailIfPeerFailedLocked(Context* ctx, Actions* actions) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void FailPassLocked(Context* ctx, absl::Status error, Actions* actions)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void EndPassLocked(Context* ctx, absl::Status status, Actions* actions)

@@ -7,7 +7,8 @@
 - python/ composes core/, sim/ and transport/, never testing/;
 - everything under testing/ is testonly, so Bazel keeps it out of every shipped target;
 - no target links both the production and the planted variant of a core library
-  (//core:agent and //core:agent_planted, //core:rref_context and //core:rref_context_planted):
+  (//core:agent and //core:agent_planted, //core:rref_context and //core:rref_context_planted,
+  //core:dist_autograd and //core:dist_autograd_planted):
   the same symbols twice.
 
 It reads the BUILD files (deps, data, srcs, hdrs) and the #include lines of the C++ sources it is
@@ -35,6 +36,7 @@ ALLOWED = {
 EXCLUSIVE = [
     ("//core:agent", "//core:agent_planted"),
     ("//core:rref_context", "//core:rref_context_planted"),
+    ("//core:dist_autograd", "//core:dist_autograd_planted"),
     ("//python:lifecycle", "//python:lifecycle_planted"),
 ]
 
