@@ -57,12 +57,13 @@ std::string CreationReply(pycall::HandlerProfile* profile) {
 class Responder {
  public:
   Responder(std::shared_ptr<IncomingCall> call, std::shared_ptr<Worker> worker, bool async,
-            std::shared_ptr<pycall::HandlerProfile> profile)
+            std::shared_ptr<pycall::HandlerProfile> profile, ContextId context)
       : call_(std::move(call)),
         result_(nullptr),
         worker_(std::move(worker)),
         async_(async),
-        profile_(std::move(profile)) {
+        profile_(std::move(profile)),
+        context_(context) {
     if (async_) ++worker_->server_active_async_calls;
   }
   Responder(Future<RRefValue> result, std::shared_ptr<Worker> worker, bool async,
@@ -99,6 +100,12 @@ class Responder {
     payload.set_pickle(std::string(pickle));
     payload.set_remote_exception(is_exception);
     if (profile_ != nullptr) payload.set_profiled_events(profile_->Finish());
+    if (context_ != dist_autograd::kNoContext && worker_->autograd != nullptr && !is_exception) {
+      // The context comes from the request, not the thread: an async_execution result is
+      // answered from whichever thread completes its future.
+      worker_->autograd->RecordOutgoing(context_, call_->caller(), tensors, /*force=*/false,
+                                        /*involved_of=*/true, payload.mutable_autograd());
+    }
     std::vector<Buffer> buffers;
     absl::Status s = pycall::AppendTensors(tensors, &payload, &buffers);
     if (!s.ok()) {
@@ -150,8 +157,18 @@ class Responder {
   std::shared_ptr<Worker> worker_;
   bool async_;
   std::shared_ptr<pycall::HandlerProfile> profile_;
+  // The distributed autograd context the request was recorded in (kNoContext: none).
+  const ContextId context_ = dist_autograd::kNoContext;
   std::atomic<bool> replied_{false};
 };
+
+// A request recorded in a distributed autograd context: joins it and gives the received tensors
+// their history. Returns the context the handler runs under (kNoContext: none).
+ContextId RecordRequest(const Worker& w, const pycall::Payload& payload, WorkerId caller,
+                        const std::vector<at::Tensor>& tensors) {
+  if (!payload.has_autograd() || w.autograd == nullptr) return dist_autograd::kNoContext;
+  return w.autograd->RecordIncoming(payload.autograd(), caller, tensors, /*request=*/true);
+}
 
 void ReplyStatus(const Worker& w, IncomingCall& call, const absl::Status& s) {
   call.ReplyError(Prefixed(w, s));
@@ -160,8 +177,10 @@ void ReplyStatus(const Worker& w, IncomingCall& call, const absl::Status& s) {
 // Runs the Python hook for a call or a remote() (GIL taken here).
 void RunPythonHook(std::shared_ptr<Responder> responder, const pycall::Payload& payload,
                    const std::vector<at::Tensor>& tensors, WorkerId caller,
-                   pycall::HandlerProfile* profile) {
+                   pycall::HandlerProfile* profile, ContextId context) {
   {
+    // Nested calls the function makes carry the caller's context.
+    dist_autograd::ContextGuard in_context(context);
     Gil gil;
     try {
       py::object hook = py::reinterpret_borrow<py::object>(GetHooks().run_python_call);
@@ -184,39 +203,57 @@ void HandlePythonCall(Worker* w, std::shared_ptr<IncomingCall> call) {
       pycall::TakeTensors(*payload, call->request().buffers, copy);
   if (!tensors.ok()) return ReplyStatus(*w, *call, tensors.status());
   WorkerId caller = call->caller();
+  const ContextId context = RecordRequest(*w, *payload, caller, *tensors);
   std::shared_ptr<pycall::HandlerProfile> profile = StartProfile(*payload);
   auto responder = std::make_shared<Responder>(std::move(call), w->shared_from_this(),
-                                               payload->async_execution(), profile);
-  RunPythonHook(std::move(responder), *payload, *tensors, caller, profile.get());
+                                               payload->async_execution(), profile, context);
+  RunPythonHook(std::move(responder), *payload, *tensors, caller, profile.get(), context);
 }
 
 // Runs a builtin (`script` false) or TorchScript call without the GIL, profiled if asked
 // (`*profile` is then the started profile, its thread part over).
+// `*context` is the distributed autograd context the request was recorded in (kNoContext: none);
+// the call runs under it.
 absl::StatusOr<c10::IValue> RunTorchCall(Worker* w, bool script, const std::string& bytes,
-                                         const std::vector<Buffer>& buffers, bool copy,
-                                         std::shared_ptr<pycall::HandlerProfile>* profile) {
+                                         const std::vector<Buffer>& buffers, WorkerId caller,
+                                         bool copy,
+                                         std::shared_ptr<pycall::HandlerProfile>* profile,
+                                         ContextId* context) {
+  *context = dist_autograd::kNoContext;
   absl::StatusOr<pycall::Payload> payload = pycall::Parse(bytes);
   if (!payload.ok()) return payload.status();
   *profile = StartProfile(*payload);
-  absl::StatusOr<c10::IValue> result = script
-                                           ? pycall::RunScriptCall(*w->cu, *payload, buffers, copy)
-                                           : pycall::RunBuiltinCall(*payload, buffers, copy);
+  pycall::OnTensors record = [&](const std::vector<at::Tensor>& tensors) {
+    *context = RecordRequest(*w, *payload, caller, tensors);
+    dist_autograd::SetCurrentContext(*context);
+  };
+  const ContextId previous = dist_autograd::CurrentContext();
+  absl::StatusOr<c10::IValue> result =
+      script ? pycall::RunScriptCall(*w->cu, *payload, buffers, copy, record)
+             : pycall::RunBuiltinCall(*payload, buffers, copy, record);
+  dist_autograd::SetCurrentContext(previous);
   if (*profile != nullptr) (*profile)->LeaveThread();
   return result;
 }
 
 void HandleTorchCall(Worker* w, bool script, std::shared_ptr<IncomingCall> call) {
   std::shared_ptr<pycall::HandlerProfile> profile;
+  ContextId context;
   absl::StatusOr<c10::IValue> result =
       RunTorchCall(w, script, call->request().envelope.payload(), call->request().buffers,
-                   call->caller() == w->self.id, &profile);
+                   call->caller(), call->caller() == w->self.id, &profile, &context);
   if (!result.ok()) return ReplyStatus(*w, *call, result.status());
   pycall::Payload reply;
   reply.set_torchscript_value(true);
   if (profile != nullptr) reply.set_profiled_events(profile->Finish());
   std::vector<Buffer> buffers;
-  absl::Status s = pycall::EncodeIValue(*result, &reply, &buffers);
+  std::vector<at::Tensor> sent;
+  absl::Status s = pycall::EncodeIValue(*result, &reply, &buffers, &sent);
   if (!s.ok()) return ReplyStatus(*w, *call, s);
+  if (context != dist_autograd::kNoContext && w->autograd != nullptr) {
+    w->autograd->RecordOutgoing(context, call->caller(), sent, /*force=*/false,
+                                /*involved_of=*/true, reply.mutable_autograd());
+  }
   call->Reply(pycall::Serialize(reply), std::move(buffers));
 }
 
@@ -233,18 +270,21 @@ Future<RRefValue> RunPythonRemote(Worker* w, RemoteRequest request) {
     out.Set(Prefixed(*w, tensors.status()));
     return out;
   }
+  const ContextId context = RecordRequest(*w, *payload, request.caller, *tensors);
   std::shared_ptr<pycall::HandlerProfile> profile = StartProfile(*payload);
   auto responder =
       std::make_shared<Responder>(out, w->shared_from_this(), payload->async_execution(), profile);
-  RunPythonHook(std::move(responder), *payload, *tensors, request.caller, profile.get());
+  RunPythonHook(std::move(responder), *payload, *tensors, request.caller, profile.get(), context);
   return out;
 }
 
 Future<RRefValue> RunTorchRemote(Worker* w, bool script, RemoteRequest request) {
   Future<RRefValue> out(w->runtime->executor());
   std::shared_ptr<pycall::HandlerProfile> profile;
-  absl::StatusOr<c10::IValue> result = RunTorchCall(w, script, request.payload, request.buffers,
-                                                    request.caller == w->self.id, &profile);
+  ContextId context;
+  absl::StatusOr<c10::IValue> result =
+      RunTorchCall(w, script, request.payload, request.buffers, request.caller,
+                   request.caller == w->self.id, &profile, &context);
   if (!result.ok()) {
     out.Set(Prefixed(*w, result.status()));
     return out;

@@ -29,10 +29,22 @@ struct Decoded {
   c10::IValue value;
 };
 
+// Where a reply to a call recorded in a distributed autograd context is recorded.
+struct ReplyRecording {
+  std::shared_ptr<dist_autograd::LocalAutograd> autograd;  // null: the call was not recorded
+  WorkerId from = -1;
+
+  void Record(const pycall::Payload& payload, const std::vector<at::Tensor>& tensors) const {
+    if (autograd != nullptr && payload.has_autograd()) {
+      autograd->RecordIncoming(payload.autograd(), from, tensors, /*request=*/false);
+    }
+  }
+};
+
 // `profile`: the caller's profile if the call was profiled; the callee's events are added to it
-// here, before the call's result is delivered.
+// here, before the call's result is delivered. `recording`: the reply's autograd recording.
 Decoded Decode(const absl::StatusOr<Message>& reply, bool copy,
-               const pycall::CallerProfile* profile) {
+               const pycall::CallerProfile* profile, const ReplyRecording& recording) {
   Decoded d;
   if (!reply.ok()) {
     d.status = reply.status();
@@ -55,9 +67,12 @@ Decoded Decode(const absl::StatusOr<Message>& reply, bool copy,
       d.status = tensors.status();
     } else {
       d.tensors = *std::move(tensors);
+      recording.Record(d.payload, d.tensors);
     }
   } else {
-    absl::StatusOr<c10::IValue> value = pycall::DecodeIValue(d.payload, reply->buffers, copy);
+    absl::StatusOr<c10::IValue> value = pycall::DecodeIValue(
+        d.payload, reply->buffers, copy,
+        [&](const std::vector<at::Tensor>& t) { recording.Record(d.payload, t); });
     if (!value.ok()) {
       d.status = value.status();
     } else {
@@ -258,11 +273,12 @@ DeliveryQueue* Deliveries() {
 class Pending {
  public:
   Pending(Future<Message> future, CallContext ctx, bool copy,
-          std::shared_ptr<const pycall::CallerProfile> profile)
+          std::shared_ptr<const pycall::CallerProfile> profile, ReplyRecording recording)
       : future_(std::move(future)),
         ctx_(std::move(ctx)),
         copy_(copy),
-        profile_(std::move(profile)) {}
+        profile_(std::move(profile)),
+        recording_(std::move(recording)) {}
 
   bool done() const { return future_.ready(); }
 
@@ -272,7 +288,7 @@ class Pending {
     Decoded d;
     {
       ScopedGilRelease release;
-      d = Decode(future_.result(), copy_, profile_.get());
+      d = Decode(future_.result(), copy_, profile_.get(), recording_);
     }
     return ToPython(d, ctx_);
   }
@@ -285,8 +301,9 @@ class Pending {
     std::shared_ptr<Delivery> delivery = delivery_;
     bool copy = copy_;
     std::shared_ptr<const pycall::CallerProfile> profile = profile_;
-    future_.Then([delivery, copy, profile](const absl::StatusOr<Message>& reply) {
-      if (delivery->Prepare([&] { return Decode(reply, copy, profile.get()); })) {
+    ReplyRecording recording = recording_;
+    future_.Then([delivery, copy, profile, recording](const absl::StatusOr<Message>& reply) {
+      if (delivery->Prepare([&] { return Decode(reply, copy, profile.get(), recording); })) {
         Deliveries()->Push(delivery);
       }
     });
@@ -297,7 +314,8 @@ class Pending {
   void DeliverNow() {
     WaitInterruptibly(future_);
     if (delivery_ == nullptr) return;
-    delivery_->CompleteNow([this] { return Decode(future_.result(), copy_, profile_.get()); });
+    delivery_->CompleteNow(
+        [this] { return Decode(future_.result(), copy_, profile_.get(), recording_); });
   }
 
  private:
@@ -306,7 +324,17 @@ class Pending {
   CallContext ctx_;
   bool copy_;
   std::shared_ptr<const pycall::CallerProfile> profile_;
+  ReplyRecording recording_;
 };
+
+std::shared_ptr<dist_autograd::LocalAutograd> RecordAutograd(Prepared& p, WorkerId to) {
+  const ContextId context = dist_autograd::CurrentContext();
+  if (context == dist_autograd::kNoContext || p.worker->autograd == nullptr) return nullptr;
+  p.worker->autograd->RecordOutgoing(context, to, p.sent, /*force=*/p.kind != Kind::kBuiltin,
+                                     /*involved_of=*/false, p.payload.mutable_autograd());
+  if (!p.payload.has_autograd()) return nullptr;
+  return p.worker->autograd;
+}
 
 CallContext MakeContext(Worker& w, WorkerId to, std::optional<absl::Duration> timeout) {
   CallContext ctx;
@@ -339,6 +367,7 @@ Prepared PreparePython(const py::bytes& pickle, const std::vector<at::Tensor>& t
   p.payload.set_async_execution(async_execution);
   absl::Status s = pycall::AppendTensors(tensors, &p.payload, &p.buffers);
   if (!s.ok()) Raise(s);
+  p.sent = tensors;
   return p;
 }
 
@@ -365,8 +394,9 @@ Prepared PrepareBuiltin(const std::string& qualified_name, const py::tuple& args
     throw std::runtime_error(absl::StrCat("Failed to match operator ", qualified_name,
                                           " to the given arguments:\n", errors));
   }
-  absl::Status s = pycall::EncodeBuiltinCall(
-      chosen->schema().name(), chosen->schema().overload_name(), stack, &p.payload, &p.buffers);
+  absl::Status s =
+      pycall::EncodeBuiltinCall(chosen->schema().name(), chosen->schema().overload_name(), stack,
+                                &p.payload, &p.buffers, &p.sent);
   if (!s.ok()) Raise(s);
   return p;
 }
@@ -383,7 +413,7 @@ Prepared PrepareScript(const std::string& qualified_name, const py::tuple& args,
   py::kwargs kw = py::reinterpret_borrow<py::kwargs>(kwargs);
   torch::jit::Stack stack =
       torch::jit::createStackForSchema(fn->getSchema(), args, kw, c10::nullopt);
-  absl::Status s = pycall::EncodeScriptCall(qualified_name, stack, &p.payload, &p.buffers);
+  absl::Status s = pycall::EncodeScriptCall(qualified_name, stack, &p.payload, &p.buffers, &p.sent);
   if (!s.ok()) Raise(s);
   return p;
 }
@@ -396,6 +426,7 @@ std::shared_ptr<Pending> Send(Prepared p, WorkerId to, double timeout_s) {
                                                 : wire::SCRIPT_CALL;
   std::optional<absl::Duration> timeout = ToTimeout(timeout_s);
   CallContext ctx = MakeContext(w, to, timeout);
+  ReplyRecording recording{RecordAutograd(p, to), to};
   std::string bytes = pycall::Serialize(p.payload);
   Future<Message> future(nullptr);
   {
@@ -403,7 +434,7 @@ std::shared_ptr<Pending> Send(Prepared p, WorkerId to, double timeout_s) {
     future = w.runtime->agent()->Call(to, type, std::move(bytes), std::move(p.buffers), timeout);
   }
   return std::make_shared<Pending>(std::move(future), std::move(ctx), to == w.self.id,
-                                   std::move(p.profile));
+                                   std::move(p.profile), std::move(recording));
 }
 
 void RegisterCallerBindings(py::module_& m) {

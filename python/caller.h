@@ -35,7 +35,14 @@ struct Prepared {
   pycall::Payload payload;
   std::vector<Buffer> buffers;
   std::shared_ptr<const pycall::CallerProfile> profile;
+  // The tensors as sent (with their autograd history), for distributed autograd recording.
+  std::vector<at::Tensor> sent;
 };
+
+// Inside a distributed autograd context (the thread's current one), records the call to `to` in
+// `p.payload` (python/dist_autograd_runner.h): builtin calls only when a tensor requires grad,
+// Python and TorchScript calls always. Returns the recorder for the reply, or null.
+std::shared_ptr<dist_autograd::LocalAutograd> RecordAutograd(Prepared& p, WorkerId to);
 
 // GIL held; raise on bad input (an unknown operator, arguments that match no schema).
 Prepared PreparePython(const pybind11::bytes& pickle, const std::vector<at::Tensor>& tensors,

@@ -146,6 +146,8 @@ std::vector<std::pair<std::string, int>> Connect(
   worker->runtime = std::move(runtime);
   worker->self = worker->runtime->agent()->self();
   pycall::SetNodeId(worker->self.id);  // profiled events carry the worker id
+  worker->autograd =
+      std::make_shared<dist_autograd::LocalAutograd>(worker->runtime->dist_autograd());
   InstallCallee(worker.get());
   // Current before it serves anything (Start()): a peer that finished its own start first may
   // send a call at once, and its handler needs this worker (and tether.rpc's worker registry,

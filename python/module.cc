@@ -9,6 +9,7 @@
 //   caller         sending calls and remote()s, replies into values and futures
 //   callee         handlers that run Python, builtin and TorchScript calls
 //   rref_binding   tether._C.RRef
+//   dist_autograd_binding  tether._C.autograd_*: distributed autograd (dist_autograd_runner.h)
 //   lifecycle      listen / connect / shutdown, counters, settings
 //   rendezvous_binding  the name and address exchange over torch.distributed's store
 //   sim_bindings   tether.sim's simulated worker processes
@@ -21,6 +22,7 @@
 #include "absl/synchronization/mutex.h"
 #include "python/callee.h"
 #include "python/caller.h"
+#include "python/dist_autograd_binding.h"
 #include "python/lifecycle.h"
 #include "python/rendezvous_binding.h"
 #include "python/rref_binding.h"
@@ -35,6 +37,7 @@ PYBIND11_MODULE(_C, m) {
   tether::RegisterCalleeBindings(m);
   tether::RegisterCallerBindings(m);
   tether::RegisterRRefBindings(m);
+  tether::RegisterDistAutogradBindings(m);
   tether::RegisterRendezvousBindings(m);
   tether::RegisterSimBindings(m);
 }

@@ -23,6 +23,7 @@
 
 #include "absl/time/time.h"
 #include "core/agent.h"
+#include "python/dist_autograd_runner.h"
 #include "python/runtime.h"
 
 namespace tether {
@@ -48,6 +49,8 @@ const Hooks& GetHooks();
 
 // The live worker.
 struct Worker : std::enable_shared_from_this<Worker> {
+  // Declared before `runtime`, so freed after it: the core calls it until the runtime stops.
+  std::shared_ptr<dist_autograd::LocalAutograd> autograd;
   std::unique_ptr<Runtime> runtime;
   std::shared_ptr<torch::jit::CompilationUnit> cu;
   WorkerInfo self;

@@ -141,6 +141,9 @@ std::shared_ptr<PyRRef> Remote(Prepared p, WorkerId to, double timeout_s,
   MessageType type = p.kind == Kind::kPython    ? wire::PYTHON_REMOTE_CALL
                      : p.kind == Kind::kBuiltin ? wire::BUILTIN_REMOTE_CALL
                                                 : wire::SCRIPT_REMOTE_CALL;
+  // The value's own history stays on the owner (to_here() is not recorded yet); the arguments'
+  // gradients flow back through the owner's receive function.
+  RecordAutograd(p, to);
   std::string bytes = pycall::Serialize(p.payload);
   CreationCallback on_created;
   if (p.profile != nullptr) {
@@ -188,9 +191,12 @@ void OnConfirmed(const std::vector<std::shared_ptr<PyRRef>>& rrefs, py::object c
   // callback then runs with this thread's state.
   std::optional<at::ThreadLocalState> state;
   if (torch::profiler::impl::profilerEnabled()) state.emplace();
-  f.Then([target, deliver, state](const absl::StatusOr<Unit>& r) {
+  // So does a call recorded in a distributed autograd context (its nested calls carry it).
+  const ContextId context = dist_autograd::CurrentContext();
+  f.Then([target, deliver, state, context](const absl::StatusOr<Unit>& r) {
     std::optional<at::ThreadLocalStateGuard> guard;
     if (state.has_value()) guard.emplace(*state);
+    dist_autograd::ContextGuard in_context(context);
     Gil gil;
     try {
       deliver(target->get(), r);

@@ -33,6 +33,7 @@ class Runtime::Impl {
   // destructor frees it after `rrefs` and before `tracing`.
   std::unique_ptr<RRefTraceObserver> rref_tracer;
   std::shared_ptr<RRefContext> rrefs;
+  std::shared_ptr<DistAutograd> dist_autograd;
   // What the agent runs on: the above, or the simulator's (ForSimulation).
   Clock* clock_view = nullptr;
   Executor* executor_view = nullptr;
@@ -200,12 +201,19 @@ absl::Status Runtime::Connect(const std::vector<WorkerInfo>& workers,
       rrefs->DeleteAllUsersAndUnforkedOwners(absl::ZeroDuration());
     }
   });
+  DistAutogradOptions autograd_options;
+  absl::StatusOr<std::shared_ptr<DistAutograd>> autograd = DistAutograd::Create(
+      impl_->agent.get(), impl_->clock_view, impl_->executor_view, autograd_options);
+  if (!autograd.ok()) return autograd.status();
+  impl_->dist_autograd = *std::move(autograd);
   return absl::OkStatus();
 }
 
 Agent* Runtime::agent() const { return impl_->agent.get(); }
 RRefContext* Runtime::rrefs() const { return impl_->rrefs.get(); }
+std::shared_ptr<DistAutograd> Runtime::dist_autograd() const { return impl_->dist_autograd; }
 Executor* Runtime::executor() const { return impl_->executor_view; }
+Clock* Runtime::clock() const { return impl_->clock_view; }
 int Runtime::num_worker_threads() const {
   return impl_->pool != nullptr ? impl_->pool->num_threads() : impl_->options.num_worker_threads;
 }
@@ -244,6 +252,7 @@ std::vector<StuckThread> Runtime::Stop() {
   }
   if (impl.rrefs != nullptr) impl.rrefs->Close(/*ignore_leaks=*/true).IgnoreError();
   impl.rrefs.reset();
+  impl.dist_autograd.reset();
   impl.rref_tracer.reset();  // After the context that calls it.
   impl.agent.reset();
   impl.call_tracer.reset();  // After the agent that calls it.

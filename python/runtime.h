@@ -42,6 +42,7 @@
 #include "absl/time/time.h"
 #include "core/agent.h"
 #include "core/clock.h"
+#include "core/dist_autograd.h"
 #include "core/executor.h"
 #include "core/network.h"
 #include "core/rref_context.h"
@@ -93,7 +94,7 @@ class Runtime {
   // "host:port" to publish.
   std::string address() const;
 
-  // Creates the agent and the RRef context for this worker set. `addresses`
+  // Creates the agent, the RRef context and distributed autograd for this worker set. `addresses`
   // maps every other worker to its published address. kInvalidArgument for a
   // malformed worker set.
   absl::Status Connect(const std::vector<WorkerInfo>& workers,
@@ -102,7 +103,10 @@ class Runtime {
   // Valid after Connect().
   Agent* agent() const;
   RRefContext* rrefs() const;
+  // Shared: the autograd glue (python/dist_autograd_runner.h) holds it weakly.
+  std::shared_ptr<DistAutograd> dist_autograd() const;
   Executor* executor() const;
+  Clock* clock() const;
   int num_worker_threads() const;
 
   // Starts the agent (register handlers and runners first).

@@ -170,8 +170,10 @@ c10::IValue StackResult(torch::jit::Stack& stack) {
 }
 
 absl::StatusOr<torch::jit::Stack> DecodeStack(
-    const Payload& payload, const std::vector<Buffer>& buffers, bool copy) {
-  absl::StatusOr<c10::IValue> args = DecodeIValue(payload, buffers, copy);
+    const Payload& payload, const std::vector<Buffer>& buffers, bool copy,
+    const OnTensors& received) {
+  absl::StatusOr<c10::IValue> args =
+      DecodeIValue(payload, buffers, copy, received);
   if (!args.ok()) return args.status();
   if (!args->isTuple())
     return absl::InvalidArgumentError("call arguments are not a tuple");
@@ -219,7 +221,8 @@ absl::StatusOr<std::vector<at::Tensor>> TakeTensors(
 }
 
 absl::Status EncodeIValue(const c10::IValue& value, Payload* payload,
-                          std::vector<Buffer>* buffers) {
+                          std::vector<Buffer>* buffers,
+                          std::vector<at::Tensor>* sent) {
   std::vector<at::Tensor> tensors;
   try {
     std::vector<char> bytes = torch::jit::pickle(value, &tensors);
@@ -228,15 +231,18 @@ absl::Status EncodeIValue(const c10::IValue& value, Payload* payload,
     return absl::InvalidArgumentError(
         absl::StrCat("cannot serialize TorchScript value: ", ErrorText(e)));
   }
-  return AppendTensors(tensors, payload, buffers);
+  absl::Status appended = AppendTensors(tensors, payload, buffers);
+  if (appended.ok() && sent != nullptr) *sent = std::move(tensors);
+  return appended;
 }
 
 absl::StatusOr<c10::IValue> DecodeIValue(const Payload& payload,
                                          const std::vector<Buffer>& buffers,
-                                         bool copy) {
+                                         bool copy, const OnTensors& received) {
   absl::StatusOr<std::vector<at::Tensor>> tensors =
       TakeTensors(payload, buffers, copy);
   if (!tensors.ok()) return tensors.status();
+  if (received) received(*tensors);
   try {
     return torch::jit::unpickle(payload.pickle().data(),
                                 payload.pickle().size(), nullptr, *tensors);
@@ -249,15 +255,18 @@ absl::StatusOr<c10::IValue> DecodeIValue(const Payload& payload,
 absl::Status EncodeBuiltinCall(const std::string& name,
                                const std::string& overload,
                                const torch::jit::Stack& stack, Payload* payload,
-                               std::vector<Buffer>* buffers) {
+                               std::vector<Buffer>* buffers,
+                               std::vector<at::Tensor>* sent) {
   payload->set_op(name);
   payload->set_overload(overload);
-  return EncodeIValue(c10::ivalue::Tuple::create(stack), payload, buffers);
+  return EncodeIValue(c10::ivalue::Tuple::create(stack), payload, buffers,
+                      sent);
 }
 
 absl::StatusOr<c10::IValue> RunBuiltinCall(const Payload& payload,
                                            const std::vector<Buffer>& buffers,
-                                           bool copy) {
+                                           bool copy,
+                                           const OnTensors& received) {
   std::shared_ptr<torch::jit::Operator> op;
   try {
     op = torch::jit::findOperatorFor(
@@ -271,7 +280,8 @@ absl::StatusOr<c10::IValue> RunBuiltinCall(const Payload& payload,
         "no builtin operator '", payload.op(),
         payload.overload().empty() ? "" : ".", payload.overload(), "'"));
   }
-  absl::StatusOr<torch::jit::Stack> stack = DecodeStack(payload, buffers, copy);
+  absl::StatusOr<torch::jit::Stack> stack =
+      DecodeStack(payload, buffers, copy, received);
   if (!stack.ok()) return stack.status();
   absl::Status ok = CheckStack(op->schema(), *stack);
   if (!ok.ok()) return ok;
@@ -285,15 +295,18 @@ absl::StatusOr<c10::IValue> RunBuiltinCall(const Payload& payload,
 
 absl::Status EncodeScriptCall(const std::string& qualified_name,
                               const torch::jit::Stack& stack, Payload* payload,
-                              std::vector<Buffer>* buffers) {
+                              std::vector<Buffer>* buffers,
+                              std::vector<at::Tensor>* sent) {
   payload->set_op(qualified_name);
-  return EncodeIValue(c10::ivalue::Tuple::create(stack), payload, buffers);
+  return EncodeIValue(c10::ivalue::Tuple::create(stack), payload, buffers,
+                      sent);
 }
 
 absl::StatusOr<c10::IValue> RunScriptCall(const torch::jit::CompilationUnit& cu,
                                           const Payload& payload,
                                           const std::vector<Buffer>& buffers,
-                                          bool copy) {
+                                          bool copy,
+                                          const OnTensors& received) {
   torch::jit::Function* fn = nullptr;
   try {
     fn = cu.find_function(c10::QualifiedName(payload.op()));
@@ -307,7 +320,8 @@ absl::StatusOr<c10::IValue> RunScriptCall(const torch::jit::CompilationUnit& cu,
                      "' on the callee (define it with @torch.jit.script in a "
                      "module both workers import)"));
   }
-  absl::StatusOr<torch::jit::Stack> stack = DecodeStack(payload, buffers, copy);
+  absl::StatusOr<torch::jit::Stack> stack =
+      DecodeStack(payload, buffers, copy, received);
   if (!stack.ok()) return stack.status();
   try {
     absl::Status ok = CheckStack(fn->getSchema(), *stack);

@@ -21,6 +21,7 @@
 #include <ATen/core/ivalue.h>
 #include <ATen/core/stack.h>
 
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -52,38 +53,48 @@ absl::StatusOr<std::vector<at::Tensor>> TakeTensors(
 
 // A TorchScript value (tensors out of band) into `payload->pickle` / `tensors`
 // and back.
+// `sent` (if not null) gets the tensors as they were before sending (for
+// autograd recording); `received` is called with the rebuilt tensors before
+// the value is unpickled (to give them autograd history).
+using OnTensors = std::function<void(const std::vector<at::Tensor>&)>;
 absl::Status EncodeIValue(const c10::IValue& value, Payload* payload,
-                          std::vector<Buffer>* buffers);
+                          std::vector<Buffer>* buffers,
+                          std::vector<at::Tensor>* sent = nullptr);
 absl::StatusOr<c10::IValue> DecodeIValue(const Payload& payload,
                                          const std::vector<Buffer>& buffers,
-                                         bool copy);
+                                         bool copy,
+                                         const OnTensors& received = nullptr);
 
 // A builtin-operator call: `stack` holds the arguments already matched to the
 // schema of `name`.`overload` (caller side).
 absl::Status EncodeBuiltinCall(const std::string& name,
                                const std::string& overload,
                                const torch::jit::Stack& stack, Payload* payload,
-                               std::vector<Buffer>* buffers);
+                               std::vector<Buffer>* buffers,
+                               std::vector<at::Tensor>* sent = nullptr);
 
 // Runs a decoded builtin call through the operator registry (ATen ops dispatch
 // through the ATen dispatcher) and returns its result: the single output, a
 // tuple of several, or None.
 absl::StatusOr<c10::IValue> RunBuiltinCall(const Payload& payload,
                                            const std::vector<Buffer>& buffers,
-                                           bool copy);
+                                           bool copy,
+                                           const OnTensors& received = nullptr);
 
 // A TorchScript-function call: `stack` holds arguments matched to the
 // function's schema.
 absl::Status EncodeScriptCall(const std::string& qualified_name,
                               const torch::jit::Stack& stack, Payload* payload,
-                              std::vector<Buffer>* buffers);
+                              std::vector<Buffer>* buffers,
+                              std::vector<at::Tensor>* sent = nullptr);
 
 // Finds the function in `cu` and runs it on the decoded arguments; returns its
 // result.
 absl::StatusOr<c10::IValue> RunScriptCall(const torch::jit::CompilationUnit& cu,
                                           const Payload& payload,
                                           const std::vector<Buffer>& buffers,
-                                          bool copy);
+                                          bool copy,
+                                          const OnTensors& received = nullptr);
 
 // Serializes `payload` into an envelope payload string, and parses one back
 // (kInvalidArgument).

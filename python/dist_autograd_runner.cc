@@ -1,0 +1,349 @@
+#include "python/dist_autograd_runner.h"
+
+#include <torch/csrc/autograd/functions/basic_ops.h>
+#include <torch/csrc/autograd/variable.h>
+
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "core/status.h"
+#include "python/torch_calls.h"
+
+namespace tether {
+namespace dist_autograd {
+namespace {
+
+thread_local ContextId current_context = kNoContext;
+
+std::vector<at::Tensor> RequiringGrad(const std::vector<at::Tensor>& tensors) {
+  std::vector<at::Tensor> out;
+  for (const at::Tensor& t : tensors) {
+    if (t.defined() && t.requires_grad()) out.push_back(t);
+  }
+  return out;
+}
+
+}  // namespace
+
+ContextId CurrentContext() { return current_context; }
+void SetCurrentContext(ContextId context) { current_context = context; }
+
+ContextGuard::ContextGuard(ContextId context)
+    : set_(context != kNoContext), previous_(current_context) {
+  if (set_) current_context = context;
+}
+
+ContextGuard::~ContextGuard() {
+  if (set_) current_context = previous_;
+}
+
+LocalAutograd::LocalAutograd(std::shared_ptr<DistAutograd> core) : core_(core) {
+  core->SetRunner(this);
+}
+
+LocalAutograd::~LocalAutograd() {
+  std::map<ContextId, Local> dropped;
+  {
+    absl::MutexLock lock(&mu_);
+    dropped.swap(locals_);
+  }
+}
+
+void LocalAutograd::RecordOutgoing(ContextId context, WorkerId dst,
+                                   const std::vector<at::Tensor>& tensors, bool force,
+                                   bool involved_of, pycall::AutogradMeta* meta) {
+  if (context == kNoContext) return;
+  std::shared_ptr<DistAutograd> core = core_.lock();
+  if (core == nullptr) return;
+  std::vector<at::Tensor> with_grad = RequiringGrad(tensors);
+  const bool record = force || !with_grad.empty();
+  if (!record && !involved_of) return;
+  std::vector<WorkerId> involved;
+  if (involved_of) {
+    absl::StatusOr<std::vector<WorkerId>> here = core->Involved(context);
+    if (!here.ok()) return;  // released meanwhile
+    involved = *std::move(here);
+  }
+  AutogradMessageId message = -1;  // -1: nothing recorded, the meta only carries `involved`
+  if (record) {
+    if (!core->AddKnownWorker(context, dst).ok()) return;  // released meanwhile
+    message = core->NewMessageId();
+  }
+  meta->set_context_id(context);
+  meta->set_message_id(message);
+  for (WorkerId w : involved) meta->add_involved(w);
+  if (with_grad.empty()) return;
+  auto send = std::make_shared<SendRpcBackward>(with_grad);
+  if (!core->RecordSend(context, message, dst).ok()) return;
+  absl::MutexLock lock(&mu_);
+  locals_[context].sends.emplace(message, std::move(send));
+}
+
+ContextId LocalAutograd::RecordIncoming(const pycall::AutogradMeta& meta, WorkerId from,
+                                        const std::vector<at::Tensor>& tensors, bool request) {
+  const ContextId context = meta.context_id();
+  std::shared_ptr<DistAutograd> core = core_.lock();
+  if (core == nullptr) return kNoContext;
+  if (request) {
+    if (!core->Join(context, from).ok()) return kNoContext;
+  } else {
+    if (!core->Exists(context)) return kNoContext;
+    std::vector<WorkerId> involved(meta.involved().begin(), meta.involved().end());
+    if (!involved.empty()) core->LearnInvolved(context, involved).IgnoreError();
+  }
+  const AutogradMessageId message = meta.message_id();
+  if (message < 0) return context;
+  std::vector<at::Tensor> with_grad = RequiringGrad(tensors);
+  if (with_grad.empty()) return context;
+  auto recv = RecvRpcBackward::Attach(with_grad, GradientSender(context, from, message));
+  if (!core->RecordRecv(context, message, from).ok()) return kNoContext;
+  absl::MutexLock lock(&mu_);
+  locals_[context].recvs.emplace(message, std::move(recv));
+  return context;
+}
+
+RecvRpcBackward::SendGrads LocalAutograd::GradientSender(ContextId context, WorkerId to,
+                                                         AutogradMessageId message) const {
+  std::weak_ptr<DistAutograd> weak = core_;
+  return [weak, context, to, message](torch::autograd::variable_list grads) -> absl::Status {
+    std::shared_ptr<DistAutograd> core = weak.lock();
+    if (core == nullptr || !core->Exists(context)) {
+      return absl::FailedPreconditionError(kContextNoLongerValidText);
+    }
+    pycall::Payload payload;
+    std::vector<Buffer> buffers;
+    TETHER_RETURN_IF_ERROR(pycall::AppendTensors(grads, &payload, &buffers));
+    Future<Message> sent =
+        core->SendGradients(context, to, message, pycall::Serialize(payload), std::move(buffers));
+    // The core waits for the reply; only a refusal to send is this node's error.
+    if (sent.ready() && !sent.result().ok()) return sent.result().status();
+    return absl::OkStatus();
+  };
+}
+
+absl::StatusOr<Future<Unit>> LocalAutograd::Backward(ContextId context,
+                                                     const std::vector<at::Tensor>& roots,
+                                                     bool retain_graph, absl::Time deadline) {
+  std::shared_ptr<DistAutograd> core = core_.lock();
+  if (core == nullptr) return absl::CancelledError("RPC has been shut down on this worker");
+  if (!core->Exists(context)) return absl::NotFoundError(ContextNotFoundText(context));
+  if (roots.empty()) {
+    return absl::InvalidArgumentError("No tensors provided for gradient computation.");
+  }
+  torch::autograd::edge_list edges;
+  torch::autograd::variable_list grads;
+  for (const at::Tensor& root : roots) {
+    if (!root.defined()) return absl::InvalidArgumentError("a root tensor is undefined");
+    if (!root.requires_grad()) return absl::InvalidArgumentError("requires_grad not set on root");
+    if (root.numel() != 1) {
+      return absl::InvalidArgumentError("root is not a scalar, all roots need to be scalar");
+    }
+    if (root.grad_fn() == nullptr) {
+      return absl::InvalidArgumentError("root does not have a valid gradient function.");
+    }
+    edges.push_back(torch::autograd::impl::gradient_edge(root));
+    grads.push_back(at::ones_like(root, LEGACY_CONTIGUOUS_MEMORY_FORMAT));
+  }
+  auto graph_root =
+      std::make_shared<torch::autograd::GraphRoot>(std::move(edges), std::move(grads));
+  {
+    absl::MutexLock lock(&mu_);
+    Local& local = locals_[context];
+    // A pass that just ended may still hold `task` until its EndPass, which the core's strand
+    // runs before this pass's BeginPass; the core refuses a pass while one runs.
+    if (local.prepared != nullptr) {
+      return absl::FailedPreconditionError(
+          absl::StrCat("a backward pass is already running for autograd context ", context));
+    }
+    std::vector<std::shared_ptr<torch::autograd::Node>> sends;
+    for (const auto& [message, send] : local.sends) sends.push_back(send);
+    // Built here, on the caller's thread: the task runs under its thread-local state.
+    local.prepared =
+        std::make_shared<DistGraphTask>(graph_root, std::move(sends), retain_graph, local.store);
+    local.prepared_root = graph_root;
+  }
+  Future<Unit> done = core->Backward(context, retain_graph, deadline);
+  if (done.ready() && !done.result().ok()) {
+    std::shared_ptr<DistGraphTask> unused;
+    absl::MutexLock lock(&mu_);
+    auto it = locals_.find(context);
+    if (it != locals_.end()) {
+      unused = std::move(it->second.prepared);
+      it->second.prepared_root.reset();
+    }
+  }
+  return done;
+}
+
+absl::StatusOr<c10::Dict<at::Tensor, at::Tensor>> LocalAutograd::Gradients(
+    ContextId context) const {
+  std::shared_ptr<DistAutograd> core = core_.lock();
+  if (core == nullptr || !core->Exists(context)) {
+    return absl::NotFoundError(ContextNotFoundText(context));
+  }
+  std::shared_ptr<GradientStore> store;
+  {
+    absl::MutexLock lock(&mu_);
+    auto it = locals_.find(context);
+    if (it == locals_.end()) return c10::Dict<at::Tensor, at::Tensor>();
+    store = it->second.store;
+  }
+  return store->Snapshot();
+}
+
+std::map<AutogradMessageId, std::shared_ptr<torch::autograd::Node>> LocalAutograd::SendFunctions(
+    ContextId context) const {
+  std::map<AutogradMessageId, std::shared_ptr<torch::autograd::Node>> out;
+  absl::MutexLock lock(&mu_);
+  auto it = locals_.find(context);
+  if (it == locals_.end()) return out;
+  for (const auto& [message, node] : it->second.sends) out.emplace(message, node);
+  return out;
+}
+
+std::map<AutogradMessageId, std::shared_ptr<torch::autograd::Node>> LocalAutograd::RecvFunctions(
+    ContextId context) const {
+  std::map<AutogradMessageId, std::shared_ptr<torch::autograd::Node>> out;
+  absl::MutexLock lock(&mu_);
+  auto it = locals_.find(context);
+  if (it == locals_.end()) return out;
+  for (const auto& [message, node] : it->second.recvs) out.emplace(message, node);
+  return out;
+}
+
+absl::Status LocalAutograd::BeginPass(ContextId context, bool retain_graph, bool initiator) {
+  std::shared_ptr<DistGraphTask> task;
+  std::vector<std::shared_ptr<torch::autograd::Node>> sends;
+  std::shared_ptr<GradientStore> store;
+  {
+    absl::MutexLock lock(&mu_);
+    Local& local = locals_[context];
+    if (initiator) {
+      if (local.prepared == nullptr) {
+        return absl::InternalError(
+            absl::StrCat("no backward pass was prepared for autograd context ", context));
+      }
+      local.task = std::move(local.prepared);
+      local.root = std::move(local.prepared_root);
+      return absl::OkStatus();
+    }
+    for (const auto& [message, send] : local.sends) sends.push_back(send);
+    store = local.store;
+  }
+  // Built outside the lock (the dependency walk is as long as the graph).
+  task = std::make_shared<DistGraphTask>(nullptr, std::move(sends), retain_graph, store);
+  absl::MutexLock lock(&mu_);
+  locals_[context].task = std::move(task);
+  return absl::OkStatus();
+}
+
+PassProgress LocalAutograd::Progress(const DrainOutcome& outcome) {
+  PassProgress progress;
+  progress.error = outcome.error;
+  progress.local_done = outcome.local_done;
+  return progress;
+}
+
+PassProgress LocalAutograd::RunRoot(ContextId context) {
+  std::shared_ptr<DistGraphTask> task;
+  std::shared_ptr<torch::autograd::Node> root;
+  {
+    absl::MutexLock lock(&mu_);
+    auto it = locals_.find(context);
+    if (it != locals_.end()) {
+      task = it->second.task;
+      root = it->second.root;
+    }
+  }
+  if (task == nullptr || root == nullptr) {
+    PassProgress failed;
+    failed.error = absl::FailedPreconditionError(kContextNoLongerValidText);
+    return failed;
+  }
+  ContextGuard guard(context);
+  return Progress(task->Drain(root));
+}
+
+PassProgress LocalAutograd::RunSendFunction(ContextId context, AutogradMessageId message,
+                                            const std::string& gradients,
+                                            const std::vector<Buffer>& buffers) {
+  PassProgress failed;
+  std::shared_ptr<DistGraphTask> task;
+  std::shared_ptr<SendRpcBackward> send;
+  {
+    absl::MutexLock lock(&mu_);
+    auto it = locals_.find(context);
+    if (it == locals_.end() || it->second.task == nullptr) {
+      failed.error = absl::FailedPreconditionError(kContextNoLongerValidText);
+      return failed;
+    }
+    task = it->second.task;
+    auto found = it->second.sends.find(message);
+    if (found == it->second.sends.end()) {
+      failed.error = absl::NotFoundError(SendFunctionNotFoundText(message));
+      return failed;
+    }
+    send = found->second;
+  }
+  absl::StatusOr<pycall::Payload> payload = pycall::Parse(gradients);
+  if (!payload.ok()) {
+    failed.error = absl::InvalidArgumentError(absl::StrCat(
+        "malformed gradients for autograd message id ", message, ": ", payload.status().message()));
+    return failed;
+  }
+  absl::StatusOr<std::vector<at::Tensor>> grads =
+      pycall::TakeTensors(*payload, buffers, /*copy=*/false);
+  if (!grads.ok()) {
+    failed.error = absl::InvalidArgumentError(absl::StrCat(
+        "malformed gradients for autograd message id ", message, ": ", grads.status().message()));
+    return failed;
+  }
+  if (grads->size() != send->num_outputs()) {
+    failed.error = absl::InvalidArgumentError(absl::StrCat(
+        "autograd message id ", message, " sent ", send->num_outputs(),
+        " tensor(s) that require grad, but ", grads->size(), " gradient(s) came back"));
+    return failed;
+  }
+  send->SetGrads(*std::move(grads));
+  ContextGuard guard(context);
+  return Progress(task->Drain(send));
+}
+
+void LocalAutograd::AbortPass(ContextId context, const absl::Status& /*error*/) {
+  std::shared_ptr<DistGraphTask> task;
+  {
+    absl::MutexLock lock(&mu_);
+    auto it = locals_.find(context);
+    if (it != locals_.end()) task = it->second.task;
+  }
+  if (task != nullptr) task->Abort();
+}
+
+void LocalAutograd::EndPass(ContextId context) {
+  std::shared_ptr<DistGraphTask> task;
+  std::shared_ptr<torch::autograd::Node> root;
+  {
+    absl::MutexLock lock(&mu_);
+    auto it = locals_.find(context);
+    if (it == locals_.end()) return;
+    task = std::move(it->second.task);
+    root = std::move(it->second.root);
+  }
+  if (task != nullptr) task->ReplayWarnings();
+  // task and root are dropped here, without the lock.
+}
+
+void LocalAutograd::Release(ContextId context) {
+  Local dropped;
+  {
+    absl::MutexLock lock(&mu_);
+    auto it = locals_.find(context);
+    if (it == locals_.end()) return;
+    dropped = std::move(it->second);
+    locals_.erase(it);
+  }
+  // `dropped` (nodes, gradients, any task) goes here, without the lock.
+}
+
+}  // namespace dist_autograd
+}  // namespace tether
