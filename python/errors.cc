@@ -2,6 +2,7 @@
 
 #include <Python.h>
 
+#include "absl/strings/cord.h"
 #include "absl/strings/str_cat.h"
 #include "core/status.h"
 #include "python/process_state.h"
@@ -11,8 +12,44 @@ namespace py = pybind11;
 
 namespace tether {
 
+absl::Status RRefLeakError(absl::string_view message) {
+  absl::Status s = absl::DataLossError(message);
+  s.SetPayload(kRRefLeakPayloadUrl, absl::Cord("1"));
+  return s;
+}
+
+bool IsRRefLeak(const absl::Status& s) {
+  return s.code() == absl::StatusCode::kDataLoss && s.GetPayload(kRRefLeakPayloadUrl).has_value();
+}
+
+void RegisterErrorBindings(py::module_& m) {
+  // Kept as an attribute of the module only (no process-wide pointer): MakeException looks it up.
+  PyObject* cls = PyErr_NewExceptionWithDoc(
+      "tether._C.RRefLeakError",
+      "References still alive after a graceful rpc.shutdown() of a simulated worker "
+      "(tether.sim reports it as a leak). A RuntimeError.",
+      PyExc_RuntimeError, nullptr);
+  if (cls == nullptr) throw py::error_already_set();
+  m.attr("RRefLeakError") = py::reinterpret_steal<py::object>(cls);
+}
+
+namespace {
+
+// tether._C.RRefLeakError, or RuntimeError if the module is not importable (never expected).
+py::object RRefLeakErrorClass() {
+  try {
+    return py::module_::import("tether._C").attr("RRefLeakError");
+  } catch (py::error_already_set& e) {
+    e.discard_as_unraisable("tether: looking up tether._C.RRefLeakError");
+    return py::reinterpret_borrow<py::object>(PyExc_RuntimeError);
+  }
+}
+
+}  // namespace
+
 py::object MakeException(const absl::Status& status, const CallContext* ctx) {
   std::string detail(status.message());
+  if (IsRRefLeak(status)) return RRefLeakErrorClass()(detail);
   PyObject* type = PyExc_RuntimeError;
   std::string text;
   switch (status.code()) {

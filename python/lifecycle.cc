@@ -196,7 +196,7 @@ void Shutdown(bool graceful, double timeout, py::object on_wait) {
   }
   bool finished;
   if (on_wait.is_none() || InSimulatedWorker()) {
-    finished = WaitInterruptibly(done, deadline);
+    finished = WaitInterruptibly(done, deadline, sim::WaitKind::kShutdown);
   } else {
     absl::Time start = absl::Now();
     while (!(finished = WaitInterruptibly(
@@ -228,7 +228,7 @@ void Shutdown(bool graceful, double timeout, py::object on_wait) {
                                       " reference(s) alive after a graceful shutdown:");
       for (const LeakedRRef& l : leaks) absl::StrAppend(&text, "\n  ", l.ToString());
       if (InSimulatedWorker()) {
-        status = absl::DataLossError(text);
+        status = RRefLeakError(text);  // Raised as tether._C.RRefLeakError (errors.h).
       } else {
         PySys_WriteStderr("tether: %s\n", text.substr(0, 4000).c_str());
       }
@@ -252,6 +252,7 @@ void Shutdown(bool graceful, double timeout, py::object on_wait) {
     // kCancelled would read "RPC is shut down: RPC shutdown was not graceful": a plain error.
     Raise(absl::IsDeadlineExceeded(status) ? RpcTimeoutError(text)
           : absl::IsCancelled(status)      ? absl::UnknownError(text)
+          : IsRRefLeak(status)             ? RRefLeakError(text)
                                            : absl::Status(status.code(), text));
   }
 }

@@ -2,7 +2,7 @@
 // bindings (tensorstore's layout):
 //
 //   py_ownership   the rule for Python references and the GIL (read it first)
-//   errors         statuses become Python exceptions, in one place
+//   errors         statuses become Python exceptions, in one place (and tether._C.RRefLeakError)
 //   process_state  the extension's process-wide state, in one place
 //   wait           blocking waits: GIL released, Ctrl-C, the simulator's virtual time
 //   owned_value    RRef values kept as Python objects on their owner
@@ -23,6 +23,7 @@
 #include "python/callee.h"
 #include "python/caller.h"
 #include "python/dist_autograd_binding.h"
+#include "python/errors.h"
 #include "python/lifecycle.h"
 #include "python/rendezvous_binding.h"
 #include "python/rref_binding.h"
@@ -33,6 +34,7 @@ PYBIND11_MODULE(_C, m) {
   // costs a graph update per lock): off in the extension.
   absl::SetMutexDeadlockDetectionMode(absl::OnDeadlockCycle::kIgnore);
   m.doc() = "Tether's extension: the RPC engine behind tether.rpc (see python/module.cc).";
+  tether::RegisterErrorBindings(m);
   tether::RegisterLifecycleBindings(m);
   tether::RegisterCalleeBindings(m);
   tether::RegisterCallerBindings(m);

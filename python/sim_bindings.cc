@@ -18,6 +18,9 @@ namespace py = pybind11;
 namespace tether {
 namespace {
 
+// Process-wide state, listed in python/process_state.h: the simulated worker's runtime, one per
+// forked tether.sim process; set once by sim_child_create (GIL held), never reset (the process
+// ends with os._exit).
 std::unique_ptr<sim::ChildRuntime> g_child;
 
 sim::ChildRuntime& RequireChild() {
@@ -60,9 +63,11 @@ py::dict RunHost(std::vector<int> fds, uint64_t seed, const std::string& faults,
     d["main_done"] = w.main_done;
     d["ok"] = w.ok;
     d["error"] = w.error;
+    d["error_kind"] = w.error_kind;
     d["crashed"] = w.crashed;
     d["lost"] = w.lost;
     d["blocked"] = w.blocked;
+    d["blocked_in_shutdown"] = w.blocked_in_shutdown;
     workers.append(d);
   }
   py::list trace;
@@ -87,7 +92,7 @@ Executor* SimWorkerExecutor() { return RequireChild().executor(); }
 Network* SimWorkerNetwork() { return RequireChild().network(); }
 
 bool SimWaitUntil(const std::function<bool()>& ready, absl::Time deadline,
-                  const std::string& where) {
+                  const std::string& where, sim::WaitKind kind) {
   sim::ChildRuntime& rt = RequireChild();
   if (ready()) return true;
   bool expired = false;
@@ -95,7 +100,7 @@ bool SimWaitUntil(const std::function<bool()>& ready, absl::Time deadline,
   if (deadline != absl::InfiniteFuture()) {
     timer = rt.clock()->Schedule(deadline, [&expired] { expired = true; });
   }
-  absl::Status s = rt.BlockUntil([&] { return expired || ready(); }, where);
+  absl::Status s = rt.BlockUntil([&] { return expired || ready(); }, where, kind);
   if (timer && !expired) rt.clock()->Cancel(*timer);
   if (!s.ok()) throw std::runtime_error(std::string(s.message()));
   return ready();
@@ -124,12 +129,14 @@ void RegisterSimBindings(py::module& m) {
   });
   m.def(
       "sim_child_main_done",
-      [](bool ok, const std::string& text) {
+      [](bool ok, const std::string& text, const std::string& error_kind) {
         sim::ChildRuntime& rt = RequireChild();
         py::gil_scoped_release release;
-        rt.MainDone(ok, text);
+        rt.MainDone(ok, text, error_kind);
       },
-      py::arg("ok"), py::arg("text"));
+      py::arg("ok"), py::arg("text"), py::arg("error_kind") = "",
+      "Reports how the worker's main ended: `error_kind` is the kind of failure as data (what "
+      "tether.sim classifies by), `text` the report.");
   m.def(
       "sim_register",
       [](const std::string& name) {

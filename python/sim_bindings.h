@@ -15,6 +15,7 @@
 #include "core/clock.h"
 #include "core/executor.h"
 #include "core/network.h"
+#include "sim/process/wait_kind.h"
 
 namespace tether {
 
@@ -31,8 +32,9 @@ Network* SimWorkerNetwork();
 
 // Yields to the simulator until `ready()` holds or the worker's virtual clock reaches `deadline`
 // (InfiniteFuture: no deadline). Returns ready(). Call without the GIL; `ready` runs without it.
+// `kind` says what kind of wait it is (a hang report's data), `where` where it waits (its text).
 bool SimWaitUntil(const std::function<bool()>& ready, absl::Time deadline,
-                  const std::string& where);
+                  const std::string& where, sim::WaitKind kind = sim::WaitKind::kOther);
 
 // Adds tether._C.sim_*.
 void RegisterSimBindings(pybind11::module& m);

@@ -13,7 +13,8 @@ namespace py = pybind11;
 namespace tether {
 
 bool WaitUntilReady(const std::function<bool()>& ready,
-                    const std::function<bool(absl::Duration)>& wait_for, absl::Time deadline) {
+                    const std::function<bool(absl::Duration)>& wait_for, absl::Time deadline,
+                    sim::WaitKind kind) {
   if (InSimulatedWorker()) {
     // Yield to the simulator; the deadline counts in the worker's virtual time.
     absl::Time sim_deadline = deadline == absl::InfiniteFuture()
@@ -25,7 +26,7 @@ bool WaitUntilReady(const std::function<bool()>& ready,
     } catch (const py::error_already_set&) {
     }
     ScopedGilRelease release;
-    return SimWaitUntil(ready, sim_deadline, where);
+    return SimWaitUntil(ready, sim_deadline, where, kind);
   }
   while (true) {
     bool done;

@@ -32,15 +32,12 @@
 //   //testing/transport:tracing_network_conformance_test  tracing over sim, TCP
 //   //testing/transport:faulty_network_conformance_test   faulty (no faults configured)
 //                                                         over sim, TCP
-// Not instantiated: the process simulator's link network (sim/process/child.cc,
-// ChildRuntime's LinkNetwork). It exists once per worker process (ChildRuntime
-// is a process singleton), and every call on it is a request over the link
-// that only a frame holding the host's baton may make, so the suite's shape
-// (all networks of a case in one process, driven from the test's thread) does
-// not fit it. It forwards each Start/Send/Stop to the host, where the worker's
-// endpoint is a SimNetwork of the host's SimFabric (sim/process/host.cc): the
-// delivery semantics are the simulated network's, which this suite covers;
-// //sim/process:host_test drives the link end to end across processes.
+//   //testing:process_link_conformance_test          the process simulator's link
+//       network (ChildRuntime's LinkNetwork, sim/process/child.cc): each worker a
+//       forked process against a ProcessHost in the test; the suite's calls go
+//       to a proxy that has the worker's main frame make them (only the baton
+//       holder may), and the worker forwards what it delivers. Nothing wraps it:
+//       its clock lives in the worker's process (clock() is null).
 #ifndef TETHER_TESTING_NETWORK_CONFORMANCE_H_
 #define TETHER_TESTING_NETWORK_CONFORMANCE_H_
 

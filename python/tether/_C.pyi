@@ -11,6 +11,9 @@ def _set_hooks(
     timeout_error: type,
 ) -> None: ...
 
+class RRefLeakError(RuntimeError):
+    """References still alive after a simulated worker's graceful shutdown."""
+
 class Responder:
     @property
     def is_remote(self) -> bool: ...

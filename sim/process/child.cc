@@ -11,17 +11,22 @@ namespace tether::sim {
 namespace {
 
 constexpr uint64_t kNoFrame = ~0ull;
+// Process-wide state (one slot per thread: which frame the thread is, if any), listed with the
+// extension's others in python/process_state.h. Written once by each thread as it starts.
 thread_local uint64_t tls_frame = kNoFrame;
-ChildRuntime* g_current = nullptr;
 
 }  // namespace
 
 class ChildRuntime::LinkClock : public Clock {
  public:
   explicit LinkClock(ChildRuntime* rt) : rt_(rt) {}
-  absl::Time Now() override { return absl::FromUnixNanos(rt_->now_ns_); }
+  absl::Time Now() override {
+    rt_->AssertHoldsBaton();
+    return absl::FromUnixNanos(rt_->now_ns_);
+  }
   TimerId Schedule(absl::Time deadline,
                    std::function<void()> callback) override {
+    rt_->AssertHoldsBaton();
     TimerId id = rt_->next_id_++;
     rt_->timers_[id] = std::move(callback);
     if (deadline == absl::InfiniteFuture())
@@ -34,6 +39,7 @@ class ChildRuntime::LinkClock : public Clock {
     return id;
   }
   bool Cancel(TimerId id) override {
+    rt_->AssertHoldsBaton();
     if (rt_->timers_.erase(id) == 0) return false;
     link::Frame f;
     f.set_kind(link::Frame::CANCEL);
@@ -50,6 +56,7 @@ class ChildRuntime::LinkExecutor : public Executor {
  public:
   explicit LinkExecutor(ChildRuntime* rt) : rt_(rt) {}
   void Post(std::function<void()> task) override {
+    rt_->AssertHoldsBaton();
     uint64_t id = rt_->next_id_++;
     rt_->tasks_[id] = std::move(task);
     link::Frame f;
@@ -67,6 +74,7 @@ class ChildRuntime::LinkNetwork : public Network {
   explicit LinkNetwork(ChildRuntime* rt) : rt_(rt) {}
   WorkerId self() const override { return rt_->rank_; }
   absl::Status Start(NetworkObserver* observer) override {
+    rt_->AssertHoldsBaton();
     if (observer_ != nullptr)
       return absl::FailedPreconditionError("network already started");
     observer_ = observer;
@@ -79,6 +87,7 @@ class ChildRuntime::LinkNetwork : public Network {
                                   r->text());
   }
   absl::Status Send(WorkerId to, Message message) override {
+    rt_->AssertHoldsBaton();
     if (stopped_) return absl::UnavailableError("network is stopped");
     message.envelope.set_to(to);
     message.SealBuffers();
@@ -93,6 +102,7 @@ class ChildRuntime::LinkNetwork : public Network {
                                   r->text());
   }
   void Stop() override {
+    rt_->AssertHoldsBaton();
     if (stopped_) return;
     stopped_ = true;
     observer_ = nullptr;
@@ -100,32 +110,29 @@ class ChildRuntime::LinkNetwork : public Network {
     f.set_kind(link::Frame::NETWORK_STOP);
     rt_->Request(std::move(f)).IgnoreError();
   }
-  NetworkObserver* observer() const { return observer_; }
+  // From the controller (the baton holder).
+  NetworkObserver* observer() const {
+    rt_->AssertHoldsBaton();
+    return observer_;
+  }
 
  private:
   ChildRuntime* const rt_;
-  NetworkObserver* observer_ = nullptr;
-  bool stopped_ = false;
+  NetworkObserver* observer_ ABSL_GUARDED_BY(rt_->baton_) = nullptr;
+  bool stopped_ ABSL_GUARDED_BY(rt_->baton_) = false;
 };
 
 absl::StatusOr<std::unique_ptr<ChildRuntime>> ChildRuntime::Create(
     int fd, WorkerId rank, int max_task_threads) {
   if (fd < 0) return absl::InvalidArgumentError("bad link descriptor");
-  if (g_current != nullptr) {
-    return absl::FailedPreconditionError(
-        "this process already has a simulated worker");
-  }
   if (max_task_threads < 1) max_task_threads = 1;
   std::unique_ptr<ChildRuntime> rt(
       new ChildRuntime(fd, rank, max_task_threads));
-  g_current = rt.get();
   ChildRuntime* raw = rt.get();
   rt->controller_ =
       std::thread([raw] { raw->ControllerLoop(); });  // seam-ok: see header
   return rt;
 }
-
-ChildRuntime* ChildRuntime::Current() { return g_current; }
 
 ChildRuntime::ChildRuntime(int fd, WorkerId rank, int max_task_threads)
     : fd_(fd), rank_(rank), max_task_threads_(max_task_threads) {
@@ -143,14 +150,13 @@ ChildRuntime::~ChildRuntime() {
   for (auto& [id, f] : frames_) {
     if (f->thread.joinable()) f->thread.detach();
   }
-  if (g_current == this) g_current = nullptr;
 }
 
 Clock* ChildRuntime::clock() { return clock_.get(); }
 Executor* ChildRuntime::executor() { return executor_.get(); }
 Network* ChildRuntime::network() { return network_.get(); }
 
-void ChildRuntime::Die(const std::string& why) {
+void ChildRuntime::Die(const std::string& why) const {
   std::fprintf(stderr, "tether.sim worker %d: %s\n", rank_, why.c_str());
   std::fflush(nullptr);
   _exit(3);
@@ -175,14 +181,39 @@ absl::StatusOr<link::Frame> ChildRuntime::Request(
   return std::move(in->frame);
 }
 
-void ChildRuntime::PassBaton(uint64_t to, uint64_t self) {
-  std::unique_lock<std::mutex> lock(baton_mu_);
-  holder_ = to;
-  baton_cv_.notify_all();
-  baton_cv_.wait(lock, [&] { return holder_ == self; });
+void ChildRuntime::AssertHoldsBaton() const {
+  uint64_t holder;
+  {
+    absl::MutexLock lock(&baton_mu_);
+    holder = holder_;
+  }
+  if (tls_frame == kNoFrame || holder != tls_frame) {
+    Die("the simulated worker's runtime was used from a thread that does not "
+        "hold the baton (a thread of its own, or a frame that is not running)");
+  }
 }
 
-uint64_t ChildRuntime::CurrentFrameId() const { return tls_frame; }
+void ChildRuntime::set_max_task_threads(int n) {
+  AssertHoldsBaton();
+  max_task_threads_ = n < 1 ? 1 : n;
+}
+
+void ChildRuntime::PassBaton(uint64_t to, uint64_t self) {
+  absl::MutexLock lock(&baton_mu_);
+  holder_ = to;
+  auto mine = [this, self]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(baton_mu_) {
+    return holder_ == self;
+  };
+  baton_mu_.Await(absl::Condition(&mine));
+}
+
+void ChildRuntime::AwaitBaton(uint64_t self) {
+  absl::MutexLock lock(&baton_mu_);
+  auto mine = [this, self]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(baton_mu_) {
+    return holder_ == self;
+  };
+  baton_mu_.Await(absl::Condition(&mine));
+}
 
 bool ChildRuntime::OnFrame() const {
   return tls_frame != kNoFrame && tls_frame != kController;
@@ -190,24 +221,25 @@ bool ChildRuntime::OnFrame() const {
 
 void ChildRuntime::WaitForStart() {
   tls_frame = kMain;
-  std::unique_lock<std::mutex> lock(baton_mu_);
-  baton_cv_.wait(lock, [&] { return holder_ == kMain; });
+  AwaitBaton(kMain);
 }
 
 absl::Status ChildRuntime::BlockUntil(std::function<bool()> ready,
-                                      std::string where) {
+                                      std::string where, WaitKind kind) {
   const uint64_t me = tls_frame;
   if (me == kNoFrame || me == kController) {
     return absl::FailedPreconditionError(
         "a simulated worker can only wait on its main thread or in an RPC "
         "handler");
   }
+  AssertHoldsBaton();
   while (!ready()) {
     Frame& f = *frames_[me];
     f.blocked = true;
     f.announced = false;
     f.ready = ready;
     f.where = where;
+    f.kind = kind;
     PassBaton(kController, me);
   }
   return absl::OkStatus();
@@ -215,6 +247,7 @@ absl::Status ChildRuntime::BlockUntil(std::function<bool()> ready,
 
 absl::StatusOr<std::vector<std::string>> ChildRuntime::Register(
     const std::string& name) {
+  AssertHoldsBaton();
   link::Frame f;
   f.set_kind(link::Frame::REGISTER);
   f.set_text(name);
@@ -222,25 +255,30 @@ absl::StatusOr<std::vector<std::string>> ChildRuntime::Register(
   if (!r.ok()) return r.status();
   if (!r->ok())
     return absl::Status(static_cast<absl::StatusCode>(r->code()), r->text());
+  // The predicate runs on the controller, the baton holder.
+  auto known = [this]() ABSL_NO_THREAD_SAFETY_ANALYSIS { return names_known_; };
   absl::Status s =
-      BlockUntil([this] { return names_known_; },
-                 absl::StrCat("rendezvous of worker '", name, "'"));
+      BlockUntil(known, absl::StrCat("rendezvous of worker '", name, "'"));
   if (!s.ok()) return s;
   return names_;
 }
 
 void ChildRuntime::Trace(const std::string& json) {
+  AssertHoldsBaton();
   link::Frame f;
   f.set_kind(link::Frame::TRACE);
   f.set_text(json);
   Request(std::move(f)).IgnoreError();
 }
 
-void ChildRuntime::MainDone(bool ok, const std::string& text) {
+void ChildRuntime::MainDone(bool ok, const std::string& text,
+                            const std::string& error_kind) {
+  AssertHoldsBaton();
   link::Frame f;
   f.set_kind(link::Frame::MAIN_DONE);
   f.set_ok(ok);
   f.set_text(text);
+  f.set_error_kind(error_kind);
   Request(std::move(f)).IgnoreError();
   frames_[kMain]->blocked = false;
   while (true)
@@ -275,10 +313,8 @@ void ChildRuntime::RunTask(std::function<void()> task) {
 
 void ChildRuntime::TaskThreadLoop(Frame* frame) {
   tls_frame = frame->id;
-  {
-    std::unique_lock<std::mutex> lock(baton_mu_);
-    baton_cv_.wait(lock, [&] { return holder_ == frame->id; });
-  }
+  AwaitBaton(frame->id);
+  AssertHoldsBaton();
   while (true) {
     std::function<void()> job = std::move(frame->job);
     frame->job = nullptr;
@@ -307,6 +343,7 @@ void ChildRuntime::AnnounceReadyFrames() {
 
 void ChildRuntime::ControllerLoop() {
   tls_frame = kController;
+  AssertHoldsBaton();  // The controller starts with it.
   while (true) {
     absl::StatusOr<LinkFrame> in = ReadFrame(fd_);
     if (!in.ok())
@@ -375,6 +412,8 @@ void ChildRuntime::ControllerLoop() {
       link::Blocked* b = done.add_blocked();
       b->set_frame(id);
       b->set_where(f->where);
+      b->set_kind(f->kind == WaitKind::kShutdown ? link::Blocked::SHUTDOWN
+                                                 : link::Blocked::OTHER);
     }
     for (size_t i = 0; i < starved_.size(); ++i) {
       link::Blocked* b = done.add_blocked();

@@ -325,6 +325,7 @@ void ProcessHost::HandleRequest(WorkerId k, LinkFrame& in) {
       w.outcome.main_done = true;
       w.outcome.ok = f.ok();
       w.outcome.error = f.text();
+      w.outcome.error_kind = f.error_kind();
       Reply(k, true);
       return;
     case link::Frame::TRACE:
@@ -355,8 +356,12 @@ void ProcessHost::Exec(WorkerId k, link::Frame command,
     }
     if (in->frame.kind() == link::Frame::DONE) {
       w.outcome.blocked.clear();
-      for (const link::Blocked& b : in->frame.blocked())
+      w.outcome.blocked_in_shutdown = false;
+      for (const link::Blocked& b : in->frame.blocked()) {
         w.outcome.blocked.push_back(b.where());
+        if (b.kind() == link::Blocked::SHUTDOWN)
+          w.outcome.blocked_in_shutdown = true;
+      }
       if (w.outcome.main_done) Finish(k);
       return;
     }
@@ -413,7 +418,10 @@ ProcessRunResult ProcessHost::Run() {
       WriteFrame(w.fd, std::move(exit)).IgnoreError();
       w.dead = true;
     }
-    if (w.outcome.main_done) w.outcome.blocked.clear();
+    if (w.outcome.main_done) {
+      w.outcome.blocked.clear();
+      w.outcome.blocked_in_shutdown = false;
+    }
     result_.workers.push_back(w.outcome);
   }
   result_.trace_hash = scheduler_->trace_hash();

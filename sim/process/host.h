@@ -59,10 +59,16 @@ struct WorkerOutcome {
   bool main_done = false;
   bool ok = false;       // main returned without raising
   std::string error;     // what main raised, with its traceback
+  // What kind of failure main reported (ChildRuntime::MainDone's error_kind),
+  // as data: the driver classifies by it, never by `error`'s text.
+  std::string error_kind;
   bool crashed = false;  // by a planned fault
   bool lost = false;     // the process died on its own
   // Frames still waiting when the run ended (a hang): what each waits for.
   std::vector<std::string> blocked;
+  // Whether one of them waits in the graceful-shutdown barrier
+  // (WaitKind::kShutdown).
+  bool blocked_in_shutdown = false;
 };
 
 // One trace event from the run, for the Chrome trace: JSON object text with

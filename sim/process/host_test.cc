@@ -32,6 +32,7 @@ struct Plan {
   bool record_trace = false;
   Setup setup;  // handlers, on every worker
   WorkerMain main;
+  std::string error_kind;  // MainDone's, when main fails
 };
 
 [[noreturn]] void RunChild(const Plan& plan, int rank, int fd) {
@@ -59,8 +60,9 @@ struct Plan {
   if (!s.ok()) child.MainDone(false, std::string(s.message()));
   std::string error = plan.main ? plan.main(child, **agent) : "";
   Future<Unit> done = (*agent)->Shutdown(true);
-  child.BlockUntil([&] { return done.ready(); }, "shutdown").IgnoreError();
-  child.MainDone(error.empty(), error);
+  child.BlockUntil([&] { return done.ready(); }, "shutdown", WaitKind::kShutdown)
+      .IgnoreError();
+  child.MainDone(error.empty(), error, error.empty() ? "" : plan.error_kind);
   _exit(0);
 }
 
@@ -219,6 +221,46 @@ TEST(ProcessHostTest, ReportsAnErrorFromMain) {
   EXPECT_TRUE(r.workers[0].ok);
   EXPECT_FALSE(r.workers[1].ok);
   EXPECT_EQ(r.workers[1].error, "ValueError: planted");
+}
+
+TEST(ProcessHostTest, TheErrorKindIsDataNotText) {
+  // Text that reads like a leak carries no kind; a kind is passed as given.
+  Plan p = EchoPlan(2, 1);
+  p.main = [](ChildRuntime&, Agent&) -> std::string {
+    return "RuntimeError: RRef leak on worker 'worker1' without calling rpc.shutdown()";
+  };
+  ProcessRunResult r = RunPlan(p);
+  ASSERT_EQ(r.workers.size(), 2u);
+  EXPECT_FALSE(r.workers[1].ok);
+  EXPECT_EQ(r.workers[1].error_kind, "");
+  p.error_kind = "leak";
+  r = RunPlan(p);
+  EXPECT_EQ(r.workers[0].error_kind, "leak");
+  EXPECT_EQ(r.workers[1].error_kind, "leak");
+  EXPECT_EQ(r.workers[1].error.substr(0, 13), "RuntimeError:");
+}
+
+TEST(ProcessHostTest, AHangInTheShutdownBarrierIsMarkedByItsKind) {
+  // worker0 waits for ever where its text says "shutdown"; worker1 in a wait of
+  // kind kShutdown whose text does not.
+  Plan p;
+  p.workers = 2;
+  p.main = [](ChildRuntime& rt, Agent& a) -> std::string {
+    if (a.self().id == 0) {
+      rt.BlockUntil([] { return false; }, "shutdown_requested.wait()").IgnoreError();
+    } else {
+      rt.BlockUntil([] { return false; }, "the barrier", WaitKind::kShutdown).IgnoreError();
+    }
+    return "";
+  };
+  ProcessRunResult r = RunPlan(p);
+  EXPECT_NE(r.hang, "");
+  ASSERT_EQ(r.workers.size(), 2u);
+  EXPECT_FALSE(r.workers[0].main_done);
+  EXPECT_EQ(r.workers[0].blocked, std::vector<std::string>{"shutdown_requested.wait()"});
+  EXPECT_FALSE(r.workers[0].blocked_in_shutdown);
+  EXPECT_EQ(r.workers[1].blocked, std::vector<std::string>{"the barrier"});
+  EXPECT_TRUE(r.workers[1].blocked_in_shutdown);
 }
 
 TEST(ProcessHostTest, DuplicateNamesAreRefused) {

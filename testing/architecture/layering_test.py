@@ -13,6 +13,14 @@
 
 It reads the BUILD files (deps, data, srcs, hdrs) and the #include lines of the C++ sources it is
 given as data, and names the offending file and line.
+
+Nothing escapes it: it finds every package of the source tree (every directory with a BUILD or
+BUILD.bazel file, tools/, examples/ and third_party/ included; nested repositories with their
+own WORKSPACE aside) and fails for a package in no layer it has a rule for (ALLOWED or
+UNRESTRICTED below), and for a package, or a C++ source of a restricted layer, missing from its
+data (testing/architecture/BUILD.bazel): what it is not given, it cannot check. Because that
+compares the data with the tree itself, which Bazel does not see as an input, the test is tagged
+"external" (never cached).
 """
 import os
 import re
@@ -23,13 +31,24 @@ import unittest
 # google/, torch/, @system//...) is a system library.
 OWN = {"core", "sim", "transport", "python", "testing", "tools", "examples", "third_party"}
 
-# What each layer may use, itself included. Layers not listed (testing/, tools/, examples/) are
-# unrestricted.
+# What each layer may use, itself included (a layer is a top-level directory; "" is the root
+# package).
 ALLOWED = {
     "core": {"core"},
     "sim": {"core", "sim"},
     "transport": {"core", "transport"},
     "python": {"core", "sim", "transport", "python"},
+    # Programs a user would write: the product only.
+    "examples": {"python", "examples"},
+    # Build glue over the system (toolchains, the TSan shim): nothing of ours.
+    "third_party": {"third_party"},
+}
+
+# Layers that may use everything, and why. A package in a layer neither here nor in ALLOWED fails.
+UNRESTRICTED = {
+    "testing": "drives the system to check it (everything there is testonly, checked below)",
+    "tools": "the commands people run: set-up, tests, demos, benchmarks",
+    "": "the root package (workspace-wide settings only)",
 }
 
 # Variants of one library that must never be linked together.
@@ -223,25 +242,70 @@ def exclusive_violations(targets):
 
 # --- the tree under test ---
 
+BUILD_NAMES = ("BUILD.bazel", "BUILD")
+DATA_LIST = "testing/architecture/BUILD.bazel"
+
+
 def workspace_top():
+    """Where the files the test is given are: its runfiles under `bazel test`."""
     srcdir = os.environ.get("TEST_SRCDIR")
     if srcdir:
         return os.path.join(srcdir, os.environ.get("TEST_WORKSPACE", "tether"))
-    return os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    return source_top()
+
+
+def source_top():
+    """The source tree itself (the runfiles are symlinks into it)."""
+    return os.path.dirname(os.path.dirname(os.path.dirname(os.path.realpath(__file__))))
 
 
 def tree(top):
+    """(C++ sources, BUILD files) under `top`, as paths relative to it: every package's BUILD
+    file, outside version control, Bazel's output links and nested repositories."""
     sources, builds = [], []
-    for layer in sorted(OWN):
-        for dirpath, dirs, files in os.walk(os.path.join(top, layer)):
-            dirs.sort()
-            for f in sorted(files):
-                rel = os.path.relpath(os.path.join(dirpath, f), top)
-                if f == "BUILD.bazel":
-                    builds.append(rel)
-                elif f.endswith((".h", ".cc")) and ".pb." not in f:
-                    sources.append(rel)
+    for dirpath, dirs, files in os.walk(top):
+        rel_dir = os.path.relpath(dirpath, top)
+        rel_dir = "" if rel_dir == "." else rel_dir
+        dirs[:] = sorted(d for d in dirs if not d.startswith((".", "bazel-")) and
+                         not os.path.exists(os.path.join(dirpath, d, "WORKSPACE")))
+        for f in sorted(files):
+            rel = os.path.join(rel_dir, f)
+            if f in BUILD_NAMES:
+                builds.append(rel)
+            elif f.endswith((".h", ".cc")) and ".pb." not in f:
+                sources.append(rel)
     return sources, builds
+
+
+def package_of(build):
+    return os.path.dirname(build).replace(os.sep, "/")
+
+
+def label_of(build):
+    return f"//{package_of(build)}:{os.path.basename(build)}"
+
+
+def coverage_violations(top, source):
+    """What the tree at `source` has that the test cannot check at `top` (its runfiles): a
+    package in no layer with a rule; a package or a restricted layer's C++ source not given as
+    data."""
+    given_sources, given_builds = tree(top)
+    sources, builds = tree(source)
+    found = []
+    for b in builds:
+        layer = layer_of(package_of(b))
+        if layer not in ALLOWED and layer not in UNRESTRICTED:
+            found.append(f"{b}: package //{package_of(b)} is in no layer layering_test has a rule "
+                         f"for: add '{layer}' to ALLOWED (what it may use) or UNRESTRICTED (why "
+                         f"it may use everything) in testing/architecture/layering_test.py")
+        if b not in given_builds:
+            found.append(f"{b}: package //{package_of(b)} is not in layering_test's data: add "
+                         f'"{label_of(b)}" (or its sources filegroup) in {DATA_LIST}')
+    for s in sources:
+        if layer_of(s) in ALLOWED and s not in given_sources:
+            found.append(f"{s}: not in layering_test's data, so its #includes go unchecked: "
+                         f"give its package's sources filegroup in {DATA_LIST}")
+    return found
 
 
 def violations(top):
@@ -255,10 +319,53 @@ class LayeringTest(unittest.TestCase):
         sources, builds = tree(top)
         for layer in ("core", "sim", "transport"):
             self.assertTrue(any(layer_of(s) == layer for s in sources), f"no {layer}/ sources")
-        for pkg in ("core", "sim", "transport", "python", "testing", "testing/explore"):
-            self.assertIn(os.path.join(pkg, "BUILD.bazel"), builds)
         found = violations(top)
         self.assertEqual(found, [], "\n" + "\n".join(found))
+
+    def test_every_package_is_checked(self):
+        source = source_top()
+        self.assertTrue(os.path.exists(os.path.join(source, "WORKSPACE")),
+                        f"cannot find the source tree (from {__file__}): {source}")
+        _, builds = tree(source)
+        # The walk itself finds packages in every layer (tools/, examples/ and nested ones too).
+        for pkg in ("", "core", "sim/process", "transport/faulty", "python", "testing/explore",
+                    "tools", "examples", "third_party/tsan"):
+            self.assertIn(pkg, {package_of(b) for b in builds})
+        found = coverage_violations(workspace_top(), source)
+        self.assertEqual(found, [], "\n" + "\n".join(found))
+
+    def test_a_package_without_a_rule_or_data_is_caught(self):
+        import tempfile
+        with tempfile.TemporaryDirectory() as given, tempfile.TemporaryDirectory() as source:
+            def write(top, rel, text=""):
+                os.makedirs(os.path.join(top, os.path.dirname(rel)), exist_ok=True)
+                with open(os.path.join(top, rel), "w") as fh:
+                    fh.write(text)
+            for top in (given, source):
+                write(top, "BUILD.bazel")
+                write(top, "core/BUILD.bazel")
+                write(top, "core/a.cc")
+                write(top, "tools/BUILD.bazel")
+            write(source, "core/b.h")                 # a source not given
+            write(source, "core/sub/BUILD")           # a package not given (a BUILD file)
+            write(source, "bench/BUILD.bazel")        # a new layer, no rule, not given
+            write(source, "testing/x.cc")             # unrestricted: its sources need not be
+            write(source, "third_party/repo/WORKSPACE")   # another repository: not a package
+            write(source, "third_party/repo/BUILD")
+            write(source, ".git/BUILD")
+            found = coverage_violations(given, source)
+            text = "\n".join(found)
+            expected = [
+                "bench/BUILD.bazel: package //bench is in no layer layering_test has a rule for",
+                'bench/BUILD.bazel: package //bench is not in layering_test\'s data: add '
+                '"//bench:BUILD.bazel"',
+                'core/sub/BUILD: package //core/sub is not in layering_test\'s data: add '
+                '"//core/sub:BUILD"',
+                "core/b.h: not in layering_test's data",
+            ]
+            for e in expected:
+                self.assertIn(e, text)
+            self.assertEqual(len(found), len(expected), text)
 
     def test_planted_violations_are_caught(self):
         import tempfile

@@ -26,11 +26,14 @@ EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(HERE)), "examples")
 sys.path.insert(0, EXAMPLES)
 
 import correct  # noqa: E402
+import fake_leak_text  # noqa: E402
 import leaked_rref  # noqa: E402
 import missing_timeout  # noqa: E402
 import nested_deadlock  # noqa: E402
+import returns_without_shutdown  # noqa: E402
 import user_exception  # noqa: E402
 import user_thread  # noqa: E402
+import wait_named_shutdown  # noqa: E402
 
 FAULTS = "delay=0..5ms,dup=0.05,reorder=0.2"
 
@@ -89,6 +92,10 @@ class PlantedBugTest(unittest.TestCase):
         r = sim.run(leaked_rref.main, 2, seed=1)
         self.assertEqual(r.kinds(), ["leak"])
         self.assertIn("RRef leak on worker 'worker1'", r.failures[0].detail)
+        # Raised as its own type, which is still a RuntimeError (PyTorch-compatible handling).
+        self.assertIn("tether._C.RRefLeakError: RPC shutdown was not graceful: RRef leak",
+                      r.failures[0].detail)
+        self.assertTrue(issubclass(_C.RRefLeakError, RuntimeError))
 
     def test_user_exception_has_its_traceback(self):
         r = sim.run(user_exception.main, 2, seed=1)
@@ -98,10 +105,34 @@ class PlantedBugTest(unittest.TestCase):
         self.assertIn("ValueError: planted", worker1[0].detail)
         self.assertIn("user_exception.py", worker1[0].detail)
 
+    def test_main_returning_without_shutdown_is_a_shutdown_failure(self):
+        r = sim.run(returns_without_shutdown.main, 2, seed=1, time_limit=30)
+        worker1 = [f for f in r.failures if f.worker == "worker1"]
+        self.assertEqual([f.kind for f in worker1], ["shutdown"], r.failures)
+        self.assertIn("without calling rpc.shutdown()", worker1[0].detail)
+
     def test_user_threads_are_refused(self):
         r = sim.run(user_thread.main, 2, seed=1)
         self.assertFalse(r.ok)
         self.assertIn("started a thread ('background')", "\n".join(f.detail for f in r.failures))
+
+
+class FailureKindsAreDataTest(unittest.TestCase):
+    """A failure's kind comes from what happened (the exception's type, the wait's kind), never
+    from text a user's program can write too."""
+
+    def test_user_error_reading_like_a_leak_and_a_missed_shutdown_is_an_exception(self):
+        r = sim.run(fake_leak_text.main, 2, seed=1)
+        self.assertEqual([(f.kind, f.worker) for f in r.failures], [("exception", "worker1")])
+        self.assertIn("RuntimeError: RRef leak on worker 'worker1'", r.failures[0].detail)
+        self.assertIn("without calling rpc.shutdown()", r.failures[0].detail)
+
+    def test_a_wait_whose_line_says_shutdown_is_a_hang_and_the_barrier_a_shutdown(self):
+        r = sim.run(wait_named_shutdown.main, 2, seed=1, time_limit=30)
+        self.assertEqual({f.worker: f.kind for f in r.failures},
+                         {"worker0": "shutdown", "worker1": "hang"}, r.failures)
+        worker1 = [f for f in r.failures if f.worker == "worker1"][0]
+        self.assertIn("shutdown_requested.wait()", worker1.detail)
 
 
 class ExamplesUnderSimulationTest(unittest.TestCase):

@@ -67,7 +67,14 @@ class SimResult:
         return sorted({f.kind for f in self.failures})
 
 
+# The kinds a worker reports for its main function (tether.sim._child.run_worker), as data.
+_MAIN_KINDS = ("exception", "leak", "shutdown")
+
+
 def _classify(raw: dict) -> List[Failure]:
+    """Failures by kind, decided by the data the workers and the host report (a worker's
+    error_kind, whether a hung worker waits in the shutdown barrier), never by their text: a
+    user's exception that happens to read like a leak is an exception."""
     failures: List[Failure] = []
     for rank, w in enumerate(raw["workers"]):
         name = w["name"] or f"rank {rank}"
@@ -76,18 +83,12 @@ def _classify(raw: dict) -> List[Failure]:
         if w["lost"]:
             failures.append(Failure("crash", name, w["error"]))
         elif w["main_done"] and not w["ok"]:
-            err = w["error"]
-            kind = "exception"
-            if "RRef leak on worker" in err:
-                kind = "leak"
-            elif "without calling rpc.shutdown()" in err:
-                kind = "shutdown"
-            failures.append(Failure(kind, name, err.rstrip()))
+            kind = w["error_kind"] if w["error_kind"] in _MAIN_KINDS else "exception"
+            failures.append(Failure(kind, name, w["error"].rstrip()))
         elif not w["main_done"]:
             waits = w["blocked"] or ["(nothing recorded)"]
-            in_shutdown = any("shutdown" in b for b in waits)
             failures.append(Failure(
-                "shutdown" if in_shutdown else "hang", name,
+                "shutdown" if w["blocked_in_shutdown"] else "hang", name,
                 f"{raw['hang'] or 'did not finish'}; still waiting on:\n    " + "\n    ".join(waits),
             ))
     return failures

@@ -176,22 +176,26 @@ def run_worker(fn: Callable[[int, int], Any], rank: int, world_size: int, fd: in
         _C.sim_child_create(fd, rank, num_threads)
         _patch_process(seed, rank)
         _C.sim_child_wait_for_start()
-        ok, text = True, ""
+        # The failure's kind goes to the host as data (tether.sim classifies by it, never by
+        # the text): "shutdown" (main returned with RPC still up), "leak" (the graceful
+        # shutdown found references alive: _C.RRefLeakError), "exception" (anything else).
+        ok, kind, text = True, "", ""
         try:
             fn(rank, world_size)
             from tether import rpc
 
             if _C.is_initialized():
-                ok, text = False, (
+                ok, kind, text = False, "shutdown", (
                     "the worker's main function returned without calling rpc.shutdown(); "
                     "its peers lose it as if it had crashed"
                 )
                 rpc.shutdown(graceful=False)
-        except BaseException:  # noqa: B902 (reported to the host)
+        except BaseException as e:  # noqa: B902 (reported to the host)
             ok, text = False, traceback.format_exc()
+            kind = "leak" if isinstance(e, _C.RRefLeakError) else "exception"
         sys.stdout.flush()
         sys.stderr.flush()
-        _C.sim_child_main_done(ok, text)
+        _C.sim_child_main_done(ok, text, kind)
     except BaseException:  # noqa: B902
         traceback.print_exc()
         code = 3
