@@ -85,16 +85,18 @@ absl::Status FaultyNetwork::Send(WorkerId to, Message message) {
   // Guarded: the timer may outlive this object (Stop() cannot take back one already running).
   *id = clock_->Schedule(
       clock_->Now() + delay,
-      CallbackGate::Guard(gate_, [this, to, type, seq, id] { SendDelayed(to, type, seq, *id); }));
+      CallbackGate::Guard(gate_, [this, to, type, seq, id] { SendDelayed(to, type, seq, id); }));
   delayed_.insert(*id);
   return absl::OkStatus();
 }
 
-void FaultyNetwork::SendDelayed(WorkerId to, MessageType type, uint64_t seq, TimerId timer) {
+void FaultyNetwork::SendDelayed(WorkerId to, MessageType type, uint64_t seq,
+                                const std::shared_ptr<const TimerId>& timer) {
   std::vector<Message> due;
   {
     absl::MutexLock lock(&mu_);
-    if (stopped_ || delayed_.erase(timer) == 0) return;
+    // `*timer` is set under mu_ once Schedule() returned: read it under mu_ too.
+    if (stopped_ || delayed_.erase(*timer) == 0) return;
     // This message and those of its type to `to` sent before it (their deadlines are no later;
     // a clock may run timers of one deadline in any order, as the simulator's does).
     auto it = queues_.find({to, type});

@@ -86,9 +86,10 @@ class FaultyNetwork : public Network {
     Message message;
   };
 
-  // A delayed send's timer `timer` for message `seq` fired: sends it, after those of its type
+  // A delayed send's timer (`*timer`) for message `seq` fired: sends it, after those of its type
   // to `to` queued before it.
-  void SendDelayed(WorkerId to, MessageType type, uint64_t seq, TimerId timer);
+  void SendDelayed(WorkerId to, MessageType type, uint64_t seq,
+                   const std::shared_ptr<const TimerId>& timer);
 
   Network* const inner_;
   Clock* const clock_;
