@@ -314,7 +314,7 @@ class Agent : public NetworkObserver {
   // Once per agent (the first call wins); the barrier's Host calls it too.
   void FinishShutdown(absl::Status status);
   ActivitySnapshot LocalActivity() const;
-  bool IsDuplicateLocked(WorkerId from, uint64_t request_id);
+  bool IsDuplicateLocked(WorkerId from, uint64_t request_id) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   // `fn` wrapped to run only while this agent lives (see Lifetime above).
   template <typename Fn>
