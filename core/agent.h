@@ -8,14 +8,13 @@
 // simulator.
 //
 //   auto agent = Agent::Create(options, clock, network, executor).value();
-//   agent->RegisterHandler(wire::TEST_CALL, [](std::shared_ptr<IncomingCall>
-//   call) {
+//   agent->RegisterHandler(wire::TEST_CALL, [](std::shared_ptr<IncomingCall> call) {
 //     call->Reply(call->request().envelope.payload(), {});
 //   });
 //   agent->Start();
 //   Future<Message> reply = agent->Call(peer, wire::TEST_CALL, "ping", {});
-//   reply.Then([](const absl::StatusOr<Message>& m) { ... });   // on the
-//   executor agent->Shutdown(/*graceful=*/true).Wait();
+//   reply.Then([](const absl::StatusOr<Message>& m) { ... });  // On the executor.
+//   agent->Shutdown(/*graceful=*/true).Wait();
 //
 // Ownership: the Clock, Network and Executor must outlive the agent. The agent
 // is the network's observer from Start() until its shutdown completes. Handlers
@@ -319,7 +318,7 @@ class Agent : public NetworkObserver {
   // Once per agent (the first call wins); the barrier's Host calls it too.
   void FinishShutdown(absl::Status status);
   ActivitySnapshot LocalActivity() const;
-  bool IsDuplicateLocked(WorkerId from, uint64_t request_id);
+  bool IsDuplicateLocked(WorkerId from, uint64_t request_id) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   // `fn` wrapped to run only while this agent lives (see Lifetime above).
   template <typename Fn>

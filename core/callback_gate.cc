@@ -40,7 +40,10 @@ void CallbackGate::Close() {
     int64_t own;
   } wait{this, own};
   mu_.Await(absl::Condition(
-      +[](Wait* w) { return (w->gate->state_.load(std::memory_order_acquire) & ~kClosed) <= w->own; },
+      +[](Wait* w) {
+        const int64_t open = w->gate->state_.load(std::memory_order_acquire) & ~kClosed;
+        return open <= w->own;
+      },
       &wait));
 }
 

@@ -19,6 +19,7 @@
 #include <utility>
 #include <vector>
 
+#include "absl/base/thread_annotations.h"
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
@@ -93,15 +94,23 @@ class Future {
     explicit State(Executor* e) : executor(e) {}
     Executor* const executor;
     mutable absl::Mutex mu;
-    std::optional<Result> result;
-    std::vector<Callback> callbacks;
+    // Written once, by the first Set(); never changed after.
+    std::optional<Result> result ABSL_GUARDED_BY(mu);
+    // Waiting for the result; taken by the first Set().
+    std::vector<Callback> callbacks ABSL_GUARDED_BY(mu);
+
+    // The result once it is set, without the lock: it is written once under `mu` before any
+    // reader can learn it is there (through `mu` or a dispatched callback) and never again.
+    const Result& ResultOnceSet() const ABSL_NO_THREAD_SAFETY_ANALYSIS { return *result; }
   };
 
-  bool HasResultLocked() const { return state_->result.has_value(); }
+  bool HasResultLocked() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(state_->mu) {
+    return state_->result.has_value();
+  }
 
   void Dispatch(Callback cb) const {
     std::shared_ptr<State> state = state_;
-    state_->executor->Post([state, cb = std::move(cb)] { cb(*state->result); });
+    state_->executor->Post([state, cb = std::move(cb)] { cb(state->ResultOnceSet()); });
   }
 
   std::shared_ptr<State> state_;

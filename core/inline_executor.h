@@ -9,6 +9,7 @@
 #include <deque>
 #include <functional>
 
+#include "absl/base/thread_annotations.h"
 #include "absl/synchronization/mutex.h"
 #include "core/executor.h"
 
@@ -39,7 +40,7 @@ class QueueExecutor : public Executor {
 
  private:
   absl::Mutex mu_;
-  std::deque<std::function<void()>> tasks_;
+  std::deque<std::function<void()>> tasks_ ABSL_GUARDED_BY(mu_);
 };
 
 }  // namespace tether::testing

@@ -11,9 +11,8 @@ void Message::SealBuffers() {
 
 absl::Status Message::CheckBuffers() const {
   if (static_cast<size_t>(envelope.buffers_size()) != buffers.size()) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("message describes ", envelope.buffers_size(), " buffers but carries ",
-                     buffers.size()));
+    return absl::InvalidArgumentError(absl::StrCat("message describes ", envelope.buffers_size(),
+                                                   " buffers but carries ", buffers.size()));
   }
   for (size_t i = 0; i < buffers.size(); ++i) {
     if (envelope.buffers(i).size() != buffers[i].size()) {
@@ -32,7 +31,9 @@ size_t Message::BufferBytes() const {
 }
 
 std::string MessageTypeName(MessageType type) {
-  if (!wire::MessageType_IsValid(type)) return absl::StrCat("UNKNOWN(", static_cast<int>(type), ")");
+  if (!wire::MessageType_IsValid(type)) {
+    return absl::StrCat("UNKNOWN(", static_cast<int>(type), ")");
+  }
   return wire::MessageType_Name(type);
 }
 

@@ -5,10 +5,11 @@
 #include <torch/csrc/profiler/api.h>
 
 #include <algorithm>
-#include <mutex>
 #include <utility>
 
+#include "absl/base/thread_annotations.h"
 #include "absl/strings/str_cat.h"
+#include "absl/synchronization/mutex.h"
 
 namespace tether {
 namespace pycall {
@@ -24,18 +25,20 @@ struct HandlerProfile::ServerEntry {
       : config(std::move(c)), outer(std::move(o)) {}
   const ProfilerConfig config;
   const std::shared_ptr<ServerEntry> outer;
-  std::mutex mu;
-  std::vector<profiler::thread_event_lists> results;  // guarded by mu
+  absl::Mutex mu;
+  std::vector<profiler::thread_event_lists> results ABSL_GUARDED_BY(mu);
 };
 
 namespace {
 
-std::mutex g_server_mu;
-std::shared_ptr<HandlerProfile::ServerEntry> g_server;  // guarded
+// Process-wide: the server-process profiler is one per process, as in PyTorch
+// (python/process_state.h lists it).
+ABSL_CONST_INIT absl::Mutex g_server_mu(absl::kConstInit);
+std::shared_ptr<HandlerProfile::ServerEntry> g_server ABSL_GUARDED_BY(g_server_mu);
 std::atomic<bool> g_server_on{false};  // g_server != nullptr, read unlocked
 
 std::shared_ptr<HandlerProfile::ServerEntry> CurrentServerEntry() {
-  std::lock_guard<std::mutex> lock(g_server_mu);
+  absl::MutexLock lock(&g_server_mu);
   return g_server;
 }
 
@@ -55,15 +58,12 @@ std::vector<at::CallbackHandle> ThreadCallbacks() {
 // What PyTorch's callee records too: CPU events, shapes and memory if asked.
 // (Stacks would make every operator of a builtin call take the GIL.)
 ProfilerConfig FromRequest(const ProfilingRequest& r) {
-  return ProfilerConfig(ProfilerState::CPU, r.record_shapes(),
-                        r.profile_memory());
+  return ProfilerConfig(ProfilerState::CPU, r.record_shapes(), r.profile_memory());
 }
 
 }  // namespace
 
-void SetNodeId(int worker_id) {
-  at::RecordFunction::setDefaultNodeId(worker_id);
-}
+void SetNodeId(int worker_id) { at::RecordFunction::setDefaultNodeId(worker_id); }
 
 // ---------------------------------------------------------------------------
 // Caller.
@@ -80,14 +80,12 @@ std::shared_ptr<const CallerProfile> CallerProfile::Capture(std::string key) {
   request.set_with_stack(config.with_stack);
   request.set_with_flops(config.with_flops);
   request.set_with_modules(config.with_modules);
-  return std::make_shared<const CallerProfile>(std::move(key),
-                                               std::move(request));
+  return std::make_shared<const CallerProfile>(std::move(key), std::move(request));
 }
 
 absl::Status CallerProfile::AddRemoteEvents(const std::string& bytes) const {
   if (bytes.empty()) return absl::OkStatus();
-  absl::StatusOr<std::vector<profiler::LegacyEvent>> events =
-      DecodeEvents(bytes);
+  absl::StatusOr<std::vector<profiler::LegacyEvent>> events = DecodeEvents(bytes);
   if (!events.ok()) return events.status();
   const std::string prefix = absl::StrCat(key_, kRemoteOpPrefix);
   for (profiler::LegacyEvent& e : *events) {
@@ -108,38 +106,32 @@ absl::Status CallerProfile::AddRemoteEvents(const std::string& bytes) const {
 // ---------------------------------------------------------------------------
 // Callee.
 
-HandlerProfile::HandlerProfile(bool requested,
-                               std::shared_ptr<ServerEntry> server)
+HandlerProfile::HandlerProfile(bool requested, std::shared_ptr<ServerEntry> server)
     : requested_(requested), server_(std::move(server)) {}
 
-std::shared_ptr<HandlerProfile> HandlerProfile::Start(
-    const ProfilingRequest* request) {
+std::shared_ptr<HandlerProfile> HandlerProfile::Start(const ProfilingRequest* request) {
   // The common case (no profiling at all) takes no lock.
-  if (request == nullptr && !g_server_on.load(std::memory_order_relaxed))
-    return nullptr;
+  if (request == nullptr && !g_server_on.load(std::memory_order_relaxed)) return nullptr;
   std::shared_ptr<ServerEntry> server = CurrentServerEntry();
   if (request == nullptr && server == nullptr) return nullptr;
   if (torch::profiler::impl::profilerEnabled()) return nullptr;
   std::vector<at::CallbackHandle> before = ThreadCallbacks();
   try {
-    profiler::enableProfilerLegacy(request != nullptr ? FromRequest(*request)
-                                                      : server->config);
+    profiler::enableProfilerLegacy(request != nullptr ? FromRequest(*request) : server->config);
   } catch (const std::exception&) {
     return nullptr;
   }
   // Constructed after the enable: its state_ holds this thread's profiler.
-  auto profile =
-      std::make_shared<HandlerProfile>(request != nullptr, std::move(server));
+  auto profile = std::make_shared<HandlerProfile>(request != nullptr, std::move(server));
   for (at::CallbackHandle h : ThreadCallbacks()) {
-    if (std::find(before.begin(), before.end(), h) == before.end())
-      profile->callback_ = h;
+    if (std::find(before.begin(), before.end(), h) == before.end()) profile->callback_ = h;
   }
   return profile;
 }
 
 void HandlerProfile::LeaveThread() {
   if (left_.exchange(true)) return;
-  std::lock_guard<std::mutex> lock(mu_);
+  absl::MutexLock lock(&mu_);
   try {
     // Turn this thread's profiler off; the events stay in the state for
     // Finish().
@@ -161,7 +153,7 @@ std::string HandlerProfile::Finish() {
   if (finished_.exchange(true)) return "";
   profiler::thread_event_lists lists;
   try {
-    std::lock_guard<std::mutex> lock(mu_);
+    absl::MutexLock lock(&mu_);
     at::ThreadLocalStateGuard guard(state_);
     // The guard's thread state is dropped when it ends; the starting thread's
     // profiler and callback are LeaveThread()'s to remove.
@@ -171,7 +163,7 @@ std::string HandlerProfile::Finish() {
     return "";
   }
   for (ServerEntry* e = server_.get(); e != nullptr; e = e->outer.get()) {
-    std::lock_guard<std::mutex> lock(e->mu);
+    absl::MutexLock lock(&e->mu);
     e->results.push_back(lists);
   }
   if (!requested_) return "";
@@ -193,25 +185,23 @@ HandlerProfile::~HandlerProfile() {
 // Server-process profiler.
 
 void EnableServerProfiler(const ProfilerConfig& config) {
-  std::lock_guard<std::mutex> lock(g_server_mu);
+  absl::MutexLock lock(&g_server_mu);
   g_server = std::make_shared<HandlerProfile::ServerEntry>(config, g_server);
   g_server_on = true;
 }
 
-absl::StatusOr<std::vector<profiler::thread_event_lists>>
-DisableServerProfiler() {
+absl::StatusOr<std::vector<profiler::thread_event_lists>> DisableServerProfiler() {
   std::shared_ptr<HandlerProfile::ServerEntry> top;
   {
-    std::lock_guard<std::mutex> lock(g_server_mu);
+    absl::MutexLock lock(&g_server_mu);
     if (g_server == nullptr) {
-      return absl::FailedPreconditionError(
-          "the server-process profiler is not enabled");
+      return absl::FailedPreconditionError("the server-process profiler is not enabled");
     }
     top = g_server;
     g_server = top->outer;
     g_server_on = g_server != nullptr;
   }
-  std::lock_guard<std::mutex> lock(top->mu);
+  absl::MutexLock lock(&top->mu);
   return std::move(top->results);
 }
 
@@ -226,27 +216,22 @@ std::string EncodeEvents(const std::vector<profiler::LegacyEvent>& events) {
   return std::string(bytes.data(), bytes.size());
 }
 
-absl::StatusOr<std::vector<profiler::LegacyEvent>> DecodeEvents(
-    const std::string& bytes) {
+absl::StatusOr<std::vector<profiler::LegacyEvent>> DecodeEvents(const std::string& bytes) {
   std::vector<profiler::LegacyEvent> events;
   try {
-    c10::IValue value =
-        torch::jit::unpickle(bytes.data(), bytes.size(), nullptr, {});
+    c10::IValue value = torch::jit::unpickle(bytes.data(), bytes.size(), nullptr, {});
     if (!value.isList()) {
-      return absl::InvalidArgumentError(
-          "profiled events: expected a list of events");
+      return absl::InvalidArgumentError("profiled events: expected a list of events");
     }
     for (const c10::IValue& item : value.toListRef()) {
       if (!item.isList()) {
-        return absl::InvalidArgumentError(
-            "profiled events: an event is not a list");
+        return absl::InvalidArgumentError("profiled events: an event is not a list");
       }
       events.push_back(profiler::LegacyEvent::fromIValue(item));
       events.back().kindStr();  // Throws for a kind that is not one.
     }
   } catch (const std::exception& e) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("malformed profiled events: ", e.what()));
+    return absl::InvalidArgumentError(absl::StrCat("malformed profiled events: ", e.what()));
   }
   return events;
 }

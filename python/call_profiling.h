@@ -36,12 +36,12 @@
 
 #include <atomic>
 #include <memory>
-#include <mutex>
 #include <string>
 #include <vector>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
 #include "python/call.pb.h"
 
 namespace tether {
@@ -110,10 +110,11 @@ class HandlerProfile {
   const bool requested_;
   const std::shared_ptr<ServerEntry> server_;
   const at::ThreadLocalState state_;
-  // The RecordFunction callback the profiler added to the starting thread.
-  at::CallbackHandle callback_ = at::INVALID_CALLBACK_HANDLE;
   // Serializes the two disables (they share the profiler's callback handle).
-  std::mutex mu_;
+  absl::Mutex mu_;
+  // The RecordFunction callback the profiler added to the starting thread: set by Start() before
+  // the profile is shared, read by LeaveThread() under mu_.
+  at::CallbackHandle callback_ = at::INVALID_CALLBACK_HANDLE;
   std::atomic<bool> finished_{false};
   std::atomic<bool> left_{false};
 };
@@ -123,14 +124,12 @@ class HandlerProfile {
 void EnableServerProfiler(const torch::profiler::impl::ProfilerConfig& config);
 // The events of every call handled since the matching enable, one
 // thread_event_lists per call. kFailedPrecondition if it is not on.
-absl::StatusOr<std::vector<torch::autograd::profiler::thread_event_lists>>
-DisableServerProfiler();
+absl::StatusOr<std::vector<torch::autograd::profiler::thread_event_lists>> DisableServerProfiler();
 
 // The wire form of a list of events (Payload.profiled_events), and back.
-std::string EncodeEvents(
-    const std::vector<torch::autograd::profiler::LegacyEvent>& events);
-absl::StatusOr<std::vector<torch::autograd::profiler::LegacyEvent>>
-DecodeEvents(const std::string& bytes);
+std::string EncodeEvents(const std::vector<torch::autograd::profiler::LegacyEvent>& events);
+absl::StatusOr<std::vector<torch::autograd::profiler::LegacyEvent>> DecodeEvents(
+    const std::string& bytes);
 
 }  // namespace pycall
 }  // namespace tether

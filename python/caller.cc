@@ -262,6 +262,7 @@ class DeliveryQueue {
   bool draining_ ABSL_GUARDED_BY(mu_) = false;
 };
 
+// Process-wide (python/process_state.h lists it): one queue for every worker of the process.
 DeliveryQueue* Deliveries() {
   static DeliveryQueue* queue = new DeliveryQueue();  // Never freed: pool threads use it late.
   return queue;

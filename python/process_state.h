@@ -7,10 +7,22 @@
 //   listening     between listen() and connect(); touched only by bound functions (GIL held).
 //   kept          workers whose handler threads were left behind at shutdown (never freed).
 //
-// The only other process-wide state lives with the one component that uses it, each annotated
-// there: the batch queue of rpc_async deliveries (caller.cc, its own mutex), the GIL-profiling
-// counters (py_ownership.cc, atomics), the simulated worker's runtime (sim_bindings.cc, one per
-// forked tether.sim process) and the server-process profiler (call_profiling.cc).
+// The only other process-wide state in the extension lives with the one component that uses it,
+// each annotated there with a comment pointing back here:
+//   caller.cc          Deliveries(): the batch queue of rpc_async deliveries, a function-local
+//                      static never freed (pool threads deliver late), its own absl::Mutex.
+//   py_ownership.cc    the GIL-profiling switch and counters: atomics, any thread, for the
+//                      whole interpreter.
+//   call_profiling.cc  the server-process profiler's stack of enables: one per process, as in
+//                      PyTorch; an absl::Mutex (ABSL_CONST_INIT) and an atomic for the fast path.
+//   transport/tcp_network.cc  warn_once: the unauthenticated-network warning, printed once per
+//                      process however many networks it makes (absl::once_flag).
+//   sim_bindings.cc    g_child: the simulated worker's runtime, one per forked tether.sim process.
+//   sim/process/child.cc  g_current: ChildRuntime::Current(), the same runtime as the process
+//                      singleton the link network and virtual waits reach.
+// Thread-locals (not process-wide, listed so nothing is missed): the CallbackGate's innermost
+// Scope (core/callback_gate.cc), the ThreadPool's current and polling pool
+// (transport/thread_pool.cc) and the TCP network being polled (transport/tcp_network.cc).
 #ifndef TETHER_PYTHON_PROCESS_STATE_H_
 #define TETHER_PYTHON_PROCESS_STATE_H_
 

@@ -10,6 +10,8 @@ namespace py = pybind11;
 namespace tether {
 namespace {
 
+// Process-wide (python/process_state.h lists them): the interpreter's one GIL, measured from any
+// thread.
 std::atomic<bool> g_gil_profiling{false};
 std::atomic<int64_t> g_gil_wait_ns{0};
 std::atomic<int64_t> g_gil_acquisitions{0};

@@ -256,10 +256,14 @@ std::vector<StuckThread> Runtime::Stop() {
   impl.rref_tracer.reset();  // After the context that calls it.
   impl.agent.reset();
   impl.call_tracer.reset();  // After the agent that calls it.
+  // Nothing is left to need a timer. Stopping the timer thread now (it waits for a callback that
+  // is running) means none runs while the networks below are freed: the faulty network's delayed
+  // sends are guarded by its own gate too (faulty_network.h), this is the second line.
+  if (impl.clock != nullptr) impl.clock->Stop();
   impl.tracing.reset();
   impl.faulty.reset();
   impl.network.reset();
-  impl.clock.reset();
+  impl.clock.reset();  // Last: every network above was given it.
   return {};
 }
 

@@ -30,8 +30,8 @@
 //   //testing:sim_network_conformance_test            the simulated network
 //   //testing/transport:tcp_network_test              TCP (plain, pooled, HMAC)
 //   //testing/transport:tracing_network_conformance_test  tracing over sim, TCP
-//   //testing/transport:faulty_network_conformance_test   faulty (no faults configured)
-//                                                         over sim, TCP
+//   //testing/transport:faulty_network_conformance_test   faulty over sim, TCP: with no
+//                                                         faults, and delaying every send
 //   //testing:process_link_conformance_test          the process simulator's link
 //       network (ChildRuntime's LinkNetwork, sim/process/child.cc): each worker a
 //       forked process against a ProcessHost in the test; the suite's calls go
@@ -43,6 +43,7 @@
 
 #include <functional>
 #include <memory>
+#include <ostream>
 #include <string>
 
 #include "absl/time/time.h"
@@ -80,6 +81,10 @@ struct NetworkFactory {
   std::string name;
   // Builds `n` connected networks (n >= 2).
   std::function<std::unique_ptr<NetworkHarness>(int n)> create;
+  // The networks delay sends (FaultyNetwork with delays): Send may accept a message for an
+  // unknown worker, which is then dropped (the inner network's kInvalidArgument comes too late
+  // to return). Every other case holds as it is.
+  bool delays_sends = false;
 };
 
 // Builds the network that wraps `inner`'s network of worker `id`.
@@ -89,6 +94,9 @@ using NetworkWrapper = std::function<std::unique_ptr<Network>(NetworkHarness& in
 // Send/Start/Stop go to the wrappers, Crash and RunUntil to the inner harness.
 // The wrappers are destroyed before the inner networks.
 NetworkFactory WrapNetworks(std::string name, NetworkFactory inner, NetworkWrapper wrap);
+
+// Prints a factory as its name (gtest's messages).
+void PrintTo(const NetworkFactory& factory, std::ostream* os);
 
 // For INSTANTIATE_TEST_SUITE_P's name generator.
 std::string NetworkFactoryName(const ::testing::TestParamInfo<NetworkFactory>& info);

@@ -8,6 +8,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdlib>
 #include <exception>
@@ -28,17 +29,16 @@
 namespace tether {
 namespace {
 
-// A c10d store's exception as a status: its first line (c10 errors append a long backtrace);
-// kDeadlineExceeded for a store timeout, else kUnavailable (the store cannot be reached).
-absl::Status StoreError(const std::exception& e) {
-  std::string what = e.what();
-  size_t nl = what.find('\n');
-  if (nl != std::string::npos) what = what.substr(0, nl);
-  absl::StatusCode code = absl::StrContains(what, "imeout") || absl::StrContains(what, "imed out")
-                              ? absl::StatusCode::kDeadlineExceeded
-                              : absl::StatusCode::kUnavailable;
-  return absl::Status(code, absl::StrCat("rendezvous store: ", what));
-}
+// How long a store operation has been running (the steady clock, as c10d's own timeouts).
+class Stopwatch {
+ public:
+  absl::Duration Elapsed() const {
+    return absl::FromChrono(std::chrono::steady_clock::now() - start_);
+  }
+
+ private:
+  const std::chrono::steady_clock::time_point start_ = std::chrono::steady_clock::now();
+};
 
 absl::StatusOr<int> EnvInt(const char* name) {
   const char* v = std::getenv(name);
@@ -164,8 +164,9 @@ absl::StatusOr<InitMethod> ParseInitMethod(const std::string& init) {
 // A c10d store as the protocol's store (c10d reports errors as exceptions).
 class C10dStore : public RendezvousStore {
  public:
-  C10dStore(c10d::Store& store, std::string init_method)
-      : store_(store), init_method_(std::move(init_method)) {}
+  // `times_out_after`: when one of its operations can time out at the earliest (OpTimesOutAfter).
+  C10dStore(c10d::Store& store, std::string init_method, absl::Duration times_out_after)
+      : store_(store), init_method_(std::move(init_method)), times_out_after_(times_out_after) {}
 
   absl::StatusOr<int64_t> Add(const std::string& key, int64_t delta) override {
     return Guard([&] { return store_.add(key, delta); });
@@ -187,20 +188,60 @@ class C10dStore : public RendezvousStore {
  private:
   template <typename Fn>
   auto Guard(Fn fn) -> absl::StatusOr<decltype(fn())> {
+    Stopwatch watch;
     try {
       return fn();
     } catch (const std::exception& e) {
-      absl::Status s = StoreError(e);
+      absl::Status s = StoreErrorStatus(e, watch.Elapsed(), times_out_after_);
       return absl::Status(
           s.code(), absl::StrCat("rendezvous through ", init_method_, " failed: ", s.message()));
     }
   }
 
   c10d::Store& store_;
-  std::string init_method_;
+  const std::string init_method_;
+  const absl::Duration times_out_after_;
 };
 
+// Clock granularity: c10d's own deadlines and ours are taken a moment apart.
+constexpr absl::Duration kSlack = absl::Milliseconds(50);
+
+// When a store operation (add, set, get) with the store's `timeout` can time out at the earliest:
+// c10d throws for it once the timeout has passed (a zero timeout is c10d's none: never).
+absl::Duration OpTimesOutAfter(absl::Duration timeout) {
+  const int64_t ms = absl::ToInt64Milliseconds(timeout);
+  return ms > 0 ? absl::Milliseconds(ms) - std::min(absl::Milliseconds(ms) / 20, kSlack)
+                : absl::InfiniteDuration();
+}
+
+// When opening the store can time out at the earliest. A TCPStore client connects within the
+// timeout in whole seconds (SocketOptions::connect_timeout is std::chrono::seconds) and retries
+// a refused connect 1 s apart, giving up when the next attempt would pass the deadline: up to
+// 1 s early (measured: a 20 s timeout gives up after 19.1 s, a 1 s one at once). FileStore's
+// constructor opens its file with c10d's default timeout (setTimeout comes after it).
+absl::Duration OpeningTimesOutAfter(bool tcp, absl::Duration timeout) {
+  if (!tcp)
+    return absl::FromChrono(std::chrono::milliseconds(c10d::Store::kDefaultTimeout)) - kSlack;
+  const absl::Duration connect = absl::Seconds(absl::ToInt64Seconds(timeout));
+  return std::max(connect - absl::Seconds(1) - kSlack, absl::ZeroDuration());
+}
+
 }  // namespace
+
+// Whether it is a timeout is told by the clock, not by the text (c10d's exceptions carry no kind
+// before PyTorch 2, and their texts mislead: a connect refused at once may say it "timed out"):
+// c10d throws for a timeout only once the store's timeout has passed, so an operation that
+// failed sooner than that could not use the store. When that is, for each operation, is
+// OpTimesOutAfter's and OpeningTimesOutAfter's.
+absl::Status StoreErrorStatus(const std::exception& e, absl::Duration elapsed,
+                              absl::Duration times_out_after) {
+  std::string what = e.what();
+  size_t nl = what.find('\n');
+  if (nl != std::string::npos) what = what.substr(0, nl);
+  return absl::Status(elapsed >= times_out_after ? absl::StatusCode::kDeadlineExceeded
+                                                 : absl::StatusCode::kUnavailable,
+                      absl::StrCat("rendezvous store: ", what));
+}
 
 absl::StatusOr<std::string> ChoosePublishAddress(const std::string& interface,
                                                  const std::string& address,
@@ -261,6 +302,7 @@ absl::StatusOr<Rendezvous> RunRendezvous(const RendezvousOptions& options) {
   if (!network.ok()) return network.status();
 
   auto timeout = std::chrono::milliseconds(absl::ToInt64Milliseconds(options.timeout));
+  Stopwatch opening;
   try {
     std::unique_ptr<c10d::Store> store;
     if (init->kind == InitMethod::kTcp) {
@@ -275,7 +317,7 @@ absl::StatusOr<Rendezvous> RunRendezvous(const RendezvousOptions& options) {
       store = std::make_unique<c10d::FileStore>(init->path, world_size);
       store->setTimeout(timeout);
     }
-    C10dStore adapter(*store, options.init_method);
+    C10dStore adapter(*store, options.init_method, OpTimesOutAfter(options.timeout));
     ExchangeOptions exchange;
     exchange.rank = rank;
     exchange.world_size = world_size;
@@ -296,7 +338,10 @@ absl::StatusOr<Rendezvous> RunRendezvous(const RendezvousOptions& options) {
     r.network = *std::move(network);
     return r;
   } catch (const std::exception& e) {
-    absl::Status s = StoreError(e);
+    // Only opening the store throws here.
+    absl::Status s =
+        StoreErrorStatus(e, opening.Elapsed(),
+                         OpeningTimesOutAfter(init->kind == InitMethod::kTcp, options.timeout));
     return absl::Status(s.code(), absl::StrCat("rendezvous through ", options.init_method,
                                                " failed: ", s.message()));
   }

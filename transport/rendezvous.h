@@ -33,6 +33,7 @@
 #ifndef TETHER_TRANSPORT_RENDEZVOUS_H_
 #define TETHER_TRANSPORT_RENDEZVOUS_H_
 
+#include <exception>
 #include <map>
 #include <memory>
 #include <string>
@@ -78,6 +79,14 @@ absl::StatusOr<Rendezvous> RunRendezvous(const RendezvousOptions& options);
 absl::StatusOr<std::string> ChoosePublishAddress(const std::string& interface,
                                                  const std::string& address,
                                                  const std::string& store_host);
+
+// How a c10d store's exception `e`, thrown by an operation that ran for `elapsed` and can time
+// out no sooner than `times_out_after` (absl::InfiniteDuration(): never), becomes a status
+// (RunRendezvous's; public for its test): the exception's first line (c10 errors append a long
+// backtrace), kDeadlineExceeded if it ran that long, else kUnavailable (the store could not be
+// used). The one place a store timeout is recognised; never by the exception's text.
+absl::Status StoreErrorStatus(const std::exception& e, absl::Duration elapsed,
+                              absl::Duration times_out_after);
 
 }  // namespace tether
 

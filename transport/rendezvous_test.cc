@@ -6,12 +6,13 @@
 
 #include <cstdlib>
 #include <functional>
-#include <mutex>
+#include <stdexcept>
 #include <string>
 #include <thread>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "absl/synchronization/mutex.h"
 #include "absl/time/clock.h"
 #include "gtest/gtest.h"
 
@@ -62,18 +63,18 @@ RendezvousOptions Opts(const std::string& init, int rank, int world, std::string
 class Counter : public NetworkObserver {
  public:
   void OnMessage(Message) override {
-    std::lock_guard<std::mutex> lock(mu_);
+    absl::MutexLock lock(&mu_);
     ++n_;
   }
   void OnPeerFailed(WorkerId, const absl::Status&) override {}
   int n() {
-    std::lock_guard<std::mutex> lock(mu_);
+    absl::MutexLock lock(&mu_);
     return n_;
   }
 
  private:
-  std::mutex mu_;
-  int n_ = 0;
+  absl::Mutex mu_;
+  int n_ ABSL_GUARDED_BY(mu_) = 0;
 };
 
 void ExpectWorkingWorld(std::vector<absl::StatusOr<Rendezvous>>& results) {
@@ -168,6 +169,31 @@ TEST(RendezvousTest, TimeoutNamesTheMissingRanks) {
   EXPECT_EQ(r.status().code(), absl::StatusCode::kDeadlineExceeded) << r.status();
   EXPECT_NE(r.status().message().find("rank(s) 1, 2 never joined"), std::string::npos)
       << r.status();
+}
+
+// A store error is a timeout by the time it took, whatever its text says.
+TEST(RendezvousTest, StoreErrorIsATimeoutByElapsedTimeNotByText) {
+  const absl::Duration after = absl::Seconds(2);
+  std::runtime_error says_timeout("Socket Timeout\nException raised from recvBytes at ...");
+  absl::Status fast = StoreErrorStatus(says_timeout, absl::Milliseconds(3), after);
+  EXPECT_EQ(fast.code(), absl::StatusCode::kUnavailable) << fast;
+  EXPECT_EQ(fast.message(), "rendezvous store: Socket Timeout");  // First line only.
+  std::runtime_error plain("Connection reset by peer");
+  absl::Status slow = StoreErrorStatus(plain, absl::Seconds(2), after);
+  EXPECT_EQ(slow.code(), absl::StatusCode::kDeadlineExceeded) << slow;
+  EXPECT_EQ(StoreErrorStatus(plain, absl::Milliseconds(1990), after).code(),
+            absl::StatusCode::kUnavailable);
+  EXPECT_EQ(StoreErrorStatus(says_timeout, absl::Hours(1), absl::InfiniteDuration()).code(),
+            absl::StatusCode::kUnavailable);
+}
+
+// Nothing listens on the store's port: c10d retries the connect until (about) the timeout.
+TEST(RendezvousTest, UnreachableTcpStoreTimesOut) {
+  RendezvousOptions o = Opts(absl::StrCat("tcp://127.0.0.1:", FreePort()), 1, 2);
+  o.timeout = absl::Seconds(3);
+  absl::StatusOr<Rendezvous> r = RunRendezvous(o);
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kDeadlineExceeded) << r.status();
+  EXPECT_NE(r.status().message().find("rendezvous store: "), std::string::npos) << r.status();
 }
 
 TEST(RendezvousTest, BadOptions) {

@@ -12,9 +12,12 @@ SystemClock::SystemClock()
   thread_ = std::thread([this] { Loop(); });
 }
 
-SystemClock::~SystemClock() {
+SystemClock::~SystemClock() { Stop(); }
+
+void SystemClock::Stop() {
   {
     absl::MutexLock lock(&mu_);
+    if (stopping_) return;
     stopping_ = true;
   }
   cv_.SignalAll();
@@ -22,8 +25,7 @@ SystemClock::~SystemClock() {
 }
 
 absl::Time SystemClock::Now() {
-  return wall_base_ +
-         absl::FromChrono(std::chrono::steady_clock::now() - steady_base_);
+  return wall_base_ + absl::FromChrono(std::chrono::steady_clock::now() - steady_base_);
 }
 
 SystemClock::SteadyTime SystemClock::ToSteady(absl::Time t) const {
@@ -33,19 +35,18 @@ SystemClock::SteadyTime SystemClock::ToSteady(absl::Time t) const {
   absl::Duration d = t - wall_base_;
   if (d > max_ahead) d = max_ahead;
   if (d < -max_ahead) d = -max_ahead;
-  return steady_base_ +
-         std::chrono::duration_cast<std::chrono::steady_clock::duration>(
-             absl::ToChronoNanoseconds(d));
+  return steady_base_ + std::chrono::duration_cast<std::chrono::steady_clock::duration>(
+                            absl::ToChronoNanoseconds(d));
 }
 
-TimerId SystemClock::Schedule(absl::Time deadline,
-                              std::function<void()> callback) {
+TimerId SystemClock::Schedule(absl::Time deadline, std::function<void()> callback) {
   SteadyTime when = ToSteady(deadline);
   bool wake;
   TimerId id;
   {
     absl::MutexLock lock(&mu_);
     id = next_id_++;
+    if (stopping_) return id;  // Never runs; `callback` is destroyed outside the lock.
     wake = when < sleeping_until_;
     queue_.emplace(Key(when, id), std::move(callback));
     deadlines_.emplace(id, when);

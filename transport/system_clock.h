@@ -10,9 +10,9 @@
 // Threading: every method is thread-safe. Callbacks run on the timer thread,
 // one at a time, in deadline order (ties in scheduling order); they must not
 // block (post work to an Executor). A callback may Schedule or Cancel timers.
-// Destroying the clock stops the thread; timers that have not run by then never
-// run (the destructor waits for a callback that is running, so it must not be
-// called from a timer callback).
+// Stop() (or destroying the clock) stops the thread; timers that have not run by
+// then never run, and later ones are dropped (Now() still works). It waits for a
+// callback that is running, so it must not be called from a timer callback.
 #ifndef TETHER_TRANSPORT_SYSTEM_CLOCK_H_
 #define TETHER_TRANSPORT_SYSTEM_CLOCK_H_
 
@@ -41,6 +41,10 @@ class SystemClock : public Clock {
   absl::Time Now() override;
   TimerId Schedule(absl::Time deadline, std::function<void()> callback) override;
   bool Cancel(TimerId id) override;
+
+  // Stops the timer thread: waits for the callback running (if any), drops every
+  // timer not yet run and every one scheduled later. Idempotent.
+  void Stop();
 
   // Timers scheduled and neither run nor cancelled yet.
   size_t pending() const;

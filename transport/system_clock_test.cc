@@ -1,11 +1,12 @@
 #include "transport/system_clock.h"
 
 #include <atomic>
-#include <mutex>
+#include <thread>
 #include <vector>
 
 #include "absl/synchronization/mutex.h"
 #include "absl/synchronization/notification.h"
+#include "absl/time/clock.h"
 #include "gtest/gtest.h"
 
 namespace tether {
@@ -33,8 +34,8 @@ TEST(SystemClockTest, TimerRunsNoEarlierThanDeadline) {
 
 TEST(SystemClockTest, TimersRunInDeadlineOrderThenScheduleOrder) {
   SystemClock clock;
-  std::mutex mu;
-  std::vector<int> order;
+  absl::Mutex mu;
+  std::vector<int> order ABSL_GUARDED_BY(mu);
   absl::Notification done;
   // Hold the timer thread so all four timers are queued before any can run.
   absl::Notification scheduled;
@@ -42,7 +43,7 @@ TEST(SystemClockTest, TimersRunInDeadlineOrderThenScheduleOrder) {
   absl::Time base = clock.Now();
   auto record = [&](int i) {
     return [&, i] {
-      std::lock_guard<std::mutex> lock(mu);
+      absl::MutexLock lock(&mu);
       order.push_back(i);
       if (order.size() == 4) done.Notify();
     };
@@ -53,15 +54,14 @@ TEST(SystemClockTest, TimersRunInDeadlineOrderThenScheduleOrder) {
   clock.Schedule(base - absl::Milliseconds(1), record(0));
   scheduled.Notify();
   done.WaitForNotification();
-  std::lock_guard<std::mutex> lock(mu);
+  absl::MutexLock lock(&mu);
   EXPECT_EQ(order, (std::vector<int>{0, 1, 2, 3}));
 }
 
 TEST(SystemClockTest, CancelledTimerNeverRuns) {
   SystemClock clock;
   std::atomic<bool> ran{false};
-  TimerId id =
-      clock.Schedule(clock.Now() + absl::Milliseconds(10), [&] { ran = true; });
+  TimerId id = clock.Schedule(clock.Now() + absl::Milliseconds(10), [&] { ran = true; });
   EXPECT_TRUE(clock.Cancel(id));
   EXPECT_FALSE(clock.Cancel(id));
   // A later timer runs, which proves the cancelled (earlier) one was passed
@@ -88,8 +88,8 @@ TEST(SystemClockTest, CallbackCanScheduleAndCancel) {
   absl::Notification done;
   std::atomic<bool> cancelled_ran{false};
   clock.Schedule(clock.Now(), [&] {
-    TimerId victim = clock.Schedule(clock.Now() + absl::Milliseconds(1),
-                                    [&] { cancelled_ran = true; });
+    TimerId victim =
+        clock.Schedule(clock.Now() + absl::Milliseconds(1), [&] { cancelled_ran = true; });
     EXPECT_TRUE(clock.Cancel(victim));
     clock.Schedule(clock.Now() + absl::Milliseconds(5), [&] { done.Notify(); });
   });
@@ -97,8 +97,7 @@ TEST(SystemClockTest, CallbackCanScheduleAndCancel) {
   EXPECT_FALSE(cancelled_ran.load());
 }
 
-TEST(SystemClockTest,
-     InfiniteFutureTimerDoesNotOverflowAndIsDroppedAtDestruction) {
+TEST(SystemClockTest, InfiniteFutureTimerDoesNotOverflowAndIsDroppedAtDestruction) {
   std::atomic<bool> ran{false};
   {
     SystemClock clock;
@@ -107,6 +106,31 @@ TEST(SystemClockTest,
     EXPECT_LE(clock.pending(), 2u);
   }
   EXPECT_FALSE(ran.load());
+}
+
+TEST(SystemClockTest, StopWaitsForTheRunningCallbackAndDropsTheRest) {
+  SystemClock clock;
+  absl::Notification entered, release;
+  std::atomic<bool> finished{false}, later_ran{false};
+  clock.Schedule(clock.Now(), [&] {
+    entered.Notify();
+    release.WaitForNotification();
+    finished = true;
+  });
+  clock.Schedule(clock.Now() + absl::Milliseconds(1), [&] { later_ran = true; });
+  entered.WaitForNotification();
+  std::thread stopper([&] { clock.Stop(); });
+  absl::SleepFor(absl::Milliseconds(50));
+  EXPECT_FALSE(finished.load());
+  release.Notify();
+  stopper.join();
+  EXPECT_TRUE(finished.load());  // Stop() returned only after the running callback.
+  clock.Schedule(clock.Now(), [&] { later_ran = true; });  // Dropped: the clock is stopped.
+  EXPECT_EQ(clock.pending(), 0u);
+  const absl::Time before = clock.Now();
+  EXPECT_LE(before, clock.Now());  // Now() still works.
+  clock.Stop();                    // Idempotent.
+  EXPECT_FALSE(later_ran.load());
 }
 
 TEST(SystemClockTest, ManyTimersFromManyThreads) {

@@ -15,6 +15,7 @@
 #include <utility>
 #include <vector>
 
+#include "absl/base/call_once.h"
 #include "absl/base/thread_annotations.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
@@ -62,7 +63,9 @@ constexpr uint64_t kListenKey = 0;
 constexpr uint64_t kFirstConnKey = 2;
 static_assert(EventLoop::kWakeKey == 1, "the keys below kFirstConnKey are taken");
 
-std::once_flag warn_once;
+// Process-wide (python/process_state.h lists it): the warning is printed once per process,
+// however many networks it makes.
+ABSL_CONST_INIT absl::once_flag warn_once;
 
 }  // namespace
 
@@ -315,13 +318,10 @@ absl::Status TcpNetwork::Impl::Start(NetworkObserver* observer) {
       }
     }
     if (!all_loopback) {
-      std::call_once(warn_once, [] {
-        Log("WARNING: no authentication token is set and workers talk over a "
-            "non-loopback "
-            "network: anyone who can reach these ports can run code on this "
-            "worker. Set "
-            "TETHER_AUTH_TOKEN (the same secret on every worker) to require "
-            "authentication.");
+      absl::call_once(warn_once, [] {
+        Log("WARNING: no authentication token is set and workers talk over a non-loopback "
+            "network: anyone who can reach these ports can run code on this worker. Set "
+            "TETHER_AUTH_TOKEN (the same secret on every worker) to require authentication.");
       });
     }
   }

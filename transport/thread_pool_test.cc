@@ -1,9 +1,6 @@
 #include "transport/thread_pool.h"
 
 #include <atomic>
-#include <chrono>
-#include <condition_variable>
-#include <mutex>
 #include <set>
 #include <thread>
 
@@ -70,9 +67,7 @@ TEST(ThreadPoolTest, DrainRunsQueuedTasksAndTheirContinuations) {
   for (int i = 0; i < 10; ++i) {
     pool.Post([&] {
       ++ran;
-      pool.Post([&] {
-        ++ran;
-      });  // Posted from a pool thread while draining: still runs.
+      pool.Post([&] { ++ran; });  // Posted from a pool thread while draining: still runs.
     });
   }
   std::thread shutter([&] { pool.Shutdown(ThreadPool::kDrain); });
@@ -141,9 +136,9 @@ class FakePollable : public Pollable {
   void Poll(int max_wait_ms) override {
     int n;
     {
-      std::unique_lock<std::mutex> lock(mu_);
-      cv_.wait_for(lock, std::chrono::milliseconds(max_wait_ms),
-                   [&] { return pending_ > 0 || woken_; });
+      absl::MutexLock lock(&mu_);
+      mu_.AwaitWithTimeout(absl::Condition(this, &FakePollable::PendingOrWokenLocked),
+                           absl::Milliseconds(max_wait_ms));
       woken_ = false;
       n = pending_;
       pending_ = 0;
@@ -153,38 +148,45 @@ class FakePollable : public Pollable {
       std::thread::id poller = std::this_thread::get_id();
       EXPECT_TRUE(pool_->InPoll());
       pool_->Post([this, poller] {
-        std::lock_guard<std::mutex> l(mu_);
+        absl::MutexLock l(&mu_);
         same_thread_ += std::this_thread::get_id() == poller;
         ++ran_;
-        cv_.notify_all();
       });
     }
   }
   void Wake() override {
-    std::lock_guard<std::mutex> lock(mu_);
+    absl::MutexLock lock(&mu_);
     woken_ = true;
-    cv_.notify_all();
   }
   void Trigger() {
-    std::lock_guard<std::mutex> lock(mu_);
+    absl::MutexLock lock(&mu_);
     ++pending_;
-    cv_.notify_all();
   }
   void WaitRan(int n) {
-    std::unique_lock<std::mutex> lock(mu_);
-    cv_.wait(lock, [&] { return ran_ >= n; });
+    absl::MutexLock lock(&mu_);
+    struct Arg {
+      FakePollable* self;
+      int n;
+    } arg{this, n};
+    mu_.Await(absl::Condition(
+        +[](Arg* a) ABSL_NO_THREAD_SAFETY_ANALYSIS { return a->self->ran_ >= a->n; }, &arg));
   }
   int same_thread() {
-    std::lock_guard<std::mutex> lock(mu_);
+    absl::MutexLock lock(&mu_);
     return same_thread_;
   }
 
  private:
+  bool PendingOrWokenLocked() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    return pending_ > 0 || woken_;
+  }
+
   ThreadPool* pool_;
-  std::mutex mu_;
-  std::condition_variable cv_;
-  int pending_ = 0, ran_ = 0, same_thread_ = 0;
-  bool woken_ = false;
+  absl::Mutex mu_;
+  int pending_ ABSL_GUARDED_BY(mu_) = 0;
+  int ran_ ABSL_GUARDED_BY(mu_) = 0;
+  int same_thread_ ABSL_GUARDED_BY(mu_) = 0;
+  bool woken_ ABSL_GUARDED_BY(mu_) = false;
 };
 
 TEST(ThreadPoolPollTest, TasksPostedDuringPollRunOnThePollingThread) {
@@ -249,8 +251,7 @@ TEST(ThreadPoolBoundedShutdownTest, LeavesAStuckThreadBehindAndReportsIt) {
   EXPECT_EQ(pool->threads_left_behind(), 1);
   // Shut down: posts are dropped, a second shutdown returns at once.
   pool->Post([&] { ++ran; });
-  EXPECT_TRUE(
-      pool->ShutdownWithin(ThreadPool::kDrain, absl::Seconds(1)).empty());
+  EXPECT_TRUE(pool->ShutdownWithin(ThreadPool::kDrain, absl::Seconds(1)).empty());
   // The stuck task returns: its thread leaves without running anything more,
   // not even what it posts itself.
   pool->Post([] {});  // (dropped too)
@@ -270,8 +271,7 @@ TEST(ThreadPoolBoundedShutdownTest, StuckTaskPostingAfterItReturnsRunsNothing) {
     pool->Post([&] { ++ran; });  // A continuation posted from the pool thread.
   });
   started.WaitForNotification();
-  std::vector<StuckThread> stuck =
-      pool->ShutdownWithin(ThreadPool::kDrop, absl::Milliseconds(100));
+  std::vector<StuckThread> stuck = pool->ShutdownWithin(ThreadPool::kDrop, absl::Milliseconds(100));
   ASSERT_EQ(stuck.size(), 1u);
   EXPECT_EQ(stuck[0].index, 0);
   release.Notify();
@@ -295,8 +295,7 @@ TEST(ThreadPoolBoundedShutdownTest, JoinsEveryThreadThatLeavesWithinTheBound) {
     release.Notify();
   });
   // Generous bound: the tasks end long before it, so nobody is left behind.
-  std::vector<StuckThread> stuck =
-      pool.ShutdownWithin(ThreadPool::kDrain, absl::Seconds(60));
+  std::vector<StuckThread> stuck = pool.ShutdownWithin(ThreadPool::kDrain, absl::Seconds(60));
   releaser.join();
   EXPECT_TRUE(stuck.empty());
   EXPECT_EQ(ran.load(), 4);
@@ -314,9 +313,7 @@ TEST(ThreadPoolBoundedShutdownTest, DestructorWaitsForThreadsLeftBehind) {
     task_done = true;
   });
   started.WaitForNotification();
-  ASSERT_EQ(
-      pool->ShutdownWithin(ThreadPool::kDrain, absl::Milliseconds(50)).size(),
-      1u);
+  ASSERT_EQ(pool->ShutdownWithin(ThreadPool::kDrain, absl::Milliseconds(50)).size(), 1u);
   release.Notify();
   pool.reset();  // Must not free the pool under the thread still using it.
   EXPECT_TRUE(task_done.load());

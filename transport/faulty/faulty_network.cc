@@ -36,11 +36,27 @@ absl::StatusOr<FaultyNetworkOptions> FaultyNetworkOptions::FromNames(
   return o;
 }
 
-FaultyNetwork::FaultyNetwork(Network* inner, Clock* clock,
-                             FaultyNetworkOptions options)
+FaultyNetwork::FaultyNetwork(Network* inner, Clock* clock, FaultyNetworkOptions options)
     : inner_(inner), clock_(clock), options_(std::move(options)) {}
 
 FaultyNetwork::~FaultyNetwork() { Stop(); }
+
+absl::Status FaultyNetwork::Start(NetworkObserver* observer) {
+  observer_ = observer;
+  return inner_->Start(&relay_);
+}
+
+void FaultyNetwork::Relay::OnMessage(Message message) {
+  owner_->observer_->OnMessage(std::move(message));
+}
+
+void FaultyNetwork::Relay::OnPeerFailed(WorkerId peer, const absl::Status& reason) {
+  {
+    absl::MutexLock lock(&owner_->mu_);
+    owner_->failed_peers_.insert(peer);
+  }
+  owner_->observer_->OnPeerFailed(peer, reason);
+}
 
 absl::Status FaultyNetwork::Send(WorkerId to, Message message) {
   const MessageType type = message.envelope.type();
@@ -48,42 +64,67 @@ absl::Status FaultyNetwork::Send(WorkerId to, Message message) {
   {
     absl::MutexLock lock(&mu_);
     if (stopped_) return absl::UnavailableError("network is stopped");
-    if (options_.fail_types.count(type) > 0 &&
-        failed_[type] < options_.num_fail_sends) {
+    if (options_.fail_types.count(type) > 0 && failed_[type] < options_.num_fail_sends) {
       int n = ++failed_[type];
-      return absl::UnavailableError(absl::StrCat(
-          "Send attempt failed intentionally for ", MessageTypeName(type),
-          " (injected fault ", n, " of ", options_.num_fail_sends, ")"));
+      return absl::UnavailableError(absl::StrCat("Send attempt failed intentionally for ",
+                                                 MessageTypeName(type), " (injected fault ", n,
+                                                 " of ", options_.num_fail_sends, ")"));
     }
     auto it = options_.delays.find(type);
     if (it != options_.delays.end()) delay = it->second;
+    if (delay > absl::ZeroDuration() && failed_peers_.count(to) > 0) {
+      return absl::UnavailableError(absl::StrCat("worker ", to, " has failed"));
+    }
   }
-  if (delay <= absl::ZeroDuration())
-    return inner_->Send(to, std::move(message));
-  auto shared = std::make_shared<Message>(std::move(message));
+  if (delay <= absl::ZeroDuration()) return inner_->Send(to, std::move(message));
   auto id = std::make_shared<TimerId>(0);
   absl::MutexLock lock(&mu_);
-  *id = clock_->Schedule(clock_->Now() + delay, [this, to, shared, id] {
-    {
-      absl::MutexLock lock(&mu_);
-      if (stopped_ || delayed_.erase(*id) == 0) return;
-    }
-    // A failure now is like one on the wire: the peer's failure is reported by
-    // the inner network.
-    inner_->Send(to, std::move(*shared)).IgnoreError();
-  });
+  if (stopped_) return absl::UnavailableError("network is stopped");
+  const uint64_t seq = next_seq_++;
+  queues_[{to, type}].push_back(Delayed{seq, std::move(message)});
+  // Guarded: the timer may outlive this object (Stop() cannot take back one already running).
+  *id = clock_->Schedule(
+      clock_->Now() + delay,
+      CallbackGate::Guard(gate_, [this, to, type, seq, id] { SendDelayed(to, type, seq, id); }));
   delayed_.insert(*id);
   return absl::OkStatus();
 }
 
+void FaultyNetwork::SendDelayed(WorkerId to, MessageType type, uint64_t seq,
+                                const std::shared_ptr<const TimerId>& timer) {
+  std::vector<Message> due;
+  {
+    absl::MutexLock lock(&mu_);
+    // `*timer` is set under mu_ once Schedule() returned: read it under mu_ too.
+    if (stopped_ || delayed_.erase(*timer) == 0) return;
+    // This message and those of its type to `to` sent before it (their deadlines are no later;
+    // a clock may run timers of one deadline in any order, as the simulator's does).
+    auto it = queues_.find({to, type});
+    if (it == queues_.end()) return;
+    std::deque<Delayed>& queue = it->second;
+    while (!queue.empty() && queue.front().seq <= seq) {
+      due.push_back(std::move(queue.front().message));
+      queue.pop_front();
+    }
+    if (queue.empty()) queues_.erase(it);
+  }
+  // A failure now is like one on the wire: the peer's failure is reported by the inner network.
+  // (Timer callbacks of one clock run one at a time, so these keep their order.)
+  for (Message& m : due) inner_->Send(to, std::move(m)).IgnoreError();
+}
+
 void FaultyNetwork::Stop() {
   std::set<TimerId> pending;
+  std::map<std::pair<WorkerId, MessageType>, std::deque<Delayed>> dropped;
   {
     absl::MutexLock lock(&mu_);
     if (stopped_) return;
     stopped_ = true;
     pending.swap(delayed_);
+    dropped.swap(queues_);
   }
+  // A delayed send running on the clock's thread finishes first; later ones do nothing.
+  gate_->Close();
   for (TimerId t : pending) clock_->Cancel(t);
   inner_->Stop();
 }

@@ -11,18 +11,34 @@
 //
 // A failed send returns kUnavailable naming the injected fault. A delayed
 // message is sent from the clock's timer thread when its delay ends, so it may
-// overtake later messages (as a slow link would). Stop() drops delayed messages
-// not yet sent. Thread-safe; `inner` and `clock` must outlive this object.
+// overtake later messages of other types (as a slow link would); messages of
+// one delayed type to one peer keep their order. A Send to a peer already reported failed
+// returns kUnavailable at once, delayed or not; an error the inner network
+// gives a delayed message when it is finally sent (an unknown worker included)
+// is lost like one on the wire. Stop() drops delayed messages not yet sent.
+//
+// Lifetime: the delayed sends go through a CallbackGate. Stop() waits for one
+// that is running on another thread, and those that start later do nothing,
+// so once Stop() returns no delayed send touches this object or `inner` and
+// the object may be destroyed while the clock still holds a timer it could not
+// cancel (Clock::Cancel does not wait for one already running). Thread-safe;
+// `inner` and `clock` must outlive this object.
 #ifndef TETHER_TRANSPORT_FAULTY_FAULTY_NETWORK_H_
 #define TETHER_TRANSPORT_FAULTY_FAULTY_NETWORK_H_
 
+#include <cstdint>
+#include <deque>
 #include <map>
+#include <memory>
 #include <set>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
+#include "core/callback_gate.h"
 #include "core/clock.h"
 #include "core/network.h"
 
@@ -47,7 +63,7 @@ class FaultyNetwork : public Network {
   ~FaultyNetwork() override;
 
   WorkerId self() const override { return inner_->self(); }
-  absl::Status Start(NetworkObserver* observer) override { return inner_->Start(observer); }
+  absl::Status Start(NetworkObserver* observer) override;
   absl::Status Send(WorkerId to, Message message) override;
   void Stop() override;
 
@@ -55,12 +71,40 @@ class FaultyNetwork : public Network {
   std::map<MessageType, int> failed() const;
 
  private:
+  // Between the inner network and the observer: notes the failed peers (for Send), forwards all.
+  class Relay : public NetworkObserver {
+   public:
+    explicit Relay(FaultyNetwork* owner) : owner_(owner) {}
+    void OnMessage(Message message) override;
+    void OnPeerFailed(WorkerId peer, const absl::Status& reason) override;
+
+   private:
+    FaultyNetwork* const owner_;
+  };
+  struct Delayed {
+    uint64_t seq;
+    Message message;
+  };
+
+  // A delayed send's timer (`*timer`) for message `seq` fired: sends it, after those of its type
+  // to `to` queued before it.
+  void SendDelayed(WorkerId to, MessageType type, uint64_t seq,
+                   const std::shared_ptr<const TimerId>& timer);
+
   Network* const inner_;
   Clock* const clock_;
   const FaultyNetworkOptions options_;
+  // The delayed sends' gate: closed by Stop().
+  const std::shared_ptr<CallbackGate> gate_ = std::make_shared<CallbackGate>();
+  Relay relay_{this};
+  NetworkObserver* observer_ = nullptr;  // Set by Start(), before any delivery.
   mutable absl::Mutex mu_;
   std::map<MessageType, int> failed_ ABSL_GUARDED_BY(mu_);
+  // The delayed sends' timers not yet run, and their messages in send order per peer and type.
   std::set<TimerId> delayed_ ABSL_GUARDED_BY(mu_);
+  std::map<std::pair<WorkerId, MessageType>, std::deque<Delayed>> queues_ ABSL_GUARDED_BY(mu_);
+  uint64_t next_seq_ ABSL_GUARDED_BY(mu_) = 0;
+  std::set<WorkerId> failed_peers_ ABSL_GUARDED_BY(mu_);
   bool stopped_ ABSL_GUARDED_BY(mu_) = false;
 };
 
