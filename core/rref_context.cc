@@ -509,19 +509,22 @@ void RRefContext::HandleFetch(std::shared_ptr<IncomingCall> call) {
   }
   RRefId rref;
   ForkId fork;
-  if (!DecodeForkRef(call->request().envelope.payload(), &rref, &fork) || !rref.valid()) {
+  FetchInfo info;
+  info.caller = call->caller();
+  if (!DecodeForkRef(call->request().envelope.payload(), &rref, &fork, &info.attachment) ||
+      !rref.valid()) {
     call->ReplyError(absl::InvalidArgumentError("RREF_FETCH_CALL: invalid payload"));
     return;
   }
   std::weak_ptr<RRefContext> weak = weak_from_this();
-  auto serve = [weak, call](const absl::StatusOr<RRefValue>& value) {
+  auto serve = [weak, call, info](const absl::StatusOr<RRefValue>& value) {
     std::shared_ptr<RRefContext> self = weak.lock();
     if (!value.ok()) {
       call->ReplyError(value.status());
       return;
     }
     absl::StatusOr<RRefValue> wire = *value;
-    if (self && self->options_.serializer) wire = self->options_.serializer(*value);
+    if (self && self->options_.serializer) wire = self->options_.serializer(*value, info);
     if (!wire.ok()) {
       call->ReplyError(wire.status());
       return;
@@ -830,7 +833,8 @@ absl::Status RRefContext::Check(const RRefHandle& handle) const {
 }
 
 Future<RRefValue> RRefContext::ToHere(const RRefHandle& handle,
-                                      std::optional<absl::Duration> timeout) {
+                                      std::optional<absl::Duration> timeout,
+                                      std::string attachment) {
   Future<RRefValue> out(executor_);
   absl::Status status = Check(handle);
   if (!status.ok()) {
@@ -841,7 +845,7 @@ Future<RRefValue> RRefContext::ToHere(const RRefHandle& handle,
   if (!handle.is_owner()) {
     Future<Message> reply =
         agent_->Call(handle.owner(), wire::RREF_FETCH_CALL,
-                     EncodeForkRef(handle.rref_id(), handle.fork_id()), {}, limit);
+                     EncodeForkRef(handle.rref_id(), handle.fork_id(), attachment), {}, limit);
     RRefId rref = handle.rref_id();
     reply.Then([out, rref](const absl::StatusOr<Message>& result) {
       if (!result.ok()) {

@@ -171,6 +171,13 @@ struct RRefPlantedBugs {
   bool forget_user_delete = false;    // Users go without telling the owner (the owner leaks).
 };
 
+// Who fetches an owner value (RRefContextOptions::serializer).
+struct FetchInfo {
+  WorkerId caller = -1;
+  // The bytes the caller passed to ToHere() (empty: none).
+  std::string attachment;
+};
+
 struct RRefContextOptions {
   // The agent's incarnation (AgentOptions::incarnation): ids made by a
   // restarted worker must not collide with those of its earlier lives.
@@ -183,9 +190,10 @@ struct RRefContextOptions {
   // A parent whose child has not accepted after this long asks the child
   // whether the fork ever arrived (and keeps asking at this interval).
   absl::Duration child_query_delay = absl::Seconds(30);
-  // Turns an owner value into what a fetch sends. Default: value.payload and
-  // value.buffers.
-  std::function<absl::StatusOr<RRefValue>(const RRefValue&)> serializer;
+  // Turns an owner value into what a fetch sends, given who fetches it and the
+  // attachment of its to_here() (FetchInfo). Runs on the thread that serves the
+  // fetch, without the context's lock. Default: value.payload and value.buffers.
+  std::function<absl::StatusOr<RRefValue>(const RRefValue&, const FetchInfo&)> serializer;
   RRefObserver* observer = nullptr;
   // Has effect only in //core:rref_context_planted (see RRefPlantedBugs).
   RRefPlantedBugs bugs;
@@ -240,8 +248,11 @@ class RRefContext : public std::enable_shared_from_this<RRefContext> {
   // The value (to_here). Fails with the creation error if creation failed,
   // kUnavailable if the owner failed, kDeadlineExceeded after `timeout` (unset:
   // agent default; zero: none), on the owner as elsewhere.
+  // `attachment` travels with the fetch to the owner's serializer (FetchInfo);
+  // on the owner itself it is unused.
   Future<RRefValue> ToHere(const RRefHandle& handle,
-                           std::optional<absl::Duration> timeout = std::nullopt);
+                           std::optional<absl::Duration> timeout = std::nullopt,
+                           std::string attachment = "");
 
   // Whether the handle can still be used: its creation/confirmation error,
   // kUnavailable if its owner failed, kCancelled if it was deleted by shutdown.

@@ -58,18 +58,20 @@ absl::StatusOr<RRefDescriptor> RRefDescriptor::Parse(absl::string_view bytes) {
   return d;
 }
 
-std::string EncodeForkRef(const RRefId& rref, const ForkId& fork) {
+std::string EncodeForkRef(const RRefId& rref, const ForkId& fork, absl::string_view attachment) {
   rref_wire::ForkRef msg;
   ToProto(rref, msg.mutable_rref_id());
   ToProto(fork, msg.mutable_fork_id());
+  if (!attachment.empty()) msg.set_attachment(std::string(attachment));
   return msg.SerializeAsString();
 }
 
-bool DecodeForkRef(absl::string_view payload, RRefId* rref, ForkId* fork) {
+bool DecodeForkRef(absl::string_view payload, RRefId* rref, ForkId* fork, std::string* attachment) {
   rref_wire::ForkRef msg;
   if (!ParseProto(payload, &msg)) return false;
   *rref = FromProto(msg.rref_id());
   *fork = FromProto(msg.fork_id());
+  if (attachment != nullptr) *attachment = msg.attachment();
   return true;
 }
 

@@ -59,8 +59,11 @@ struct RRefDescriptor {
 // --- Payloads of the control messages (rref_wire in core/rref.proto) ---
 
 // RREF_FORK_REQUEST, RREF_USER_DELETE and RREF_FETCH_CALL: a reference and one of its forks.
-std::string EncodeForkRef(const RRefId& rref, const ForkId& fork);
-bool DecodeForkRef(absl::string_view payload, RRefId* rref, ForkId* fork);
+// `attachment`: RREF_FETCH_CALL's opaque bytes for the owner's serializer (empty: none).
+std::string EncodeForkRef(const RRefId& rref, const ForkId& fork,
+                          absl::string_view attachment = {});
+bool DecodeForkRef(absl::string_view payload, RRefId* rref, ForkId* fork,
+                   std::string* attachment = nullptr);
 
 // *_REMOTE_CALL: the reference to create plus the call itself.
 struct RemoteCallPayload {

@@ -36,14 +36,30 @@ RRefValue MakeOwnedPython(py::object value, bool is_exception) {
   return MakeOwned(std::move(owned));
 }
 
-absl::StatusOr<RRefValue> SerializeOwned(const RRefValue& v) {
+absl::StatusOr<RRefValue> SerializeOwned(const RRefValue& v, const FetchInfo& info) {
   const OwnedValue* owned = AsOwned(v);
   if (owned == nullptr) return v;
+  // A to_here() inside a distributed autograd context: this worker joins it (PyTorch's forced
+  // recording of a fetch) and records the value's tensors on the reply.
+  std::shared_ptr<dist_autograd::LocalAutograd> autograd;
+  ContextId context = dist_autograd::kNoContext;
+  if (!info.attachment.empty()) {
+    pycall::AutogradMeta meta;
+    std::shared_ptr<Worker> w = CurrentWorker();
+    if (!meta.ParseFromString(info.attachment)) {
+      return absl::InvalidArgumentError("RREF_FETCH_CALL: malformed autograd attachment");
+    }
+    if (w != nullptr && w->autograd != nullptr) {
+      autograd = w->autograd;
+      context = autograd->RecordIncoming(meta, info.caller, {}, /*request=*/true);
+    }
+  }
   pycall::Payload payload;
   std::vector<Buffer> buffers;
+  std::vector<at::Tensor> sent;
   if (owned->ivalue.has_value()) {
     payload.set_torchscript_value(true);
-    absl::Status s = pycall::EncodeIValue(*owned->ivalue, &payload, &buffers);
+    absl::Status s = pycall::EncodeIValue(*owned->ivalue, &payload, &buffers, &sent);
     if (!s.ok()) return s;
   } else {
     std::vector<at::Tensor> tensors;
@@ -62,6 +78,11 @@ absl::StatusOr<RRefValue> SerializeOwned(const RRefValue& v) {
     payload.set_remote_exception(owned->is_exception);
     absl::Status s = pycall::AppendTensors(tensors, &payload, &buffers);
     if (!s.ok()) return s;
+    sent = std::move(tensors);
+  }
+  if (context != dist_autograd::kNoContext && !owned->is_exception) {
+    autograd->RecordOutgoing(context, info.caller, sent, /*force=*/false, /*involved_of=*/true,
+                             payload.mutable_autograd());
   }
   RRefValue out;
   out.payload = pycall::Serialize(payload);
@@ -69,7 +90,8 @@ absl::StatusOr<RRefValue> SerializeOwned(const RRefValue& v) {
   return out;
 }
 
-py::object ValueToPython(const RRefValue& v, WorkerId sender, bool copy) {
+py::object ValueToPython(const RRefValue& v, WorkerId sender, bool copy,
+                         dist_autograd::LocalAutograd* autograd) {
   CheckGilHeld("ValueToPython");
   if (const OwnedValue* owned = AsOwned(v)) {
     if (owned->ivalue.has_value()) return torch::jit::toPyObject(*owned->ivalue);
@@ -80,10 +102,17 @@ py::object ValueToPython(const RRefValue& v, WorkerId sender, bool copy) {
     return owned->py->get();
   }
   pycall::Payload payload = ValueOrRaise(pycall::Parse(v.payload));
+  auto record = [&](const std::vector<at::Tensor>& tensors) {
+    if (autograd != nullptr && payload.has_autograd()) {
+      autograd->RecordIncoming(payload.autograd(), sender, tensors, /*request=*/false);
+    }
+  };
   if (payload.torchscript_value()) {
-    return torch::jit::toPyObject(ValueOrRaise(pycall::DecodeIValue(payload, v.buffers, copy)));
+    return torch::jit::toPyObject(
+        ValueOrRaise(pycall::DecodeIValue(payload, v.buffers, copy, record)));
   }
   std::vector<at::Tensor> tensors = ValueOrRaise(pycall::TakeTensors(payload, v.buffers, copy));
+  record(tensors);
   py::object hook = py::reinterpret_borrow<py::object>(GetHooks().decode_reply);
   return hook(py::bytes(payload.pickle()), py::cast(tensors), payload.remote_exception(), sender);
 }

@@ -15,6 +15,7 @@
 
 #include "absl/status/statusor.h"
 #include "core/rref_context.h"
+#include "python/dist_autograd_runner.h"
 #include "python/py_ownership.h"
 
 namespace tether {
@@ -31,12 +32,16 @@ RRefValue MakeOwned(std::shared_ptr<OwnedValue> value);
 RRefValue MakeOwnedPython(pybind11::object value, bool is_exception);
 
 // The RRef context's serializer: what a fetch of an owner value sends. Any thread, without the
-// GIL (takes it for a Python value).
-absl::StatusOr<RRefValue> SerializeOwned(const RRefValue& v);
+// GIL (takes it for a Python value). A to_here() made inside a distributed autograd context
+// (its attachment is the caller's AutogradMeta) joins it and records the value's tensors that
+// require grad (a send function; the reply carries the meta).
+absl::StatusOr<RRefValue> SerializeOwned(const RRefValue& v, const FetchInfo& info);
 
 // GIL held. An RRef value as a Python object; raises a stored remote exception. `copy`: copy
-// tensors out of the buffers (a value from this very process).
-pybind11::object ValueToPython(const RRefValue& v, WorkerId sender, bool copy);
+// tensors out of the buffers (a value from this very process). `autograd` (may be null) records
+// a fetched value that the owner recorded in a distributed autograd context.
+pybind11::object ValueToPython(const RRefValue& v, WorkerId sender, bool copy,
+                               dist_autograd::LocalAutograd* autograd = nullptr);
 
 }  // namespace tether
 

@@ -61,10 +61,24 @@ class PyRRef {
     std::shared_ptr<Worker> w = RequireWorker();
     std::optional<absl::Duration> timeout = ToTimeout(timeout_s);
     CallContext ctx = MakeContext(*w, handle_.owner(), timeout);
+    // Inside a distributed autograd context a fetch from another worker is recorded (always,
+    // as PyTorch does): the owner joins the context and the value comes back with history.
+    std::string attachment;
+    std::shared_ptr<dist_autograd::LocalAutograd> autograd;
+    const ContextId context = dist_autograd::CurrentContext();
+    if (context != dist_autograd::kNoContext && !handle_.is_owner() && w->autograd != nullptr) {
+      pycall::AutogradMeta meta;
+      w->autograd->RecordOutgoing(context, handle_.owner(), {}, /*force=*/true,
+                                  /*involved_of=*/false, &meta);
+      if (meta.context_id() == context) {
+        attachment = meta.SerializeAsString();
+        autograd = w->autograd;
+      }
+    }
     Future<RRefValue> f(nullptr);
     {
       ScopedGilRelease release;
-      f = w->runtime->rrefs()->ToHere(handle_, timeout);
+      f = w->runtime->rrefs()->ToHere(handle_, timeout, std::move(attachment));
     }
     WaitInterruptibly(f);
     // A profiled remote(): its creation reply carries the callee's operators; let it be
@@ -73,7 +87,7 @@ class PyRRef {
     const absl::StatusOr<RRefValue>& v = f.result();
     if (v.ok() && profiled_creation_.has_value()) WaitInterruptibly(*profiled_creation_);
     if (!v.ok()) Raise(v.status(), &ctx);
-    return ValueToPython(*v, handle_.owner(), handle_.owner() == w->self.id);
+    return ValueToPython(*v, handle_.owner(), handle_.owner() == w->self.id, autograd.get());
   }
 
   // For a profiled remote() (user handle): to_here() also waits for `acked`.

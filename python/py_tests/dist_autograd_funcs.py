@@ -72,3 +72,42 @@ def params_of(module_rref):
 def grads_of(module_rref, context_id):
     grads = dist_autograd.get_gradients(context_id)
     return [grads[p] for p in module_rref.local_value().parameters()]
+
+
+def ones_requiring_grad(shape):
+    return torch.ones(shape, requires_grad=True)
+
+
+def rref_add(rref, t):
+    return torch.add(rref.to_here(), t)
+
+
+def rref_grad(rref, context_id):
+    return dist_autograd.get_gradients(context_id)[rref.local_value()]
+
+
+_fail_backward = [False]
+
+
+def set_backward_failure(on):
+    _fail_backward[0] = on
+
+
+class _MaybeFailingBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        if _fail_backward[0]:
+            raise ValueError("Simulate error on backward pass")
+        return grad
+
+
+def maybe_fails_in_backward(a, b):
+    return _MaybeFailingBackward.apply(a * b)
+
+
+def sum_of_rref(rref):
+    return rref.to_here().sum()

@@ -135,6 +135,53 @@ def test_nested_call_gradients_and_release(hop):
         assert rpc.rpc_sync(dst, f.wait_context_released, args=(context_id,))
 
 
+@pytest.mark.parametrize("fn", [f.mul_add, torch.mul])
+def test_remote_then_to_here_gradients_match_local(fn):
+    t1, t2 = leaves((3,), (3,), seed=6)
+    with dist_autograd.context() as context_id:
+        rref = rpc.remote("worker1", fn, args=(t1, t2))
+        ret = rref.to_here()
+        assert ret.grad_fn is not None
+        dist_autograd.backward(context_id, [(ret * 2).sum()])
+        grads = dist_autograd.get_gradients(context_id)
+        assert dist_autograd._current_context()._known_worker_ids() == {1}
+    g1, g2 = local_grads(lambda a, b: fn(a, b) * 2, t1, t2)
+    assert torch.allclose(grads[t1], g1) and torch.allclose(grads[t2], g2)
+
+
+def test_rref_argument_owned_by_the_callee_gets_its_gradient_there():
+    (t2,) = leaves((3, 3), seed=7)
+    rref_t1 = rpc.remote("worker1", f.ones_requiring_grad, args=((3, 3),))
+    with dist_autograd.context() as context_id:
+        ret = rpc.rpc_sync("worker1", f.rref_add, args=(rref_t1, t2))
+        dist_autograd.backward(context_id, [ret.sum()])
+        grads = dist_autograd.get_gradients(context_id)
+        assert torch.equal(grads[t2], torch.ones(3, 3))
+        owner_grad = rpc.rpc_sync("worker1", f.rref_grad, args=(rref_t1, context_id))
+        assert torch.equal(owner_grad, torch.ones(3, 3))
+
+
+def test_rref_backward_on_owner_and_user():
+    (t,) = leaves((3,), seed=9)
+    owner_rref = rpc.RRef((t * 2).sum())
+    owner_rref.backward()  # local autograd
+    assert torch.equal(t.grad, torch.full((3,), 2.0))
+    t.grad = None
+    with pytest.raises(RuntimeError, match="RRef should contain a tensor for .backward()"):
+        rpc.RRef(1).backward()
+    with dist_autograd.context() as context_id:
+        user_rref = rpc.remote("worker1", f.mul_add, args=(t, t))
+        with pytest.raises(RuntimeError, match="User RRefs require 'dist_autograd_ctx_id'"):
+            user_rref.backward()
+        loss_rref = rpc.remote("worker1", f.sum_of_rref, args=(user_rref,))
+        loss_rref.backward(context_id)
+        grads = dist_autograd.get_gradients(context_id)
+        assert t.grad is None
+    (g,) = local_grads(lambda a: f.mul_add(a, a), t)
+    assert torch.allclose(grads[t], g)
+    assert "num_autograd_contexts" in rpc._get_debug_info()
+
+
 def test_multiple_output_tensors_and_unused_ones():
     (t,) = leaves((4, 2), seed=3)
     with dist_autograd.context() as context_id:
@@ -160,14 +207,28 @@ def test_retain_graph_accumulates_and_a_second_pass_without_it_fails():
             dist_autograd.backward(context_id, [loss])
 
 
-def test_error_in_a_remote_backward_names_the_node_and_the_context_recovers():
+def test_error_deep_in_a_chain_names_the_node():
     (t,) = leaves((2,), seed=5)
     with dist_autograd.context() as context_id:
-        loss = rpc.rpc_sync("worker1", f.fails_in_backward, args=(t,)).sum()
-        with pytest.raises(RuntimeError, match="Error on Node 1:.*Simulate error on backward pass"):
-            dist_autograd.backward(context_id, [loss])
-        good = rpc.rpc_sync("worker2", f.mul_add, args=(t, t)).sum()
-        dist_autograd.backward(context_id, [good])
+        val = rpc.rpc_sync("worker2", f.fails_in_backward, args=(t,))
+        val = rpc.rpc_sync("worker1", torch.mul, args=(val, t))
+        val = rpc.rpc_sync("worker2", torch.add, args=(val, t))
+        with pytest.raises(RuntimeError, match="Error on Node 2:.*Simulate error on backward pass"):
+            dist_autograd.backward(context_id, [val.sum()])
+
+
+def test_repeated_backward_with_errors_then_recovery_in_one_context():
+    t1, t2 = leaves((3,), (3,), seed=8)
+    rpc.rpc_sync("worker1", f.set_backward_failure, args=(True,))
+    with dist_autograd.context() as context_id:
+        loss = rpc.rpc_sync("worker1", f.maybe_fails_in_backward, args=(t1, t2)).sum()
+        for _ in range(3):
+            with pytest.raises(RuntimeError, match="Error on Node 1:.*Simulate error on backward"):
+                dist_autograd.backward(context_id, [loss], retain_graph=True)
+        rpc.rpc_sync("worker1", f.set_backward_failure, args=(False,))
+        for _ in range(2):
+            dist_autograd.backward(context_id, [loss], retain_graph=True)
+        assert dist_autograd.get_gradients(context_id)[t1].shape == (3,)
 
 
 def test_rref_proxy_module_and_distributed_optimizer_match_local_training():

@@ -201,6 +201,7 @@ def _rref_context_get_debug_info():
 def _get_debug_info():
     info = _rref_context_get_debug_info()
     info.update(_get_debug_info_agent())
+    info.update({k: str(v) for k, v in _C.autograd_debug_info().items()})
     return info
 
 

@@ -409,6 +409,29 @@ def _rref_proxy(api_name):
     return make
 
 
+def _rref_backward(self, dist_autograd_ctx_id: int = -1, retain_graph: bool = False) -> None:
+    """Runs a backward pass from this RRef's value, a scalar tensor, on its owner: local autograd
+    with ``dist_autograd_ctx_id=-1`` (owner RRefs only), else a distributed pass of that context
+    started on the owner. Blocks until it is done."""
+    if self.is_owner():
+        value = self.local_value()
+        if not isinstance(value, torch.Tensor):
+            raise RuntimeError("RRef should contain a tensor for .backward()")
+        if dist_autograd_ctx_id == -1:
+            torch.autograd.backward(value)
+        else:
+            _C.autograd_backward(dist_autograd_ctx_id, [value], retain_graph)
+        return
+    if dist_autograd_ctx_id == -1:
+        raise RuntimeError("User RRefs require 'dist_autograd_ctx_id' to be specified")
+    rpc_sync(self.owner(), _rref_backward_on_owner, args=(self, dist_autograd_ctx_id, retain_graph))
+
+
+def _rref_backward_on_owner(rref, dist_autograd_ctx_id: int, retain_graph: bool) -> None:
+    rref.backward(dist_autograd_ctx_id, retain_graph)
+
+
+RRef.backward = _rref_backward
 RRef.owner = _rref_owner
 RRef.__reduce__ = _rref_reduce
 RRef.__reduce_ex__ = lambda self, protocol: _rref_reduce(self)
