@@ -13,11 +13,13 @@ sys.path.insert(0, HERE)
 import tether.sim as sim  # noqa: E402
 from launch import launch  # noqa: E402
 
+import model_parallel  # noqa: E402
 import parameter_server  # noqa: E402
 import pipeline  # noqa: E402
 import reinforcement_learning  # noqa: E402
 
 SMALL = {
+    "model_parallel": (model_parallel.main, 3, {"steps": 4, "verbose": False}),
     "parameter_server": (parameter_server.main, 3, {"steps": 5, "verbose": False}),
     "reinforcement_learning": (reinforcement_learning.main, 3, {"episodes": 4, "verbose": False}),
     "pipeline": (pipeline.main, 3, {"steps": 6, "micro_batches": 2, "verbose": False}),
@@ -38,6 +40,9 @@ class RealRunTest(unittest.TestCase):
     def test_pipeline(self):
         self.check("pipeline")
 
+    def test_model_parallel(self):
+        self.check("model_parallel")
+
 
 class SimulatedTest(unittest.TestCase):
     def check(self, name, seeds=range(1, 4), faults="delay=0..3ms,reorder=0.1"):
@@ -53,6 +58,9 @@ class SimulatedTest(unittest.TestCase):
 
     def test_pipeline(self):
         self.check("pipeline")
+
+    def test_model_parallel(self):
+        self.check("model_parallel")
 
 
 if __name__ == "__main__":

@@ -22,6 +22,20 @@ def rpc_module():
     return importlib.import_module("tether.rpc")
 
 
+def autograd_module():
+    """Distributed autograd for the same backend: tether.autograd or torch.distributed.autograd."""
+    if os.environ.get("TETHER_EXAMPLES_BACKEND") == "torch":
+        return importlib.import_module("torch.distributed.autograd")
+    return importlib.import_module("tether.autograd")
+
+
+def optim_module():
+    """DistributedOptimizer's module for the same backend: tether.optim or torch.distributed.optim."""
+    if os.environ.get("TETHER_EXAMPLES_BACKEND") == "torch":
+        return importlib.import_module("torch.distributed.optim")
+    return importlib.import_module("tether.optim")
+
+
 def backend_options(init_method: str | None, num_worker_threads: int = 8):
     rpc = rpc_module()
     if init_method is None:
