@@ -386,7 +386,10 @@ void DistAutograd::ReleaseLocked(ContextId context, WorkerId from,
   if (forward) {
     for (const std::set<WorkerId>* set : {&ctx->known, &ctx->involved}) {
       for (WorkerId w : *set) {
-        if (w != self_ && w != from && covered.count(w) == 0 && failed_.count(w) == 0) {
+        // A worker declared failed is released too: it may be back (a restarted incarnation
+        // that joined through a forward call, which this worker cannot tell); a dead one costs a
+        // single attempt (OnCleanupAttempt).
+        if (w != self_ && w != from && covered.count(w) == 0) {
           targets.insert(w);
         }
       }
@@ -434,13 +437,14 @@ bool DistAutograd::OnCleanupAttempt(WorkerId to, int attempt, const absl::Status
   if (status.ok() || stopped_) return false;
   if (kPlantedBugs && options_.bugs.release_once) return false;
   if (attempt + 1 >= options_.cleanup_max_attempts) return false;
+  if (failed_.count(to) > 0) return false;  // declared failed: one attempt only
   switch (status.code()) {
     case absl::StatusCode::kDeadlineExceeded:
       return true;
     case absl::StatusCode::kUnavailable:
       // A send failure (PyTorch's faulty agent), or the peer's failure being reported: retried
       // until the peer is declared failed.
-      return failed_.count(to) == 0;
+      return true;
     default:
       return false;
   }
@@ -902,8 +906,18 @@ void DistAutograd::OnPeerFailed(WorkerId peer, const absl::Status& reason) {
     EmitLocked(DistAutogradEvent::kPeerFailed, -1, peer);
     std::vector<ContextId> failing;
     std::vector<ContextId> orphans;
+    std::vector<ContextId> stranded;
     for (const auto& [id, ctx] : contexts_) {
-      if (CreatorOf(id) == peer) orphans.push_back(id);
+      if (CreatorOf(id) == peer) {
+        orphans.push_back(id);
+      } else if (CreatorOf(id) != self_ && !ctx->joined_from.empty() &&
+                 std::all_of(ctx->joined_from.begin(), ctx->joined_from.end(),
+                             [this](WorkerId w) { return failed_.count(w) > 0; })) {
+        // Joined only through workers now failed: if the creator never heard of this worker (the
+        // failed one's reply, carrying its involved workers, never reached it), nobody else can
+        // release it here.
+        stranded.push_back(id);
+      }
       const Pass* pass = ctx->pass.get();
       if (pass == nullptr) continue;
       bool depends = pass->first_call != nullptr && pass->first_call->caller() == peer;
@@ -924,6 +938,9 @@ void DistAutograd::OnPeerFailed(WorkerId peer, const absl::Status& reason) {
     }
     // Nobody else can exit the contexts the failed worker created.
     for (ContextId id : orphans) ReleaseLocked(id, -1, {}, &actions);
+    // Nor, maybe, those reached only through it: released here and below (the workers this one
+    // called), but not on their living creator, whose program exits them itself.
+    for (ContextId id : stranded) ReleaseLocked(id, -1, {CreatorOf(id)}, &actions);
   }
   RunActions(std::move(actions));
 }

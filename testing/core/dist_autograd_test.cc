@@ -795,6 +795,57 @@ TEST(DistAutogradTest, ContextsOfAFailedCreatorAreReleased) {
   EXPECT_EQ(c->dag(2).Join(ctx, 0).code(), absl::StatusCode::kNotFound);
 }
 
+// A middle worker crashes before its reply (carrying its involved workers) reached the creator:
+// the workers below it, joined only through it, release the context themselves (and forward
+// below), but leave the living creator's alone. Found by the explorer (autograd_chain, a crash).
+TEST(DistAutogradTest, ContextsJoinedOnlyThroughAFailedWorkerAreReleased) {
+  auto c = Cluster::Make(4);
+  ContextId ctx = c->dag(0).NewContext();
+  c->Forward(ctx, 0, 1);  // 0 -> 1 -> 2 -> 3, worker 0 learns nothing of 2 and 3
+  c->Forward(ctx, 1, 2);
+  c->Forward(ctx, 2, 3);
+  c->Forward(ctx, 2, 0);  // worker 2 also sent to the creator (a known worker)
+  ContextId other = c->dag(0).NewContext();
+  c->Forward(other, 0, 1);
+  c->Forward(other, 1, 2);
+  c->Forward(other, 0, 2);  // worker 2 joined it from a live worker too: kept
+  c->world().Crash(1);
+  ASSERT_TRUE(c->world().RunUntilIdle());
+  EXPECT_FALSE(c->dag(2).Exists(ctx));
+  EXPECT_FALSE(c->dag(3).Exists(ctx));  // forwarded below
+  EXPECT_TRUE(c->dag(3).IsReleased(ctx));
+  EXPECT_TRUE(c->dag(0).Exists(ctx));  // the creator exits it itself
+  EXPECT_TRUE(c->dag(2).Exists(other));
+  ASSERT_TRUE(c->dag(0).Release(ctx).ok());
+  ASSERT_TRUE(c->dag(0).Release(other).ok());
+  ASSERT_TRUE(c->world().RunUntilIdle());
+  for (WorkerId w : {0, 2, 3}) EXPECT_EQ(c->Debug(w, "num_autograd_contexts"), 0) << w;
+}
+
+// A worker declared failed may be back: its new incarnation joined a context through a forward
+// call (which the core cannot tell from the old one) and must still be released; a dead one is
+// tried once. Found by the explorer (autograd_release_race, a crash with restart).
+TEST(DistAutogradTest, ReleaseReachesARestartedWorkerAndTriesADeadOneOnce) {
+  auto c = Cluster::Make(3);
+  ContextId dead = c->dag(0).NewContext();
+  c->Forward(dead, 0, 2);
+  c->world().Crash(1);
+  ASSERT_TRUE(c->world().Restart(1).ok());
+  c->world().Crash(2);
+  ASSERT_TRUE(c->world().RunUntilIdle());  // both declared failed on worker 0
+  ContextId ctx = c->dag(0).NewContext();
+  c->Forward(ctx, 0, 1);  // the new incarnation of worker 1 joins
+  ASSERT_TRUE(c->dag(1).Exists(ctx));
+  const absl::Time start = c->world().Now();
+  ASSERT_TRUE(c->dag(0).Release(ctx).ok());
+  ASSERT_TRUE(c->dag(0).Release(dead).ok());
+  ASSERT_TRUE(c->world().RunUntilIdle());
+  EXPECT_FALSE(c->dag(1).Exists(ctx));
+  EXPECT_TRUE(c->dag(1).IsReleased(ctx));
+  EXPECT_EQ(c->Debug(0, "num_pending_cleanups"), 0);
+  EXPECT_LT(c->world().Now() - start, absl::Seconds(1));  // no 20 attempts at the dead one
+}
+
 TEST(DistAutogradTest, AgentStopCancelsRunningPasses) {
   auto c = Cluster::Make(2);
   ContextId ctx = c->dag(0).NewContext();

@@ -9,6 +9,7 @@
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
 #include "testing/scenarios/scenario_runner.h"
+#include "testing/scenarios/dist_autograd_scenarios.h"
 #include "testing/scenarios/rref_scenarios.h"
 #include "testing/scenarios/scenario.h"
 
@@ -49,12 +50,23 @@ std::string Usage() {
       "sim/fault_spec.h)\n"
       "planted BUG (tests of the oracles): lose_timeout_timer "
       "drop_reply_at_shutdown process_duplicates (agent), skip_child_wait "
-      "forget_idempotence free_on_first_delete forget_user_delete (RRefs)\n");
+      "forget_idempotence free_on_first_delete forget_user_delete (RRefs), "
+      "forget_transitive_release release_once resurrect_released reply_before_rpcs "
+      "(distributed autograd)\n");
 }
 
 absl::Status ParsePlantedBug(const std::string& name, PlantedBugs* bugs,
-                             RRefPlantedBugs* rref_bugs) {
-  if (name == "skip_child_wait") {
+                             RRefPlantedBugs* rref_bugs,
+                             DistAutogradPlantedBugs* autograd_bugs) {
+  if (name == "forget_transitive_release") {
+    autograd_bugs->forget_transitive_release = true;
+  } else if (name == "release_once") {
+    autograd_bugs->release_once = true;
+  } else if (name == "resurrect_released") {
+    autograd_bugs->resurrect_released = true;
+  } else if (name == "reply_before_rpcs") {
+    autograd_bugs->reply_before_rpcs = true;
+  } else if (name == "skip_child_wait") {
     rref_bugs->skip_child_wait = true;
   } else if (name == "forget_idempotence") {
     rref_bugs->forget_idempotence = true;
@@ -73,7 +85,8 @@ absl::Status ParsePlantedBug(const std::string& name, PlantedBugs* bugs,
         "unknown planted bug '", name,
         "' (lose_timeout_timer, drop_reply_at_shutdown, process_duplicates, "
         "skip_child_wait, forget_idempotence, free_on_first_delete, "
-        "forget_user_delete)"));
+        "forget_user_delete, forget_transitive_release, release_once, "
+        "resurrect_released, reply_before_rpcs)"));
   }
   return absl::OkStatus();
 }
@@ -122,7 +135,8 @@ absl::StatusOr<ExploreOptions> ParseExploreArgs(
       o.faults = *spec;
       o.faults_text = value;
     } else if (key == "--plant") {
-      if (absl::Status s = ParsePlantedBug(value, &o.bugs, &o.rref_bugs);
+      if (absl::Status s = ParsePlantedBug(value, &o.bugs, &o.rref_bugs,
+                                           &o.autograd_bugs);
           !s.ok()) {
         return BadFlag(arg, s.message());
       }
@@ -193,6 +207,8 @@ ExploreSummary Explore(const ExploreOptions& o, std::ostream& out) {
   int reported = 0;
   // The RRef scenarios read their planted bugs from here (none unless asked).
   scenarios::PlantedRRefBugs() = o.rref_bugs;
+  // So do the distributed-autograd scenarios.
+  scenarios::PlantedDistAutogradBugs() = o.autograd_bugs;
   for (const std::string& name : o.scenarios) {
     const ScenarioInfo& info = *ScenarioRegistry::Global().Find(name);
     ++summary.scenarios;

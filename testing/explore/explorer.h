@@ -11,9 +11,9 @@
 //   explored scenarios=S seeds=N failed=F
 // where N counts runs (one scenario at one seed) and F the runs that violated an invariant.
 // `--check-determinism` runs every seed twice and fails it if the trace hashes
-// or violations differ. `--plant=BUG` turns on one of the agent's PlantedBugs
-// (lose_timeout_timer, drop_reply_at_shutdown, process_duplicates) to show the
-// oracles find it. The exit status (from explore's main) is 0 when F == 0, 1
+// or violations differ. `--plant=BUG` turns on one planted bug of the agent
+// (lose_timeout_timer, drop_reply_at_shutdown, process_duplicates), the RRef
+// context or distributed autograd (see Usage()) to show the oracles find it. The exit status (from explore's main) is 0 when F == 0, 1
 // when F > 0, 2 on bad arguments.
 #ifndef TETHER_TESTING_EXPLORE_EXPLORER_H_
 #define TETHER_TESTING_EXPLORE_EXPLORER_H_
@@ -25,6 +25,7 @@
 
 #include "absl/status/statusor.h"
 #include "core/agent.h"
+#include "core/dist_autograd.h"
 #include "core/rref_context.h"
 #include "sim/fault_spec.h"
 
@@ -39,6 +40,7 @@ struct ExploreOptions {
   std::string plant;  // empty: none
   PlantedBugs bugs;
   RRefPlantedBugs rref_bugs;
+  DistAutogradPlantedBugs autograd_bugs;
   bool check_determinism = false;
   bool trace_hash = false;
   bool verbose = false;
@@ -61,7 +63,8 @@ absl::StatusOr<ExploreOptions> ParseExploreArgs(const std::vector<std::string>& 
 
 // Sets `bugs` from a planted bug's name; kInvalidArgument for an unknown name.
 absl::Status ParsePlantedBug(const std::string& name, PlantedBugs* bugs,
-                             RRefPlantedBugs* rref_bugs);
+                             RRefPlantedBugs* rref_bugs,
+                             DistAutogradPlantedBugs* autograd_bugs);
 
 // The command that replays one run.
 std::string ReplayCommand(const ExploreOptions& options, const std::string& scenario,

@@ -1,5 +1,6 @@
 // Proves the explorer's oracles bite: each bug planted in the agent
-// (core/agent.h PlantedBugs) is reported within a bounded number of seeds, and
+// (core/agent.h PlantedBugs) or in distributed autograd (core/dist_autograd.h
+// DistAutogradPlantedBugs) is reported within a bounded number of seeds, and
 // the same exploration without the bug reports nothing.
 #include <sstream>
 #include <string>
@@ -58,6 +59,19 @@ INSTANTIATE_TEST_SUITE_P(
         Case{"process_duplicates", "request_storm", "dup=0.1", 3},
         Case{"process_duplicates", "shutdown_in_flight", "dup=0.2,reorder=0.2",
              10}),
+    [](const ::testing::TestParamInfo<Case>& info) {
+      return std::string(info.param.bug) + "_in_" + info.param.scenario;
+    });
+
+// The distributed-autograd oracles (testing/scenarios/dist_autograd_ledger.h and the god view of
+// dist_autograd_harness.h). Found (as of writing) at seeds 2, 5, 1 and 1.
+INSTANTIATE_TEST_SUITE_P(
+    DistAutograd, PlantedBugsTest,
+    ::testing::Values(
+        Case{"forget_transitive_release", "autograd_chain", "none", 3},
+        Case{"release_once", "autograd_chain", "drop=0.1", 20},
+        Case{"resurrect_released", "autograd_release_race", "delay=0..20ms,reorder=0.3", 20},
+        Case{"reply_before_rpcs", "autograd_cycle", "delay=0..5ms", 10}),
     [](const ::testing::TestParamInfo<Case>& info) {
       return std::string(info.param.bug) + "_in_" + info.param.scenario;
     });
