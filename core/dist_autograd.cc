@@ -153,9 +153,43 @@ void DistAutograd::Attach() {
   });
 }
 
+namespace {
+// The core whose runner call runs on this thread (the innermost), if any.
+thread_local const DistAutograd* in_runner_call = nullptr;
+}  // namespace
+
 void DistAutograd::SetRunner(GraphRunner* runner) {
   absl::MutexLock lock(&mu_);
   runner_ = runner;
+  // From inside a runner call (this thread's own) there is nothing to wait for that could end.
+  if (runner == nullptr && in_runner_call != this) {
+    mu_.Await(absl::Condition(this, &DistAutograd::NoRunnerCallsLocked));
+  }
+}
+
+bool DistAutograd::NoRunnerCallsLocked() const { return runner_calls_ == 0; }
+
+void DistAutograd::WithRunner(const std::function<void(GraphRunner*)>& fn) {
+  GraphRunner* runner;
+  {
+    absl::MutexLock lock(&mu_);
+    runner = runner_;
+    if (runner != nullptr) ++runner_calls_;
+  }
+  const DistAutograd* outer = in_runner_call;
+  in_runner_call = this;
+  fn(runner);
+  in_runner_call = outer;
+  if (runner != nullptr) {
+    absl::MutexLock lock(&mu_);
+    --runner_calls_;
+  }
+}
+
+PassProgress DistAutograd::RunnerGone() const {
+  return PassProgress{absl::CancelledError(absl::StrCat(
+                          "the distributed autograd engine of worker ", self_, " has stopped")),
+                      false};
 }
 
 void DistAutograd::PostSelf(std::function<void(DistAutograd*)> fn) {
@@ -401,11 +435,19 @@ void DistAutograd::ReleaseLocked(ContextId context, WorkerId from,
   if (from >= 0) involved.insert(from);
   contexts_.erase(context);
   EmitLocked(DistAutogradEvent::kReleased, context, from);
-  for (WorkerId to : targets) SendCleanupLocked(to, context, involved, actions);
+  // Once the agent stopped nothing can be sent (and nothing may be scheduled).
+  if (!stopped_) {
+    for (WorkerId to : targets) SendCleanupLocked(to, context, involved, actions);
+  }
   if (runner_ != nullptr) {
-    GraphRunner* runner = runner_;
     EnqueueLocked(
-        context, -1, [runner, context] { runner->Release(context); }, actions);
+        context, -1,
+        [this, context] {
+          WithRunner([context](GraphRunner* runner) {
+            if (runner != nullptr) runner->Release(context);
+          });
+        },
+        actions);
   }
 }
 
@@ -546,12 +588,18 @@ void DistAutograd::StartPassLocked(Context* ctx, int64_t pass_id, bool initiator
   ctx->pass = std::move(pass);
   ++passes_started_;
   EmitLocked(DistAutogradEvent::kPassBegun, context, from, -1, pass_id, absl::OkStatus(), deadline);
-  GraphRunner* runner = runner_;
   EnqueueLocked(
       context, pass_id,
-      [this, runner, context, pass_id, retain, initiator] {
-        absl::Status began = runner->BeginPass(context, retain, initiator);
-        if (!began.ok()) OnProgress(context, pass_id, PassProgress{began, false});
+      [this, context, pass_id, retain, initiator] {
+        PassProgress failed;
+        WithRunner([&](GraphRunner* runner) {
+          if (runner == nullptr) {
+            failed = RunnerGone();
+          } else {
+            failed.error = runner->BeginPass(context, retain, initiator);
+          }
+        });
+        if (!failed.error.ok()) OnProgress(context, pass_id, failed);
       },
       actions);
 }
@@ -595,20 +643,17 @@ void DistAutograd::EndPassLocked(Context* ctx, absl::Status status, Actions* act
   if (!status.ok()) ++passes_failed_;
   const ContextId context = ctx->id;
   EmitLocked(DistAutogradEvent::kPassEnded, context, -1, -1, pass->id, status);
-  GraphRunner* runner = runner_;
-  if (runner != nullptr) {
-    if (status.ok()) {
-      EnqueueLocked(
-          context, -1, [runner, context] { runner->EndPass(context); }, actions);
-    } else {
-      EnqueueLocked(
-          context, -1,
-          [runner, context, status] {
-            runner->AbortPass(context, status);
+  if (runner_ != nullptr) {
+    EnqueueLocked(
+        context, -1,
+        [this, context, status] {
+          WithRunner([&](GraphRunner* runner) {
+            if (runner == nullptr) return;
+            if (!status.ok()) runner->AbortPass(context, status);
             runner->EndPass(context);
-          },
-          actions);
-    }
+          });
+        },
+        actions);
   }
   if (pass->done.has_value()) {
     EmitLocked(DistAutogradEvent::kBackwardDone, context, -1, -1, pass->id, status);
@@ -679,12 +724,15 @@ Future<Unit> DistAutograd::Backward(ContextId context, bool retain_graph, absl::
       StartPassLocked(ctx, pass_id, /*initiator=*/true, retain_graph, deadline, nullptr, -1,
                       &actions);
       ctx->pass->done = done;
-      GraphRunner* runner = runner_;
       EnqueueLocked(
           context, pass_id,
-          [this, runner, context, pass_id] {
+          [this, context, pass_id] {
             if (!PassRunning(context, pass_id)) return;
-            OnProgress(context, pass_id, runner->RunRoot(context));
+            PassProgress progress;
+            WithRunner([&](GraphRunner* runner) {
+              progress = runner == nullptr ? RunnerGone() : runner->RunRoot(context);
+            });
+            OnProgress(context, pass_id, progress);
           },
           &actions);
       FailIfPeerFailedLocked(ctx, &actions);
@@ -872,15 +920,19 @@ void DistAutograd::HandleBackward(std::shared_ptr<IncomingCall> call) {
       }
       ctx->pass->ran.insert(message);
       EmitLocked(DistAutogradEvent::kGradientsRun, context, caller, message, pass_id);
-      GraphRunner* runner = runner_;
       auto gradients = std::make_shared<std::string>(std::move(*req.mutable_gradients()));
       std::vector<Buffer> buffers = request.buffers;
       EnqueueLocked(
           context, pass_id,
-          [this, runner, context, message, pass_id, gradients, buffers] {
+          [this, context, message, pass_id, gradients, buffers] {
             if (!PassRunning(context, pass_id)) return;  // failed meanwhile: skipped
-            OnProgress(context, pass_id,
-                       runner->RunSendFunction(context, message, *gradients, buffers));
+            PassProgress progress;
+            WithRunner([&](GraphRunner* runner) {
+              progress = runner == nullptr
+                             ? RunnerGone()
+                             : runner->RunSendFunction(context, message, *gradients, buffers);
+            });
+            OnProgress(context, pass_id, progress);
           },
           &actions);
       FailIfPeerFailedLocked(ctx, &actions);
@@ -908,11 +960,13 @@ void DistAutograd::OnPeerFailed(WorkerId peer, const absl::Status& reason) {
     std::vector<ContextId> orphans;
     std::vector<ContextId> stranded;
     for (const auto& [id, ctx] : contexts_) {
+      bool joined_only_through_failed = !ctx->joined_from.empty();
+      for (WorkerId w : ctx->joined_from) {
+        if (failed_.count(w) == 0) joined_only_through_failed = false;
+      }
       if (CreatorOf(id) == peer) {
         orphans.push_back(id);
-      } else if (CreatorOf(id) != self_ && !ctx->joined_from.empty() &&
-                 std::all_of(ctx->joined_from.begin(), ctx->joined_from.end(),
-                             [this](WorkerId w) { return failed_.count(w) > 0; })) {
+      } else if (CreatorOf(id) != self_ && joined_only_through_failed) {
         // Joined only through workers now failed: if the creator never heard of this worker (the
         // failed one's reply, carrying its involved workers, never reached it), nobody else can
         // release it here.

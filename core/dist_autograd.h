@@ -47,9 +47,11 @@
 // (a per-context strand), never under the lock; so are call replies and future completions.
 // Futures' callbacks run on the executor.
 //
-// Ownership: create with Create() before agent->Start(); the agent, clock, executor, runner and
-// observer must outlive it (runner and observer are not owned). Its timers and posted tasks hold
-// only weak references: once it is destroyed they do nothing, and its handlers answer kCancelled.
+// Ownership: create with Create() before agent->Start(); the agent, clock, executor and observer
+// must outlive it (none is owned). The runner is not owned either: it either outlives the core or
+// detaches itself first with SetRunner(nullptr) (the extension's does). Its timers and posted tasks
+// hold only weak references: once it is destroyed they do nothing, and its handlers answer
+// kCancelled.
 #ifndef TETHER_CORE_DIST_AUTOGRAD_H_
 #define TETHER_CORE_DIST_AUTOGRAD_H_
 
@@ -196,6 +198,9 @@ class DistAutograd : public std::enable_shared_from_this<DistAutograd> {
 
   WorkerId self() const { return self_; }
   // Not owned. Call before agent->Start(). Without one, passes fail with kFailedPrecondition.
+  // SetRunner(nullptr) detaches it: it waits for a runner call running on another thread, after
+  // which no call reaches the old runner (a pass running then fails with kCancelled). A runner
+  // calls it from its destructor.
   void SetRunner(GraphRunner* runner);
 
   // --- Ids. ---
@@ -303,6 +308,10 @@ class DistAutograd : public std::enable_shared_from_this<DistAutograd> {
   absl::Status WithNodePrefix(const absl::Status& error) const;
   void PostSelf(std::function<void(DistAutograd*)> fn);
   static void RunActions(Actions actions);
+  // Runs fn with the runner (nullptr once detached), counted as a runner call (SetRunner waits).
+  void WithRunner(const std::function<void(GraphRunner*)>& fn) ABSL_LOCKS_EXCLUDED(mu_);
+  bool NoRunnerCallsLocked() const ABSL_SHARED_LOCKS_REQUIRED(mu_);
+  PassProgress RunnerGone() const;
 
   Agent* const agent_;
   Clock* const clock_;
@@ -310,10 +319,11 @@ class DistAutograd : public std::enable_shared_from_this<DistAutograd> {
   const DistAutogradOptions options_;
   const WorkerId self_;
   const int64_t id_base_;  // self << 48
-  GraphRunner* runner_ = nullptr;
   std::unique_ptr<RetriedCaller> cleanup_;
 
   mutable absl::Mutex mu_;
+  GraphRunner* runner_ ABSL_GUARDED_BY(mu_) = nullptr;
+  int runner_calls_ ABSL_GUARDED_BY(mu_) = 0;
   bool stopped_ ABSL_GUARDED_BY(mu_) = false;
   int64_t next_context_ ABSL_GUARDED_BY(mu_);
   int64_t next_message_ ABSL_GUARDED_BY(mu_);
