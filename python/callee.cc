@@ -104,7 +104,7 @@ class Responder {
       // The context comes from the request, not the thread: an async_execution result is
       // answered from whichever thread completes its future.
       worker_->autograd->RecordOutgoing(context_, call_->caller(), tensors, /*force=*/false,
-                                        /*involved_of=*/true, payload.mutable_autograd());
+                                        /*involved_of=*/true, &payload);
     }
     std::vector<Buffer> buffers;
     absl::Status s = pycall::AppendTensors(tensors, &payload, &buffers);
@@ -252,7 +252,7 @@ void HandleTorchCall(Worker* w, bool script, std::shared_ptr<IncomingCall> call)
   if (!s.ok()) return ReplyStatus(*w, *call, s);
   if (context != dist_autograd::kNoContext && w->autograd != nullptr) {
     w->autograd->RecordOutgoing(context, call->caller(), sent, /*force=*/false,
-                                /*involved_of=*/true, reply.mutable_autograd());
+                                /*involved_of=*/true, &reply);
   }
   call->Reply(pycall::Serialize(reply), std::move(buffers));
 }

@@ -33,11 +33,13 @@ struct Decoded {
 struct ReplyRecording {
   std::shared_ptr<dist_autograd::LocalAutograd> autograd;  // null: the call was not recorded
   WorkerId from = -1;
+  ContextId context = dist_autograd::kNoContext;  // the call's
 
-  void Record(const pycall::Payload& payload, const std::vector<at::Tensor>& tensors) const {
-    if (autograd != nullptr && payload.has_autograd()) {
-      autograd->RecordIncoming(payload.autograd(), from, tensors, /*request=*/false);
-    }
+  // kInvalidArgument if the reply names another context than the call's.
+  absl::Status Record(const pycall::Payload& payload,
+                      const std::vector<at::Tensor>& tensors) const {
+    if (autograd == nullptr || !payload.has_autograd()) return absl::OkStatus();
+    return autograd->RecordReply(context, payload.autograd(), from, tensors);
   }
 };
 
@@ -67,14 +69,17 @@ Decoded Decode(const absl::StatusOr<Message>& reply, bool copy,
       d.status = tensors.status();
     } else {
       d.tensors = *std::move(tensors);
-      recording.Record(d.payload, d.tensors);
+      d.status = recording.Record(d.payload, d.tensors);
     }
   } else {
+    absl::Status recorded;
     absl::StatusOr<c10::IValue> value = pycall::DecodeIValue(
         d.payload, reply->buffers, copy,
-        [&](const std::vector<at::Tensor>& t) { recording.Record(d.payload, t); });
+        [&](const std::vector<at::Tensor>& t) { recorded = recording.Record(d.payload, t); });
     if (!value.ok()) {
       d.status = value.status();
+    } else if (!recorded.ok()) {
+      d.status = recorded;
     } else {
       d.value = *std::move(value);
     }
@@ -332,7 +337,7 @@ std::shared_ptr<dist_autograd::LocalAutograd> RecordAutograd(Prepared& p, Worker
   const ContextId context = dist_autograd::CurrentContext();
   if (context == dist_autograd::kNoContext || p.worker->autograd == nullptr) return nullptr;
   p.worker->autograd->RecordOutgoing(context, to, p.sent, /*force=*/p.kind != Kind::kBuiltin,
-                                     /*involved_of=*/false, p.payload.mutable_autograd());
+                                     /*involved_of=*/false, &p.payload);
   if (!p.payload.has_autograd()) return nullptr;
   return p.worker->autograd;
 }
@@ -427,7 +432,7 @@ std::shared_ptr<Pending> Send(Prepared p, WorkerId to, double timeout_s) {
                                                 : wire::SCRIPT_CALL;
   std::optional<absl::Duration> timeout = ToTimeout(timeout_s);
   CallContext ctx = MakeContext(w, to, timeout);
-  ReplyRecording recording{RecordAutograd(p, to), to};
+  ReplyRecording recording{RecordAutograd(p, to), to, dist_autograd::CurrentContext()};
   std::string bytes = pycall::Serialize(p.payload);
   Future<Message> future(nullptr);
   {

@@ -33,7 +33,8 @@ constexpr char kNoCurrentContext[] =
     "Current thread doesn't have a valid autograd context. Please wrap your code using: `with "
     "torch.distributed.autograd.context() as context_id` to generate a valid context";
 
-// The live worker's autograd and core (raises if RPC is not initialized or shut down).
+// The live worker's autograd and core (raises if RPC is not initialized or shut down). Held for
+// one call, never across a wait (it keeps the worker's runtime alive).
 struct Live {
   std::shared_ptr<Worker> worker;
   std::shared_ptr<LocalAutograd> autograd;
@@ -123,13 +124,14 @@ PyContext CurrentContextObject() {
 
 void Backward(ContextId context, const std::vector<at::Tensor>& roots, bool retain_graph) {
   RECORD_FUNCTION("torch::distributed::autograd::backward", std::vector<c10::IValue>());
-  Live live = RequireLive();
-  const absl::Duration timeout = live.worker->runtime->agent()->default_timeout();
-  const absl::Time deadline = timeout == absl::ZeroDuration()
-                                  ? absl::InfiniteFuture()
-                                  : live.worker->runtime->clock()->Now() + timeout;
   absl::StatusOr<Future<Unit>> done;
   {
+    // Not held across the wait: a shutdown meanwhile frees the worker's runtime and core.
+    Live live = RequireLive();
+    const absl::Duration timeout = live.worker->runtime->agent()->default_timeout();
+    const absl::Time deadline = timeout == absl::ZeroDuration()
+                                    ? absl::InfiniteFuture()
+                                    : live.worker->runtime->clock()->Now() + timeout;
     ScopedGilRelease release;
     done = live.autograd->Backward(context, roots, retain_graph, deadline);
   }
@@ -198,6 +200,7 @@ void RegisterDistAutogradBindings(py::module_& m) {
         py::arg("retain_graph") = false);
   m.def("autograd_get_gradients", &GetGradients, py::arg("context_id"));
   m.def("autograd_debug_info", &DebugInfo);
+  m.def("autograd_num_local_records", [] { return RequireLive().autograd->NumLocalRecords(); });
   m.def("autograd_check_init", &CheckInit, py::arg("worker_id"));
 }
 

@@ -72,29 +72,6 @@ struct EngineAccess : Engine {
 // (a backward function that waits on the network in the simulator) gives it back when it ends.
 thread_local std::shared_ptr<ReadyQueue> current_drain_queue;
 
-// Captures a leaf's gradient into the context's store instead of running AccumulateGrad, with
-// AccumulateGrad's pre and post hooks around it (as DistEngine's capture hook does).
-class AccumulateIntoStore : public GraphTask::ExecInfo::Capture::GradCaptureHook {
- public:
-  AccumulateIntoStore(std::shared_ptr<AccumulateGrad> leaf, std::shared_ptr<GradientStore> store)
-      : leaf_(std::move(leaf)), store_(std::move(store)) {}
-
-  at::Tensor operator()(const at::Tensor& grad) override {
-    variable_list grads = {grad};
-    for (const auto& hook : leaf_->pre_hooks()) grads = (*hook)(grads);
-    // References to grads[0] here: this list, the task's captured_vars_ and the node's input
-    // buffer in the engine's frame.
-    if (grads[0].defined()) store_->Accumulate(leaf_->variable, grads[0], 3);
-    const variable_list no_outputs;
-    for (const auto& hook : leaf_->post_hooks()) (*hook)(no_outputs, grads);
-    return grads[0];
-  }
-
- private:
-  const std::shared_ptr<AccumulateGrad> leaf_;
-  const std::shared_ptr<GradientStore> store_;
-};
-
 }  // namespace
 
 SendRpcBackward::SendRpcBackward(const std::vector<at::Tensor>& tensors) {
@@ -135,8 +112,10 @@ void GradientStore::Accumulate(const at::Tensor& variable, const at::Tensor& gra
   c10::AutoGradMode no_grad(false);
   // The tensor's own hooks may be Python (they take the GIL): never under mu_.
   at::Tensor new_grad = AccumulateGrad::callHooks(variable, grad);
-  absl::MutexLock lock(&mu_);
+  // Declared before the lock: the replaced gradient (whose last reference may free a Python
+  // object, under the GIL) is dropped after it.
   at::Tensor old_grad;
+  absl::MutexLock lock(&mu_);
   auto it = grads_.find(variable);
   if (it != grads_.end()) old_grad = it->value();
   // One more reference than the caller's: new_grad here.
@@ -216,9 +195,10 @@ void DistGraphTask::ComputeDependencies() {
     if (auto leaf = std::dynamic_pointer_cast<AccumulateGrad>(owners[node])) {
       auto& info = task.exec_info_[node];
       info.captures_ = std::make_unique<std::vector<GraphTask::ExecInfo::Capture>>();
+      // Captured without hooks (the engine runs capture hooks under the task's mutex): the
+      // drain accumulates after the engine returns (AccumulateCaptured).
       info.captures_->emplace_back(/*input_idx=*/0, /*output_idx=*/num_captures_++);
-      info.captures_->back().hooks_.push_back(
-          std::make_unique<AccumulateIntoStore>(std::move(leaf), store_));
+      capture_leaves_.push_back(std::move(leaf));
       leads_to_leaf.insert(node);
       continue;
     }
@@ -239,6 +219,15 @@ DrainOutcome DistGraphTask::Drain(const std::shared_ptr<Node>& root) {
   DrainOutcome outcome;
   if (failed_) {
     outcome.error = absl::FailedPreconditionError("the backward pass already failed");
+    return outcome;
+  }
+  // A local backward running on this thread (not a drain of ours): the engine's thread-local
+  // ready queue is that task's, and a drain would take it over.
+  if (torch::autograd::get_current_graph_task_exec_info() != nullptr &&
+      current_drain_queue == nullptr) {
+    outcome.error = absl::FailedPreconditionError(
+        "a distributed backward pass cannot run on a thread that is running a local backward "
+        "pass (a backward function waited for the network here)");
     return outcome;
   }
   if (roots_not_run_.erase(root.get()) == 0) {
@@ -273,9 +262,11 @@ DrainOutcome DistGraphTask::Drain(const std::shared_ptr<Node>& root) {
   task_->cpu_ready_queue_ = nullptr;
 
   bool waiting;
+  variable_list captured;
   {
     std::lock_guard<std::mutex> lock(task_->mutex_);
     waiting = !task_->not_ready_.empty();
+    captured.swap(task_->captured_vars_);
   }
   if (done == nullptr) {
     failed_ = true;
@@ -288,8 +279,41 @@ DrainOutcome DistGraphTask::Drain(const std::shared_ptr<Node>& root) {
     outcome.error = absl::InternalError(done->tryRetrieveErrorMessage());
     return outcome;
   }
+  // A drain that completed the task's future moved the captured gradients into its value. The
+  // future goes (the next drain makes a new one): the gradients may then be stolen, not copied.
+  if (!done->hasError()) {
+    captured = done->value().toTensorVector();
+    done.reset();
+    task_->future_result_.reset();
+  }
+  if (absl::Status s = AccumulateCaptured(std::move(captured)); !s.ok()) {
+    failed_ = true;
+    outcome.error = s;
+    return outcome;
+  }
   outcome.local_done = roots_not_run_.empty() && !waiting;
   return outcome;
+}
+
+// What AccumulateGrad would do with each leaf's gradient, into the store: its pre hooks, the
+// tensor's hooks and the accumulation (GradientStore::Accumulate), its post hooks. Without any
+// lock (hooks may be Python).
+absl::Status DistGraphTask::AccumulateCaptured(variable_list captured) {
+  try {
+    for (size_t i = 0; i < captured.size() && i < capture_leaves_.size(); ++i) {
+      if (!captured[i].defined()) continue;
+      const std::shared_ptr<AccumulateGrad>& leaf = capture_leaves_[i];
+      variable_list grads = {std::move(captured[i])};
+      for (const auto& hook : leaf->pre_hooks()) grads = (*hook)(grads);
+      // The one reference to grads[0] its caller holds: this list.
+      if (grads[0].defined()) store_->Accumulate(leaf->variable, grads[0], 1);
+      const variable_list no_outputs;
+      for (const auto& hook : leaf->post_hooks()) (*hook)(no_outputs, grads);
+    }
+  } catch (const std::exception& e) {
+    return absl::InternalError(e.what());
+  }
+  return absl::OkStatus();
 }
 
 void DistGraphTask::ReplayWarnings() { task_->warning_handler_.replay_warnings(); }

@@ -23,14 +23,17 @@
 // Threads: a DistGraphTask is built on the thread whose thread-local state (grad mode, the
 // profiler) the pass should run under, and is driven by one thread at a time (the caller
 // serializes drains, the core protocol's per-context strand). A drain runs on the calling thread
-// and starts none; it must not be called from inside another backward on the same thread. Drains
-// never need the GIL; Python nodes take it themselves. GradientStore is thread-safe.
+// and starts none. A drain called from inside a local (non-distributed) backward on the same
+// thread is refused; one nested in another drain is fine. Drains never need the GIL; Python nodes
+// and hooks take it themselves (hooks run after the engine returns, under no lock).
+// GradientStore is thread-safe.
 #ifndef TETHER_PYTHON_DIST_AUTOGRAD_ENGINE_H_
 #define TETHER_PYTHON_DIST_AUTOGRAD_ENGINE_H_
 
 #include <ATen/core/Dict.h>
 #include <ATen/core/Tensor.h>
 #include <torch/csrc/autograd/function.h>
+#include <torch/csrc/autograd/functions/accumulate_grad.h>
 #include <torch/csrc/autograd/graph_task.h>
 
 #include <cstddef>
@@ -137,12 +140,15 @@ class DistGraphTask {
 
  private:
   void ComputeDependencies();
+  absl::Status AccumulateCaptured(torch::autograd::variable_list captured);
 
   std::shared_ptr<torch::autograd::GraphTask> task_;
   std::vector<std::shared_ptr<torch::autograd::Node>> roots_;
   std::set<torch::autograd::Node*> roots_not_run_;
   std::shared_ptr<GradientStore> store_;
   size_t num_captures_ = 0;
+  // The leaf of each capture (by output index).
+  std::vector<std::shared_ptr<torch::autograd::AccumulateGrad>> capture_leaves_;
   bool failed_ = false;
 };
 

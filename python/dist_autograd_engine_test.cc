@@ -297,6 +297,46 @@ TEST(DistGraphTaskTest, PlainBackwardStillWorksOnTheSameThreadAfterADrain) {
   EXPECT_TRUE(at::equal(y.grad(), at::tensor({7.0f})));
 }
 
+// A node of a local graph that, when it runs, drains another (distributed) task on the same
+// thread: what a backward function waiting on the network would do in the simulator.
+class DrainsWhileRunning : public Node {
+ public:
+  DrainsWhileRunning(const at::Tensor& input, DistGraphTask* task, std::shared_ptr<Node> root)
+      : task_(task), root_(std::move(root)) {
+    set_next_edges(torch::autograd::collect_next_edges(input));
+  }
+  std::string name() const override { return "DrainsWhileRunning"; }
+  variable_list apply(variable_list&& grads) override {
+    outcome = task_->Drain(root_);
+    return {std::move(grads[0])};
+  }
+  DrainOutcome outcome;
+
+ private:
+  DistGraphTask* task_;
+  std::shared_ptr<Node> root_;
+};
+
+TEST(DistGraphTaskTest, ADrainInsideALocalBackwardIsRefusedAndTheLocalPassFinishes) {
+  at::Tensor d = Leaf({1});
+  auto dist_root = RootOf((d * 4).sum());
+  auto store = std::make_shared<GradientStore>();
+  DistGraphTask dist(dist_root, {}, false, store);
+
+  at::Tensor x = Leaf({1, 2});
+  auto node = std::make_shared<DrainsWhileRunning>(x, &dist, dist_root);
+  at::Tensor h = WithHistory(node, {2});
+  (h * 3).sum().backward();
+  EXPECT_EQ(node->outcome.error.code(), absl::StatusCode::kFailedPrecondition)
+      << node->outcome.error;
+  EXPECT_TRUE(at::equal(x.grad(), at::tensor({3.0f, 3.0f})));
+  EXPECT_FALSE(GradOf(*store, d).defined());
+  // The refused drain did not use up its root: outside the local pass it runs.
+  DrainOutcome later = dist.Drain(dist_root);
+  ASSERT_TRUE(later.error.ok()) << later.error;
+  EXPECT_TRUE(at::equal(GradOf(*store, d), at::tensor({4.0f})));
+}
+
 TEST(DistGraphTaskTest, WarningsRaisedInADrainReachTheHandlerWhenThePassEnds) {
   struct Capture : c10::WarningHandler {
     void process(const c10::SourceLocation&, const std::string& msg, bool) override {

@@ -37,11 +37,16 @@ ContextGuard::~ContextGuard() {
   if (set_) current_context = previous_;
 }
 
+NoContextGuard::NoContextGuard() : previous_(current_context) { current_context = kNoContext; }
+NoContextGuard::~NoContextGuard() { current_context = previous_; }
+
 LocalAutograd::LocalAutograd(std::shared_ptr<DistAutograd> core) : core_(core) {
   core->SetRunner(this);
 }
 
 LocalAutograd::~LocalAutograd() {
+  // After this no strand task reaches this object (a running one is waited for).
+  if (std::shared_ptr<DistAutograd> core = core_.lock()) core->SetRunner(nullptr);
   std::map<ContextId, Local> dropped;
   {
     absl::MutexLock lock(&mu_);
@@ -49,9 +54,21 @@ LocalAutograd::~LocalAutograd() {
   }
 }
 
+LocalAutograd::Local* LocalAutograd::LiveLocalLocked(const DistAutograd& core, ContextId context) {
+  // The core erases a context before it queues Release() here, so a context it still has is
+  // released here later: recording into it cannot outlive the release.
+  if (!core.Exists(context)) return nullptr;
+  return &locals_[context];
+}
+
+size_t LocalAutograd::NumLocalRecords() const {
+  absl::MutexLock lock(&mu_);
+  return locals_.size();
+}
+
 void LocalAutograd::RecordOutgoing(ContextId context, WorkerId dst,
                                    const std::vector<at::Tensor>& tensors, bool force,
-                                   bool involved_of, pycall::AutogradMeta* meta) {
+                                   bool involved_of, pycall::Payload* payload) {
   if (context == kNoContext) return;
   std::shared_ptr<DistAutograd> core = core_.lock();
   if (core == nullptr) return;
@@ -69,6 +86,7 @@ void LocalAutograd::RecordOutgoing(ContextId context, WorkerId dst,
     if (!core->AddKnownWorker(context, dst).ok()) return;  // released meanwhile
     message = core->NewMessageId();
   }
+  pycall::AutogradMeta* meta = payload->mutable_autograd();
   meta->set_context_id(context);
   meta->set_message_id(message);
   for (WorkerId w : involved) meta->add_involved(w);
@@ -76,7 +94,8 @@ void LocalAutograd::RecordOutgoing(ContextId context, WorkerId dst,
   auto send = std::make_shared<SendRpcBackward>(with_grad);
   if (!core->RecordSend(context, message, dst).ok()) return;
   absl::MutexLock lock(&mu_);
-  locals_[context].sends.emplace(message, std::move(send));
+  if (Local* local = LiveLocalLocked(*core, context)) local->sends.emplace(message, send);
+  // else: released meanwhile; `send` is dropped after the lock (declared before it)
 }
 
 ContextId LocalAutograd::RecordIncoming(const pycall::AutogradMeta& meta, WorkerId from,
@@ -98,8 +117,21 @@ ContextId LocalAutograd::RecordIncoming(const pycall::AutogradMeta& meta, Worker
   auto recv = RecvRpcBackward::Attach(with_grad, GradientSender(context, from, message));
   if (!core->RecordRecv(context, message, from).ok()) return kNoContext;
   absl::MutexLock lock(&mu_);
-  locals_[context].recvs.emplace(message, std::move(recv));
+  Local* local = LiveLocalLocked(*core, context);
+  if (local == nullptr) return kNoContext;  // released meanwhile
+  local->recvs.emplace(message, recv);
   return context;
+}
+
+absl::Status LocalAutograd::RecordReply(ContextId expected, const pycall::AutogradMeta& meta,
+                                        WorkerId from, const std::vector<at::Tensor>& tensors) {
+  if (meta.context_id() != expected) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("the reply from worker ", from, " carries distributed autograd context ",
+                     meta.context_id(), ", but the call was made in context ", expected));
+  }
+  RecordIncoming(meta, from, tensors, /*request=*/false);
+  return absl::OkStatus();
 }
 
 RecvRpcBackward::SendGrads LocalAutograd::GradientSender(ContextId context, WorkerId to,
@@ -146,9 +178,12 @@ absl::StatusOr<Future<Unit>> LocalAutograd::Backward(ContextId context,
   }
   auto graph_root =
       std::make_shared<torch::autograd::GraphRoot>(std::move(edges), std::move(grads));
+  std::shared_ptr<DistGraphTask> mine;
   {
     absl::MutexLock lock(&mu_);
-    Local& local = locals_[context];
+    Local* live = LiveLocalLocked(*core, context);
+    if (live == nullptr) return absl::NotFoundError(ContextNotFoundText(context));
+    Local& local = *live;
     // A pass that just ended may still hold `task` until its EndPass, which the core's strand
     // runs before this pass's BeginPass; the core refuses a pass while one runs.
     if (local.prepared != nullptr) {
@@ -158,18 +193,21 @@ absl::StatusOr<Future<Unit>> LocalAutograd::Backward(ContextId context,
     std::vector<std::shared_ptr<torch::autograd::Node>> sends;
     for (const auto& [message, send] : local.sends) sends.push_back(send);
     // Built here, on the caller's thread: the task runs under its thread-local state.
-    local.prepared =
-        std::make_shared<DistGraphTask>(graph_root, std::move(sends), retain_graph, local.store);
+    mine = std::make_shared<DistGraphTask>(graph_root, std::move(sends), retain_graph, local.store);
+    local.prepared = mine;
     local.prepared_root = graph_root;
   }
   Future<Unit> done = core->Backward(context, retain_graph, deadline);
   if (done.ready() && !done.result().ok()) {
+    // Refused (or failed at once): take back this call's task unless BeginPass adopted it. Only
+    // ours: another thread's Backward() may have prepared its own since.
     std::shared_ptr<DistGraphTask> unused;
+    std::shared_ptr<torch::autograd::Node> unused_root;
     absl::MutexLock lock(&mu_);
     auto it = locals_.find(context);
-    if (it != locals_.end()) {
+    if (it != locals_.end() && it->second.prepared == mine) {
       unused = std::move(it->second.prepared);
-      it->second.prepared_root.reset();
+      unused_root = std::move(it->second.prepared_root);
     }
   }
   return done;
@@ -215,9 +253,13 @@ absl::Status LocalAutograd::BeginPass(ContextId context, bool retain_graph, bool
   std::shared_ptr<DistGraphTask> task;
   std::vector<std::shared_ptr<torch::autograd::Node>> sends;
   std::shared_ptr<GradientStore> store;
+  std::shared_ptr<DistAutograd> core = core_.lock();
+  if (core == nullptr) return absl::FailedPreconditionError(kContextNoLongerValidText);
   {
     absl::MutexLock lock(&mu_);
-    Local& local = locals_[context];
+    Local* live = LiveLocalLocked(*core, context);
+    if (live == nullptr) return absl::FailedPreconditionError(kContextNoLongerValidText);
+    Local& local = *live;
     if (initiator) {
       if (local.prepared == nullptr) {
         return absl::InternalError(
@@ -233,7 +275,9 @@ absl::Status LocalAutograd::BeginPass(ContextId context, bool retain_graph, bool
   // Built outside the lock (the dependency walk is as long as the graph).
   task = std::make_shared<DistGraphTask>(nullptr, std::move(sends), retain_graph, store);
   absl::MutexLock lock(&mu_);
-  locals_[context].task = std::move(task);
+  Local* local = LiveLocalLocked(*core, context);
+  if (local == nullptr) return absl::FailedPreconditionError(kContextNoLongerValidText);
+  local->task = task;  // `task` (declared before the lock) keeps the old one until after it
   return absl::OkStatus();
 }
 
@@ -260,7 +304,7 @@ PassProgress LocalAutograd::RunRoot(ContextId context) {
     failed.error = absl::FailedPreconditionError(kContextNoLongerValidText);
     return failed;
   }
-  ContextGuard guard(context);
+  NoContextGuard no_context;  // RPCs a backward function makes are not part of the context
   return Progress(task->Drain(root));
 }
 
@@ -305,7 +349,7 @@ PassProgress LocalAutograd::RunSendFunction(ContextId context, AutogradMessageId
     return failed;
   }
   send->SetGrads(*std::move(grads));
-  ContextGuard guard(context);
+  NoContextGuard no_context;
   return Progress(task->Drain(send));
 }
 

@@ -5,7 +5,7 @@
 //
 //   // caller, sending a call inside `with dist_autograd.context()` (thread's current context)
 //   autograd->RecordOutgoing(CurrentContext(), to, tensors, /*force=*/true,
-//   payload.mutable_autograd());
+//                            /*involved_of=*/false, &payload);
 //   // callee, receiving it: the handler then runs under the returned context
 //   ContextGuard guard(autograd->RecordIncoming(payload.autograd(), caller, tensors, true));
 //   // initiator
@@ -20,7 +20,9 @@
 // without this object's lock (Python nodes take the GIL themselves). Nodes are dropped without
 // the lock too (a Python node's destructor takes the GIL).
 //
-// Ownership: the Worker owns it (python/process_state.h). It and the nodes it creates hold the
+// Ownership: the Worker owns it (python/process_state.h). Its destructor detaches it from the
+// core and waits for a runner call running elsewhere, which may need the GIL: destroy it after
+// the runtime stopped (no call runs then) or without the GIL. It and the nodes it creates hold the
 // core weakly: once the runtime stopped, recording does nothing and a node that outlives the
 // worker fails its pass instead of touching freed state.
 #ifndef TETHER_PYTHON_DIST_AUTOGRAD_RUNNER_H_
@@ -66,10 +68,24 @@ class ContextGuard {
   const ContextId previous_;
 };
 
+// Clears the thread's current context for its scope (drains: calls a backward function makes are
+// not recorded into the pass's context, where their send functions would wait in later passes).
+class NoContextGuard {
+ public:
+  NoContextGuard();
+  ~NoContextGuard();
+  NoContextGuard(const NoContextGuard&) = delete;
+  NoContextGuard& operator=(const NoContextGuard&) = delete;
+
+ private:
+  const ContextId previous_;
+};
+
 class LocalAutograd final : public GraphRunner {
  public:
   // Registers itself as `core`'s runner (before the agent starts).
   explicit LocalAutograd(std::shared_ptr<DistAutograd> core);
+  // Detaches from the core first (waits for a runner call running on another thread).
   ~LocalAutograd() override;
 
   // Null once the worker's runtime stopped.
@@ -78,16 +94,21 @@ class LocalAutograd final : public GraphRunner {
   // --- Recording. ---
   // The sending side of a request or a reply in `context` (kNoContext: nothing happens). It
   // records when `force` is set or some tensor requires grad: a message id, `dst` as a known
-  // worker and, over the tensors that require grad, a send function. Fills `meta` then (and
-  // only then); `involved_of` adds this worker's Involved() list (a reply's).
+  // worker and, over the tensors that require grad, a send function. Sets `payload`'s autograd
+  // meta then (and only then: otherwise it has none); `involved_of` adds this worker's
+  // Involved() list (a reply's).
   void RecordOutgoing(ContextId context, WorkerId dst, const std::vector<at::Tensor>& tensors,
-                      bool force, bool involved_of, pycall::AutogradMeta* meta);
+                      bool force, bool involved_of, pycall::Payload* payload);
   // The receiving side of what RecordOutgoing recorded. A request joins the context (a released
   // one is refused: kNoContext); a reply is recorded only while the context is still here. The
   // received tensors that require grad get one RecvRpcBackward. Returns the context the request's
   // handler runs under, or kNoContext.
   ContextId RecordIncoming(const pycall::AutogradMeta& meta, WorkerId from,
                            const std::vector<at::Tensor>& tensors, bool request);
+  // A reply to a call recorded in `expected`: kInvalidArgument (nothing recorded) if its meta
+  // names another context.
+  absl::Status RecordReply(ContextId expected, const pycall::AutogradMeta& meta, WorkerId from,
+                           const std::vector<at::Tensor>& tensors);
 
   // --- The Python surface. ---
   // Starts a pass from `roots` (PyTorch's checks and texts: kInvalidArgument, or kNotFound for an
@@ -100,6 +121,8 @@ class LocalAutograd final : public GraphRunner {
       ContextId context) const;
   std::map<AutogradMessageId, std::shared_ptr<torch::autograd::Node>> RecvFunctions(
       ContextId context) const;
+  // Contexts this object keeps nodes or gradients for (0 once every context was released).
+  size_t NumLocalRecords() const;
 
   // --- GraphRunner (the core's strand). ---
   absl::Status BeginPass(ContextId context, bool retain_graph, bool initiator) override;
@@ -124,6 +147,9 @@ class LocalAutograd final : public GraphRunner {
     std::shared_ptr<torch::autograd::Node> root;
   };
 
+  // The context's record if the core still has the context (never re-created after a release).
+  Local* LiveLocalLocked(const DistAutograd& core, ContextId context)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   RecvRpcBackward::SendGrads GradientSender(ContextId context, WorkerId to,
                                             AutogradMessageId message) const;
   static PassProgress Progress(const DrainOutcome& outcome);

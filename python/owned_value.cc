@@ -82,7 +82,7 @@ absl::StatusOr<RRefValue> SerializeOwned(const RRefValue& v, const FetchInfo& in
   }
   if (context != dist_autograd::kNoContext && !owned->is_exception) {
     autograd->RecordOutgoing(context, info.caller, sent, /*force=*/false, /*involved_of=*/true,
-                             payload.mutable_autograd());
+                             &payload);
   }
   RRefValue out;
   out.payload = pycall::Serialize(payload);
@@ -91,7 +91,7 @@ absl::StatusOr<RRefValue> SerializeOwned(const RRefValue& v, const FetchInfo& in
 }
 
 py::object ValueToPython(const RRefValue& v, WorkerId sender, bool copy,
-                         dist_autograd::LocalAutograd* autograd) {
+                         dist_autograd::LocalAutograd* autograd, ContextId context) {
   CheckGilHeld("ValueToPython");
   if (const OwnedValue* owned = AsOwned(v)) {
     if (owned->ivalue.has_value()) return torch::jit::toPyObject(*owned->ivalue);
@@ -102,17 +102,20 @@ py::object ValueToPython(const RRefValue& v, WorkerId sender, bool copy,
     return owned->py->get();
   }
   pycall::Payload payload = ValueOrRaise(pycall::Parse(v.payload));
+  absl::Status recorded;
   auto record = [&](const std::vector<at::Tensor>& tensors) {
     if (autograd != nullptr && payload.has_autograd()) {
-      autograd->RecordIncoming(payload.autograd(), sender, tensors, /*request=*/false);
+      recorded = autograd->RecordReply(context, payload.autograd(), sender, tensors);
     }
   };
   if (payload.torchscript_value()) {
-    return torch::jit::toPyObject(
-        ValueOrRaise(pycall::DecodeIValue(payload, v.buffers, copy, record)));
+    c10::IValue value = ValueOrRaise(pycall::DecodeIValue(payload, v.buffers, copy, record));
+    if (!recorded.ok()) Raise(recorded);
+    return torch::jit::toPyObject(std::move(value));
   }
   std::vector<at::Tensor> tensors = ValueOrRaise(pycall::TakeTensors(payload, v.buffers, copy));
   record(tensors);
+  if (!recorded.ok()) Raise(recorded);
   py::object hook = py::reinterpret_borrow<py::object>(GetHooks().decode_reply);
   return hook(py::bytes(payload.pickle()), py::cast(tensors), payload.remote_exception(), sender);
 }

@@ -39,9 +39,11 @@ absl::StatusOr<RRefValue> SerializeOwned(const RRefValue& v, const FetchInfo& in
 
 // GIL held. An RRef value as a Python object; raises a stored remote exception. `copy`: copy
 // tensors out of the buffers (a value from this very process). `autograd` (may be null) records
-// a fetched value that the owner recorded in a distributed autograd context.
+// a fetched value that the owner recorded in distributed autograd context `context` (the
+// fetch's; a value recorded in another is an error).
 pybind11::object ValueToPython(const RRefValue& v, WorkerId sender, bool copy,
-                               dist_autograd::LocalAutograd* autograd = nullptr);
+                               dist_autograd::LocalAutograd* autograd = nullptr,
+                               ContextId context = -1);
 
 }  // namespace tether
 

@@ -67,11 +67,11 @@ class PyRRef {
     std::shared_ptr<dist_autograd::LocalAutograd> autograd;
     const ContextId context = dist_autograd::CurrentContext();
     if (context != dist_autograd::kNoContext && !handle_.is_owner() && w->autograd != nullptr) {
-      pycall::AutogradMeta meta;
+      pycall::Payload carrier;  // only its autograd meta is used
       w->autograd->RecordOutgoing(context, handle_.owner(), {}, /*force=*/true,
-                                  /*involved_of=*/false, &meta);
-      if (meta.context_id() == context) {
-        attachment = meta.SerializeAsString();
+                                  /*involved_of=*/false, &carrier);
+      if (carrier.has_autograd()) {
+        attachment = carrier.autograd().SerializeAsString();
         autograd = w->autograd;
       }
     }
@@ -87,7 +87,8 @@ class PyRRef {
     const absl::StatusOr<RRefValue>& v = f.result();
     if (v.ok() && profiled_creation_.has_value()) WaitInterruptibly(*profiled_creation_);
     if (!v.ok()) Raise(v.status(), &ctx);
-    return ValueToPython(*v, handle_.owner(), handle_.owner() == w->self.id, autograd.get());
+    return ValueToPython(*v, handle_.owner(), handle_.owner() == w->self.id, autograd.get(),
+                         context);
   }
 
   // For a profiled remote() (user handle): to_here() also waits for `acked`.
@@ -155,8 +156,8 @@ std::shared_ptr<PyRRef> Remote(Prepared p, WorkerId to, double timeout_s,
   MessageType type = p.kind == Kind::kPython    ? wire::PYTHON_REMOTE_CALL
                      : p.kind == Kind::kBuiltin ? wire::BUILTIN_REMOTE_CALL
                                                 : wire::SCRIPT_REMOTE_CALL;
-  // The value's own history stays on the owner (to_here() is not recorded yet); the arguments'
-  // gradients flow back through the owner's receive function.
+  // The arguments' gradients flow back through the owner's receive function; the value's own
+  // history comes with it when a to_here() inside a context fetches it (ToHere above).
   RecordAutograd(p, to);
   std::string bytes = pycall::Serialize(p.payload);
   CreationCallback on_created;
