@@ -111,3 +111,37 @@ def maybe_fails_in_backward(a, b):
 
 def sum_of_rref(rref):
     return rref.to_here().sum()
+
+
+def num_local_records():
+    """Contexts this worker's autograd glue still keeps nodes or gradients for."""
+    from tether import _C
+    return _C.autograd_num_local_records()
+
+
+def wait_no_local_records(timeout_s=20.0):
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        if num_local_records() == 0:
+            return True
+        time.sleep(0.05)
+    return num_local_records() == 0
+
+
+class _RpcInBackward(torch.autograd.Function):
+    """Its backward makes an RPC with a tensor that requires grad (outside any context)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x * 1
+
+    @staticmethod
+    def backward(ctx, grad):
+        with torch.enable_grad():
+            probe = torch.ones(2, requires_grad=True)
+            rpc.rpc_sync("worker2", mul_add, args=(probe, probe))
+        return grad
+
+
+def rpc_in_backward(t):
+    return _RpcInBackward.apply(t)

@@ -231,6 +231,29 @@ def test_repeated_backward_with_errors_then_recovery_in_one_context():
         assert dist_autograd.get_gradients(context_id)[t1].shape == (3,)
 
 
+def test_rpcs_made_by_a_backward_function_are_not_recorded_in_the_pass_context():
+    (t,) = leaves((2,), seed=11)
+    with dist_autograd.context() as context_id:
+        loss = rpc.rpc_sync("worker1", f.rpc_in_backward, args=(t,)).sum()
+        before = rpc.rpc_sync("worker1", f.known_and_recv, args=(context_id,))
+        for _ in range(2):
+            dist_autograd.backward(context_id, [loss], retain_graph=True)
+        # The backward's own RPC added no send function to worker1's part of the context: the
+        # second retain_graph pass did not wait for gradients that never come.
+        assert rpc.rpc_sync("worker1", f.known_and_recv, args=(context_id,)) == before
+        assert torch.equal(dist_autograd.get_gradients(context_id)[t], torch.full((2,), 2.0))
+
+
+def test_no_local_records_are_left_after_release():
+    t1, t2 = leaves((3,), (3,), seed=12)
+    for _ in range(3):
+        with dist_autograd.context() as context_id:
+            val = rpc.rpc_sync("worker1", f.nested_add, args=("worker2", t1, t2))
+            dist_autograd.backward(context_id, [val.sum()])
+    for dst in ("worker0", "worker1", "worker2"):
+        assert rpc.rpc_sync(dst, f.wait_no_local_records), dst
+
+
 def test_rref_proxy_module_and_distributed_optimizer_match_local_training():
     module = rpc.remote("worker1", f.linear, args=(7, 3, 2))
     params = rpc.rpc_sync("worker1", f.param_rrefs, args=(module,))
