@@ -996,11 +996,14 @@ void DistAutograd::OnPeerFailed(WorkerId peer, const absl::Status& reason) {
     std::vector<ContextId> orphans;
     std::vector<ContextId> stranded;
     for (const auto& [id, ctx] : contexts_) {
+      // A loop, not std::all_of: the thread-safety analysis cannot see mu_ held in a lambda.
+      bool only_through_failed = !ctx->joined_from.empty();
+      for (WorkerId w : ctx->joined_from) {
+        only_through_failed = only_through_failed && failed_.count(w) > 0;
+      }
       if (CreatorOf(id) == peer) {
         orphans.push_back(id);
-      } else if (CreatorOf(id) != self_ && !ctx->joined_from.empty() &&
-                 std::all_of(ctx->joined_from.begin(), ctx->joined_from.end(),
-                             [this](WorkerId w) { return failed_.count(w) > 0; })) {
+      } else if (CreatorOf(id) != self_ && only_through_failed) {
         // Joined only through workers now failed: if the creator never heard of this worker (the
         // failed one's reply, carrying its involved workers, never reached it), nobody else can
         // release it here.
