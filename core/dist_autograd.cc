@@ -2,6 +2,8 @@
 
 #include <algorithm>
 #include <deque>
+#include <iterator>
+#include <set>
 #include <utility>
 
 #include "absl/strings/cord.h"
@@ -26,6 +28,12 @@ constexpr bool kPlantedBugs = false;
 constexpr int64_t kIdBits = 48;
 constexpr int64_t kCounterMask = (int64_t{1} << kIdBits) - 1;
 constexpr char kNodePrefix[] = "Error on Node ";
+
+std::set<WorkerId> WorldOf(const Agent& agent) {
+  std::set<WorkerId> world;
+  for (const WorkerInfo& w : agent.workers()) world.insert(w.id);
+  return world;
+}
 
 }  // namespace
 
@@ -92,12 +100,13 @@ DistAutograd::DistAutograd(Agent* agent, Clock* clock, Executor* executor,
       executor_(executor),
       options_(std::move(options)),
       self_(agent->self().id),
-      id_base_(static_cast<int64_t>(agent->self().id) << kIdBits) {
-  // Counters of a restarted worker start at incarnation << 40 (256 lives before they wrap).
-  const int64_t start = id_base_ + (static_cast<int64_t>(options_.incarnation % 256) << 40);
-  next_context_ = start;
-  next_message_ = start;
-  next_pass_ = start;
+      id_base_(static_cast<int64_t>(agent->self().id) << kIdBits),
+      // Counters of a restarted worker start at incarnation << 40 (256 lives before they wrap).
+      first_context_(id_base_ + (static_cast<int64_t>(options_.incarnation % 256) << 40)),
+      world_(WorldOf(*agent)) {
+  next_context_ = first_context_;
+  next_message_ = first_context_;
+  next_pass_ = first_context_;
 }
 
 absl::StatusOr<std::shared_ptr<DistAutograd>> DistAutograd::Create(Agent* agent, Clock* clock,
@@ -232,6 +241,19 @@ void DistAutograd::NoteCallerLocked(const IncomingCall& call) {
   }
 }
 
+absl::Status DistAutograd::NotInWorldError(WorkerId worker, absl::string_view what) const {
+  return absl::InvalidArgumentError(absl::StrCat("worker id ", worker, " (", what,
+                                                 ") is not a worker of the world of worker ", self_,
+                                                 " (", world_.size(), " workers)"));
+}
+
+absl::Status DistAutograd::CheckCreatorInWorld(ContextId context) const {
+  if (InWorld(CreatorOf(context))) return absl::OkStatus();
+  return absl::InvalidArgumentError(
+      absl::StrCat("autograd context id ", context, " names creator worker ", CreatorOf(context),
+                   ", which is not a worker of the world of worker ", self_));
+}
+
 absl::Status DistAutograd::WithNodePrefix(const absl::Status& error) const {
   if (error.ok() || absl::StartsWith(error.message(), kNodePrefix)) return error;
   absl::Status out(error.code(), absl::StrCat(kNodePrefix, self_, ": ", error.message()));
@@ -277,7 +299,47 @@ bool DistAutograd::Exists(ContextId context) const {
 
 bool DistAutograd::IsReleased(ContextId context) const {
   absl::MutexLock lock(&mu_);
-  return released_.count(context) > 0;
+  return IsReleasedLocked(context);
+}
+
+// Ids are issued in order from first_context_: one below next_context_ was issued here.
+bool DistAutograd::IssuedHereLocked(ContextId context) const {
+  return context >= first_context_ && context < next_context_;
+}
+
+bool DistAutograd::IsReleasedLocked(ContextId context) const {
+  if (kPlantedBugs && options_.bugs.resurrect_released) return false;  // no tombstones
+  auto it = released_.upper_bound(context);
+  if (it != released_.begin() && context <= std::prev(it)->second) return true;
+  return IssuedHereLocked(context) && contexts_.count(context) == 0;
+}
+
+bool DistAutograd::TombstoneLocked(ContextId context) {
+  if (kPlantedBugs && options_.bugs.resurrect_released) return false;
+  if (IsReleasedLocked(context)) return false;
+  // Issued here: released once erased (a later Join refuses it, see Join). Out of the world:
+  // never joinable, nothing to remember.
+  if (IssuedHereLocked(context) || !InWorld(CreatorOf(context))) return true;
+  // Merge with the neighbouring ranges of the same creator.
+  auto next = released_.upper_bound(context);
+  auto prev = next == released_.begin() ? released_.end() : std::prev(next);
+  const bool join_prev = prev != released_.end() && prev->second == context - 1 &&
+                         CreatorOf(context - 1) == CreatorOf(context);
+  const bool join_next = next != released_.end() && next->first == context + 1 &&
+                         CreatorOf(context + 1) == CreatorOf(context);
+  if (join_prev && join_next) {
+    prev->second = next->second;
+    released_.erase(next);
+  } else if (join_prev) {
+    prev->second = context;
+  } else if (join_next) {
+    const ContextId hi = next->second;
+    released_.erase(next);
+    released_.emplace(context, hi);
+  } else {
+    released_.emplace(context, context);
+  }
+  return true;
 }
 
 absl::Status DistAutograd::Join(ContextId context, WorkerId from) {
@@ -285,8 +347,12 @@ absl::Status DistAutograd::Join(ContextId context, WorkerId from) {
   if (context < 0) {
     return absl::InvalidArgumentError(absl::StrCat("invalid autograd context id ", context));
   }
+  if (absl::Status st = CheckCreatorInWorld(context); !st.ok()) return st;
+  if (!InWorld(from)) {
+    return NotInWorldError(from, absl::StrCat("the caller joining autograd context ", context));
+  }
   const bool resurrect = kPlantedBugs && options_.bugs.resurrect_released;
-  if (!resurrect && released_.count(context) > 0) {
+  if (!resurrect && IsReleasedLocked(context)) {
     return absl::NotFoundError(
         absl::StrCat(ContextNotFoundText(context), " (already released on worker ", self_, ")"));
   }
@@ -309,6 +375,9 @@ absl::Status DistAutograd::AddKnownWorker(ContextId context, WorkerId worker) {
   absl::MutexLock lock(&mu_);
   Context* ctx = FindLocked(context);
   if (ctx == nullptr) return absl::NotFoundError(ContextNotFoundText(context));
+  if (!InWorld(worker)) {
+    return NotInWorldError(worker, absl::StrCat("a known worker of autograd context ", context));
+  }
   if (ctx->known.insert(worker).second) EmitLocked(DistAutogradEvent::kKnown, context, worker);
   return absl::OkStatus();
 }
@@ -317,6 +386,9 @@ absl::Status DistAutograd::RecordSend(ContextId context, AutogradMessageId messa
   absl::MutexLock lock(&mu_);
   Context* ctx = FindLocked(context);
   if (ctx == nullptr) return absl::NotFoundError(ContextNotFoundText(context));
+  if (!InWorld(dst)) {
+    return NotInWorldError(dst, absl::StrCat("the destination of autograd message id ", message));
+  }
   if (!ctx->sends.emplace(message, dst).second) {
     return absl::AlreadyExistsError(
         absl::StrCat("autograd message id ", message, " already has a send function"));
@@ -342,6 +414,11 @@ absl::Status DistAutograd::LearnInvolved(ContextId context, const std::vector<Wo
   absl::MutexLock lock(&mu_);
   Context* ctx = FindLocked(context);
   if (ctx == nullptr) return absl::NotFoundError(ContextNotFoundText(context));
+  for (WorkerId w : workers) {
+    if (!InWorld(w)) {
+      return NotInWorldError(w, absl::StrCat("an involved worker of autograd context ", context));
+    }
+  }
   for (WorkerId w : workers) {
     if (w != self_) ctx->involved.insert(w);
   }
@@ -407,9 +484,7 @@ void DistAutograd::ReleaseIfPresent(ContextId context) {
 
 void DistAutograd::ReleaseLocked(ContextId context, WorkerId from,
                                  const std::set<WorkerId>& covered, Actions* actions) {
-  if (!(kPlantedBugs && options_.bugs.resurrect_released)) {
-    if (released_.insert(context).second) ++events_;
-  }
+  if (TombstoneLocked(context)) ++events_;
   Context* ctx = FindLocked(context);
   if (ctx == nullptr) return;
   if (ctx->pass != nullptr) {
@@ -504,6 +579,19 @@ void DistAutograd::HandleCleanup(std::shared_ptr<IncomingCall> call) {
   if (req.context_id() < 0) {
     call->ReplyError(absl::InvalidArgumentError(absl::StrCat(
         "CLEANUP_AUTOGRAD_CONTEXT_REQ: invalid autograd context id ", req.context_id())));
+    return;
+  }
+  // Out-of-world ids refuse the whole request: nothing released, tombstoned or forwarded.
+  absl::Status bad = CheckCreatorInWorld(req.context_id());
+  for (int i = 0; bad.ok() && i < req.involved_size(); ++i) {
+    if (!InWorld(req.involved(i))) {
+      bad = NotInWorldError(req.involved(i), absl::StrCat("an involved worker of autograd context ",
+                                                          req.context_id()));
+    }
+  }
+  if (!bad.ok()) {
+    call->ReplyError(
+        absl::InvalidArgumentError(absl::StrCat("CLEANUP_AUTOGRAD_CONTEXT_REQ: ", bad.message())));
     return;
   }
   Actions actions;
@@ -960,13 +1048,14 @@ void DistAutograd::OnPeerFailed(WorkerId peer, const absl::Status& reason) {
     std::vector<ContextId> orphans;
     std::vector<ContextId> stranded;
     for (const auto& [id, ctx] : contexts_) {
-      bool joined_only_through_failed = !ctx->joined_from.empty();
+      // A loop, not std::all_of: the thread-safety analysis cannot see mu_ held in a lambda.
+      bool only_through_failed = !ctx->joined_from.empty();
       for (WorkerId w : ctx->joined_from) {
-        if (failed_.count(w) == 0) joined_only_through_failed = false;
+        only_through_failed = only_through_failed && failed_.count(w) > 0;
       }
       if (CreatorOf(id) == peer) {
         orphans.push_back(id);
-      } else if (CreatorOf(id) != self_ && joined_only_through_failed) {
+      } else if (CreatorOf(id) != self_ && only_through_failed) {
         // Joined only through workers now failed: if the creator never heard of this worker (the
         // failed one's reply, carrying its involved workers, never reached it), nobody else can
         // release it here.
@@ -1030,7 +1119,7 @@ std::map<std::string, int64_t> DistAutograd::GetDebugInfo() const {
   return {
       {"num_autograd_contexts", static_cast<int64_t>(contexts_.size())},
       {"num_current_backward_passes", passes},
-      {"num_released_context_records", static_cast<int64_t>(released_.size())},
+      {"num_released_context_records", static_cast<int64_t>(released_.size())},  // ranges
       {"num_pending_cleanups", pending_cleanups_},
       {"num_backward_passes_started", passes_started_},
       {"num_backward_passes_failed", passes_failed_},

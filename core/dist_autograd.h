@@ -42,6 +42,19 @@
 // workers (their creator may never have learned of it), below but not on their creator. Pending
 // cleanups show in the agent's activity (the graceful shutdown barrier waits for them).
 //
+// Tombstones: a context this worker issued itself needs none (it is released once issued and
+// gone: ids are allocated in order from `incarnation << 40`). Other ids are kept per creator as
+// ranges [lo, hi] that merge when adjacent, so a worker that sees every context of a trainer
+// keeps one range per creator (and incarnation), however long the run. They are never pruned,
+// not even for a creator declared failed: its old contexts may still arrive late through living
+// workers (a restarted incarnation reuses the worker id), and nobody would release them again.
+//
+// The world: ids off the wire are checked against the agent's workers. A context created by a
+// worker outside the world, or a worker id outside it (Join's `from`, LearnInvolved, a known
+// worker, a send's destination, a CleanupReq's `involved`), is refused with kInvalidArgument
+// naming the id and changes nothing; a refused CleanupReq is answered with that error (the
+// sender does not retry it) and nothing is released or forwarded.
+//
 // Threading: every method is thread-safe. One mutex guards the state; observer events fire under
 // it (observers must not call back). Runner calls run on the executor, one at a time per context
 // (a per-context strand), never under the lock; so are call replies and future completions.
@@ -66,6 +79,7 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "core/agent.h"
@@ -213,21 +227,26 @@ class DistAutograd : public std::enable_shared_from_this<DistAutograd> {
   // Erases and tombstones the context, then releases it on every known and involved worker.
   // kNotFound with ContextNotFoundText if it is not here.
   absl::Status Release(ContextId context);
-  // The same without an error when it is absent (it is tombstoned all the same).
+  // The same without an error when it is absent (it is tombstoned all the same, unless its
+  // creator is outside the world: such an id can never be joined anyway).
   void ReleaseIfPresent(ContextId context);
-  bool Exists(ContextId context) const;      // _retrieve_context / _is_valid_context
-  bool IsReleased(ContextId context) const;  // tombstoned here
+  bool Exists(ContextId context) const;  // _retrieve_context / _is_valid_context
+  // Released here: tombstoned, or issued by this worker (this incarnation) and gone.
+  bool IsReleased(ContextId context) const;
 
   // --- Forward recording (the glue calls these while sending and receiving calls). ---
   // The context as seen by a callee: created on first use. kNotFound if it was released here (a
   // late message), or if it is this worker's own id and was never issued: the glue then runs the
-  // call without recording.
+  // call without recording. kInvalidArgument for a negative id, a creator (CreatorOf) or `from`
+  // outside the world.
   absl::Status Join(ContextId context, WorkerId from);
-  // _known_worker_ids(). RecordSend adds its destination too (PyTorch always does).
+  // _known_worker_ids(). RecordSend adds its destination too (PyTorch always does). Both refuse
+  // a worker outside the world (kInvalidArgument).
   absl::Status AddKnownWorker(ContextId context, WorkerId worker);
   absl::Status RecordSend(ContextId context, AutogradMessageId message, WorkerId dst);
   absl::Status RecordRecv(ContextId context, AutogradMessageId message, WorkerId from);
   // Workers a reply said are in the callee's subtree (released directly by the creator).
+  // kInvalidArgument naming the first one outside the world: then none is learned.
   absl::Status LearnInvolved(ContextId context, const std::vector<WorkerId>& workers);
   // This worker, its known workers and what it learned, sorted (a reply carries it).
   absl::StatusOr<std::vector<WorkerId>> Involved(ContextId context) const;
@@ -252,7 +271,8 @@ class DistAutograd : public std::enable_shared_from_this<DistAutograd> {
 
   // --- For people, tests and the shutdown barrier. ---
   // PyTorch's num_autograd_contexts and num_current_backward_passes, plus Tether's
-  // num_released_context_records, num_pending_cleanups, num_backward_passes_started,
+  // num_released_context_records (stored tombstone ranges: about one per other creator; none
+  // for this worker's own contexts), num_pending_cleanups, num_backward_passes_started,
   // num_backward_passes_failed.
   std::map<std::string, int64_t> GetDebugInfo() const;
   // Pending cleanups (pending) and an event count (registered as the agent's activity source).
@@ -305,6 +325,15 @@ class DistAutograd : public std::enable_shared_from_this<DistAutograd> {
                   absl::Status status = absl::OkStatus(),
                   absl::Time deadline = absl::InfiniteFuture()) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void NoteCallerLocked(const IncomingCall& call) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  bool InWorld(WorkerId worker) const { return world_.count(worker) > 0; }
+  // kInvalidArgument naming `worker` (`what` it is) and the world.
+  absl::Status NotInWorldError(WorkerId worker, absl::string_view what) const;
+  // kInvalidArgument naming `context` unless its creator is in the world.
+  absl::Status CheckCreatorInWorld(ContextId context) const;
+  bool IssuedHereLocked(ContextId context) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  bool IsReleasedLocked(ContextId context) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Records the release of `context` (before it is erased). True if it was not released yet.
+  bool TombstoneLocked(ContextId context) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::Status WithNodePrefix(const absl::Status& error) const;
   void PostSelf(std::function<void(DistAutograd*)> fn);
   static void RunActions(Actions actions);
@@ -318,7 +347,9 @@ class DistAutograd : public std::enable_shared_from_this<DistAutograd> {
   Executor* const executor_;
   const DistAutogradOptions options_;
   const WorkerId self_;
-  const int64_t id_base_;  // self << 48
+  const int64_t id_base_;           // self << 48
+  const int64_t first_context_;     // this incarnation's first context id
+  const std::set<WorkerId> world_;  // the agent's workers (fixed)
   std::unique_ptr<RetriedCaller> cleanup_;
 
   mutable absl::Mutex mu_;
@@ -334,7 +365,9 @@ class DistAutograd : public std::enable_shared_from_this<DistAutograd> {
   int64_t passes_started_ ABSL_GUARDED_BY(mu_) = 0;
   int64_t passes_failed_ ABSL_GUARDED_BY(mu_) = 0;
   std::map<ContextId, std::unique_ptr<Context>> contexts_ ABSL_GUARDED_BY(mu_);
-  std::set<ContextId> released_ ABSL_GUARDED_BY(mu_);
+  // Tombstones, lo -> hi (inclusive), disjoint, each within one creator; adjacent ones merged.
+  // Ids issued here (IssuedHereLocked) are not stored.
+  std::map<ContextId, ContextId> released_ ABSL_GUARDED_BY(mu_);
   std::map<ContextId, std::unique_ptr<Strand>> strands_ ABSL_GUARDED_BY(mu_);
   std::set<WorkerId> failed_ ABSL_GUARDED_BY(mu_);
   std::map<WorkerId, uint64_t> seen_incarnation_ ABSL_GUARDED_BY(mu_);

@@ -357,7 +357,101 @@ TEST(DistAutogradTest, ReleaseErasesAndTombstonesAndRefusesLateJoins) {
   EXPECT_EQ(c->dag(0).AddKnownWorker(ctx, 1).code(), absl::StatusCode::kNotFound);
   EXPECT_EQ(c->dag(0).RecordSend(ctx, 7, 1).code(), absl::StatusCode::kNotFound);
   EXPECT_EQ(c->dag(0).Involved(ctx).status().code(), absl::StatusCode::kNotFound);
+  // Worker 0 issued ctx itself: no record kept. Worker 1 keeps one range for ctx and other.
+  EXPECT_EQ(c->Debug(0, "num_released_context_records"), 0);
+  EXPECT_EQ(c->Debug(1, "num_released_context_records"), 1);
+}
+
+// A parameter server sees one context per trainer step: its tombstones stay one range per
+// creator, however many contexts were released, and every one of them still refuses a late Join.
+TEST(DistAutogradTest, TombstonesOfAnotherCreatorMergeIntoOneRange) {
+  auto c = Cluster::Make(3);
+  constexpr int kSteps = 1000;
+  std::vector<ContextId> ctxs;
+  for (int i = 0; i < kSteps; ++i) {
+    ContextId ctx = c->dag(0).NewContext();
+    c->Forward(ctx, 0, 1);
+    ctxs.push_back(ctx);
+  }
+  // Released out of order (odd steps first): the gaps close as the even ones arrive.
+  for (int i = 1; i < kSteps; i += 2) ASSERT_TRUE(c->dag(0).Release(ctxs[i]).ok());
+  ASSERT_TRUE(c->world().RunUntilIdle());
+  EXPECT_EQ(c->Debug(1, "num_released_context_records"), kSteps / 2);
+  for (int i = 0; i < kSteps; i += 2) ASSERT_TRUE(c->dag(0).Release(ctxs[i]).ok());
+  ASSERT_TRUE(c->world().RunUntilIdle());
+  EXPECT_EQ(c->Debug(1, "num_autograd_contexts"), 0);
+  EXPECT_EQ(c->Debug(1, "num_released_context_records"), 1);
+  EXPECT_EQ(c->Debug(0, "num_released_context_records"), 0);  // its own: none
+  for (ContextId ctx : ctxs) {
+    ASSERT_TRUE(c->dag(1).IsReleased(ctx)) << ctx;
+    ASSERT_TRUE(c->dag(0).IsReleased(ctx)) << ctx;
+  }
+  // A late Join after the release is refused, at either end of the range and in its middle.
+  for (ContextId ctx : {ctxs.front(), ctxs[kSteps / 2], ctxs.back()}) {
+    absl::Status late = c->dag(1).Join(ctx, 0);
+    EXPECT_EQ(late.code(), absl::StatusCode::kNotFound) << late;
+    EXPECT_TRUE(Contains(late.message(), "already released")) << late;
+  }
+  EXPECT_EQ(c->Debug(1, "num_autograd_contexts"), 0);
+  // The next context of the same creator is not tombstoned: it joins.
+  ContextId next = c->dag(0).NewContext();
+  EXPECT_FALSE(c->dag(1).IsReleased(next));
+  EXPECT_TRUE(c->dag(1).Join(next, 0).ok());
+  // Ranges never span creators, even where the ids are adjacent numbers.
+  const ContextId last_of_0 = (int64_t{1} << 48) - 1;
+  const ContextId first_of_1 = int64_t{1} << 48;
+  c->dag(2).ReleaseIfPresent(first_of_1);
+  c->dag(2).ReleaseIfPresent(last_of_0);
+  EXPECT_EQ(c->Debug(2, "num_released_context_records"), 2);
+  EXPECT_TRUE(c->dag(2).IsReleased(last_of_0));
+  EXPECT_TRUE(c->dag(2).IsReleased(first_of_1));
+  EXPECT_FALSE(c->dag(2).IsReleased(last_of_0 - 1));
+  EXPECT_FALSE(c->dag(2).IsReleased(first_of_1 + 1));
+  // A single id filling the gap between two ranges merges them.
+  c->dag(2).ReleaseIfPresent(first_of_1 + 2);
+  EXPECT_EQ(c->Debug(2, "num_released_context_records"), 3);
+  c->dag(2).ReleaseIfPresent(first_of_1 + 1);
+  EXPECT_EQ(c->Debug(2, "num_released_context_records"), 2);
+  c->dag(2).ReleaseIfPresent(first_of_1 + 1);  // again: nothing changes
+  EXPECT_EQ(c->Debug(2, "num_released_context_records"), 2);
+}
+
+// Contexts a worker issued need no tombstone: they are released once issued and gone.
+TEST(DistAutogradTest, SelfCreatedContextsLeaveNoRecordButStayReleased) {
+  auto c = Cluster::Make(2);
+  std::vector<ContextId> ctxs;
+  for (int i = 0; i < 100; ++i) {
+    ctxs.push_back(c->dag(0).NewContext());
+    c->Forward(ctxs.back(), 0, 1);
+  }
+  const ContextId live = c->dag(0).NewContext();
+  for (ContextId ctx : ctxs) ASSERT_TRUE(c->dag(0).Release(ctx).ok());
+  ASSERT_TRUE(c->world().RunUntilIdle());
+  EXPECT_EQ(c->Debug(0, "num_released_context_records"), 0);
+  for (ContextId ctx : ctxs) {
+    EXPECT_TRUE(c->dag(0).IsReleased(ctx)) << ctx;
+    absl::Status late = c->dag(0).Join(ctx, 1);
+    EXPECT_EQ(late.code(), absl::StatusCode::kNotFound) << late;
+    EXPECT_TRUE(Contains(late.message(), "already released on worker 0")) << late;
+  }
+  EXPECT_FALSE(c->dag(0).IsReleased(live));      // issued, not released
+  EXPECT_FALSE(c->dag(0).IsReleased(live + 1));  // not issued yet
+  EXPECT_TRUE(c->dag(0).Join(live, 1).ok());     // a call back to the creator
+  ASSERT_TRUE(c->dag(0).Release(live).ok());
+  EXPECT_TRUE(c->dag(0).IsReleased(live));
+  EXPECT_EQ(c->Debug(0, "num_released_context_records"), 0);
+  // A cleanup for an own id never issued (by this incarnation) is remembered as before.
+  c->dag(0).ReleaseIfPresent(live + 5);
+  EXPECT_TRUE(c->dag(0).IsReleased(live + 5));
   EXPECT_EQ(c->Debug(0, "num_released_context_records"), 1);
+  // A restarted worker issued none of its earlier life's ids: they are not released there, and
+  // not joinable either.
+  c->world().Crash(0);
+  ASSERT_TRUE(c->world().Restart(0).ok());
+  EXPECT_FALSE(c->dag(0).IsReleased(ctxs[0]));
+  absl::Status old = c->dag(0).Join(ctxs[0], 1);
+  EXPECT_EQ(old.code(), absl::StatusCode::kNotFound) << old;
+  EXPECT_TRUE(Contains(old.message(), "never created it")) << old;
 }
 
 TEST(DistAutogradTest, KnownAndInvolvedWorkers) {
@@ -913,6 +1007,81 @@ TEST(DistAutogradTest, MalformedAndUnknownBackwardRequestsGetClearErrors) {
   EXPECT_TRUE(c->dag(0).IsReleased(42));
   // The worker keeps serving.
   EXPECT_TRUE(c->dag(0).Exists(ctx));
+}
+
+// A protobuf varint field (wire type 0), for hand-made payloads.
+std::string VarintField(int field, int64_t value) {
+  std::string out(1, static_cast<char>(field << 3));
+  uint64_t v = static_cast<uint64_t>(value);
+  do {
+    char byte = static_cast<char>(v & 0x7f);
+    v >>= 7;
+    if (v != 0) byte = static_cast<char>(byte | 0x80);
+    out.push_back(byte);
+  } while (v != 0);
+  return out;
+}
+
+// Ids off the wire name workers of the world, or are refused naming the id; nothing is learned.
+TEST(DistAutogradTest, IdsOutsideTheWorldAreRefused) {
+  auto c = Cluster::Make(3);
+  ContextId ctx = c->dag(0).NewContext();
+  AutogradMessageId msg = c->Forward(ctx, 0, 1);
+  // Join: a creator (CreatorOf) outside the world, or `from` outside it.
+  const ContextId alien = (int64_t{7} << 48) | 5;
+  absl::Status st = c->dag(1).Join(alien, 0);
+  EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument) << st;
+  EXPECT_TRUE(Contains(st.message(), absl::StrCat("autograd context id ", alien))) << st;
+  EXPECT_TRUE(Contains(st.message(), "creator worker 7")) << st;
+  EXPECT_FALSE(c->dag(1).Exists(alien));
+  EXPECT_FALSE(c->dag(1).IsReleased(alien));
+  st = c->dag(2).Join(ctx, 9);
+  EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument) << st;
+  EXPECT_TRUE(Contains(st.message(), "worker id 9")) << st;
+  EXPECT_TRUE(Contains(st.message(), absl::StrCat("autograd context ", ctx))) << st;
+  EXPECT_FALSE(c->dag(2).Exists(ctx));
+  EXPECT_EQ(c->dag(2).Join(ctx, -1).code(), absl::StatusCode::kInvalidArgument);
+  // LearnInvolved refuses the whole list.
+  st = c->dag(0).LearnInvolved(ctx, {2, 42});
+  EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument) << st;
+  EXPECT_TRUE(Contains(st.message(), "worker id 42")) << st;
+  EXPECT_EQ(c->dag(0).Involved(ctx).value(), (std::vector<WorkerId>{0, 1}));
+  // Nor do known workers or send destinations leave the world.
+  st = c->dag(0).AddKnownWorker(ctx, 3);
+  EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument) << st;
+  EXPECT_TRUE(Contains(st.message(), "worker id 3")) << st;
+  st = c->dag(0).RecordSend(ctx, c->dag(0).NewMessageId(), -2);
+  EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument) << st;
+  EXPECT_TRUE(Contains(st.message(), "worker id -2")) << st;
+  EXPECT_EQ(c->dag(0).KnownWorkers(ctx).value(), (std::vector<WorkerId>{1}));
+  EXPECT_EQ(c->dag(0).SendFunctions(ctx).value(),
+            (std::map<AutogradMessageId, WorkerId>{{msg, 1}}));
+  // CleanupReq: an involved worker or the context's creator outside the world refuses the
+  // request with a clear error; nothing is released or tombstoned.
+  auto cleanup = [&](std::string payload) {
+    Future<Message> f =
+        c->world().agent(1).Call(0, wire::CLEANUP_AUTOGRAD_CONTEXT_REQ, std::move(payload), {});
+    EXPECT_TRUE(c->world().RunUntilReady(f));
+    return f.result().status();
+  };
+  st = cleanup(VarintField(1, ctx) + VarintField(2, 1) + VarintField(2, 77));
+  EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument) << st;
+  EXPECT_TRUE(Contains(st.message(), "CLEANUP_AUTOGRAD_CONTEXT_REQ")) << st;
+  EXPECT_TRUE(Contains(st.message(), "worker id 77")) << st;
+  EXPECT_TRUE(c->dag(0).Exists(ctx));
+  st = cleanup(VarintField(1, alien));
+  EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument) << st;
+  EXPECT_TRUE(Contains(st.message(), absl::StrCat("autograd context id ", alien))) << st;
+  EXPECT_FALSE(c->dag(0).IsReleased(alien));
+  EXPECT_EQ(c->Debug(0, "num_released_context_records"), 0);
+  ASSERT_TRUE(c->world().RunUntilIdle());
+  EXPECT_EQ(c->log().Count(DistAutogradEvent::kReleased), 0);
+  // A well-formed cleanup still works: the worker keeps serving.
+  st = cleanup(VarintField(1, ctx) + VarintField(2, 1));
+  EXPECT_TRUE(st.ok()) << st;
+  ASSERT_TRUE(c->world().RunUntilIdle());
+  EXPECT_FALSE(c->dag(0).Exists(ctx));
+  EXPECT_TRUE(c->dag(0).IsReleased(ctx));
 }
 
 TEST(DistAutogradTest, DebugInfoCountsContextsAndPasses) {
