@@ -11,6 +11,10 @@ def mul_add(a, b):
     return a * b + a
 
 
+def py_add(a, b):
+    return a + b
+
+
 def nested_add(dst, a, b):
     """Forwards to `dst`, then works on the result: a chain A -> B -> dst."""
     return rpc.rpc_sync(dst, torch.add, args=(a * 2, b)) * 3
@@ -111,6 +115,62 @@ def maybe_fails_in_backward(a, b):
 
 def sum_of_rref(rref):
     return rref.to_here().sum()
+
+
+def slow_mul_add(a, b, delay_s=0.3):
+    """`mul_add` that takes a while, so a remote() of it is still unconfirmed when its RRef is
+    passed on."""
+    time.sleep(delay_s)
+    return mul_add(a, b)
+
+
+def rref_to_here_times(rref, k):
+    """Called on a third worker inside a context: fetches a value it does not own."""
+    return rref.to_here() * k
+
+
+@rpc.functions.async_execution
+def async_mul_add_now(a, b):
+    """An async_execution function whose Future is complete when it returns."""
+    fut: torch.futures.Future = torch.futures.Future()
+    fut.set_result(mul_add(a, b))
+    return fut
+
+
+@rpc.functions.async_execution
+def async_nested_add(dst, a, b):
+    """An async_execution function whose reply waits for a nested call to `dst`, then works on
+    its result in the callback."""
+    return rpc.rpc_async(dst, torch.add, args=(a * 2, b)).then(lambda fut: fut.wait() * 3)
+
+
+def owner_optimizer_class(optimizer_rref):
+    """The class of the local optimizer behind a DistributedOptimizer's RRef (on its owner)."""
+    return type(optimizer_rref.local_value()._optim).__name__
+
+
+def asgd_state_of(module_rref, optimizer_rref):
+    """ASGD's per-parameter state (eta, mu, ax) on the owner, in parameter order."""
+    state = optimizer_rref.local_value()._optim.state
+    return [(float(state[p]["eta"]), float(state[p]["mu"]), state[p]["ax"].clone())
+            for p in module_rref.local_value().parameters()]
+
+
+class OptimizerFailingOnConstructor(torch.optim.Optimizer):
+    def __init__(self, params):
+        super().__init__(params, {})
+        raise ValueError("Error creating optimizer.")
+
+    def step(self, closure=None):
+        raise NotImplementedError
+
+
+class FailingOptimizer(torch.optim.Optimizer):
+    def __init__(self, params):
+        super().__init__(params, {})
+
+    def step(self, closure=None):
+        raise ValueError("Error running optimizer.")
 
 
 def num_local_records():

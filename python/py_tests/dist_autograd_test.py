@@ -2,8 +2,10 @@
 dist_autograd and dist_optimizer tests check them: gradients equal local autograd's, graphs have
 the send and receive functions PyTorch records, errors carry PyTorch's texts, contexts are released
 everywhere. The test process is worker0; worker1 and worker2 are spawned processes."""
+import logging
 import os
 import sys
+from typing import Callable, List, Optional
 
 import pytest
 import torch
@@ -33,6 +35,15 @@ def local_grads(fn, *inputs):
     copies = [t.detach().clone().requires_grad_(True) for t in inputs]
     fn(*copies).sum().backward()
     return [c.grad for c in copies]
+
+
+def next_names(fn) -> List[str]:
+    return [next_fn.name() for next_fn, _ in fn.next_functions]
+
+
+SEND = "torch::distributed::autograd::SendRpcBackward"
+RECV = "torch::distributed::autograd::RecvRpcBackward"
+ACCUMULATE = "torch::autograd::AccumulateGrad"
 
 
 # --- contexts ------------------------------------------------------------------------------------
@@ -225,10 +236,158 @@ def test_repeated_backward_with_errors_then_recovery_in_one_context():
         for _ in range(3):
             with pytest.raises(RuntimeError, match="Error on Node 1:.*Simulate error on backward"):
                 dist_autograd.backward(context_id, [loss], retain_graph=True)
+        # The failing node is on worker1, before the send back to worker0: nothing accumulated.
+        assert dist_autograd.get_gradients(context_id) == {}
         rpc.rpc_sync("worker1", f.set_backward_failure, args=(False,))
         for _ in range(2):
             dist_autograd.backward(context_id, [loss], retain_graph=True)
-        assert dist_autograd.get_gradients(context_id)[t1].shape == (3,)
+        grads = dist_autograd.get_gradients(context_id)
+    g1, g2 = local_grads(lambda a, b: a * b, t1, t2)
+    assert set(grads) == {t1, t2}
+    assert torch.allclose(grads[t1], 2 * g1) and torch.allclose(grads[t2], 2 * g2)
+    assert t1.grad is None and t2.grad is None
+
+
+# --- self calls --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("fn", [torch.add, f.py_add])
+def test_self_rpc_sync_records_request_and_reply_pairs(fn):
+    # As PyTorch: a call to oneself records the request's send and receive and the reply's
+    # send and receive, all in this worker's context.
+    t1, t2 = leaves((3, 3), (3, 3), seed=12)
+    with dist_autograd.context() as context_id:
+        ret = rpc.rpc_sync("worker0", fn, args=(t1, t2))
+        ctx = dist_autograd._current_context()
+        sends = list(ctx._send_functions().values())
+        recvs = list(ctx._recv_functions().values())
+        assert len(sends) == 2 and len(recvs) == 2
+        assert ctx._known_worker_ids() == {0}
+        assert ret.grad_fn in recvs  # the reply's receive
+        (request_recv,) = [r for r in recvs if r is not ret.grad_fn]
+        (request_send,) = [s for s in sends if next_names(s) == [ACCUMULATE] * 2]
+        (reply_send,) = [s for s in sends if s is not request_send]
+        assert all(node.name() == SEND for node in sends)
+        assert all(node.name() == RECV for node in recvs)
+        assert next_names(reply_send) == ["AddBackward0"]
+        add_fn = reply_send.next_functions[0][0]
+        assert [n for n, _ in add_fn.next_functions] == [request_recv, request_recv]
+        dist_autograd.backward(context_id, [(ret * t1).sum()])
+        grads = dist_autograd.get_gradients(context_id)
+    g1, g2 = local_grads(lambda a, b: torch.add(a, b) * a, t1, t2)
+    assert torch.allclose(grads[t1], g1) and torch.allclose(grads[t2], g2)
+    assert t1.grad is None and t2.grad is None
+
+
+@pytest.mark.parametrize("fn", [torch.add, f.py_add])
+def test_self_remote_records_the_request_pair_and_to_here_is_local(fn):
+    # As PyTorch: remote() to oneself records the request's send and receive; to_here() on the
+    # owner returns the value itself, whose graph reaches the request's receive.
+    t1, t2 = leaves((3, 3), (3, 3), seed=13)
+    with dist_autograd.context() as context_id:
+        ret = rpc.remote("worker0", fn, args=(t1, t2)).to_here()
+        ctx = dist_autograd._current_context()
+        sends = list(ctx._send_functions().values())
+        recvs = list(ctx._recv_functions().values())
+        assert len(sends) == 1 and len(recvs) == 1
+        assert ctx._known_worker_ids() == {0}
+        assert sends[0].name() == SEND and recvs[0].name() == RECV
+        assert next_names(sends[0]) == [ACCUMULATE] * 2
+        assert ret.grad_fn.name() == "AddBackward0"
+        assert [n for n, _ in ret.grad_fn.next_functions] == [recvs[0], recvs[0]]
+        dist_autograd.backward(context_id, [(ret * t1).sum()])
+        grads = dist_autograd.get_gradients(context_id)
+    g1, g2 = local_grads(lambda a, b: torch.add(a, b) * a, t1, t2)
+    assert torch.allclose(grads[t1], g1) and torch.allclose(grads[t2], g2)
+    assert t1.grad is None and t2.grad is None
+
+
+# --- async_execution and RRefs confirmed later ---------------------------------------------------
+
+@pytest.mark.parametrize("hop", [None, "worker2", "worker0"])
+def test_async_execution_function_gradients_match_local(hop):
+    # hop None: the function returns a completed Future; otherwise its reply waits for a nested
+    # call to `hop` (worker2: a chain; worker0: back to the initiator) and a callback.
+    t1, t2 = leaves((3,), (3,), seed=14)
+    with dist_autograd.context() as context_id:
+        if hop is None:
+            ret = rpc.rpc_sync("worker1", f.async_mul_add_now, args=(t1, t2))
+        else:
+            ret = rpc.rpc_sync("worker1", f.async_nested_add, args=(hop, t1, t2))
+        assert ret.grad_fn is not None and ret.grad_fn.name() == RECV
+        dist_autograd.backward(context_id, [(ret * 5).sum()])
+        grads = dist_autograd.get_gradients(context_id)
+        assert 1 in dist_autograd._current_context()._known_worker_ids()
+    if hop is None:
+        g1, g2 = local_grads(lambda a, b: f.mul_add(a, b) * 5, t1, t2)
+    else:
+        g1, g2 = local_grads(lambda a, b: torch.add(a * 2, b) * 3 * 5, t1, t2)
+    assert torch.allclose(grads[t1], g1) and torch.allclose(grads[t2], g2)
+    for dst in ("worker1", "worker2"):
+        assert rpc.rpc_sync(dst, f.wait_context_released, args=(context_id,))
+
+
+@pytest.mark.parametrize("fetcher", ["worker2", "worker1"])
+def test_remote_value_fetched_inside_the_context_before_it_is_confirmed(fetcher):
+    # remote() on worker1 takes a while; its RRef goes at once to `fetcher` (worker2: a third
+    # worker, a fork of an unconfirmed RRef; worker1: the owner), which calls to_here() inside
+    # the context. The gradient crosses worker0 -> fetcher -> worker1 -> worker0.
+    t1, t2 = leaves((3,), (3,), seed=15)
+    with dist_autograd.context() as context_id:
+        rref = rpc.remote("worker1", f.slow_mul_add, args=(t1, t2))
+        ret = rpc.rpc_sync(fetcher, f.rref_to_here_times, args=(rref, 3.0))
+        dist_autograd.backward(context_id, [ret.sum()])
+        grads = dist_autograd.get_gradients(context_id)
+        assert dist_autograd._current_context()._known_worker_ids() == {1, int(fetcher[-1])}
+    g1, g2 = local_grads(lambda a, b: f.mul_add(a, b) * 3, t1, t2)
+    assert torch.allclose(grads[t1], g1) and torch.allclose(grads[t2], g2)
+    for dst in ("worker1", "worker2"):
+        assert rpc.rpc_sync(dst, f.wait_context_released, args=(context_id,))
+
+
+# --- DistributedOptimizer ------------------------------------------------------------------------
+
+def train_and_compare_with_local(
+    owner: str,
+    optimizer_class: type,
+    *args,
+    steps: int = 3,
+    check_state: Optional[Callable[[rpc.RRef, DistributedOptimizer, torch.optim.Optimizer],
+                                   None]] = None,
+    **kwargs,
+) -> DistributedOptimizer:
+    """Trains a Linear on `owner` through a DistributedOptimizer and the same Linear locally,
+    step by step; the inputs' gradients, the parameters' gradients and the parameters after
+    each step must agree (and `check_state` on the optimizers' states, if given)."""
+    module = rpc.remote(owner, f.linear, args=(7, 3, 2))
+    params = rpc.rpc_sync(owner, f.param_rrefs, args=(module,))
+    local = f.linear(7, 3, 2)
+    initial = [p.detach().clone() for p in local.parameters()]
+    local_opt = optimizer_class(local.parameters(), *args, **kwargs)
+    opt = DistributedOptimizer(optimizer_class, params, *args, **kwargs)
+    generator = torch.Generator().manual_seed(11)
+    for _ in range(steps):
+        x = torch.rand(5, 3, generator=generator).requires_grad_(True)
+        with dist_autograd.context() as context_id:
+            out = module.rpc_sync().forward(x)
+            dist_autograd.backward(context_id, [(out * out).sum()])
+            x_grad = dist_autograd.get_gradients(context_id)[x]
+            remote_grads = rpc.rpc_sync(owner, f.grads_of, args=(module, context_id))
+            opt.step(context_id)
+        local_opt.zero_grad()
+        xl = x.detach().clone().requires_grad_(True)
+        (local(xl) ** 2).sum().backward()
+        assert torch.allclose(x_grad, xl.grad, atol=1e-6)
+        for remote_g, p in zip(remote_grads, local.parameters()):
+            assert torch.allclose(remote_g, p.grad, atol=1e-6)
+        local_opt.step()
+        remote_params = rpc.rpc_sync(owner, f.params_of, args=(module,))
+        assert len(remote_params) == 2
+        for remote_p, p in zip(remote_params, local.parameters()):
+            assert torch.allclose(remote_p, p.detach(), atol=1e-6)
+        if check_state is not None:
+            check_state(module, opt, local_opt)
+    assert all(not torch.equal(p0, p) for p0, p in zip(initial, local.parameters()))
+    return opt
 
 
 def test_rpcs_made_by_a_backward_function_are_not_recorded_in_the_pass_context():
@@ -255,49 +414,94 @@ def test_no_local_records_are_left_after_release():
 
 
 def test_rref_proxy_module_and_distributed_optimizer_match_local_training():
-    module = rpc.remote("worker1", f.linear, args=(7, 3, 2))
-    params = rpc.rpc_sync("worker1", f.param_rrefs, args=(module,))
-    local = f.linear(7, 3, 2)
-    local_opt = torch.optim.SGD(local.parameters(), lr=0.1, momentum=0.9)
-    opt = DistributedOptimizer(torch.optim.SGD, params, lr=0.1, momentum=0.9)
+    opt = train_and_compare_with_local("worker1", torch.optim.SGD, lr=0.1, momentum=0.9)
     assert opt.is_functional_optim
-    torch.manual_seed(11)
-    for _ in range(3):
-        x = torch.rand(5, 3, requires_grad=True)
-        with dist_autograd.context() as context_id:
-            out = module.rpc_sync().forward(x)
-            loss = (out * out).sum()
-            dist_autograd.backward(context_id, [loss])
-            x_grad = dist_autograd.get_gradients(context_id)[x]
-            remote_grads = rpc.rpc_sync("worker1", f.grads_of, args=(module, context_id))
-            opt.step(context_id)
-        local_opt.zero_grad()
-        xl = x.detach().clone().requires_grad_(True)
-        (local(xl) ** 2).sum().backward()
-        assert torch.allclose(x_grad, xl.grad, atol=1e-6)
-        for remote_g, p in zip(remote_grads, local.parameters()):
-            assert torch.allclose(remote_g, p.grad, atol=1e-6)
-        local_opt.step()
-        for remote_p, p in zip(rpc.rpc_sync("worker1", f.params_of, args=(module,)),
-                               local.parameters()):
-            assert torch.allclose(remote_p, p.detach(), atol=1e-6)
+    assert rpc.rpc_sync("worker1", f.owner_optimizer_class, args=(opt.remote_optimizers[0],)) \
+        == "_FunctionalSGD"
 
 
-def test_distributed_optimizer_with_a_non_functional_class_and_bad_context():
+def test_distributed_optimizer_positional_args():
+    # DistributedOptimizer(optim.SGD, params, 0.05): positional arguments reach the constructor.
+    opt = train_and_compare_with_local("worker2", torch.optim.SGD, 0.05, 0.5)
+    assert opt.is_functional_optim
+
+
+def test_distributed_optimizer_with_torchscript_disabled_takes_the_python_path(
+        monkeypatch, caplog):
+    # As PyTorch: with scripting disabled in the creating process, even an optimizer with a
+    # functional form runs as itself (on .grad, under the lock), with the warning.
+    monkeypatch.setattr(torch.jit._state._enabled, "enabled", False)
+    assert not torch.jit._state._enabled
+    with caplog.at_level(logging.WARNING, logger="tether.optim"):
+        opt = train_and_compare_with_local("worker1", torch.optim.SGD, lr=0.1, momentum=0.9)
+    assert not opt.is_functional_optim
+    assert "without TorchScript support" in caplog.text
+    assert rpc.rpc_sync("worker1", f.owner_optimizer_class, args=(opt.remote_optimizers[0],)) \
+        == "SGD"
+    monkeypatch.undo()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="tether.optim"):
+        params = rpc.rpc_sync("worker1", f.param_rrefs,
+                              args=(rpc.remote("worker1", f.linear, args=(7, 3, 2)),))
+        assert DistributedOptimizer(torch.optim.SGD, params, lr=0.1).is_functional_optim
+    assert "without TorchScript support" not in caplog.text
+
+
+def _check_asgd_state(module: rpc.RRef, opt: DistributedOptimizer,
+                      local_opt: torch.optim.Optimizer) -> None:
+    remote_state = rpc.rpc_sync(module.owner(), f.asgd_state_of,
+                                args=(module, opt.remote_optimizers[0]))
+    for (eta, mu, ax), p in zip(remote_state, local_opt.param_groups[0]["params"]):
+        local_state = local_opt.state[p]
+        assert eta == pytest.approx(float(local_state["eta"]))
+        assert mu == pytest.approx(float(local_state["mu"]))
+        assert torch.allclose(ax, local_state["ax"], atol=1e-6)
+
+
+@pytest.mark.parametrize("positional", [False, True])
+def test_distributed_optimizer_asgd_matches_local_step_by_step(positional, caplog):
+    # ASGD has no functional form: it runs as itself, with its own state (eta, mu and the
+    # average ax, which starts moving once step > t0).
+    with caplog.at_level(logging.WARNING, logger="tether.optim"):
+        if positional:
+            opt = train_and_compare_with_local("worker2", torch.optim.ASGD, 0.05, 1e-3, 0.75,
+                                               1.0, steps=4, check_state=_check_asgd_state)
+        else:
+            opt = train_and_compare_with_local("worker2", torch.optim.ASGD, lr=0.05,
+                                               lambd=1e-3, t0=1.0, steps=4,
+                                               check_state=_check_asgd_state)
+    assert not opt.is_functional_optim
+    assert "without TorchScript support" in caplog.text
+
+
+def test_distributed_optimizer_bad_context():
     module = rpc.remote("worker2", f.linear, args=(3, 2, 2))
     params = rpc.rpc_sync("worker2", f.param_rrefs, args=(module,))
-
     opt = DistributedOptimizer(torch.optim.ASGD, params, lr=0.05)
-    assert not opt.is_functional_optim
-    before = rpc.rpc_sync("worker2", f.params_of, args=(module,))
     with dist_autograd.context() as context_id:
         loss = module.rpc_sync().forward(torch.ones(1, 2)).sum()
         dist_autograd.backward(context_id, [loss])
-        opt.step(context_id)
-    after = rpc.rpc_sync("worker2", f.params_of, args=(module,))
-    assert any(not torch.equal(a, b) for a, b in zip(before, after))
     with pytest.raises(RuntimeError, match="Could not find autograd context with id"):
         opt.step(context_id)
+
+
+def test_distributed_optimizer_error_texts():
+    modules = [rpc.remote(owner, f.linear, args=(i, 3, 3)) for i, owner in
+               enumerate(("worker1", "worker2"))]
+    params = [p for m in modules for p in rpc.rpc_sync(m.owner(), f.param_rrefs, args=(m,))]
+    with pytest.raises(ValueError, match="Error creating optimizer."):
+        DistributedOptimizer(f.OptimizerFailingOnConstructor, params)
+    opt = DistributedOptimizer(f.FailingOptimizer, params)
+    before = [rpc.rpc_sync(m.owner(), f.params_of, args=(m,)) for m in modules]
+    with dist_autograd.context() as context_id:
+        t = torch.rand(2, 3, requires_grad=True)
+        out = modules[1].rpc_sync().forward(modules[0].rpc_sync().forward(t))
+        dist_autograd.backward(context_id, [out.sum()])
+        with pytest.raises(ValueError, match="Error running optimizer"):
+            opt.step(context_id)
+    after = [rpc.rpc_sync(m.owner(), f.params_of, args=(m,)) for m in modules]
+    for b, a in zip(before, after):
+        assert all(torch.equal(x, y) for x, y in zip(b, a))
 
 
 if __name__ == "__main__":

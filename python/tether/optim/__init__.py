@@ -8,10 +8,12 @@
 
 Each owner of parameters gets one local optimizer, created with `rpc_async`; `step(context_id)`
 runs every owner's step concurrently on that context's gradients (`get_gradients`, never
-`.grad` of other contexts). For the optimizers PyTorch has functional forms of (SGD, Adam, ...),
-the owner runs the functional TorchScript optimizer eagerly: no lock, no `.grad`, and the math
-without the GIL. Any other optimizer class runs as itself, under one lock per worker, on `.grad`
-set from the context (as PyTorch's does).
+`.grad` of other contexts). As in PyTorch, the functional path is chosen only when TorchScript is
+enabled (`torch.jit._state._enabled`, off with `PYTORCH_JIT=0`) in the creating process and the
+optimizer class has a functional form (SGD, Adam, ...): the owner then runs the functional
+TorchScript optimizer eagerly, with no lock and no `.grad`, the math without the GIL. Otherwise
+the class runs as itself, under one lock per worker, on `.grad` set from the context, and a
+warning is logged.
 """
 import logging
 import threading
@@ -75,6 +77,15 @@ def _wait_all(futures) -> List[Any]:
     return results
 
 
+def _optimizer_constructor(optimizer_class: type) -> type:
+    """The class each owner instantiates: the functional form of `optimizer_class` when
+    TorchScript is enabled in this process and there is one, else `optimizer_class` itself."""
+    functional_class = functional_optim_map.get(optimizer_class)
+    if functional_class is not None and torch.jit._state._enabled:
+        return functional_class
+    return optimizer_class
+
+
 class DistributedOptimizer:
     """Applies `optimizer_class` on each worker to the parameters it owns, from the gradients
     of a distributed autograd context. Concurrent steps are serialized per worker for
@@ -85,15 +96,15 @@ class DistributedOptimizer:
         by_owner: Dict[Any, list] = defaultdict(list)
         for param in params_rref:
             by_owner[param.owner()].append(param)
-        functional_class = functional_optim_map.get(optimizer_class)
-        self.is_functional_optim = functional_class is not None
+        ctor = _optimizer_constructor(optimizer_class)
+        self.is_functional_optim: bool = ctor is not optimizer_class
         if not self.is_functional_optim:
             logger.warning(
-                "Creating the optimizer %s without a functional form: each worker runs its "
-                "steps one at a time, holding the GIL",
+                "Creating the optimizer %s without TorchScript support: each worker runs its "
+                "steps one at a time, holding the Python GIL, which may slow multithreaded "
+                "training (e.g. distributed model parallel on CPU)",
                 optimizer_class,
             )
-        ctor = functional_class if self.is_functional_optim else optimizer_class
         futures = [
             rpc.rpc_async(
                 owner,
