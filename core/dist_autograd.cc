@@ -82,6 +82,12 @@ struct DistAutograd::Context {
   std::map<AutogradMessageId, WorkerId> recvs;  // message id -> source of the forward call
   std::unique_ptr<Pass> pass;
   std::set<int64_t> ended_passes;
+  // The newest pass id seen here from each initiator (pass ids grow per initiator).
+  std::map<WorkerId, int64_t> newest_pass;
+  int64_t NewestFrom(WorkerId initiator) const {
+    auto it = newest_pass.find(initiator);
+    return it == newest_pass.end() ? -1 : it->second;
+  }
 };
 
 struct DistAutograd::Strand {
@@ -163,20 +169,25 @@ void DistAutograd::Attach() {
 }
 
 namespace {
-// The core whose runner call runs on this thread (the innermost), if any.
-thread_local const DistAutograd* in_runner_call = nullptr;
+// The cores whose runner calls run on this thread, innermost last.
+thread_local std::vector<const DistAutograd*> runner_calls_here;
+
+struct RunnerCallsDone {
+  const int* calls;
+  int own;  // this thread's own calls, which cannot end while it waits
+  bool Done() const { return *calls <= own; }
+};
 }  // namespace
 
 void DistAutograd::SetRunner(GraphRunner* runner) {
   absl::MutexLock lock(&mu_);
   runner_ = runner;
-  // From inside a runner call (this thread's own) there is nothing to wait for that could end.
-  if (runner == nullptr && in_runner_call != this) {
-    mu_.Await(absl::Condition(this, &DistAutograd::NoRunnerCallsLocked));
-  }
+  if (runner != nullptr) return;
+  // Waits for the runner calls on other threads (a call of this thread's own is below us).
+  RunnerCallsDone done{&runner_calls_, static_cast<int>(std::count(runner_calls_here.begin(),
+                                                                   runner_calls_here.end(), this))};
+  mu_.Await(absl::Condition(&done, &RunnerCallsDone::Done));
 }
-
-bool DistAutograd::NoRunnerCallsLocked() const { return runner_calls_ == 0; }
 
 void DistAutograd::WithRunner(const std::function<void(GraphRunner*)>& fn) {
   GraphRunner* runner;
@@ -185,10 +196,9 @@ void DistAutograd::WithRunner(const std::function<void(GraphRunner*)>& fn) {
     runner = runner_;
     if (runner != nullptr) ++runner_calls_;
   }
-  const DistAutograd* outer = in_runner_call;
-  in_runner_call = this;
+  runner_calls_here.push_back(this);
   fn(runner);
-  in_runner_call = outer;
+  runner_calls_here.pop_back();
   if (runner != nullptr) {
     absl::MutexLock lock(&mu_);
     --runner_calls_;
@@ -684,7 +694,7 @@ void DistAutograd::StartPassLocked(Context* ctx, int64_t pass_id, bool initiator
           if (runner == nullptr) {
             failed = RunnerGone();
           } else {
-            failed.error = runner->BeginPass(context, retain, initiator);
+            failed.error = runner->BeginPass(context, pass_id, retain, initiator);
           }
         });
         if (!failed.error.ok()) OnProgress(context, pass_id, failed);
@@ -807,6 +817,7 @@ Future<Unit> DistAutograd::Backward(ContextId context, bool retain_graph, absl::
           absl::StrCat("a backward pass is already running for autograd context ", context));
     } else {
       const int64_t pass_id = next_pass_++;
+      ctx->newest_pass[self_] = pass_id;
       EmitLocked(DistAutogradEvent::kBackwardStarted, context, -1, -1, pass_id, absl::OkStatus(),
                  deadline);
       StartPassLocked(ctx, pass_id, /*initiator=*/true, retain_graph, deadline, nullptr, -1,
@@ -835,6 +846,12 @@ bool DistAutograd::PassRunning(ContextId context, int64_t pass_id) const {
   absl::MutexLock lock(&mu_);
   const Context* ctx = FindLocked(context);
   return ctx != nullptr && ctx->pass != nullptr && ctx->pass->id == pass_id;
+}
+
+bool DistAutograd::AnyPassRunning(ContextId context) const {
+  absl::MutexLock lock(&mu_);
+  const Context* ctx = FindLocked(context);
+  return ctx != nullptr && ctx->pass != nullptr;
 }
 
 void DistAutograd::OnProgress(ContextId context, int64_t pass_id, const PassProgress& progress) {
@@ -991,14 +1008,30 @@ void DistAutograd::HandleBackward(std::shared_ptr<IncomingCall> call) {
       refused = absl::InvalidArgumentError(absl::StrCat("autograd message id ", message,
                                                         " was sent to worker ", send->second,
                                                         ", not to worker ", caller));
-    } else if (ctx->pass != nullptr && ctx->pass->id != pass_id) {
+    } else if (ctx->NewestFrom(CreatorOf(pass_id)) > pass_id ||
+               (ctx->pass == nullptr && ctx->ended_passes.count(pass_id) > 0)) {
+      // A straggler of a pass that ended here, or one its initiator already followed with a
+      // newer pass (it ended there): answered and dropped, never taken for a pass of its own.
+      reply_now = true;
+    } else if (ctx->pass != nullptr && ctx->pass->id != pass_id &&
+               CreatorOf(ctx->pass->id) != CreatorOf(pass_id)) {
       refused = absl::FailedPreconditionError(
           absl::StrCat("a backward pass is already running for autograd context ", context));
-    } else if (ctx->pass == nullptr && ctx->ended_passes.count(pass_id) > 0) {
-      reply_now = true;  // a straggler of a pass that already ended here: answered and dropped
-    } else if (ctx->pass != nullptr && ctx->pass->ran.count(message) > 0) {
+    } else if (ctx->pass != nullptr && ctx->pass->id == pass_id &&
+               ctx->pass->ran.count(message) > 0) {
       reply_now = true;  // its send function already ran in this pass
     } else {
+      ctx->newest_pass[CreatorOf(pass_id)] = pass_id;
+      if (ctx->pass != nullptr && ctx->pass->id != pass_id) {
+        // Its initiator began a newer pass, so the running one ended there (it runs one pass per
+        // context at a time): this worker's part can never finish. It fails here and now.
+        FailPassLocked(
+            ctx,
+            absl::AbortedError(absl::StrCat(
+                "distributed backward pass ", ctx->pass->id, " of autograd context ", context,
+                " was superseded by pass ", pass_id, " of worker ", CreatorOf(pass_id))),
+            &actions);
+      }
       if (ctx->pass == nullptr) {
         // The first arrival of this pass here: its reply waits for the whole local pass.
         StartPassLocked(ctx, pass_id, /*initiator=*/false, req.retain_graph(), call->deadline(),

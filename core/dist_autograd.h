@@ -122,7 +122,10 @@ class GraphRunner {
   // A pass of `context` begins on this worker. FAST mode: every send function of the context is
   // a root. For the initiator the glue built the GraphRoot and GraphTask before calling Backward()
   // (on the caller's thread); BeginPass only adopts them. An error fails the pass.
-  virtual absl::Status BeginPass(ContextId context, bool retain_graph, bool initiator) = 0;
+  // `pass_id` is the pass's (PassRunning(context, pass_id) tells whether it still runs: a pass
+  // that failed before its BeginPass ran still gets it, then AbortPass and EndPass).
+  virtual absl::Status BeginPass(ContextId context, int64_t pass_id, bool retain_graph,
+                                 bool initiator) = 0;
   // Initiator only: runs the graph root.
   virtual PassProgress RunRoot(ContextId context) = 0;
   // Runs send function `message` with the gradients that arrived for it (`gradients` and
@@ -231,6 +234,9 @@ class DistAutograd : public std::enable_shared_from_this<DistAutograd> {
   // creator is outside the world: such an id can never be joined anyway).
   void ReleaseIfPresent(ContextId context);
   bool Exists(ContextId context) const;  // _retrieve_context / _is_valid_context
+  // Whether pass `pass_id` of `context` runs here now; whether any pass of it does.
+  bool PassRunning(ContextId context, int64_t pass_id) const;
+  bool AnyPassRunning(ContextId context) const;
   // Released here: tombstoned, or issued by this worker (this incarnation) and gone.
   bool IsReleased(ContextId context) const;
 
@@ -292,7 +298,6 @@ class DistAutograd : public std::enable_shared_from_this<DistAutograd> {
   void OnPeerFailed(WorkerId peer, const absl::Status& reason);
   void OnAgentStopped();
   void OnDeadline(ContextId context, int64_t pass_id);
-  bool PassRunning(ContextId context, int64_t pass_id) const;
   void OnProgress(ContextId context, int64_t pass_id, const PassProgress& progress);
   void OnGradientsReply(ContextId context, int64_t pass_id, uint64_t call,
                         const absl::StatusOr<Message>& reply);
@@ -339,7 +344,6 @@ class DistAutograd : public std::enable_shared_from_this<DistAutograd> {
   static void RunActions(Actions actions);
   // Runs fn with the runner (nullptr once detached), counted as a runner call (SetRunner waits).
   void WithRunner(const std::function<void(GraphRunner*)>& fn) ABSL_LOCKS_EXCLUDED(mu_);
-  bool NoRunnerCallsLocked() const ABSL_SHARED_LOCKS_REQUIRED(mu_);
   PassProgress RunnerGone() const;
 
   Agent* const agent_;

@@ -179,6 +179,8 @@ absl::StatusOr<Future<Unit>> LocalAutograd::Backward(ContextId context,
   auto graph_root =
       std::make_shared<torch::autograd::GraphRoot>(std::move(edges), std::move(grads));
   std::shared_ptr<DistGraphTask> mine;
+  std::shared_ptr<DistGraphTask> stale;  // dropped after the lock
+  std::shared_ptr<torch::autograd::Node> stale_root;
   {
     absl::MutexLock lock(&mu_);
     Local* live = LiveLocalLocked(*core, context);
@@ -186,10 +188,14 @@ absl::StatusOr<Future<Unit>> LocalAutograd::Backward(ContextId context,
     Local& local = *live;
     // A pass that just ended may still hold `task` until its EndPass, which the core's strand
     // runs before this pass's BeginPass; the core refuses a pass while one runs.
-    if (local.prepared != nullptr) {
+    // A prepared task no pass runs for is stale (its pass failed before its BeginPass ran, so
+    // it was never adopted): replaced.
+    if (local.prepared != nullptr && core->AnyPassRunning(context)) {
       return absl::FailedPreconditionError(
           absl::StrCat("a backward pass is already running for autograd context ", context));
     }
+    stale = std::move(local.prepared);
+    stale_root = std::move(local.prepared_root);
     std::vector<std::shared_ptr<torch::autograd::Node>> sends;
     for (const auto& [message, send] : local.sends) sends.push_back(send);
     // Built here, on the caller's thread: the task runs under its thread-local state.
@@ -249,10 +255,15 @@ std::map<AutogradMessageId, std::shared_ptr<torch::autograd::Node>> LocalAutogra
   return out;
 }
 
-absl::Status LocalAutograd::BeginPass(ContextId context, bool retain_graph, bool initiator) {
+absl::Status LocalAutograd::BeginPass(ContextId context, int64_t pass_id, bool retain_graph,
+                                      bool initiator) {
   std::shared_ptr<DistGraphTask> task;
   std::vector<std::shared_ptr<torch::autograd::Node>> sends;
   std::shared_ptr<GradientStore> store;
+  // A task and root a skipped EndPass left behind: dropped after the lock (Python nodes' last
+  // references take the GIL).
+  std::shared_ptr<DistGraphTask> old_task;
+  std::shared_ptr<torch::autograd::Node> old_root;
   std::shared_ptr<DistAutograd> core = core_.lock();
   if (core == nullptr) return absl::FailedPreconditionError(kContextNoLongerValidText);
   {
@@ -261,12 +272,17 @@ absl::Status LocalAutograd::BeginPass(ContextId context, bool retain_graph, bool
     if (live == nullptr) return absl::FailedPreconditionError(kContextNoLongerValidText);
     Local& local = *live;
     if (initiator) {
+      // A pass that failed before this ran must not adopt a later Backward()'s task (checked
+      // under mu_, which Backward() holds while it replaces a stale prepared task).
+      if (!core->PassRunning(context, pass_id)) {
+        return absl::FailedPreconditionError(kContextNoLongerValidText);
+      }
       if (local.prepared == nullptr) {
         return absl::InternalError(
             absl::StrCat("no backward pass was prepared for autograd context ", context));
       }
-      local.task = std::move(local.prepared);
-      local.root = std::move(local.prepared_root);
+      old_task = std::exchange(local.task, std::move(local.prepared));
+      old_root = std::exchange(local.root, std::move(local.prepared_root));
       return absl::OkStatus();
     }
     for (const auto& [message, send] : local.sends) sends.push_back(send);
@@ -277,7 +293,7 @@ absl::Status LocalAutograd::BeginPass(ContextId context, bool retain_graph, bool
   absl::MutexLock lock(&mu_);
   Local* local = LiveLocalLocked(*core, context);
   if (local == nullptr) return absl::FailedPreconditionError(kContextNoLongerValidText);
-  local->task = task;  // `task` (declared before the lock) keeps the old one until after it
+  old_task = std::exchange(local->task, std::move(task));
   return absl::OkStatus();
 }
 

@@ -125,7 +125,8 @@ class LocalAutograd final : public GraphRunner {
   size_t NumLocalRecords() const;
 
   // --- GraphRunner (the core's strand). ---
-  absl::Status BeginPass(ContextId context, bool retain_graph, bool initiator) override;
+  absl::Status BeginPass(ContextId context, int64_t pass_id, bool retain_graph,
+                         bool initiator) override;
   PassProgress RunRoot(ContextId context) override;
   PassProgress RunSendFunction(ContextId context, AutogradMessageId message,
                                const std::string& gradients,

@@ -64,7 +64,7 @@ class FakeRunner : public GraphRunner {
     errors_[{ctx, root}] = std::move(error);
   }
 
-  absl::Status BeginPass(ContextId ctx, bool retain, bool initiator) override {
+  absl::Status BeginPass(ContextId ctx, int64_t /*pass_id*/, bool retain, bool initiator) override {
     absl::MutexLock lock(&mu_);
     Enter(ctx);
     Log(absl::StrCat("begin ", ctx, initiator ? " initiator" : "", retain ? " retain" : ""));
@@ -1020,6 +1020,47 @@ std::string VarintField(int field, int64_t value) {
     out.push_back(byte);
   } while (v != 0);
   return out;
+}
+
+// A worker still in an old pass (waiting for gradients that will never come: the pass failed
+// elsewhere) takes the initiator's next pass at once, and a late message of the old pass is
+// answered and dropped, never taken for a pass of its own.
+TEST(DistAutogradTest, ANewerPassOfTheSameInitiatorSupersedesAndStragglersAreDropped) {
+  auto c = Cluster::Make(2);
+  ContextId ctx = c->dag(0).NewContext();
+  ASSERT_TRUE(c->dag(1).Join(ctx, 0).ok());
+  for (AutogradMessageId m : {7, 8}) {
+    ASSERT_TRUE(c->dag(1).RecordSend(ctx, m, 0).ok());
+    c->runner(1).AddSend(ctx, m);
+  }
+  auto send = [&](AutogradMessageId message, int64_t pass) {
+    std::string req = VarintField(1, ctx) + VarintField(2, message) + VarintField(5, pass);
+    return c->world().agent(0).Call(1, wire::BACKWARD_AUTOGRAD_REQ, std::move(req), {});
+  };
+  const int64_t p1 = 3, p2 = 4;  // passes of worker 0 (ids below 1 << 48)
+  Future<Message> first = send(7, p1);
+  c->world().RunFor(absl::Milliseconds(50));
+  EXPECT_FALSE(first.ready());  // pass p1 waits for message 8's gradients
+  EXPECT_TRUE(c->dag(1).PassRunning(ctx, p1));
+
+  Future<Message> second = send(7, p2);
+  ASSERT_TRUE(c->world().RunUntilReady(first));
+  EXPECT_EQ(first.result().status().code(), absl::StatusCode::kAborted) << first.result().status();
+  EXPECT_TRUE(Contains(first.result().status().message(), "superseded by pass 4 of worker 0"))
+      << first.result().status();
+  EXPECT_TRUE(c->dag(1).PassRunning(ctx, p2));
+
+  Future<Message> straggler = send(8, p1);
+  ASSERT_TRUE(c->world().RunUntilReady(straggler));
+  EXPECT_TRUE(straggler.result().ok()) << straggler.result().status();
+  EXPECT_TRUE(c->dag(1).PassRunning(ctx, p2));  // not taken for p1, not counted for p2
+  EXPECT_FALSE(second.ready());
+
+  Future<Message> last = send(8, p2);
+  ASSERT_TRUE(c->world().RunUntilReady(second));
+  EXPECT_TRUE(second.result().ok()) << second.result().status();
+  ASSERT_TRUE(c->world().RunUntilReady(last));
+  EXPECT_FALSE(c->dag(1).AnyPassRunning(ctx));
 }
 
 // Ids off the wire name workers of the world, or are refused naming the id; nothing is learned.

@@ -21,9 +21,7 @@ constexpr char kFreedText[] =
 // ---------------------------------------------------------------------------------------------
 // Recording.
 
-IntGraphRunner::Local& IntGraphRunner::LocalLocked(ContextId context) {
-  return locals_[context];
-}
+IntGraphRunner::Local& IntGraphRunner::LocalLocked(ContextId context) { return locals_[context]; }
 
 NodeId IntGraphRunner::Leaf(ContextId context, int param) {
   absl::MutexLock lock(&mu_);
@@ -60,8 +58,7 @@ NodeId IntGraphRunner::Recv(ContextId context, AutogradMessageId message, Worker
   return id;
 }
 
-void IntGraphRunner::Send(ContextId context, AutogradMessageId message, WorkerId to,
-                          NodeId input) {
+void IntGraphRunner::Send(ContextId context, AutogradMessageId message, WorkerId to, NodeId input) {
   absl::MutexLock lock(&mu_);
   LocalLocked(context).graph.sends[message] = {to, input};
 }
@@ -122,7 +119,8 @@ void IntGraphRunner::LeaveLocked(ContextId context) {
 // ---------------------------------------------------------------------------------------------
 // The FAST-mode engine.
 
-absl::Status IntGraphRunner::BeginPass(ContextId context, bool retain_graph, bool initiator) {
+absl::Status IntGraphRunner::BeginPass(ContextId context, int64_t /*pass_id*/, bool retain_graph,
+                                       bool initiator) {
   absl::MutexLock lock(&mu_);
   EnterLocked(context, "BeginPass");
   Local& local = LocalLocked(context);
@@ -168,8 +166,8 @@ absl::Status IntGraphRunner::PushLocked(Local& local, NodeId node, int64_t g,
   PassState& pass = *local.pass;
   auto dep = pass.deps.find(node);
   if (dep == pass.deps.end() || dep->second <= 0) {
-    ViolationLocked(absl::StrCat("a gradient reached node ", node,
-                                 " after it ran (or it is unreachable)"));
+    ViolationLocked(
+        absl::StrCat("a gradient reached node ", node, " after it ran (or it is unreachable)"));
     return absl::InternalError(absl::StrCat("node ", node, " got a gradient twice"));
   }
   pass.buffer[node] += g;
@@ -186,9 +184,8 @@ absl::Status IntGraphRunner::PushLocked(Local& local, NodeId node, int64_t g,
       break;
     case LocalGraph::kOp:
       if (n.fails) {
-        return absl::InternalError(
-            absl::StrCat("node ", node, " raised (the scenario's failing op on worker ", self_,
-                         ")"));
+        return absl::InternalError(absl::StrCat(
+            "node ", node, " raised (the scenario's failing op on worker ", self_, ")"));
       }
       for (const Term& t : n.inputs) {
         absl::Status s = PushLocked(local, t.node, t.k * grad, out);
@@ -239,8 +236,8 @@ PassProgress IntGraphRunner::RunRoot(ContextId context) {
     EnterLocked(context, "RunRoot");
     Local& local = LocalLocked(context);
     if (!local.pass.has_value() || !local.pass->initiator || !local.graph.root.has_value()) {
-      ViolationLocked(absl::StrCat("RunRoot for autograd context ", context,
-                                   " without an initiator's pass"));
+      ViolationLocked(
+          absl::StrCat("RunRoot for autograd context ", context, " without an initiator's pass"));
       status = absl::InternalError("RunRoot without an initiator's pass");
     } else if (local.pass->root_ran) {
       ViolationLocked(absl::StrCat("RunRoot twice in one pass of autograd context ", context));
@@ -265,8 +262,8 @@ PassProgress IntGraphRunner::RunSendFunction(ContextId context, AutogradMessageI
     int64_t g = 0;
     auto send = local.graph.sends.find(message);
     if (!local.pass.has_value()) {
-      ViolationLocked(absl::StrCat("RunSendFunction(", message, ") for autograd context ",
-                                   context, " outside a pass"));
+      ViolationLocked(absl::StrCat("RunSendFunction(", message, ") for autograd context ", context,
+                                   " outside a pass"));
       status = absl::InternalError("RunSendFunction outside a pass");
     } else if (send == local.graph.sends.end()) {
       status = absl::NotFoundError(SendFunctionNotFoundText(message));
@@ -310,8 +307,8 @@ void IntGraphRunner::EndPass(ContextId context) {
 void IntGraphRunner::Release(ContextId context) {
   absl::MutexLock lock(&mu_);
   if (in_call_.count(context) > 0) {
-    ViolationLocked(absl::StrCat("Release of autograd context ", context,
-                                 " overlapped a runner call"));
+    ViolationLocked(
+        absl::StrCat("Release of autograd context ", context, " overlapped a runner call"));
   }
   locals_.erase(context);
   released_.insert(context);
@@ -325,8 +322,7 @@ absl::StatusOr<std::map<WorkerId, std::map<int, int64_t>>> GodView::Expected(
   using Vec = std::map<std::pair<WorkerId, int>, int64_t>;  // d(node)/d(worker's param)
   auto it = graphs.find(initiator);
   if (it == graphs.end() || !it->second.root.has_value()) {
-    return absl::FailedPreconditionError(
-        absl::StrCat("worker ", initiator, " has no graph root"));
+    return absl::FailedPreconditionError(absl::StrCat("worker ", initiator, " has no graph root"));
   }
   std::map<std::pair<WorkerId, NodeId>, Vec> memo;
   absl::Status problem;
@@ -342,8 +338,8 @@ absl::StatusOr<std::map<WorkerId, std::map<int, int64_t>>> GodView::Expected(
       if (n != g->second.nodes.end()) node = &n->second;
     }
     if (node == nullptr) {
-      problem = absl::FailedPreconditionError(absl::StrCat("node ", id, " of worker ", w,
-                                                           " is in no graph"));
+      problem = absl::FailedPreconditionError(
+          absl::StrCat("node ", id, " of worker ", w, " is in no graph"));
       return out;
     }
     switch (node->kind) {

@@ -59,9 +59,9 @@ struct LocalGraph {
   enum Kind { kLeaf, kOp, kRecv };
   struct Node {
     Kind kind = kOp;
-    int param = -1;               // kLeaf
-    std::vector<Term> inputs;     // kOp
-    bool fails = false;           // kOp: running it fails the pass
+    int param = -1;                  // kLeaf
+    std::vector<Term> inputs;        // kOp
+    bool fails = false;              // kOp: running it fails the pass
     AutogradMessageId message = -1;  // kRecv
     WorkerId peer = -1;              // kRecv: where the value came from
   };
@@ -101,7 +101,8 @@ class IntGraphRunner : public GraphRunner {
   int64_t runs() const;
 
   // --- GraphRunner. ---
-  absl::Status BeginPass(ContextId context, bool retain_graph, bool initiator) override;
+  absl::Status BeginPass(ContextId context, int64_t pass_id, bool retain_graph,
+                         bool initiator) override;
   PassProgress RunRoot(ContextId context) override;
   PassProgress RunSendFunction(ContextId context, AutogradMessageId message,
                                const std::string& gradients,
@@ -117,8 +118,8 @@ class IntGraphRunner : public GraphRunner {
     bool aborted = false;
     bool root_ran = false;
     std::set<AutogradMessageId> sends_ran;
-    std::map<NodeId, int> deps;         // inputs still missing, for reachable nodes
-    std::map<NodeId, int64_t> buffer;   // gradient accumulated so far
+    std::map<NodeId, int> deps;        // inputs still missing, for reachable nodes
+    std::map<NodeId, int64_t> buffer;  // gradient accumulated so far
     std::set<NodeId> executed;
   };
   struct Local {
