@@ -11,7 +11,8 @@ runs every owner's step concurrently on that context's gradients (`get_gradients
 `.grad` of other contexts). As in PyTorch, the functional path is chosen only when TorchScript is
 enabled (`torch.jit._state._enabled`, off with `PYTORCH_JIT=0`) in the creating process and the
 optimizer class has a functional form (SGD, Adam, ...): the owner then runs the functional
-TorchScript optimizer eagerly, with no lock and no `.grad`, the math without the GIL. Otherwise
+TorchScript optimizer's class eagerly (in Python, under the GIL; not compiled), with no lock and
+no `.grad`. Otherwise
 the class runs as itself, under one lock per worker, on `.grad` set from the context, and a
 warning is logged.
 """
