@@ -564,14 +564,18 @@ bool DistAutograd::OnCleanupAttempt(WorkerId to, int attempt, const absl::Status
   if (status.ok() || stopped_) return false;
   if (kPlantedBugs && options_.bugs.release_once) return false;
   if (attempt + 1 >= options_.cleanup_max_attempts) return false;
-  if (failed_.count(to) > 0) return false;  // declared failed: one attempt only
   switch (status.code()) {
     case absl::StatusCode::kDeadlineExceeded:
+      // The request went out and no answer came: retried, even to a worker declared failed. The
+      // network sent it, so a new incarnation is up there (the network refuses sends to a worker
+      // whose failure it reported until one is), and it may have joined the context through a
+      // forward call: a single lost attempt must not leave its copy unreleased.
       return true;
     case absl::StatusCode::kUnavailable:
       // A send failure (PyTorch's faulty agent), or the peer's failure being reported: retried
-      // until the peer is declared failed.
-      return true;
+      // until the peer is declared failed. To a worker declared failed it means the network
+      // still has it down (dead): one attempt only.
+      return failed_.count(to) == 0;
     default:
       return false;
   }

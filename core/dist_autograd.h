@@ -35,9 +35,11 @@
 // Release: Release(ctx) erases the context, remembers it (a tombstone: a late Join or backward
 // message for it is refused, never re-creates it) and sends CleanupReq to every known or involved
 // worker, retried (timeouts, and send failures while the peer is not declared failed) up to
-// `cleanup_max_attempts`; a worker declared failed gets one attempt (it may have restarted and
-// joined again). A receiver releases its copy, forwards to its own known/involved workers
-// (transitive) and always acknowledges. When a peer fails, the contexts it created are released
+// `cleanup_max_attempts`; a worker declared failed is tried too (it may have restarted and
+// joined again): a send failure ends it at once (the network has it down, a dead one costs one
+// attempt), a timeout is retried (the request went out: a new incarnation is up). A receiver
+// releases its copy, forwards to its own known/involved workers (transitive) and always
+// acknowledges. When a peer fails, the contexts it created are released
 // here (nobody else can exit them), and so are those this worker joined only through failed
 // workers (their creator may never have learned of it), below but not on their creator. Pending
 // cleanups show in the agent's activity (the graceful shutdown barrier waits for them).

@@ -940,6 +940,36 @@ TEST(DistAutogradTest, ReleaseReachesARestartedWorkerAndTriesADeadOneOnce) {
   EXPECT_LT(c->world().Now() - start, absl::Seconds(1));  // no 20 attempts at the dead one
 }
 
+// Found by the explorer (autograd_release_race, seed 467, --faults=all): a worker declared failed
+// that restarted and joined a context through this worker's forward call got a single cleanup
+// attempt, and when that one was lost its copy was never released. The request went out (the
+// network sends to a new incarnation), so a timeout is retried; only a send failure (the network
+// still has the worker down) ends the attempts to a worker declared failed.
+TEST(DistAutogradTest, ReleaseToARestartedWorkerIsRetriedWhenAnAttemptIsLost) {
+  // Requests from worker 0 to worker 1 are lost during [1s, 1.3s): the first attempts.
+  auto c = Cluster::Make(3, "partition=0>1@1s..1.3s");
+  c->world().Crash(1);
+  ASSERT_TRUE(c->world().Restart(1).ok());
+  c->world().Crash(2);
+  ASSERT_TRUE(c->world().RunUntilIdle());  // both declared failed on worker 0
+  ASSERT_LT(c->world().Elapsed(), absl::Seconds(1));
+  c->world().RunFor(absl::Seconds(1) - c->world().Elapsed());
+  ContextId dead = c->dag(0).NewContext();
+  c->Forward(dead, 0, 2);
+  ContextId ctx = c->dag(0).NewContext();
+  c->Forward(ctx, 0, 1);  // the new incarnation of worker 1 joins
+  ASSERT_TRUE(c->dag(1).Exists(ctx));
+  const absl::Time start = c->world().Now();
+  ASSERT_TRUE(c->dag(0).Release(ctx).ok());
+  ASSERT_TRUE(c->dag(0).Release(dead).ok());
+  ASSERT_TRUE(c->world().RunUntilIdle());
+  EXPECT_FALSE(c->dag(1).Exists(ctx));
+  EXPECT_TRUE(c->dag(1).IsReleased(ctx));
+  EXPECT_EQ(c->Debug(1, "num_autograd_contexts"), 0);
+  EXPECT_EQ(c->Debug(0, "num_pending_cleanups"), 0);
+  EXPECT_LT(c->world().Now() - start, absl::Seconds(2));  // a few retries, none at the dead one
+}
+
 TEST(DistAutogradTest, AgentStopCancelsRunningPasses) {
   auto c = Cluster::Make(2);
   ContextId ctx = c->dag(0).NewContext();
