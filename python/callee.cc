@@ -164,8 +164,8 @@ class Responder {
 
 // A request recorded in a distributed autograd context: joins it and gives the received tensors
 // their history. Returns the context the handler runs under (kNoContext: none).
-ContextId RecordRequest(const Worker& w, const pycall::Payload& payload, WorkerId caller,
-                        const std::vector<at::Tensor>& tensors) {
+absl::StatusOr<ContextId> RecordRequest(const Worker& w, const pycall::Payload& payload,
+                                        WorkerId caller, const std::vector<at::Tensor>& tensors) {
   if (!payload.has_autograd() || w.autograd == nullptr) return dist_autograd::kNoContext;
   return w.autograd->RecordIncoming(payload.autograd(), caller, tensors, /*request=*/true);
 }
@@ -203,7 +203,9 @@ void HandlePythonCall(Worker* w, std::shared_ptr<IncomingCall> call) {
       pycall::TakeTensors(*payload, call->request().buffers, copy);
   if (!tensors.ok()) return ReplyStatus(*w, *call, tensors.status());
   WorkerId caller = call->caller();
-  const ContextId context = RecordRequest(*w, *payload, caller, *tensors);
+  absl::StatusOr<ContextId> recorded = RecordRequest(*w, *payload, caller, *tensors);
+  if (!recorded.ok()) return ReplyStatus(*w, *call, recorded.status());
+  const ContextId context = *recorded;
   std::shared_ptr<pycall::HandlerProfile> profile = StartProfile(*payload);
   auto responder = std::make_shared<Responder>(std::move(call), w->shared_from_this(),
                                                payload->async_execution(), profile, context);
@@ -223,8 +225,11 @@ absl::StatusOr<c10::IValue> RunTorchCall(Worker* w, bool script, const std::stri
   absl::StatusOr<pycall::Payload> payload = pycall::Parse(bytes);
   if (!payload.ok()) return payload.status();
   *profile = StartProfile(*payload);
+  absl::Status recorded;
   pycall::OnTensors record = [&](const std::vector<at::Tensor>& tensors) {
-    *context = RecordRequest(*w, *payload, caller, tensors);
+    absl::StatusOr<ContextId> joined = RecordRequest(*w, *payload, caller, tensors);
+    if (!joined.ok()) recorded = joined.status();
+    *context = joined.value_or(dist_autograd::kNoContext);
     dist_autograd::SetCurrentContext(*context);
   };
   const ContextId previous = dist_autograd::CurrentContext();
@@ -233,6 +238,7 @@ absl::StatusOr<c10::IValue> RunTorchCall(Worker* w, bool script, const std::stri
              : pycall::RunBuiltinCall(*payload, buffers, copy, record);
   dist_autograd::SetCurrentContext(previous);
   if (*profile != nullptr) (*profile)->LeaveThread();
+  if (!recorded.ok()) return recorded;  // bad autograd metadata: the result is not returned
   return result;
 }
 
@@ -270,7 +276,12 @@ Future<RRefValue> RunPythonRemote(Worker* w, RemoteRequest request) {
     out.Set(Prefixed(*w, tensors.status()));
     return out;
   }
-  const ContextId context = RecordRequest(*w, *payload, request.caller, *tensors);
+  absl::StatusOr<ContextId> recorded = RecordRequest(*w, *payload, request.caller, *tensors);
+  if (!recorded.ok()) {
+    out.Set(Prefixed(*w, recorded.status()));
+    return out;
+  }
+  const ContextId context = *recorded;
   std::shared_ptr<pycall::HandlerProfile> profile = StartProfile(*payload);
   auto responder =
       std::make_shared<Responder>(out, w->shared_from_this(), payload->async_execution(), profile);

@@ -98,27 +98,39 @@ void LocalAutograd::RecordOutgoing(ContextId context, WorkerId dst,
   // else: released meanwhile; `send` is dropped after the lock (declared before it)
 }
 
-ContextId LocalAutograd::RecordIncoming(const pycall::AutogradMeta& meta, WorkerId from,
-                                        const std::vector<at::Tensor>& tensors, bool request) {
+absl::StatusOr<ContextId> LocalAutograd::RecordIncoming(const pycall::AutogradMeta& meta,
+                                                        WorkerId from,
+                                                        const std::vector<at::Tensor>& tensors,
+                                                        bool request) {
   const ContextId context = meta.context_id();
   std::shared_ptr<DistAutograd> core = core_.lock();
   if (core == nullptr) return kNoContext;
   if (request) {
-    if (!core->Join(context, from).ok()) return kNoContext;
+    absl::Status joined = core->Join(context, from);
+    // A released context (a late message) runs unrecorded; bad ids are the sender's error.
+    if (absl::IsNotFound(joined)) return kNoContext;
+    TETHER_RETURN_IF_ERROR(joined);
   } else {
     if (!core->Exists(context)) return kNoContext;
     std::vector<WorkerId> involved(meta.involved().begin(), meta.involved().end());
-    if (!involved.empty()) core->LearnInvolved(context, involved).IgnoreError();
+    if (!involved.empty()) {
+      absl::Status learned = core->LearnInvolved(context, involved);
+      if (absl::IsNotFound(learned)) return kNoContext;
+      TETHER_RETURN_IF_ERROR(learned);
+    }
   }
   const AutogradMessageId message = meta.message_id();
   if (message < 0) return context;
   std::vector<at::Tensor> with_grad = RequiringGrad(tensors);
   if (with_grad.empty()) return context;
-  auto recv = RecvRpcBackward::Attach(with_grad, GradientSender(context, from, message));
-  if (!core->RecordRecv(context, message, from).ok()) return kNoContext;
+  absl::Status recorded = core->RecordRecv(context, message, from);
+  if (absl::IsNotFound(recorded)) return kNoContext;  // released meanwhile
+  TETHER_RETURN_IF_ERROR(recorded);                   // e.g. a duplicate message id
+  std::shared_ptr<RecvRpcBackward> recv;              // dropped after the lock if unused
   absl::MutexLock lock(&mu_);
   Local* local = LiveLocalLocked(*core, context);
-  if (local == nullptr) return kNoContext;  // released meanwhile
+  if (local == nullptr) return kNoContext;  // released meanwhile: no history attached
+  recv = RecvRpcBackward::Attach(with_grad, GradientSender(context, from, message));
   local->recvs.emplace(message, recv);
   return context;
 }
@@ -130,8 +142,7 @@ absl::Status LocalAutograd::RecordReply(ContextId expected, const pycall::Autogr
         absl::StrCat("the reply from worker ", from, " carries distributed autograd context ",
                      meta.context_id(), ", but the call was made in context ", expected));
   }
-  RecordIncoming(meta, from, tensors, /*request=*/false);
-  return absl::OkStatus();
+  return RecordIncoming(meta, from, tensors, /*request=*/false).status();
 }
 
 RecvRpcBackward::SendGrads LocalAutograd::GradientSender(ContextId context, WorkerId to,

@@ -102,9 +102,10 @@ class LocalAutograd final : public GraphRunner {
   // The receiving side of what RecordOutgoing recorded. A request joins the context (a released
   // one is refused: kNoContext); a reply is recorded only while the context is still here. The
   // received tensors that require grad get one RecvRpcBackward. Returns the context the request's
-  // handler runs under, or kNoContext.
-  ContextId RecordIncoming(const pycall::AutogradMeta& meta, WorkerId from,
-                           const std::vector<at::Tensor>& tensors, bool request);
+  // handler runs under, or kNoContext (a released context: the call runs unrecorded). Bad
+  // metadata (ids outside the world, a duplicate message id) is an error for the sender.
+  absl::StatusOr<ContextId> RecordIncoming(const pycall::AutogradMeta& meta, WorkerId from,
+                                           const std::vector<at::Tensor>& tensors, bool request);
   // A reply to a call recorded in `expected`: kInvalidArgument (nothing recorded) if its meta
   // names another context.
   absl::Status RecordReply(ContextId expected, const pycall::AutogradMeta& meta, WorkerId from,

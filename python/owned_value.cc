@@ -51,7 +51,10 @@ absl::StatusOr<RRefValue> SerializeOwned(const RRefValue& v, const FetchInfo& in
     }
     if (w != nullptr && w->autograd != nullptr) {
       autograd = w->autograd;
-      context = autograd->RecordIncoming(meta, info.caller, {}, /*request=*/true);
+      absl::StatusOr<ContextId> joined =
+          autograd->RecordIncoming(meta, info.caller, {}, /*request=*/true);
+      if (!joined.ok()) return joined.status();
+      context = *joined;
     }
   }
   pycall::Payload payload;
