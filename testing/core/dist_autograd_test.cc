@@ -9,12 +9,14 @@
 #include <memory>
 #include <set>
 #include <string>
+#include <thread>  // NOLINT(build/c++11): a thread that detaches the runner
 #include <utility>
 #include <vector>
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
+#include "absl/synchronization/notification.h"
 #include "core/agent.h"
 #include "gtest/gtest.h"
 #include "sim/fault_spec.h"
@@ -1365,6 +1367,61 @@ TEST(DistAutogradTest, RunnerCallsForOneContextNeverOverlap) {
   int sends = 0;
   for (const std::string& line : runner.log()) sends += absl::StartsWith(line, "send ");
   EXPECT_EQ(sends, 2 * kCalls);
+  agent->Shutdown(false).Wait();
+  pool.Shutdown();
+}
+
+// A runner whose RunRoot blocks until released.
+class BlockingRunner : public FakeRunner {
+ public:
+  using FakeRunner::FakeRunner;
+  PassProgress RunRoot(ContextId ctx) override {
+    entered.Notify();
+    release.WaitForNotification();
+    return FakeRunner::RunRoot(ctx);
+  }
+  absl::Notification entered;
+  absl::Notification release;
+};
+
+// SetRunner(nullptr) (the glue's destructor) returns only once a runner call running on another
+// thread returned; after it no call reaches the runner and passes are refused.
+TEST(DistAutogradTest, DetachingTheRunnerWaitsForARunningCall) {
+  ThreadPool pool(4);
+  SystemClock clock;
+  LoopbackNetwork network(&pool);
+  AgentOptions o;
+  o.self = 0;
+  o.workers = {WorkerInfo{"worker0", 0}};
+  o.default_timeout = absl::ZeroDuration();
+  auto agent = Agent::Create(o, &clock, &network, &pool).value();
+  EventLog log;
+  auto dag = DistAutograd::Create(agent.get(), &clock, &pool, TestOptions(&log)).value();
+  BlockingRunner runner(0);
+  runner.set_dag(dag.get());
+  dag->SetRunner(&runner);
+  ASSERT_TRUE(agent->Start().ok());
+  ContextId ctx = dag->NewContext();
+  Future<Unit> first = dag->Backward(ctx, false, absl::InfiniteFuture());
+  ASSERT_TRUE(runner.entered.WaitForNotificationWithTimeout(absl::Seconds(30)));
+  std::atomic<bool> detached{false};
+  std::thread detach([&] {
+    dag->SetRunner(nullptr);
+    detached = true;
+  });
+  absl::SleepFor(absl::Milliseconds(100));
+  EXPECT_FALSE(detached.load());  // RunRoot still runs
+  const size_t calls = runner.log().size();
+  runner.release.Notify();
+  detach.join();
+  EXPECT_TRUE(detached.load());
+  ASSERT_TRUE(first.WaitFor(absl::Seconds(30)));
+  Future<Unit> second = dag->Backward(ctx, false, absl::InfiniteFuture());
+  ASSERT_TRUE(second.WaitFor(absl::Seconds(30)));
+  EXPECT_EQ(second.result().status().code(), absl::StatusCode::kFailedPrecondition)
+      << second.result().status();
+  // Only the released RunRoot's own line came after the detach began (no EndPass, no Release).
+  EXPECT_EQ(runner.log().size(), calls + 1);
   agent->Shutdown(false).Wait();
   pool.Shutdown();
 }
