@@ -913,9 +913,14 @@ Future<Message> DistAutograd::SendGradients(ContextId context, WorkerId to,
     } else if (auto it = ctx->recvs.find(message); it == ctx->recvs.end() || it->second != to) {
       refused = absl::NotFoundError(absl::StrCat(
           "Could not find recv function for autograd message id: ", message, " from worker ", to));
-    } else if (ctx->pass == nullptr || (running >= 0 && running != ctx->pass->id)) {
-      refused = absl::FailedPreconditionError(
-          absl::StrCat("no backward pass is running for autograd context ", context));
+    } else if (ctx->pass == nullptr || running != ctx->pass->id ||
+               std::find(runner_calls_here.begin(), runner_calls_here.end(), this) ==
+                   runner_calls_here.end()) {
+      // A recv node runs only in a drain of the pass (a runner call on its strand): run anywhere
+      // else (a local autograd.grad through it) its gradients would be taken for the pass's.
+      refused = absl::FailedPreconditionError(absl::StrCat(
+          "no backward pass of autograd context ", context,
+          " is running this receive function: it runs only inside dist_autograd.backward"));
     } else {
       Pass* pass = ctx->pass.get();
       pass_id = pass->id;

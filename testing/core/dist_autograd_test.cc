@@ -758,6 +758,15 @@ TEST(DistAutogradTest, BackwardRefusalsUseTheExpectedCodesAndTexts) {
   Future<Message> stray = c->dag(1).SendGradients(ctx, 0, 99, "g", {});
   ASSERT_TRUE(c->world().RunUntilReady(stray));
   EXPECT_EQ(stray.result().status().code(), absl::StatusCode::kNotFound);
+  // A recorded recv function run outside the pass's drains (here: not in a runner call) while
+  // the pass runs: refused, never taken for the pass's gradients.
+  ASSERT_TRUE(c->dag(0).RecordRecv(ctx, 77, 1).ok());
+  Future<Message> outside = c->dag(0).SendGradients(ctx, 1, 77, "g", {});
+  ASSERT_TRUE(c->world().RunUntilReady(outside));
+  EXPECT_EQ(outside.result().status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_TRUE(
+      Contains(outside.result().status().message(), "it runs only inside dist_autograd.backward"))
+      << outside.result().status();
   ASSERT_TRUE(c->dag(0).Release(ctx).ok());  // fails the running pass
   ASSERT_TRUE(c->world().RunUntilReady(running));
   EXPECT_EQ(running.result().status().code(), absl::StatusCode::kFailedPrecondition);
