@@ -537,6 +537,22 @@ TEST(DistAutogradTest, GracefulShutdownWaitsForPendingCleanups) {
   for (WorkerId w = 0; w < 3; ++w) EXPECT_FALSE(c->dag(w).Exists(ctx)) << w;
 }
 
+// Once the agent stopped nothing is sent: a release then erases the context here and schedules
+// no cleanup (none pending, none sent).
+TEST(DistAutogradTest, NoCleanupIsSentOnceTheAgentStopped) {
+  auto c = Cluster::Make(2);
+  ContextId ctx = c->dag(0).NewContext();
+  c->Forward(ctx, 0, 1);
+  std::vector<Future<Unit>> done = c->world().ShutdownAll(/*graceful=*/true);
+  ASSERT_TRUE(c->world().RunUntilIdle());
+  for (auto& f : done) ASSERT_TRUE(f.ready());
+  ASSERT_TRUE(c->dag(0).Release(ctx).ok());
+  EXPECT_EQ(c->Debug(0, "num_pending_cleanups"), 0);
+  EXPECT_FALSE(c->dag(0).Exists(ctx));
+  ASSERT_TRUE(c->world().RunUntilIdle());
+  EXPECT_EQ(c->Debug(0, "num_pending_cleanups"), 0);
+}
+
 // PyTorch's FaultyAgentDistAutogradTest.test_context_cleanup_tensor_with_grad: the first sends of
 // CLEANUP_AUTOGRAD_CONTEXT_REQ fail (kUnavailable from the network, the peer alive); release
 // retries them, up to 20 attempts.
