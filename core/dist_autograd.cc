@@ -81,8 +81,8 @@ struct DistAutograd::Context {
   std::map<AutogradMessageId, WorkerId> sends;  // message id -> destination of the forward call
   std::map<AutogradMessageId, WorkerId> recvs;  // message id -> source of the forward call
   std::unique_ptr<Pass> pass;
-  std::set<int64_t> ended_passes;
-  // The newest pass id seen here from each initiator (pass ids grow per initiator).
+  // The newest pass id begun here by each initiator (pass ids grow per initiator): any older
+  // one, and this one once it ended, are over here.
   std::map<WorkerId, int64_t> newest_pass;
   int64_t NewestFrom(WorkerId initiator) const {
     auto it = newest_pass.find(initiator);
@@ -741,7 +741,6 @@ void DistAutograd::EndPassLocked(Context* ctx, absl::Status status, Actions* act
   std::unique_ptr<Pass> pass = std::move(ctx->pass);
   if (pass == nullptr) return;
   if (pass->has_timer) clock_->Cancel(pass->timer);
-  ctx->ended_passes.insert(pass->id);
   if (!status.ok()) ++passes_failed_;
   const ContextId context = ctx->id;
   EmitLocked(DistAutogradEvent::kPassEnded, context, -1, -1, pass->id, status);
@@ -1018,7 +1017,7 @@ void DistAutograd::HandleBackward(std::shared_ptr<IncomingCall> call) {
                                                         " was sent to worker ", send->second,
                                                         ", not to worker ", caller));
     } else if (ctx->NewestFrom(CreatorOf(pass_id)) > pass_id ||
-               (ctx->pass == nullptr && ctx->ended_passes.count(pass_id) > 0)) {
+               (ctx->pass == nullptr && ctx->NewestFrom(CreatorOf(pass_id)) == pass_id)) {
       // A straggler of a pass that ended here, or one its initiator already followed with a
       // newer pass (it ended there): answered and dropped, never taken for a pass of its own.
       reply_now = true;

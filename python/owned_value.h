@@ -43,7 +43,7 @@ absl::StatusOr<RRefValue> SerializeOwned(const RRefValue& v, const FetchInfo& in
 // fetch's; a value recorded in another is an error).
 pybind11::object ValueToPython(const RRefValue& v, WorkerId sender, bool copy,
                                dist_autograd::LocalAutograd* autograd = nullptr,
-                               ContextId context = -1);
+                               ContextId context = dist_autograd::kNoContext);
 
 }  // namespace tether
 

@@ -1353,21 +1353,40 @@ class SlowRunner : public FakeRunner {
   bool overlap_ ABSL_GUARDED_BY(mu_) = false;
 };
 
-TEST(DistAutogradTest, RunnerCallsForOneContextNeverOverlap) {
-  ThreadPool pool(4);
+// One worker on real threads (a thread pool, the system clock, loopback), for the tests that need
+// runner calls on other threads. Its agent starts once a runner is set (Start).
+struct ThreadedWorker {
+  ThreadedWorker() : pool(4), network(&pool) {
+    AgentOptions o;
+    o.self = 0;
+    o.workers = {WorkerInfo{"worker0", 0}};
+    o.default_timeout = absl::ZeroDuration();
+    agent = Agent::Create(o, &clock, &network, &pool).value();
+    dag = DistAutograd::Create(agent.get(), &clock, &pool, TestOptions(&log)).value();
+  }
+  ~ThreadedWorker() {
+    agent->Shutdown(false).Wait();
+    pool.Shutdown();
+  }
+  absl::Status Start(FakeRunner& runner) {
+    runner.set_dag(dag.get());
+    dag->SetRunner(&runner);
+    return agent->Start();
+  }
+
+  ThreadPool pool;
   SystemClock clock;
-  LoopbackNetwork network(&pool);
-  AgentOptions o;
-  o.self = 0;
-  o.workers = {WorkerInfo{"worker0", 0}};
-  o.default_timeout = absl::ZeroDuration();
-  auto agent = Agent::Create(o, &clock, &network, &pool).value();
+  LoopbackNetwork network;
   EventLog log;
-  auto dag = DistAutograd::Create(agent.get(), &clock, &pool, TestOptions(&log)).value();
-  SlowRunner runner(0);
-  runner.set_dag(dag.get());
-  dag->SetRunner(&runner);
-  ASSERT_TRUE(agent->Start().ok());
+  std::unique_ptr<Agent> agent;
+  std::shared_ptr<DistAutograd> dag;
+};
+
+TEST(DistAutogradTest, RunnerCallsForOneContextNeverOverlap) {
+  SlowRunner runner(0);  // outlives the worker (declared first)
+  ThreadedWorker w;
+  ASSERT_TRUE(w.Start(runner).ok());
+  DistAutograd* dag = w.dag.get();
   // rpc_sync to self, many times: send and recv functions on the same worker.
   constexpr int kCalls = 24;
   std::vector<ContextId> ctxs = {dag->NewContext(), dag->NewContext()};
@@ -1392,8 +1411,6 @@ TEST(DistAutogradTest, RunnerCallsForOneContextNeverOverlap) {
   int sends = 0;
   for (const std::string& line : runner.log()) sends += absl::StartsWith(line, "send ");
   EXPECT_EQ(sends, 2 * kCalls);
-  agent->Shutdown(false).Wait();
-  pool.Shutdown();
 }
 
 // A runner whose RunRoot blocks until released.
@@ -1412,20 +1429,10 @@ class BlockingRunner : public FakeRunner {
 // SetRunner(nullptr) (the glue's destructor) returns only once a runner call running on another
 // thread returned; after it no call reaches the runner and passes are refused.
 TEST(DistAutogradTest, DetachingTheRunnerWaitsForARunningCall) {
-  ThreadPool pool(4);
-  SystemClock clock;
-  LoopbackNetwork network(&pool);
-  AgentOptions o;
-  o.self = 0;
-  o.workers = {WorkerInfo{"worker0", 0}};
-  o.default_timeout = absl::ZeroDuration();
-  auto agent = Agent::Create(o, &clock, &network, &pool).value();
-  EventLog log;
-  auto dag = DistAutograd::Create(agent.get(), &clock, &pool, TestOptions(&log)).value();
-  BlockingRunner runner(0);
-  runner.set_dag(dag.get());
-  dag->SetRunner(&runner);
-  ASSERT_TRUE(agent->Start().ok());
+  BlockingRunner runner(0);  // outlives the worker (declared first)
+  ThreadedWorker w;
+  ASSERT_TRUE(w.Start(runner).ok());
+  DistAutograd* dag = w.dag.get();
   ContextId ctx = dag->NewContext();
   Future<Unit> first = dag->Backward(ctx, false, absl::InfiniteFuture());
   ASSERT_TRUE(runner.entered.WaitForNotificationWithTimeout(absl::Seconds(30)));
@@ -1447,8 +1454,6 @@ TEST(DistAutogradTest, DetachingTheRunnerWaitsForARunningCall) {
       << second.result().status();
   // Only the released RunRoot's own line came after the detach began (no EndPass, no Release).
   EXPECT_EQ(runner.log().size(), calls + 1);
-  agent->Shutdown(false).Wait();
-  pool.Shutdown();
 }
 
 }  // namespace
