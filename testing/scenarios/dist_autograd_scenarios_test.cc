@@ -10,27 +10,15 @@
 #include "testing/scenarios/dist_autograd_harness.h"
 #include "testing/scenarios/scenario.h"
 #include "testing/scenarios/scenario_runner.h"
+#include "testing/scenarios/scenario_test_util.h"
 
 namespace tether::scenarios {
 namespace {
 
-const ScenarioInfo& Info(const std::string& name) {
-  const ScenarioInfo* info = ScenarioRegistry::Global().Find(name);
-  EXPECT_NE(info, nullptr) << name;
-  return *info;
-}
-
-sim::RunResult RunOne(const std::string& name, uint64_t seed, const std::string& faults) {
-  sim::RunConfig config;
-  config.seed = seed;
-  config.faults = sim::FaultSpec::Parse(faults).value();
-  return sim::RunScenario(Info(name), config);
-}
-
 TEST(DistAutogradScenariosTest, EveryVariantPassesSomeSeeds) {
   for (const char* name :
-       {"autograd_chain", "autograd_cycle", "autograd_trainers", "autograd_error",
-        "autograd_crash", "autograd_release_race", "autograd_shutdown", "autograd"}) {
+       {"autograd_chain", "autograd_cycle", "autograd_trainers", "autograd_error", "autograd_crash",
+        "autograd_release_race", "autograd_shutdown", "autograd"}) {
     for (const char* faults : {"none", "all"}) {
       for (uint64_t seed = 1; seed <= 5; ++seed) {
         sim::RunResult r = RunOne(name, seed, faults);
@@ -57,8 +45,8 @@ TEST(DistAutogradScenariosTest, SameSeedSameTrace) {
 TEST(DistAutogradScenariosTest, GodViewComputesExactGradients) {
   testing::IntGraphRunner w0(0), w1(1);
   const ContextId ctx = 0;
-  const AutogradMessageId m0 = 0;                     // from worker 0
-  const AutogradMessageId m1 = int64_t{1} << 48;      // from worker 1
+  const AutogradMessageId m0 = 0;                 // from worker 0
+  const AutogradMessageId m1 = int64_t{1} << 48;  // from worker 1
   testing::NodeId p0 = w0.Leaf(ctx, 0);
   testing::NodeId s0 = w0.Op(ctx, {{p0, 3}});
   w0.Send(ctx, m0, 1, s0);
@@ -80,14 +68,7 @@ TEST(DistAutogradScenariosTest, GodViewComputesExactGradients) {
 uint64_t FirstCaught(const DistAutogradPlantedBugs& bug, const std::string& scenario,
                      const std::string& faults, uint64_t limit, std::string* why) {
   PlantedDistAutogradBugs() = bug;
-  uint64_t found = 0;
-  for (uint64_t seed = 1; seed <= limit && found == 0; ++seed) {
-    sim::RunResult r = RunOne(scenario, seed, faults);
-    if (!r.violations.empty()) {
-      found = seed;
-      *why = r.violations[0];
-    }
-  }
+  uint64_t found = FirstFailingSeed(scenario, faults, limit, why);
   PlantedDistAutogradBugs() = DistAutogradPlantedBugs();
   return found;
 }

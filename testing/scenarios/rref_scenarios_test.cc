@@ -6,36 +6,21 @@
 #include <string>
 
 #include "gtest/gtest.h"
-#include "testing/scenarios/scenario_runner.h"
 #include "testing/scenarios/scenario.h"
+#include "testing/scenarios/scenario_runner.h"
+#include "testing/scenarios/scenario_test_util.h"
 
 namespace tether::scenarios {
 namespace {
 
-const ScenarioInfo& Info(const std::string& name) {
-  const ScenarioInfo* info = ScenarioRegistry::Global().Find(name);
-  EXPECT_NE(info, nullptr) << name;
-  return *info;
-}
-
-sim::RunResult RunOne(const std::string& name, uint64_t seed,
-                      const std::string& faults) {
-  sim::RunConfig config;
-  config.seed = seed;
-  config.faults = sim::FaultSpec::Parse(faults).value();
-  return sim::RunScenario(Info(name), config);
-}
-
 TEST(RRefScenariosTest, EveryVariantPassesSomeSeeds) {
-  for (const char* name :
-       {"rref_chain", "rref_tree", "rref_cycle", "rref_churn", "rref_overtake",
-        "rref_crash", "rref_shutdown", "rref"}) {
+  for (const char* name : {"rref_chain", "rref_tree", "rref_cycle", "rref_churn", "rref_overtake",
+                           "rref_crash", "rref_shutdown", "rref"}) {
     for (const char* faults : {"none", "all"}) {
       for (uint64_t seed = 1; seed <= 6; ++seed) {
         sim::RunResult r = RunOne(name, seed, faults);
-        ASSERT_TRUE(r.violations.empty())
-            << name << " seed " << seed << " faults " << faults << " ("
-            << r.plan << "): " << r.violations[0];
+        ASSERT_TRUE(r.violations.empty()) << name << " seed " << seed << " faults " << faults
+                                          << " (" << r.plan << "): " << r.violations[0];
       }
     }
   }
@@ -51,17 +36,9 @@ TEST(RRefScenariosTest, SameSeedSameTrace) {
 // Runs `scenario` with `bug` planted over seeds 1..limit; returns the first
 // failing seed, or 0.
 uint64_t FirstCaught(const RRefPlantedBugs& bug, const std::string& scenario,
-                     const std::string& faults, uint64_t limit,
-                     std::string* why) {
+                     const std::string& faults, uint64_t limit, std::string* why) {
   PlantedRRefBugs() = bug;
-  uint64_t found = 0;
-  for (uint64_t seed = 1; seed <= limit && found == 0; ++seed) {
-    sim::RunResult r = RunOne(scenario, seed, faults);
-    if (!r.violations.empty()) {
-      found = seed;
-      *why = r.violations[0];
-    }
-  }
+  uint64_t found = FirstFailingSeed(scenario, faults, limit, why);
   PlantedRRefBugs() = RRefPlantedBugs();
   return found;
 }
@@ -81,8 +58,7 @@ TEST(RRefScenariosTest, PlantedBugForgetIdempotenceIsCaught) {
   std::string why;
   uint64_t seed = FirstCaught(bug, "rref", "all", 200, &why);
   EXPECT_NE(seed, 0u) << "forget_idempotence not caught in 200 seeds";
-  std::cerr << "forget_idempotence caught at seed " << seed << ": " << why
-            << "\n";
+  std::cerr << "forget_idempotence caught at seed " << seed << ": " << why << "\n";
 }
 
 TEST(RRefScenariosTest, PlantedBugFreeOnFirstDeleteIsCaught) {
@@ -91,8 +67,7 @@ TEST(RRefScenariosTest, PlantedBugFreeOnFirstDeleteIsCaught) {
   std::string why;
   uint64_t seed = FirstCaught(bug, "rref", "all", 200, &why);
   EXPECT_NE(seed, 0u) << "free_on_first_delete not caught in 200 seeds";
-  std::cerr << "free_on_first_delete caught at seed " << seed << ": " << why
-            << "\n";
+  std::cerr << "free_on_first_delete caught at seed " << seed << ": " << why << "\n";
 }
 
 }  // namespace
