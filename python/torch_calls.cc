@@ -1,15 +1,20 @@
 #include "python/torch_calls.h"
 
-#include <ATen/ops/empty.h>
-#include <ATen/ops/from_blob.h>
+#include <c10/core/CPUAllocator.h>
 #include <c10/core/ScalarType.h>
+#include <c10/core/ScalarTypeToTypeMeta.h>
+#include <c10/core/Storage.h>
 #include <c10/util/Exception.h>
 #include <torch/csrc/jit/api/compilation_unit.h>
 #include <torch/csrc/jit/runtime/operator.h>
 #include <torch/csrc/jit/serialization/pickle.h>
 
+#include <algorithm>
+#include <cstdint>
 #include <cstring>
 #include <exception>
+#include <memory>
+#include <unordered_map>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
@@ -38,15 +43,53 @@ bool SendableDtype(c10::ScalarType t) {
       return false;
     default:
       return static_cast<int>(t) >= 0 &&
-             static_cast<int>(t) <
-                 static_cast<int>(c10::ScalarType::NumOptions);
+             static_cast<int>(t) < static_cast<int>(c10::ScalarType::NumOptions);
   }
 }
 
-absl::Status AppendTensor(at::Tensor t, Payload* payload,
-                          std::vector<Buffer>* buffers) {
-  if (!t.defined())
-    return absl::InvalidArgumentError("cannot send an undefined tensor");
+// PyTorch's rule (torch/csrc/distributed/rpc/utils.cpp, cloneSparseTensors,
+// checked against PyTorch 1.13.1 by experiment): a tensor whose storage is at
+// least 8 KiB and at least twice the bytes the tensor uses (numel * itemsize)
+// is sent as a compact clone, so a small view of a huge tensor does not ship
+// the whole storage.
+bool WorthCompacting(const at::Tensor& t) {
+  constexpr size_t kMinCompactStorageBytes = 8 * 1024;
+  constexpr size_t kMinMultiple = 2;
+  const size_t storage_bytes = t.storage().nbytes();
+  const size_t useful_bytes = t.numel() * t.element_size();
+  return storage_bytes >= kMinCompactStorageBytes && storage_bytes >= useful_bytes * kMinMultiple;
+}
+
+// The storages of one message: each distinct storage becomes one buffer (its
+// index is the buffer's position in `buffers`).
+class StorageTable {
+ public:
+  explicit StorageTable(std::vector<Buffer>* buffers) : buffers_(buffers) {}
+
+  int64_t IndexOf(const c10::Storage& storage) {
+    auto [it, inserted] = index_.emplace(storage.unsafeGetStorageImpl(), buffers_->size());
+    if (inserted) {
+      const size_t nbytes = storage.nbytes();
+      if (nbytes == 0) {
+        buffers_->push_back(Buffer());
+      } else {
+        // The Buffer keeps the storage alive for as long as the transport
+        // needs the bytes (no copy).
+        auto owner = std::make_shared<c10::Storage>(storage);
+        buffers_->push_back(Buffer::Wrap(std::move(owner), storage.data(), nbytes));
+      }
+    }
+    return static_cast<int64_t>(it->second);
+  }
+
+ private:
+  std::vector<Buffer>* buffers_;
+  // Looked up only, never iterated: the message does not depend on its order.
+  std::unordered_map<const c10::StorageImpl*, size_t> index_;
+};
+
+absl::Status AppendTensor(at::Tensor t, Payload* payload, StorageTable* storages) {
+  if (!t.defined()) return absl::InvalidArgumentError("cannot send an undefined tensor");
   if (t.layout() != c10::kStrided) {
     return absl::InvalidArgumentError(
         absl::StrCat("cannot send a tensor of layout ", c10::str(t.layout()),
@@ -54,110 +97,164 @@ absl::Status AppendTensor(at::Tensor t, Payload* payload,
                      "(e.g. .to_dense()) first"));
   }
   if (!t.device().is_cpu()) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "cannot send a tensor on device ", t.device().str(),
-        ": Tether sends CPU tensors only; move it with .cpu() first"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("cannot send a tensor on device ", t.device().str(),
+                     ": Tether sends CPU tensors only; move it with .cpu() first"));
   }
   if (t.is_quantized() || !SendableDtype(t.scalar_type())) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "cannot send a tensor of dtype ", c10::toString(t.scalar_type())));
+    return absl::InvalidArgumentError(
+        absl::StrCat("cannot send a tensor of dtype ", c10::toString(t.scalar_type())));
+  }
+  if (!t.has_storage()) {
+    return absl::InvalidArgumentError("cannot send a tensor without storage");
   }
   const bool requires_grad = t.requires_grad();
-  // Materialize lazy conjugation/negation bits and make the bytes dense and
-  // row-major.
+  // Materialize lazy conjugation/negation bits (a copy only if one is set).
   t = t.detach().resolve_conj().resolve_neg();
-  if (!t.is_contiguous()) t = t.contiguous();
+  if (WorthCompacting(t)) t = t.clone();
   TensorMeta* meta = payload->add_tensors();
   meta->set_dtype(static_cast<int>(t.scalar_type()));
   for (int64_t s : t.sizes()) meta->add_sizes(s);
+  for (int64_t s : t.strides()) meta->add_strides(s);
+  meta->set_storage_offset(t.storage_offset());
   meta->set_requires_grad(requires_grad);
-  const size_t nbytes = t.numel() * t.element_size();
-  if (nbytes == 0) {
-    buffers->push_back(Buffer());
-  } else {
-    // The Buffer keeps the tensor's storage alive for as long as the transport
-    // needs the bytes.
-    auto owner = std::make_shared<c10::Storage>(t.storage());
-    buffers->push_back(Buffer::Wrap(std::move(owner), t.data_ptr(), nbytes));
-  }
+  meta->set_storage(storages->IndexOf(t.storage()));
   return absl::OkStatus();
 }
 
-absl::StatusOr<at::Tensor> TakeTensor(const TensorMeta& meta,
-                                      const Buffer& buffer, bool copy) {
-  const auto dtype = static_cast<c10::ScalarType>(meta.dtype());
-  if (!SendableDtype(dtype)) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("received tensor has invalid dtype ", meta.dtype()));
+// Bound on every size, stride, offset and byte count read from the wire, so
+// that none of PyTorch's int64 arithmetic on them can overflow.
+constexpr uint64_t kMaxWireValue = uint64_t{1} << 62;
+
+// A tensor description from the wire, checked against the message's buffers.
+struct CheckedMeta {
+  c10::ScalarType dtype;
+  std::vector<int64_t> sizes;
+  std::vector<int64_t> strides;
+  int64_t offset;
+  size_t storage;
+};
+
+absl::StatusOr<CheckedMeta> CheckMeta(int index, const TensorMeta& meta,
+                                      const std::vector<Buffer>& buffers) {
+  const std::string what = absl::StrCat("received tensor ", index);
+  CheckedMeta out;
+  out.dtype = static_cast<c10::ScalarType>(meta.dtype());
+  if (!SendableDtype(out.dtype)) {
+    return absl::InvalidArgumentError(absl::StrCat(what, " has invalid dtype ", meta.dtype()));
   }
-  std::vector<int64_t> sizes(meta.sizes().begin(), meta.sizes().end());
-  if (sizes.size() > 64) {
+  if (meta.sizes_size() > 64) {
     return absl::InvalidArgumentError(
-        absl::StrCat("received tensor has ", sizes.size(),
-                     " dimensions (at most 64 allowed)"));
+        absl::StrCat(what, " has ", meta.sizes_size(), " dimensions (at most 64 allowed)"));
   }
-  const size_t itemsize = c10::elementSize(dtype);
-  // numel * itemsize with overflow checks: the sizes come from the wire.
-  unsigned __int128 nbytes = itemsize;
-  for (int64_t s : sizes) {
-    if (s < 0)
-      return absl::InvalidArgumentError("received tensor has a negative size");
-    nbytes *= static_cast<unsigned __int128>(s);
-    if (nbytes > (static_cast<unsigned __int128>(1) << 62)) {
-      return absl::InvalidArgumentError("received tensor is impossibly large");
+  if (meta.strides_size() != meta.sizes_size()) {
+    return absl::InvalidArgumentError(absl::StrCat(what, " has ", meta.sizes_size(), " sizes but ",
+                                                   meta.strides_size(), " strides"));
+  }
+  out.sizes.assign(meta.sizes().begin(), meta.sizes().end());
+  out.strides.assign(meta.strides().begin(), meta.strides().end());
+  out.offset = meta.storage_offset();
+  const uint64_t itemsize = c10::elementSize(out.dtype);
+  uint64_t numel = 1;
+  for (size_t d = 0; d < out.sizes.size(); ++d) {
+    if (out.sizes[d] < 0) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(what, " has negative size ", out.sizes[d], " in dimension ", d));
+    }
+    if (out.strides[d] < 0) {
+      return absl::InvalidArgumentError(absl::StrCat(what, " has negative stride ", out.strides[d],
+                                                     " in dimension ", d,
+                                                     " (strides must not be negative)"));
+    }
+    if (static_cast<uint64_t>(out.sizes[d]) > kMaxWireValue ||
+        static_cast<uint64_t>(out.strides[d]) > kMaxWireValue) {
+      return absl::InvalidArgumentError(absl::StrCat(what,
+                                                     " has an impossibly large size or stride in "
+                                                     "dimension ",
+                                                     d));
+    }
+    if (numel != 0) {
+      const unsigned __int128 n = static_cast<unsigned __int128>(numel) * out.sizes[d];
+      if (n > kMaxWireValue / itemsize) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            what, " of shape [", absl::StrJoin(out.sizes, ", "), "] is impossibly large"));
+      }
+      numel = static_cast<uint64_t>(n);
     }
   }
-  if (static_cast<size_t>(nbytes) != buffer.size()) {
+  if (out.offset < 0) {
     return absl::InvalidArgumentError(
-        absl::StrCat("received tensor of shape [", absl::StrJoin(sizes, ", "),
-                     "] and dtype ", c10::toString(dtype), " needs ",
-                     static_cast<uint64_t>(nbytes),
-                     " bytes but its buffer has ", buffer.size()));
+        absl::StrCat(what, " has negative storage offset ", out.offset));
   }
-  const auto options = at::TensorOptions().dtype(dtype);
-  at::Tensor t;
-  const bool aligned =
-      reinterpret_cast<uintptr_t>(buffer.data()) % itemsize == 0;
-  if (buffer.size() == 0) {
-    t = at::empty(sizes, options);
-  } else if (copy || !aligned) {
-    t = at::empty(sizes, options);
-    std::memcpy(t.data_ptr(), buffer.data(), buffer.size());
-  } else {
-    // The tensor adopts the received bytes; its deleter drops the Buffer's
-    // owner.
-    auto* holder = new std::shared_ptr<const void>(buffer.owner());
-    t = at::for_blob(const_cast<uint8_t*>(buffer.data()), sizes)
-            .context(holder,
-                     [](void* ctx) {
-                       delete static_cast<std::shared_ptr<const void>*>(ctx);
-                     })
-            .options(options)
-            .make_tensor();
+  if (static_cast<unsigned __int128>(out.offset) * itemsize > kMaxWireValue) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(what, " has an impossibly large storage offset ", out.offset));
   }
-  if (meta.requires_grad() &&
-      (c10::isFloatingType(dtype) || c10::isComplexType(dtype))) {
-    t.requires_grad_(true);
+  if (meta.storage() < 0 || static_cast<uint64_t>(meta.storage()) >= buffers.size()) {
+    return absl::InvalidArgumentError(absl::StrCat(what, " refers to storage ", meta.storage(),
+                                                   " but the message carries ", buffers.size(),
+                                                   " storage buffer(s)"));
   }
-  return t;
+  out.storage = static_cast<size_t>(meta.storage());
+  if (numel == 0) return out;  // reads no bytes (PyTorch's rule too)
+  // The last element the tensor reaches: offset + sum((size - 1) * stride),
+  // each term below 2^124 and the sum checked as it grows.
+  const uint64_t storage_bytes = buffers[out.storage].size();
+  unsigned __int128 last = static_cast<uint64_t>(out.offset);
+  for (size_t d = 0; d < out.sizes.size(); ++d) {
+    last +=
+        static_cast<unsigned __int128>(out.sizes[d] - 1) * static_cast<uint64_t>(out.strides[d]);
+    if (last > kMaxWireValue) break;
+  }
+  if (last > kMaxWireValue || (last + 1) * itemsize > storage_bytes) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(what, " of shape [", absl::StrJoin(out.sizes, ", "), "], strides [",
+                     absl::StrJoin(out.strides, ", "), "], storage offset ", out.offset,
+                     " and dtype ", c10::toString(out.dtype),
+                     " reaches past the end of "
+                     "storage ",
+                     out.storage, ", which has ", storage_bytes, " bytes"));
+  }
+  return out;
+}
+
+// The storage a received buffer becomes: its bytes adopted (the deleter drops
+// the Buffer's owner), or copied when `copy` is set or the bytes are not
+// aligned for `alignment`.
+c10::Storage ReceivedStorage(const Buffer& buffer, bool copy, size_t alignment) {
+  const bool aligned = reinterpret_cast<uintptr_t>(buffer.data()) % alignment == 0;
+  if (buffer.size() == 0 || copy || !aligned) {
+    c10::Storage storage(c10::Storage::use_byte_size_t(), buffer.size(), c10::GetCPUAllocator(),
+                         /*resizable=*/true);
+    if (buffer.size() != 0) {
+      std::memcpy(storage.data(), buffer.data(), buffer.size());
+    }
+    return storage;
+  }
+  auto* holder = new std::shared_ptr<const void>(buffer.owner());
+  c10::DataPtr data(
+      const_cast<uint8_t*>(buffer.data()), holder,
+      [](void* ctx) { delete static_cast<std::shared_ptr<const void>*>(ctx); },
+      c10::Device(c10::DeviceType::CPU));
+  return c10::Storage(c10::Storage::use_byte_size_t(), buffer.size(), std::move(data),
+                      /*allocator=*/nullptr,
+                      /*resizable=*/false);
 }
 
 // Checks that `stack` can be passed to `schema` (count and types), so that a
 // malformed request is refused instead of reaching an operator kernel.
-absl::Status CheckStack(const c10::FunctionSchema& schema,
-                        const torch::jit::Stack& stack) {
+absl::Status CheckStack(const c10::FunctionSchema& schema, const torch::jit::Stack& stack) {
   const auto& args = schema.arguments();
   if (stack.size() != args.size()) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("'", c10::toString(schema), "' takes ", args.size(),
-                     " arguments but the call has ", stack.size()));
+    return absl::InvalidArgumentError(absl::StrCat("'", c10::toString(schema), "' takes ",
+                                                   args.size(), " arguments but the call has ",
+                                                   stack.size()));
   }
   for (size_t i = 0; i < args.size(); ++i) {
     if (!stack[i].type()->isSubtypeOf(*args[i].type())) {
       return absl::InvalidArgumentError(absl::StrCat(
-          "argument '", args[i].name(), "' of '", c10::toString(schema),
-          "' must be ", args[i].type()->repr_str(), " but the call has ",
-          stack[i].type()->repr_str()));
+          "argument '", args[i].name(), "' of '", c10::toString(schema), "' must be ",
+          args[i].type()->repr_str(), " but the call has ", stack[i].type()->repr_str()));
     }
   }
   return absl::OkStatus();
@@ -169,59 +266,83 @@ c10::IValue StackResult(torch::jit::Stack& stack) {
   return c10::ivalue::Tuple::create(std::move(stack));
 }
 
-absl::StatusOr<torch::jit::Stack> DecodeStack(
-    const Payload& payload, const std::vector<Buffer>& buffers, bool copy,
-    const OnTensors& received) {
-  absl::StatusOr<c10::IValue> args =
-      DecodeIValue(payload, buffers, copy, received);
+absl::StatusOr<torch::jit::Stack> DecodeStack(const Payload& payload,
+                                              const std::vector<Buffer>& buffers, bool copy,
+                                              const OnTensors& received) {
+  absl::StatusOr<c10::IValue> args = DecodeIValue(payload, buffers, copy, received);
   if (!args.ok()) return args.status();
-  if (!args->isTuple())
-    return absl::InvalidArgumentError("call arguments are not a tuple");
+  if (!args->isTuple()) return absl::InvalidArgumentError("call arguments are not a tuple");
   const auto& elements = args->toTupleRef().elements();
   return torch::jit::Stack(elements.begin(), elements.end());
 }
 
 }  // namespace
 
-absl::Status AppendTensors(const std::vector<at::Tensor>& tensors,
-                           Payload* payload, std::vector<Buffer>* buffers) {
+absl::Status AppendTensors(const std::vector<at::Tensor>& tensors, Payload* payload,
+                           std::vector<Buffer>* buffers) {
+  StorageTable storages(buffers);
   try {
     for (const at::Tensor& t : tensors) {
-      absl::Status s = AppendTensor(t, payload, buffers);
+      absl::Status s = AppendTensor(t, payload, &storages);
       if (!s.ok()) return s;
     }
   } catch (const std::exception& e) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("cannot send tensor: ", ErrorText(e)));
+    return absl::InvalidArgumentError(absl::StrCat("cannot send tensor: ", ErrorText(e)));
   }
   return absl::OkStatus();
 }
 
-absl::StatusOr<std::vector<at::Tensor>> TakeTensors(
-    const Payload& payload, const std::vector<Buffer>& buffers, bool copy) {
-  if (static_cast<size_t>(payload.tensors_size()) != buffers.size()) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "payload describes ", payload.tensors_size(),
-        " tensors but the message carries ", buffers.size(), " buffers"));
+absl::StatusOr<std::vector<at::Tensor>> TakeTensors(const Payload& payload,
+                                                    const std::vector<Buffer>& buffers, bool copy) {
+  std::vector<CheckedMeta> metas;
+  metas.reserve(payload.tensors_size());
+  // Per storage: the largest itemsize of the tensors viewing it (0: unused).
+  std::vector<size_t> alignment(buffers.size(), 0);
+  for (int i = 0; i < payload.tensors_size(); ++i) {
+    absl::StatusOr<CheckedMeta> meta = CheckMeta(i, payload.tensors(i), buffers);
+    if (!meta.ok()) return meta.status();
+    size_t& a = alignment[meta->storage];
+    a = std::max(a, c10::elementSize(meta->dtype));
+    metas.push_back(*std::move(meta));
+  }
+  for (size_t i = 0; i < buffers.size(); ++i) {
+    if (alignment[i] == 0) {
+      return absl::InvalidArgumentError(absl::StrCat("the message carries storage ", i, " (",
+                                                     buffers[i].size(),
+                                                     " bytes) but no received tensor uses it"));
+    }
   }
   std::vector<at::Tensor> tensors;
-  tensors.reserve(buffers.size());
+  tensors.reserve(metas.size());
   try {
+    std::vector<c10::Storage> storages;
+    storages.reserve(buffers.size());
     for (size_t i = 0; i < buffers.size(); ++i) {
-      absl::StatusOr<at::Tensor> t =
-          TakeTensor(payload.tensors(i), buffers[i], copy);
-      if (!t.ok()) return t.status();
-      tensors.push_back(*std::move(t));
+      storages.push_back(ReceivedStorage(buffers[i], copy, alignment[i]));
+    }
+    for (size_t i = 0; i < metas.size(); ++i) {
+      const CheckedMeta& meta = metas[i];
+      // Built as from_blob builds a tensor (no operator runs, so nothing is
+      // recorded by a profiler); every tensor on one storage shares it.
+      at::Tensor t = at::detail::make_tensor<c10::TensorImpl>(
+          c10::Storage(storages[meta.storage]), c10::DispatchKeySet(c10::DispatchKey::CPU),
+          c10::scalarTypeToTypeMeta(meta.dtype));
+      t.unsafeGetTensorImpl()->set_sizes_and_strides(at::IntArrayRef(meta.sizes),
+                                                     at::IntArrayRef(meta.strides),
+                                                     c10::optional<int64_t>(meta.offset));
+      if (payload.tensors(i).requires_grad() &&
+          (c10::isFloatingType(meta.dtype) || c10::isComplexType(meta.dtype))) {
+        t.requires_grad_(true);
+      }
+      tensors.push_back(std::move(t));
     }
   } catch (const std::exception& e) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("cannot rebuild tensor: ", ErrorText(e)));
+    return absl::InvalidArgumentError(absl::StrCat("cannot rebuild tensor: ", ErrorText(e)));
   }
   return tensors;
 }
 
-absl::Status EncodeIValue(const c10::IValue& value, Payload* payload,
-                          std::vector<Buffer>* buffers,
+absl::Status EncodeIValue(const c10::IValue& value, Payload* payload, std::vector<Buffer>* buffers,
                           std::vector<at::Tensor>* sent) {
   std::vector<at::Tensor> tensors;
   try {
@@ -236,52 +357,43 @@ absl::Status EncodeIValue(const c10::IValue& value, Payload* payload,
   return appended;
 }
 
-absl::StatusOr<c10::IValue> DecodeIValue(const Payload& payload,
-                                         const std::vector<Buffer>& buffers,
+absl::StatusOr<c10::IValue> DecodeIValue(const Payload& payload, const std::vector<Buffer>& buffers,
                                          bool copy, const OnTensors& received) {
-  absl::StatusOr<std::vector<at::Tensor>> tensors =
-      TakeTensors(payload, buffers, copy);
+  absl::StatusOr<std::vector<at::Tensor>> tensors = TakeTensors(payload, buffers, copy);
   if (!tensors.ok()) return tensors.status();
   if (received) received(*tensors);
   try {
-    return torch::jit::unpickle(payload.pickle().data(),
-                                payload.pickle().size(), nullptr, *tensors);
+    return torch::jit::unpickle(payload.pickle().data(), payload.pickle().size(), nullptr,
+                                *tensors);
   } catch (const std::exception& e) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("malformed TorchScript pickle: ", ErrorText(e)));
+    return absl::InvalidArgumentError(absl::StrCat("malformed TorchScript pickle: ", ErrorText(e)));
   }
 }
 
-absl::Status EncodeBuiltinCall(const std::string& name,
-                               const std::string& overload,
+absl::Status EncodeBuiltinCall(const std::string& name, const std::string& overload,
                                const torch::jit::Stack& stack, Payload* payload,
-                               std::vector<Buffer>* buffers,
-                               std::vector<at::Tensor>* sent) {
+                               std::vector<Buffer>* buffers, std::vector<at::Tensor>* sent) {
   payload->set_op(name);
   payload->set_overload(overload);
-  return EncodeIValue(c10::ivalue::Tuple::create(stack), payload, buffers,
-                      sent);
+  return EncodeIValue(c10::ivalue::Tuple::create(stack), payload, buffers, sent);
 }
 
 absl::StatusOr<c10::IValue> RunBuiltinCall(const Payload& payload,
-                                           const std::vector<Buffer>& buffers,
-                                           bool copy,
+                                           const std::vector<Buffer>& buffers, bool copy,
                                            const OnTensors& received) {
   std::shared_ptr<torch::jit::Operator> op;
   try {
-    op = torch::jit::findOperatorFor(
-        c10::OperatorName(payload.op(), payload.overload()));
+    op = torch::jit::findOperatorFor(c10::OperatorName(payload.op(), payload.overload()));
   } catch (const std::exception& e) {
     return absl::InvalidArgumentError(
         absl::StrCat("bad operator name '", payload.op(), "': ", ErrorText(e)));
   }
   if (op == nullptr) {
-    return absl::NotFoundError(absl::StrCat(
-        "no builtin operator '", payload.op(),
-        payload.overload().empty() ? "" : ".", payload.overload(), "'"));
+    return absl::NotFoundError(absl::StrCat("no builtin operator '", payload.op(),
+                                            payload.overload().empty() ? "" : ".",
+                                            payload.overload(), "'"));
   }
-  absl::StatusOr<torch::jit::Stack> stack =
-      DecodeStack(payload, buffers, copy, received);
+  absl::StatusOr<torch::jit::Stack> stack = DecodeStack(payload, buffers, copy, received);
   if (!stack.ok()) return stack.status();
   absl::Status ok = CheckStack(op->schema(), *stack);
   if (!ok.ok()) return ok;
@@ -293,26 +405,23 @@ absl::StatusOr<c10::IValue> RunBuiltinCall(const Payload& payload,
   return StackResult(*stack);
 }
 
-absl::Status EncodeScriptCall(const std::string& qualified_name,
-                              const torch::jit::Stack& stack, Payload* payload,
-                              std::vector<Buffer>* buffers,
+absl::Status EncodeScriptCall(const std::string& qualified_name, const torch::jit::Stack& stack,
+                              Payload* payload, std::vector<Buffer>* buffers,
                               std::vector<at::Tensor>* sent) {
   payload->set_op(qualified_name);
-  return EncodeIValue(c10::ivalue::Tuple::create(stack), payload, buffers,
-                      sent);
+  return EncodeIValue(c10::ivalue::Tuple::create(stack), payload, buffers, sent);
 }
 
 absl::StatusOr<c10::IValue> RunScriptCall(const torch::jit::CompilationUnit& cu,
                                           const Payload& payload,
-                                          const std::vector<Buffer>& buffers,
-                                          bool copy,
+                                          const std::vector<Buffer>& buffers, bool copy,
                                           const OnTensors& received) {
   torch::jit::Function* fn = nullptr;
   try {
     fn = cu.find_function(c10::QualifiedName(payload.op()));
   } catch (const std::exception& e) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "bad TorchScript function name '", payload.op(), "': ", ErrorText(e)));
+    return absl::InvalidArgumentError(
+        absl::StrCat("bad TorchScript function name '", payload.op(), "': ", ErrorText(e)));
   }
   if (fn == nullptr) {
     return absl::NotFoundError(
@@ -320,8 +429,7 @@ absl::StatusOr<c10::IValue> RunScriptCall(const torch::jit::CompilationUnit& cu,
                      "' on the callee (define it with @torch.jit.script in a "
                      "module both workers import)"));
   }
-  absl::StatusOr<torch::jit::Stack> stack =
-      DecodeStack(payload, buffers, copy, received);
+  absl::StatusOr<torch::jit::Stack> stack = DecodeStack(payload, buffers, copy, received);
   if (!stack.ok()) return stack.status();
   try {
     absl::Status ok = CheckStack(fn->getSchema(), *stack);
@@ -333,9 +441,7 @@ absl::StatusOr<c10::IValue> RunScriptCall(const torch::jit::CompilationUnit& cu,
   return StackResult(*stack);
 }
 
-std::string Serialize(const Payload& payload) {
-  return payload.SerializeAsString();
-}
+std::string Serialize(const Payload& payload) { return payload.SerializeAsString(); }
 
 absl::StatusOr<Payload> Parse(const std::string& bytes) {
   Payload payload;

@@ -4,6 +4,12 @@
 #include <torch/csrc/jit/api/compilation_unit.h>
 #include <torch/jit.h>
 
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <string>
+#include <vector>
+
 #include "gtest/gtest.h"
 
 namespace tether {
@@ -46,25 +52,203 @@ TEST(TorchCallsTest, ReceivedTensorOutlivesMessageBuffers) {
   {
     Payload payload;
     std::vector<Buffer> buffers;
-    ASSERT_TRUE(
-        AppendTensors({at::full({1000}, 7.0, at::kDouble)}, &payload, &buffers)
-            .ok());
+    ASSERT_TRUE(AppendTensors({at::full({1000}, 7.0, at::kDouble)}, &payload, &buffers).ok());
     std::vector<Buffer> wire = Transmit(buffers);
     received = TakeTensors(payload, wire, false).value()[0];
   }
   EXPECT_EQ(received.sum().item<double>(), 7000.0);
 }
 
-TEST(TorchCallsTest, NonContiguousViewSendsOnlyItsElements) {
-  at::Tensor big = at::arange(100, at::kLong).reshape({10, 10});
-  at::Tensor view = big.t().slice(0, 2, 4);  // 2 x 10, not contiguous
+Payload BuiltinCall(const std::string& name, const std::string& overload, torch::jit::Stack stack,
+                    std::vector<Buffer>* wire) {
+  Payload payload;
+  std::vector<Buffer> buffers;
+  EXPECT_TRUE(EncodeBuiltinCall(name, overload, stack, &payload, &buffers).ok());
+  Payload parsed = Parse(Serialize(payload)).value();
+  *wire = Transmit(buffers);
+  return parsed;
+}
+
+// Sends `tensors` and receives them through a copying transport.
+std::vector<at::Tensor> RoundTrip(const std::vector<at::Tensor>& tensors,
+                                  std::vector<Buffer>* sent = nullptr, bool copy = false) {
+  Payload payload;
+  std::vector<Buffer> buffers;
+  absl::Status s = AppendTensors(tensors, &payload, &buffers);
+  EXPECT_TRUE(s.ok()) << s;
+  Payload parsed = Parse(Serialize(payload)).value();
+  auto received = TakeTensors(parsed, Transmit(buffers), copy);
+  EXPECT_TRUE(received.ok()) << received.status();
+  if (sent != nullptr) *sent = buffers;
+  return received.ok() ? *received : std::vector<at::Tensor>();
+}
+
+bool SameStorage(const at::Tensor& a, const at::Tensor& b) {
+  return a.storage().unsafeGetStorageImpl() == b.storage().unsafeGetStorageImpl();
+}
+
+void ExpectSameLayout(const at::Tensor& got, const at::Tensor& want) {
+  EXPECT_EQ(got.sizes(), want.sizes());
+  EXPECT_EQ(got.strides(), want.strides());
+  EXPECT_EQ(got.storage_offset(), want.storage_offset());
+  EXPECT_EQ(got.storage().nbytes(), want.storage().nbytes());
+  EXPECT_EQ(got.scalar_type(), want.scalar_type());
+  EXPECT_TRUE(at::equal(got, want));
+}
+
+TEST(TorchCallsTest, NonContiguousViewKeepsStridesAndOffset) {
+  at::Tensor big = at::arange(100, at::kLong).reshape({10, 10});  // 800 bytes
+  at::Tensor view = big.t().slice(0, 2, 4);  // 2 x 10, strides (1, 10), offset 2
+  ASSERT_FALSE(view.is_contiguous());
   Payload payload;
   std::vector<Buffer> buffers;
   ASSERT_TRUE(AppendTensors({view}, &payload, &buffers).ok());
-  EXPECT_EQ(buffers[0].size(), 20u * 8u);
-  auto tensors = TakeTensors(payload, Transmit(buffers), false);
-  ASSERT_TRUE(tensors.ok());
-  EXPECT_TRUE(at::equal((*tensors)[0], view));
+  ASSERT_EQ(buffers.size(), 1u);
+  EXPECT_EQ(buffers[0].data(), big.data_ptr());  // the whole storage, no copy
+  EXPECT_EQ(buffers[0].size(), 800u);
+  std::vector<Buffer> wire = Transmit(buffers);
+  auto tensors = TakeTensors(payload, wire, false);
+  ASSERT_TRUE(tensors.ok()) << tensors.status();
+  ExpectSameLayout((*tensors)[0], view);
+  EXPECT_EQ((*tensors)[0].storage().data(), wire[0].data());  // adopted, no copy
+
+  at::Tensor transposed = at::arange(12, at::kFloat).reshape({3, 4}).t();
+  ExpectSameLayout(RoundTrip({transposed})[0], transposed);
+  at::Tensor expanded = at::ones({1}).expand({5000});  // stride 0 (not compacted: numel counts)
+  ExpectSameLayout(RoundTrip({expanded})[0], expanded);
+}
+
+TEST(TorchCallsTest, TensorsSharingStorageShareItOnArrival) {
+  at::Tensor a = at::arange(10, at::kFloat);
+  at::Tensor tail = a.slice(0, 1);
+  at::Tensor grid = a.view({2, 5}).t();
+  for (bool copy : {false, true}) {
+    std::vector<Buffer> sent;
+    std::vector<at::Tensor> got = RoundTrip({a, tail, grid, at::ones({2})}, &sent, copy);
+    ASSERT_EQ(got.size(), 4u);
+    ASSERT_EQ(sent.size(), 2u);  // the shared storage travels once
+    EXPECT_EQ(sent[0].size(), 40u);
+    ExpectSameLayout(got[0], a);
+    ExpectSameLayout(got[1], tail);
+    ExpectSameLayout(got[2], grid);
+    EXPECT_TRUE(SameStorage(got[0], got[1]));
+    EXPECT_TRUE(SameStorage(got[0], got[2]));
+    EXPECT_FALSE(SameStorage(got[0], got[3]));
+    got[1][0].fill_(100);  // a[1]
+    EXPECT_EQ(got[0][1].item<float>(), 100.0f);
+    EXPECT_EQ(got[2][1][0].item<float>(), 100.0f);  // grid[1][0] is a[1]
+  }
+}
+
+TEST(TorchCallsTest, IValueAndBuiltinCallsKeepViewsAndSharing) {
+  at::Tensor a = at::arange(12, at::kFloat);
+  c10::IValue value = c10::ivalue::Tuple::create({a.slice(0, 2), a.view({3, 4}).t(), a});
+  Payload payload;
+  std::vector<Buffer> buffers;
+  ASSERT_TRUE(EncodeIValue(value, &payload, &buffers).ok());
+  EXPECT_EQ(buffers.size(), 1u);
+  auto decoded = DecodeIValue(payload, Transmit(buffers), false);
+  ASSERT_TRUE(decoded.ok()) << decoded.status();
+  const auto& e = decoded->toTupleRef().elements();
+  ExpectSameLayout(e[0].toTensor(), a.slice(0, 2));
+  ExpectSameLayout(e[1].toTensor(), a.view({3, 4}).t());
+  EXPECT_TRUE(SameStorage(e[0].toTensor(), e[2].toTensor()));
+  EXPECT_TRUE(SameStorage(e[1].toTensor(), e[2].toTensor()));
+
+  // aten::narrow on the callee returns a view of the received (transposed) argument.
+  std::vector<Buffer> wire;
+  Payload call = BuiltinCall("aten::narrow", "",
+                             {a.view({3, 4}).t(), int64_t{0}, int64_t{1}, int64_t{2}}, &wire);
+  auto result = RunBuiltinCall(call, wire, false);
+  ASSERT_TRUE(result.ok()) << result.status();
+  ExpectSameLayout(result->toTensor(), a.view({3, 4}).t().narrow(0, 1, 2));
+}
+
+TEST(TorchCallsTest, SmallViewOfHugeStorageIsCompacted) {
+  // PyTorch's rule: compact when storage >= 8 KiB and storage >= 2 * numel * itemsize.
+  at::Tensor big = at::arange(1000000, at::kFloat);
+  std::vector<Buffer> sent;
+  at::Tensor slice = big.slice(0, 10, 20);
+  at::Tensor got = RoundTrip({slice}, &sent)[0];
+  EXPECT_EQ(sent[0].size(), 40u);
+  EXPECT_EQ(got.storage_offset(), 0);
+  EXPECT_EQ(got.storage().nbytes(), 40u);
+  EXPECT_TRUE(at::equal(got, slice));
+
+  // Dense views keep their strides (clone preserves them); others become contiguous.
+  at::Tensor block = big.view({1000, 1000}).slice(0, 0, 2).t();
+  got = RoundTrip({block}, &sent)[0];
+  EXPECT_EQ(sent[0].size(), 8000u);
+  EXPECT_EQ(got.strides(), block.strides());
+  EXPECT_TRUE(at::equal(got, block));
+  at::Tensor columns = big.view({1000, 1000}).slice(1, 0, 2);
+  got = RoundTrip({columns}, &sent)[0];
+  EXPECT_EQ(sent[0].size(), 8000u);
+  EXPECT_EQ(got.strides(), (std::vector<int64_t>{2, 1}));
+  EXPECT_TRUE(at::equal(got, columns));
+
+  // The whole tensor and its compacted view no longer share.
+  std::vector<at::Tensor> both = RoundTrip({big, slice}, &sent);
+  ASSERT_EQ(sent.size(), 2u);
+  EXPECT_EQ(sent[0].size(), 4000000u);
+  EXPECT_EQ(sent[1].size(), 40u);
+  EXPECT_FALSE(SameStorage(both[0], both[1]));
+
+  // A view using more than half of the storage ships it whole.
+  at::Tensor most = big.slice(0, 1, 600001);
+  got = RoundTrip({most}, &sent)[0];
+  EXPECT_EQ(sent[0].size(), 4000000u);
+  ExpectSameLayout(got, most);
+
+  // The boundaries.
+  at::Tensor s8192 = at::zeros({2048}, at::kFloat);  // 8192 bytes
+  RoundTrip({s8192.slice(0, 0, 1024)}, &sent);
+  EXPECT_EQ(sent[0].size(), 4096u);  // exactly half: compacted
+  got = RoundTrip({s8192.slice(0, 1, 1026)}, &sent)[0];
+  EXPECT_EQ(sent[0].size(), 8192u);  // more than half: whole
+  EXPECT_EQ(got.storage_offset(), 1);
+  at::Tensor s8188 = at::zeros({2047}, at::kFloat);
+  got = RoundTrip({s8188.slice(0, 5, 6)}, &sent)[0];
+  EXPECT_EQ(sent[0].size(), 8188u);  // under 8 KiB: whole
+  EXPECT_EQ(got.storage_offset(), 5);
+  got = RoundTrip({big.slice(0, 5, 5)}, &sent)[0];  // an empty view of a huge storage
+  EXPECT_EQ(sent[0].size(), 0u);
+  EXPECT_EQ(got.storage_offset(), 0);
+}
+
+TEST(TorchCallsTest, ZeroSizeZeroDimConjugateAndMisalignedTensors) {
+  at::Tensor a = at::arange(10, at::kFloat);
+  std::vector<at::Tensor> got = RoundTrip({a.slice(0, 5, 5), a[3], at::empty({0, 3}, at::kInt)});
+  ExpectSameLayout(got[0], a.slice(0, 5, 5));
+  EXPECT_EQ(got[0].storage_offset(), 5);
+  ExpectSameLayout(got[1], a[3]);
+  EXPECT_EQ(got[1].dim(), 0);
+  EXPECT_TRUE(SameStorage(got[0], got[1]));
+  EXPECT_EQ(got[2].sizes(), (std::vector<int64_t>{0, 3}));
+  EXPECT_EQ(got[2].scalar_type(), at::kInt);
+
+  at::Tensor c = at::complex(at::arange(4, at::kFloat), at::ones({4})).slice(0, 1).conj();
+  ASSERT_TRUE(c.is_conj());
+  at::Tensor back = RoundTrip({c})[0];
+  EXPECT_FALSE(back.is_conj());
+  EXPECT_TRUE(at::equal(back, c.resolve_conj()));
+  at::Tensor n = at::arange(4, at::kFloat)._neg_view();
+  back = RoundTrip({n})[0];
+  EXPECT_FALSE(back.is_neg());
+  EXPECT_TRUE(at::equal(back, n.resolve_neg()));
+
+  // A buffer not aligned for its dtype is copied, still shared by its tensors.
+  at::Tensor d = at::arange(8, at::kDouble);
+  Payload payload;
+  std::vector<Buffer> buffers;
+  ASSERT_TRUE(AppendTensors({d, d.slice(0, 2)}, &payload, &buffers).ok());
+  Buffer padded = Buffer::Allocate(65);
+  std::memcpy(padded.mutable_data() + 1, buffers[0].data(), 64);
+  Buffer odd = Buffer::Wrap(padded.owner(), padded.data() + 1, 64);
+  auto tensors = TakeTensors(payload, {odd}, false);
+  ASSERT_TRUE(tensors.ok()) << tensors.status();
+  ExpectSameLayout((*tensors)[1], d.slice(0, 2));
+  EXPECT_TRUE(SameStorage((*tensors)[0], (*tensors)[1]));
 }
 
 TEST(TorchCallsTest, RequiresGradAndEmptyTensorsRoundTrip) {
@@ -89,40 +273,90 @@ TEST(TorchCallsTest, RefusesSparseTensorsClearly) {
   EXPECT_NE(s.message().find("layout"), std::string::npos) << s;
 }
 
+// Expects kInvalidArgument with a message containing `text`.
+void ExpectInvalid(const Payload& payload, const std::vector<Buffer>& wire,
+                   const std::string& text) {
+  absl::Status s = TakeTensors(payload, wire, false).status();
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << s;
+  EXPECT_NE(s.message().find(text), std::string::npos) << s;
+}
+
 TEST(TorchCallsTest, RejectsMalformedTensorDescriptions) {
+  at::Tensor a = at::arange(12, at::kFloat);
   Payload payload;
   std::vector<Buffer> buffers;
-  ASSERT_TRUE(AppendTensors({at::ones({4})}, &payload, &buffers).ok());
+  ASSERT_TRUE(AppendTensors({a, a.view({3, 4}).slice(1, 1)}, &payload, &buffers).ok());
   std::vector<Buffer> wire = Transmit(buffers);
+  ASSERT_EQ(wire.size(), 1u);
+  ASSERT_TRUE(TakeTensors(payload, wire, false).ok());
+  auto with = [&](const std::function<void(TensorMeta*)>& change) {
+    Payload p = payload;
+    change(p.mutable_tensors(1));
+    return p;
+  };
 
-  Payload wrong_size = payload;
-  wrong_size.mutable_tensors(0)->set_sizes(0, 5);
-  EXPECT_EQ(TakeTensors(wrong_size, wire, false).status().code(),
-            absl::StatusCode::kInvalidArgument);
+  ExpectInvalid(with([](TensorMeta* m) { m->set_dtype(1000); }), wire, "invalid dtype 1000");
+  ExpectInvalid(with([](TensorMeta* m) { m->set_dtype(-1); }), wire, "invalid dtype");
+  ExpectInvalid(with([](TensorMeta* m) { m->set_sizes(0, -4); }), wire, "negative size -4");
+  ExpectInvalid(with([](TensorMeta* m) { m->set_strides(1, -1); }), wire, "negative stride -1");
+  ExpectInvalid(with([](TensorMeta* m) { m->add_strides(1); }), wire, "2 sizes but 3 strides");
+  ExpectInvalid(with([](TensorMeta* m) { m->clear_strides(); }), wire, "2 sizes but 0 strides");
+  ExpectInvalid(with([](TensorMeta* m) { m->set_storage_offset(-1); }), wire,
+                "negative storage offset");
+  ExpectInvalid(with([](TensorMeta* m) { m->set_storage(1); }), wire,
+                "refers to storage 1 but the message carries 1");
+  ExpectInvalid(with([](TensorMeta* m) { m->set_storage(-1); }), wire, "refers to storage -1");
+  // Offset, sizes or strides that reach past the storage's 48 bytes.
+  ExpectInvalid(with([](TensorMeta* m) { m->set_storage_offset(2); }), wire,
+                "reaches past the end of storage 0, which has 48 bytes");
+  ExpectInvalid(with([](TensorMeta* m) { m->set_sizes(0, 4); }), wire, "reaches past the end");
+  ExpectInvalid(with([](TensorMeta* m) { m->set_strides(0, 5); }), wire, "reaches past the end");
+  ExpectInvalid(with([](TensorMeta* m) { m->set_storage_offset(int64_t{1} << 61); }), wire,
+                "impossibly large storage offset");
+  ExpectInvalid(with([](TensorMeta* m) { m->set_strides(0, int64_t{1} << 62); }), wire,
+                "reaches past the end");
+  ExpectInvalid(with([](TensorMeta* m) { m->set_strides(0, INT64_MAX); }), wire,
+                "impossibly large size or stride");
+  ExpectInvalid(with([](TensorMeta* m) { m->set_sizes(0, INT64_MAX); }), wire,
+                "impossibly large size or stride");
+  ExpectInvalid(with([](TensorMeta* m) {
+                  for (int i = 0; i < 8; ++i) {
+                    m->add_sizes(1 << 20);
+                    m->add_strides(0);
+                  }
+                }),
+                wire, "impossibly large");
+  ExpectInvalid(with([](TensorMeta* m) {
+                  for (int i = 0; i < 70; ++i) {
+                    m->add_sizes(1);
+                    m->add_strides(1);
+                  }
+                }),
+                wire, "at most 64");
+  // A 0-dim tensor needs one element; a zero-size one reads nothing.
+  ExpectInvalid(with([](TensorMeta* m) {
+                  m->clear_sizes();
+                  m->clear_strides();
+                  m->set_storage_offset(12);
+                }),
+                wire, "reaches past the end");
+  Payload empty = with([](TensorMeta* m) {
+    m->set_sizes(0, 0);
+    m->set_storage_offset(1000);
+  });
+  EXPECT_TRUE(TakeTensors(empty, wire, false).ok());
 
-  Payload bad_dtype = payload;
-  bad_dtype.mutable_tensors(0)->set_dtype(1000);
-  EXPECT_EQ(TakeTensors(bad_dtype, wire, false).status().code(),
-            absl::StatusCode::kInvalidArgument);
-
-  Payload negative = payload;
-  negative.mutable_tensors(0)->set_sizes(0, -4);
-  EXPECT_EQ(TakeTensors(negative, wire, false).status().code(),
-            absl::StatusCode::kInvalidArgument);
-
-  Payload huge = payload;
-  for (int i = 0; i < 8; ++i) huge.mutable_tensors(0)->add_sizes(1 << 20);
-  EXPECT_EQ(TakeTensors(huge, wire, false).status().code(),
-            absl::StatusCode::kInvalidArgument);
-
-  EXPECT_EQ(TakeTensors(payload, {}, false).status().code(),
-            absl::StatusCode::kInvalidArgument);
+  // Buffers that do not match the descriptions.
+  ExpectInvalid(payload, {}, "refers to storage 0 but the message carries 0");
+  ExpectInvalid(payload, {wire[0], wire[0]}, "storage 1 (48 bytes) but no received tensor uses it");
+  ExpectInvalid(payload, {Buffer::CopyFrom(wire[0].view().substr(0, 40))}, "which has 40 bytes");
+  Payload none;
+  ExpectInvalid(none, wire, "no received tensor uses it");
 }
 
 TEST(TorchCallsTest, IValueRoundTripKeepsTensorsOutOfBand) {
   at::Tensor t = at::rand({256, 256});
-  c10::IValue value =
-      c10::ivalue::Tuple::create({c10::IValue(3), c10::IValue("x"), t});
+  c10::IValue value = c10::ivalue::Tuple::create({c10::IValue(3), c10::IValue("x"), t});
   Payload payload;
   std::vector<Buffer> buffers;
   ASSERT_TRUE(EncodeIValue(value, &payload, &buffers).ok());
@@ -139,28 +373,15 @@ TEST(TorchCallsTest, IValueRoundTripKeepsTensorsOutOfBand) {
 TEST(TorchCallsTest, MalformedPickleIsAnError) {
   Payload payload;
   payload.set_pickle("\x80\x02garbage");
-  EXPECT_EQ(DecodeIValue(payload, {}, false).status().code(),
-            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(DecodeIValue(payload, {}, false).status().code(), absl::StatusCode::kInvalidArgument);
   EXPECT_EQ(Parse(std::string("\xff\xff\xff", 3)).status().code(),
             absl::StatusCode::kInvalidArgument);
 }
 
-Payload BuiltinCall(const std::string& name, const std::string& overload,
-                    torch::jit::Stack stack, std::vector<Buffer>* wire) {
-  Payload payload;
-  std::vector<Buffer> buffers;
-  EXPECT_TRUE(
-      EncodeBuiltinCall(name, overload, stack, &payload, &buffers).ok());
-  Payload parsed = Parse(Serialize(payload)).value();
-  *wire = Transmit(buffers);
-  return parsed;
-}
-
 TEST(TorchCallsTest, RunsBuiltinOperator) {
   std::vector<Buffer> wire;
-  Payload call = BuiltinCall(
-      "aten::add", "Tensor",
-      {at::ones({2, 2}), at::full({2, 2}, 2.0), c10::Scalar(1)}, &wire);
+  Payload call = BuiltinCall("aten::add", "Tensor",
+                             {at::ones({2, 2}), at::full({2, 2}, 2.0), c10::Scalar(1)}, &wire);
   auto result = RunBuiltinCall(call, wire, false);
   ASSERT_TRUE(result.ok()) << result.status();
   EXPECT_TRUE(at::equal(result->toTensor(), at::full({2, 2}, 3.0)));
@@ -169,8 +390,7 @@ TEST(TorchCallsTest, RunsBuiltinOperator) {
 TEST(TorchCallsTest, BuiltinWithSeveralOutputsReturnsTuple) {
   std::vector<Buffer> wire;
   Payload call =
-      BuiltinCall("aten::max", "dim",
-                  {at::tensor({1.0, 5.0, 2.0}), int64_t{0}, false}, &wire);
+      BuiltinCall("aten::max", "dim", {at::tensor({1.0, 5.0, 2.0}), int64_t{0}, false}, &wire);
   auto result = RunBuiltinCall(call, wire, false);
   ASSERT_TRUE(result.ok()) << result.status();
   ASSERT_TRUE(result->isTuple());
@@ -180,24 +400,20 @@ TEST(TorchCallsTest, BuiltinWithSeveralOutputsReturnsTuple) {
 TEST(TorchCallsTest, BuiltinErrors) {
   std::vector<Buffer> wire;
   Payload unknown = BuiltinCall("aten::no_such_op", "", {}, &wire);
-  EXPECT_EQ(RunBuiltinCall(unknown, wire, false).status().code(),
-            absl::StatusCode::kNotFound);
+  EXPECT_EQ(RunBuiltinCall(unknown, wire, false).status().code(), absl::StatusCode::kNotFound);
 
-  Payload wrong_arity =
-      BuiltinCall("aten::add", "Tensor", {at::ones({2})}, &wire);
+  Payload wrong_arity = BuiltinCall("aten::add", "Tensor", {at::ones({2})}, &wire);
   absl::Status s = RunBuiltinCall(wrong_arity, wire, false).status();
   EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
 
   Payload wrong_type =
-      BuiltinCall("aten::add", "Tensor",
-                  {c10::IValue("a"), at::ones({2}), c10::Scalar(1)}, &wire);
+      BuiltinCall("aten::add", "Tensor", {c10::IValue("a"), at::ones({2}), c10::Scalar(1)}, &wire);
   s = RunBuiltinCall(wrong_type, wire, false).status();
   EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
   EXPECT_NE(s.message().find("self"), std::string::npos) << s;
 
   Payload bad_shapes =
-      BuiltinCall("aten::add", "Tensor",
-                  {at::ones({2}), at::ones({3}), c10::Scalar(1)}, &wire);
+      BuiltinCall("aten::add", "Tensor", {at::ones({2}), at::ones({3}), c10::Scalar(1)}, &wire);
   s = RunBuiltinCall(bad_shapes, wire, false).status();
   EXPECT_EQ(s.code(), absl::StatusCode::kInternal);
   EXPECT_NE(s.message().find("size of tensor"), std::string::npos) << s;
@@ -211,19 +427,15 @@ def twice_plus(x: Tensor, k: int) -> Tensor:
   std::string name = cu->get_functions()[0]->qualname().qualifiedName();
   Payload payload;
   std::vector<Buffer> buffers;
-  ASSERT_TRUE(
-      EncodeScriptCall(name, {at::ones({3}), int64_t{4}}, &payload, &buffers)
-          .ok());
+  ASSERT_TRUE(EncodeScriptCall(name, {at::ones({3}), int64_t{4}}, &payload, &buffers).ok());
   auto result = RunScriptCall(*cu, payload, Transmit(buffers), false);
   ASSERT_TRUE(result.ok()) << result.status();
   EXPECT_TRUE(at::equal(result->toTensor(), at::full({3}, 6.0)));
 
   Payload missing;
   missing.set_op("__torch__.nope");
-  ASSERT_TRUE(
-      EncodeIValue(c10::ivalue::Tuple::create({}), &missing, &buffers).ok());
-  EXPECT_EQ(RunScriptCall(*cu, missing, {}, false).status().code(),
-            absl::StatusCode::kNotFound);
+  ASSERT_TRUE(EncodeIValue(c10::ivalue::Tuple::create({}), &missing, &buffers).ok());
+  EXPECT_EQ(RunScriptCall(*cu, missing, {}, false).status().code(), absl::StatusCode::kNotFound);
 }
 
 }  // namespace
