@@ -168,10 +168,8 @@ absl::StatusOr<CheckedMeta> CheckMeta(int index, const TensorMeta& meta,
     }
     if (static_cast<uint64_t>(out.sizes[d]) > kMaxWireValue ||
         static_cast<uint64_t>(out.strides[d]) > kMaxWireValue) {
-      return absl::InvalidArgumentError(absl::StrCat(what,
-                                                     " has an impossibly large size or stride in "
-                                                     "dimension ",
-                                                     d));
+      return absl::InvalidArgumentError(
+          absl::StrCat(what, " has an impossibly large size or stride in dimension ", d));
     }
     if (numel != 0) {
       const unsigned __int128 n = static_cast<unsigned __int128>(numel) * out.sizes[d];
@@ -210,9 +208,7 @@ absl::StatusOr<CheckedMeta> CheckMeta(int index, const TensorMeta& meta,
     return absl::InvalidArgumentError(
         absl::StrCat(what, " of shape [", absl::StrJoin(out.sizes, ", "), "], strides [",
                      absl::StrJoin(out.strides, ", "), "], storage offset ", out.offset,
-                     " and dtype ", c10::toString(out.dtype),
-                     " reaches past the end of "
-                     "storage ",
+                     " and dtype ", c10::toString(out.dtype), " reaches past the end of storage ",
                      out.storage, ", which has ", storage_bytes, " bytes"));
   }
   return out;
