@@ -251,6 +251,13 @@ def invoke_paths(rank, world_size, init_method):
             rpc.api._invoke_remote_torchscript("worker1", qualified, -1.0, True, x, 7)
         with pytest.raises(TypeError, match="_invoke_rpc_builtin: the destination"):
             rpc.api._invoke_rpc_builtin(None, "aten::add", -1.0, x, 3)
+        # TorchScript cannot hold Tether's RRefs: a clear error before anything is sent.
+        with pytest.raises(NotImplementedError, match="_invoke_rpc_torchscript: RRefs cannot"):
+            rpc.api._invoke_rpc_torchscript("worker1", qualified, (rref, 5), {}, -1.0, False)
+        with pytest.raises(NotImplementedError, match="TorchScript function: RRefs cannot"):
+            rpc.rpc_sync("worker1", f.script_add, args=([rref], 5))
+        with pytest.raises(NotImplementedError, match="TorchScript function: RRefs cannot"):
+            rpc.remote("worker1", f.script_add, kwargs={"x": rref, "y": 5})
         del rref
     rpc.shutdown()
     return "ok"

@@ -230,6 +230,7 @@ def _send(to, func, args, kwargs, timeout, remote=False, profiling_key=""):
         send = _C.remote_builtin if remote else _C.send_builtin
         return send(info.id, qualified_name, args, kwargs, timeout, profiling_key)
     if isinstance(func, torch.jit.ScriptFunction):
+        _refuse_rrefs_for_script("rpc to a TorchScript function", args, kwargs)
         send = _C.remote_script if remote else _C.send_script
         return send(info.id, torch._jit_internal._qualified_name(func), args, kwargs, timeout,
                     profiling_key)
@@ -240,6 +241,26 @@ def _send(to, func, args, kwargs, timeout, remote=False, profiling_key=""):
         data, tensors = internal._serialize_with(pickler, PythonUDF(func, args, kwargs), info.id)
     send = _C.remote_python if remote else _C.send_python
     return send(info.id, data, tensors, timeout, async_exec, profiling_key)
+
+
+def _holds_rref(value, depth=0) -> bool:
+    if isinstance(value, _C.RRef):
+        return True
+    if depth < 4 and isinstance(value, (list, tuple)):
+        return any(_holds_rref(v, depth + 1) for v in value)
+    if depth < 4 and isinstance(value, dict):
+        return any(_holds_rref(v, depth + 1) for v in value.values())
+    return False
+
+
+def _refuse_rrefs_for_script(what, args, kwargs) -> None:
+    """TorchScript cannot hold Tether's RRefs: say so before sending, naming it."""
+    if _holds_rref(args) or _holds_rref(kwargs):
+        raise NotImplementedError(
+            f"{what}: RRefs cannot be passed to TorchScript functions under Tether (TorchScript "
+            "cannot hold Tether's RRefs); pass the value (rref.to_here()) or call a Python "
+            "function"
+        )
 
 
 def _profiling_key(rpc_type, func, to):
@@ -705,6 +726,7 @@ def _invoke_rpc_torchscript(dst_worker_name, qualified_name_str, args, kwargs, r
                             is_async_exec):
     """Runs the TorchScript function `qualified_name_str` on the destination; a Future."""
     _check_script_async("_invoke_rpc_torchscript", is_async_exec)
+    _refuse_rrefs_for_script("_invoke_rpc_torchscript", args, kwargs)
     info = _worker_info_arg("_invoke_rpc_torchscript", dst_worker_name)
     return _future_of(_C.send_script(info.id, qualified_name_str, tuple(args or ()),
                                      dict(kwargs or {}), _timeout_arg(rpc_timeout), ""))
@@ -731,6 +753,7 @@ def _invoke_remote_torchscript(dst_worker_name, qualified_name_str, rpc_timeout,
                                *args, **kwargs):
     """remote() of a TorchScript function: an RRef owned by the destination."""
     _check_script_async("_invoke_remote_torchscript", is_async_exec)
+    _refuse_rrefs_for_script("_invoke_remote_torchscript", args, kwargs)
     info = _worker_info_arg("_invoke_remote_torchscript", dst_worker_name)
     return _C.remote_script(info.id, qualified_name_str, args, kwargs, _timeout_arg(rpc_timeout),
                             "")
