@@ -46,10 +46,17 @@ def current_agent_and_metrics(rank, world_size, init_method):
     assert metrics["agent.thread_pool_size"] == "3"
     assert 0 <= int(metrics["agent.num_idle_threads"]) <= 3
     assert set(agent.get_debug_info()) >= TORCH_METRIC_KEYS
-    # A handler running here holds a pool thread: the peer's metrics say so.
-    rpc.rpc_async(peer, f.sleep, args=(1.0,))
+    # Handlers running on the peer hold its pool threads (the sleeping one, and the one that
+    # answers): its metrics say so. Once they are done, every thread is idle again.
+    sleeping = rpc.rpc_async(peer, f.sleep, args=(3.0,))
     time.sleep(0.5)
-    assert rpc.rpc_sync(peer, _idle_threads) == 2
+    assert rpc.rpc_sync(peer, _idle_threads) <= 1
+    sleeping.wait()
+    rpc.api._barrier(["worker0", "worker1"])
+    deadline = time.monotonic() + 30
+    while int(agent.get_metrics()["agent.num_idle_threads"]) != 3:
+        assert time.monotonic() < deadline, agent.get_metrics()
+        time.sleep(0.01)
     rpc.enable_gil_profiling(True)
     rpc.rpc_sync(peer, f.add, args=(1, 1))
     rpc.rpc_sync(rpc.get_worker_info(), f.add, args=(1, 1))  # a Python call served here

@@ -498,6 +498,10 @@ _METRIC_KEYS = (
 )
 
 
+def _shutdown_rpc(graceful=True, timeout=DEFAULT_SHUTDOWN_TIMEOUT):
+    shutdown(graceful=graceful, timeout=timeout)  # the module's, looked up at call time
+
+
 class _AgentView:
     """The agent of this process's run, as `rpc.api._get_current_rpc_agent()` returns it in
     PyTorch (a TensorPipeAgent there): made by `_init_rpc_backend`, started by
@@ -566,7 +570,7 @@ class _AgentView:
             while sum(_all_gather(_calls_in_flight_when_idle(), timeout=timeout).values()):
                 pass
             return
-        shutdown(graceful=True, timeout=timeout)  # the module's: the agent is the current one
+        _shutdown_rpc(graceful=True, timeout=timeout)  # the agent is the current one
 
     def sync(self):
         """Nothing to do: sends are never buffered (PyTorch's TensorPipe agent does nothing too)."""
@@ -575,7 +579,7 @@ class _AgentView:
         """Stops this worker's RPC at once (a local, ungraceful shutdown; nothing if it is not
         running)."""
         if self._state == "running" and _C.is_initialized():
-            shutdown(graceful=False)
+            _shutdown_rpc(graceful=False)
         self._state = "shut down"
 
     def __repr__(self):
