@@ -298,8 +298,44 @@ py::dict AgentDebugInfo() {
   }
   info["server_active_async_calls"] = w->server_active_async_calls.load();
   info["thread_pool_size"] = w->runtime->num_worker_threads();
+  info["num_idle_threads"] = w->runtime->num_idle_threads();
   if (GilProfiling()) info["gil_average_wait_time_us"] = GilAverageWaitMicros();
   return ToDict(info, "agent.");
+}
+
+// PyTorch's _delete_all_user_and_unforked_owner_rrefs: deletes this worker's user RRefs and its
+// owners nobody else knows of (rref_context.h), waiting for the owners' acknowledgements within
+// `timeout_seconds` (<= 0: no bound).
+void DeleteAllUsersAndUnforkedOwners(double timeout_seconds) {
+  std::shared_ptr<Worker> w = RequireWorker();
+  absl::Duration timeout =
+      timeout_seconds <= 0 ? absl::ZeroDuration() : absl::Seconds(timeout_seconds);
+  Future<Unit> done = [&] {
+    ScopedGilRelease release;  // py_ownership.h rule 5
+    return w->runtime->rrefs()->DeleteAllUsersAndUnforkedOwners(timeout);
+  }();
+  WaitInterruptibly(done);
+  absl::Status status = done.result().status();
+  if (!status.ok()) {
+    Raise(absl::Status(status.code(), absl::StrCat("_delete_all_user_and_unforked_owner_rrefs: ",
+                                                   status.message())));
+  }
+}
+
+// PyTorch's _destroy_rref_context: closes the RRef context (from now on RRefs do nothing when
+// dropped and RRef messages are refused); unless `ignore_leak`, fails listing the references still
+// alive.
+void DestroyRRefContext(bool ignore_leak) {
+  std::shared_ptr<Worker> w = RequireWorker();
+  absl::Status status;
+  {
+    ScopedGilRelease release;
+    status = w->runtime->rrefs()->Close(ignore_leak);
+  }
+  if (!status.ok()) {
+    Raise(RRefLeakError(
+        absl::StrCat("Leaking RRef(s) on destroying the RRef context: ", status.message())));
+  }
 }
 
 py::dict RRefDebugInfo() {
@@ -349,6 +385,11 @@ void RegisterLifecycleBindings(py::module_& m) {
     return w->runtime->agent()->Summary();
   });
   m.def("rref_debug_info", &RRefDebugInfo);
+  m.def("delete_all_user_and_unforked_owner_rrefs", &DeleteAllUsersAndUnforkedOwners,
+        py::arg("timeout_seconds"));
+  m.def("destroy_rref_context", &DestroyRRefContext, py::arg("ignore_leak"));
+  m.def(
+      "set_profiler_node_id", [](int node_id) { pycall::SetNodeId(node_id); }, py::arg("node_id"));
   m.def(
       "enable_server_process_global_profiler",
       [](const torch::profiler::impl::ProfilerConfig& config) {

@@ -218,6 +218,10 @@ int Runtime::num_worker_threads() const {
   return impl_->pool != nullptr ? impl_->pool->num_threads() : impl_->options.num_worker_threads;
 }
 
+int Runtime::num_idle_threads() const {
+  return impl_->pool != nullptr ? impl_->pool->num_idle_threads() : num_worker_threads();
+}
+
 absl::Status Runtime::Start() {
   if (impl_->agent == nullptr) return absl::FailedPreconditionError("Connect() first");
   return impl_->agent->Start();

@@ -108,6 +108,8 @@ class Runtime {
   Executor* executor() const;
   Clock* clock() const;
   int num_worker_threads() const;
+  // Pool threads not running a task now (a simulated worker: num_worker_threads()).
+  int num_idle_threads() const;
 
   // Starts the agent (register handlers and runners first).
   absl::Status Start();

@@ -23,8 +23,7 @@ int64_t SteadyNanos() {
 }  // namespace
 
 std::string StuckThread::ToString() const {
-  return absl::StrCat("pool thread ", index, " (tid ", os_tid,
-                      "), inside one task for ",
+  return absl::StrCat("pool thread ", index, " (tid ", os_tid, "), inside one task for ",
                       absl::FormatDuration(busy_for));
 }
 
@@ -52,6 +51,14 @@ ThreadPool::~ThreadPool() {
   // Threads left behind by a bounded shutdown still use this object: wait for
   // them to leave rather than free it under them.
   WaitForExits(absl::InfiniteFuture());
+}
+
+int ThreadPool::num_idle_threads() const {
+  int n = 0;
+  for (const std::unique_ptr<ThreadState>& t : threads_) {
+    n += t->busy_since_ns.load(std::memory_order_acquire) == 0;
+  }
+  return n;
 }
 
 int ThreadPool::threads_left_behind() const {
@@ -119,12 +126,9 @@ void ThreadPool::Post(std::function<void()> task) {
   if (wake != nullptr) wake->Wake();
 }
 
-void ThreadPool::Shutdown(ShutdownMode mode) {
-  ShutdownWithin(mode, absl::InfiniteDuration());
-}
+void ThreadPool::Shutdown(ShutdownMode mode) { ShutdownWithin(mode, absl::InfiniteDuration()); }
 
-std::vector<StuckThread> ThreadPool::ShutdownWithin(ShutdownMode mode,
-                                                    absl::Duration join_bound) {
+std::vector<StuckThread> ThreadPool::ShutdownWithin(ShutdownMode mode, absl::Duration join_bound) {
   absl::MutexLock serial(&shutdown_mu_);
   const absl::Time deadline = absl::Now() + join_bound;
   std::deque<std::function<void()>> discarded;
@@ -155,9 +159,9 @@ std::vector<StuckThread> ThreadPool::ShutdownWithin(ShutdownMode mode,
       detached_[t->index] = true;
       t->thread.detach();
       const int64_t since = t->busy_since_ns.load(std::memory_order_acquire);
-      stuck.push_back(StuckThread{
-          t->index, t->os_tid.load(std::memory_order_relaxed),
-          since == 0 ? absl::ZeroDuration() : absl::Nanoseconds(now - since)});
+      stuck.push_back(
+          StuckThread{t->index, t->os_tid.load(std::memory_order_relaxed),
+                      since == 0 ? absl::ZeroDuration() : absl::Nanoseconds(now - since)});
     }
   }
   for (std::thread* t : to_join) t->join();  // Each has left Loop: prompt.
@@ -181,8 +185,7 @@ uint64_t ThreadPool::dropped() const {
 
 void ThreadPool::Loop(ThreadState* self) {
   current_pool = this;
-  self->os_tid.store(static_cast<int64_t>(syscall(SYS_gettid)),
-                     std::memory_order_relaxed);
+  self->os_tid.store(static_cast<int64_t>(syscall(SYS_gettid)), std::memory_order_relaxed);
   mu_.Lock();
   while (true) {
     if (!queue_.empty() && !joined_) {

@@ -93,10 +93,13 @@ class ThreadPool : public Executor {
   // Shutdown(mode), waiting at most `join_bound` for the threads to leave (see
   // above); returns the threads left behind (empty if every thread was
   // joined). If a Shutdown is already complete, returns an empty list at once.
-  std::vector<StuckThread> ShutdownWithin(ShutdownMode mode,
-                                          absl::Duration join_bound);
+  std::vector<StuckThread> ShutdownWithin(ShutdownMode mode, absl::Duration join_bound);
 
   int num_threads() const { return static_cast<int>(threads_.size()); }
+  // Threads not inside a task right now (waiting for one or polling), as
+  // PyTorch's agent.num_idle_threads counts them. A snapshot: it may be stale
+  // by the time it is read.
+  int num_idle_threads() const;
   // Lets idle threads poll `pollable` (the pool may call its Wake() while
   // holding the pool's lock: Wake() must not take locks a Poll() holds while
   // posting). Fails (returns false) while another is
@@ -140,10 +143,10 @@ class ThreadPool : public Executor {
   Pollable* pollable_ ABSL_GUARDED_BY(mu_) = nullptr;
   // A thread is inside pollable's Poll().
   bool polling_ ABSL_GUARDED_BY(mu_) = false;
-  int idle_ ABSL_GUARDED_BY(mu_) = 0;  // Threads waiting on cv_.
-  absl::CondVar poll_done_;            // Signalled when polling_ turns false.
+  int idle_ ABSL_GUARDED_BY(mu_) = 0;                  // Threads waiting on cv_.
+  absl::CondVar poll_done_;                            // Signalled when polling_ turns false.
   std::vector<std::unique_ptr<ThreadState>> threads_;  // Fixed at construction.
-  absl::Mutex shutdown_mu_;  // Serializes Shutdown() callers.
+  absl::Mutex shutdown_mu_;                            // Serializes Shutdown() callers.
 
   // Which threads have left Loop (by index), and how many were left behind.
   mutable absl::Mutex exit_mu_;

@@ -29,6 +29,27 @@ TEST(ThreadPoolTest, RunsEveryTaskOnPoolThreads) {
   EXPECT_FALSE(pool.InPool());
 }
 
+TEST(ThreadPoolTest, NumIdleThreadsCountsThreadsOutsideATask) {
+  ThreadPool pool(3);
+  EXPECT_EQ(pool.num_idle_threads(), 3);
+  absl::BlockingCounter arrived(2);
+  absl::Notification release;
+  absl::BlockingCounter finished(2);
+  for (int i = 0; i < 2; ++i) {
+    pool.Post([&] {
+      arrived.DecrementCount();
+      release.WaitForNotification();
+      finished.DecrementCount();
+    });
+  }
+  arrived.Wait();
+  EXPECT_EQ(pool.num_idle_threads(), 1);
+  release.Notify();
+  finished.Wait();
+  // The counter is decremented inside the task: the thread leaves it just after.
+  while (pool.num_idle_threads() != 3) std::this_thread::yield();
+}
+
 TEST(ThreadPoolTest, NeverRunsInline) {
   ThreadPool pool(1);
   std::thread::id poster = std::this_thread::get_id();

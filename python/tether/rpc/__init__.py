@@ -9,6 +9,7 @@ The rendezvous is torch.distributed's (init_method tcp://, file://, env://), as 
 RPC engine is Tether's (tether._C).
 """
 import ipaddress
+import numbers
 import os
 import threading
 from datetime import timedelta
@@ -24,8 +25,24 @@ from .api import (  # noqa: F401
     RRef,
     RpcTimeoutError,
     WorkerInfo,
+    _cleanup_python_rpc_handler,
+    _delete_all_user_and_unforked_owner_rrefs,
+    _destroy_rref_context,
+    _disable_jit_rref_pickle,
+    _enable_jit_rref_pickle,
+    _get_current_rpc_agent,
     _get_debug_info_agent,
+    _invoke_remote_builtin,
+    _invoke_remote_python_udf,
+    _invoke_remote_torchscript,
+    _invoke_rpc_builtin,
+    _invoke_rpc_python_udf,
+    _invoke_rpc_torchscript,
+    _is_current_rpc_agent_set,
     _require_initialized,
+    _reset_current_rpc_agent,
+    _set_and_start_rpc_agent,
+    _set_profiler_node_id,
     _set_rpc_timeout,
     _wait_all,
     _worker_summary,
@@ -139,32 +156,41 @@ def init_rpc(name, backend=None, rank=-1, world_size=None, rpc_backend_options=N
         except BaseException:
             _C.abandon_listen()
             raise
-        _start(infos, rank)
+        api._init_rpc_states(api._AgentView(infos, rank))
         return
 
     store, rank, world_size = next(
         dist.rendezvous(opts.init_method, rank=rank, world_size=world_size)
     )
-    _init_rpc_backend(backend, store, name, rank, world_size, opts)
+    _init_rpc_backend(backend or BackendType.TENSORPIPE, store, name, rank, world_size, opts)
 
 
-def _start(infos, rank):
-    """The worker registry first, then the agent serves: a peer may call at once. On any error
-    (Ctrl-C included) nothing is left half started."""
-    try:
-        api._set_workers(infos, rank)
-        _C.start()
-    except BaseException:
-        api._clear_workers()
-        api._stop_now()
-        raise
+def _validate_rpc_args(backend, store, name, rank, world_size, rpc_backend_options):
+    type_mapping = {
+        backend: BackendType,
+        store: dist.Store,
+        name: str,
+        rank: numbers.Integral,
+        world_size: numbers.Integral,  # required: Tether has no dynamic groups
+        rpc_backend_options: RpcBackendOptions,
+    }
+    for arg, arg_type in type_mapping.items():
+        if not isinstance(arg, arg_type):
+            raise RuntimeError(f"Argument {arg} must be of type {arg_type} but got type {type(arg)}")
 
 
-def _init_rpc_backend(backend, store, name, rank, world_size, rpc_backend_options):
+def _init_rpc_backend(backend=BackendType.TENSORPIPE, store=None, name=None, rank=-1,
+                      world_size=None, rpc_backend_options=None):
     """Starts RPC over a rendezvous store that torch.distributed made (init_rpc's second half,
     with PyTorch's name and arguments): every worker publishes its name and address there and
-    reads everyone's (transport/rendezvous_protocol.h: the C++ rendezvous's exchange)."""
+    reads everyone's (transport/rendezvous_protocol.h: the C++ rendezvous's exchange), then the
+    agent is made current and started (api._init_rpc_states)."""
     global _init_counter, _store
+    _validate_rpc_args(backend, store, name, rank, world_size, rpc_backend_options)
+    if api._is_current_rpc_agent_set():
+        raise RuntimeError("RPC is already initialized")
+    if not isinstance(rpc_backend_options, TensorPipeRpcBackendOptions):
+        raise TypeError(f"Could not infer backend for options {rpc_backend_options}")
     opts = rpc_backend_options
     timeout = opts.rpc_timeout
     store.set_timeout(timedelta(seconds=timeout if timeout > 0 else 3600 * 24))
@@ -187,7 +213,7 @@ def _init_rpc_backend(backend, store, name, rank, world_size, rpc_backend_option
         _C.abandon_listen()
         raise
     infos = _C.connect(workers)
-    _start(infos, rank)
+    api._init_rpc_states(api._AgentView(infos, rank))
     _store = store
 
 
@@ -204,5 +230,3 @@ def _get_debug_info():
     info.update({k: str(v) for k, v in _C.autograd_debug_info().items()})
     return info
 
-
-_get_current_rpc_agent = api._get_current_rpc_agent

@@ -2,10 +2,14 @@
 Tether's engine."""
 import asyncio
 import atexit
+import contextlib
+import datetime
 import functools
+import logging
 import re
 import threading
-from typing import Dict, Generic, Optional, TypeVar
+import time
+from typing import Any, Dict, Generic, Optional, Set, TypeVar
 
 import torch
 import torch.jit._builtins
@@ -16,6 +20,9 @@ from . import _profiling
 from . import _shutdown
 from . import internal
 from .constants import DEFAULT_SHUTDOWN_TIMEOUT, UNSET_RPC_TIMEOUT
+from .internal import PythonUDF, _internal_rpc_pickler
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "shutdown", "get_worker_info", "remote", "rpc_sync", "rpc_async", "RRef", "WorkerInfo",
@@ -96,11 +103,14 @@ def _set_workers(workers, self_id):
 
 
 def _clear_workers():
-    global _self_info
+    global _self_info, _current_agent
     with _state_lock:
         _workers_by_name.clear()
         _workers_by_id.clear()
         _self_info = None
+    if _current_agent is not None:
+        _current_agent._state = "shut down"
+        _current_agent = None
 
 
 def _require_initialized(func):
@@ -220,12 +230,37 @@ def _send(to, func, args, kwargs, timeout, remote=False, profiling_key=""):
         send = _C.remote_builtin if remote else _C.send_builtin
         return send(info.id, qualified_name, args, kwargs, timeout, profiling_key)
     if isinstance(func, torch.jit.ScriptFunction):
+        _refuse_rrefs_for_script("rpc to a TorchScript function", args, kwargs)
         send = _C.remote_script if remote else _C.send_script
         return send(info.id, torch._jit_internal._qualified_name(func), args, kwargs, timeout,
                     profiling_key)
-    data, tensors = internal.serialize((func, args, kwargs), info.id)
+    pickler = _default_pickler
+    if pickler is _internal_rpc_pickler:
+        data, tensors = internal.serialize((func, args, kwargs), info.id)
+    else:
+        data, tensors = internal._serialize_with(pickler, PythonUDF(func, args, kwargs), info.id)
     send = _C.remote_python if remote else _C.send_python
     return send(info.id, data, tensors, timeout, async_exec, profiling_key)
+
+
+def _holds_rref(value, depth=0) -> bool:
+    if isinstance(value, _C.RRef):
+        return True
+    if depth < 4 and isinstance(value, (list, tuple)):
+        return any(_holds_rref(v, depth + 1) for v in value)
+    if depth < 4 and isinstance(value, dict):
+        return any(_holds_rref(v, depth + 1) for v in value.values())
+    return False
+
+
+def _refuse_rrefs_for_script(what, args, kwargs) -> None:
+    """TorchScript cannot hold Tether's RRefs: say so before sending, naming it."""
+    if _holds_rref(args) or _holds_rref(kwargs):
+        raise NotImplementedError(
+            f"{what}: RRefs cannot be passed to TorchScript functions under Tether (TorchScript "
+            "cannot hold Tether's RRefs); pass the value (rref.to_here()) or call a Python "
+            "function"
+        )
 
 
 def _profiling_key(rpc_type, func, to):
@@ -274,12 +309,17 @@ def _follow(source, pending):
 
 
 def _rpc_async(to, func, args, kwargs, timeout, profiling_key=""):
-    pending = _send(to, func, args, kwargs, timeout, profiling_key=profiling_key)
+    fut = _future_of(_send(to, func, args, kwargs, timeout, profiling_key=profiling_key))
+    if hasattr(_thread_local_var, "future_list"):
+        _thread_local_var.future_list.append(fut)
+    return fut
+
+
+def _future_of(pending):
+    """The _RpcFuture a sent call's result (a _C.Pending) is delivered to."""
     fut = _RpcFuture()
     fut._pending = pending
     pending.deliver_to(fut)
-    if hasattr(_thread_local_var, "future_list"):
-        _thread_local_var.future_list.append(fut)
     return fut
 
 
@@ -448,25 +488,433 @@ def _get_debug_info_agent():
     return _C.agent_debug_info()
 
 
+# --- The seed's private surface: the agent, its lifecycle, RRef context, invoke paths ---------------
+# torch.distributed.rpc's private bindings and Python-layer helpers, with PyTorch's names and
+# argument shapes, over Tether's engine (python/README.md lists what cannot apply).
+
+_METRIC_KEYS = (
+    "agent.client_active_calls", "agent.server_active_calls", "agent.server_active_async_calls",
+    "agent.num_idle_threads", "agent.thread_pool_size", "agent.gil_average_wait_time_us",
+)
+
+
+def _shutdown_rpc(graceful=True, timeout=DEFAULT_SHUTDOWN_TIMEOUT):
+    shutdown(graceful=graceful, timeout=timeout)  # the module's, looked up at call time
+
+
 class _AgentView:
-    """What `rpc.api._get_current_rpc_agent()` offers in PyTorch, for code that inspects it."""
+    """The agent of this process's run, as `rpc.api._get_current_rpc_agent()` returns it in
+    PyTorch (a TensorPipeAgent there): made by `_init_rpc_backend`, started by
+    `_set_and_start_rpc_agent`, current until shut down."""
+
+    is_static_group = True  # world_size is required: groups are static
+
+    def __init__(self, infos, rank):
+        self._infos = list(infos)
+        self._rank = rank
+        self._state = "created"  # -> "running" -> "shut down"
+
+    def _start(self):
+        """The worker registry first, then the engine serves: a peer may call at once. On any
+        error (Ctrl-C included) nothing is left half started."""
+        if self._state != "created":
+            raise RuntimeError(f"_set_and_start_rpc_agent: this agent is {self._state} already")
+        global _current_agent
+        try:
+            _set_workers(self._infos, self._rank)
+            _current_agent = self
+            _C.start()
+        except BaseException:
+            _current_agent = None
+            _clear_workers()
+            _stop_now()
+            self._state = "shut down"
+            raise
+        self._state = "running"
+
+    def _running(self, what):
+        if self._state != "running" or not _C.is_initialized():
+            raise RuntimeError(f"{what}: the RPC agent is not running (state: {self._state})")
 
     def get_worker_info(self, worker_name=None):
+        """This worker's WorkerInfo, or the one of `worker_name` (a name or an id)."""
+        self._running("get_worker_info")
         return get_worker_info(worker_name)
 
     def get_worker_infos(self):
+        """Every worker's WorkerInfo, by id."""
+        self._running("get_worker_infos")
         return [_workers_by_id[i] for i in sorted(_workers_by_id)]
 
+    def get_metrics(self):
+        """PyTorch's agent metrics (values are strings): agent.client_active_calls,
+        agent.server_active_calls, agent.server_active_async_calls, agent.num_idle_threads,
+        agent.thread_pool_size, and agent.gil_average_wait_time_us while
+        enable_gil_profiling(True)."""
+        self._running("get_metrics")
+        info = _get_debug_info_agent()
+        return {k: info[k] for k in _METRIC_KEYS if k in info}
+
     def get_debug_info(self):
+        """get_metrics() plus Tether's own counters (agent.calls_sent, ...)."""
+        self._running("get_debug_info")
         return _get_debug_info_agent()
 
+    def join(self, shutdown=False, timeout=0):
+        """Blocks until every worker has called join() and no worker has a call of its own in
+        flight (rounds of _all_gather of the workers' counts of calls in flight, as PyTorch's
+        agent sums them through its store; ``timeout`` seconds bounds each round, 0: none).
+        ``shutdown=True``: then shuts down gracefully, as rpc.shutdown() does."""
+        self._running("join")
+        if not shutdown:
+            while sum(_all_gather(_calls_in_flight_when_idle(), timeout=timeout).values()):
+                pass
+            return
+        _shutdown_rpc(graceful=True, timeout=timeout)  # the agent is the current one
 
-def _get_current_rpc_agent():
-    if not _C.is_initialized():
+    def sync(self):
+        """Nothing to do: sends are never buffered (PyTorch's TensorPipe agent does nothing too)."""
+
+    def shutdown(self):
+        """Stops this worker's RPC at once (a local, ungraceful shutdown; nothing if it is not
+        running)."""
+        if self._state == "running" and _C.is_initialized():
+            _shutdown_rpc(graceful=False)
+        self._state = "shut down"
+
+    def __repr__(self):
+        return f"<tether.rpc agent of {self._infos_name()} ({self._state})>"
+
+    def _infos_name(self):
+        for name, wid in self._infos:
+            if wid == self._rank:
+                return name
+        return f"rank {self._rank}"
+
+
+def _calls_in_flight_when_idle() -> int:
+    """Waits until this worker has no call of its own in flight, then returns how many it has
+    (more than 0 if another thread made one meanwhile)."""
+    while int(_C.agent_debug_info()["agent.client_active_calls"]) > 0:
+        time.sleep(0.005)
+    return int(_C.agent_debug_info()["agent.client_active_calls"])
+
+
+_current_agent: Optional[_AgentView] = None
+
+
+def _is_current_rpc_agent_set() -> bool:
+    """Whether RPC runs in this process (init_rpc done, shutdown not yet)."""
+    return _current_agent is not None and _C.is_initialized()
+
+
+def _get_current_rpc_agent() -> _AgentView:
+    agent = _current_agent
+    if agent is None or not _C.is_initialized():
         raise RuntimeError(
-            "Current RPC agent is not set! Did you initialize the RPC framework (init_rpc)?"
+            "Current RPC agent is not set! Did you initialize the RPC framework "
+            "(e.g. by calling `rpc.init_rpc`)?"
         )
-    return _AgentView()
+    return agent
+
+
+def _set_and_start_rpc_agent(agent) -> None:
+    """Makes `agent` (made by _init_rpc_backend) the current one and starts it."""
+    if not isinstance(agent, _AgentView):
+        raise TypeError(
+            "_set_and_start_rpc_agent: Tether runs only its own agent (the one _init_rpc_backend "
+            f"makes), got {type(agent).__name__}"
+        )
+    if _is_current_rpc_agent_set():
+        raise RuntimeError("_set_and_start_rpc_agent: Current RPC agent is already set")
+    agent._start()
+
+
+def _reset_current_rpc_agent() -> None:
+    """Forgets the current agent once it is shut down (PyTorch's last step of shutdown()).
+    Tether's agent cannot run without being current: while it runs this fails, naming it."""
+    global _current_agent
+    if _C.is_initialized():
+        raise RuntimeError(
+            "_reset_current_rpc_agent: Tether's RPC agent stays current while it runs; shut it "
+            "down first (rpc.shutdown() or _get_current_rpc_agent().shutdown())"
+        )
+    _current_agent = None
+
+
+def _cleanup_python_rpc_handler() -> None:
+    """Nothing to do: Tether keeps no per-run Python handler state (its hooks into tether.rpc
+    are installed once, at import), so a later init_rpc works as before."""
+
+
+def _timeout_seconds(timeout) -> float:
+    if isinstance(timeout, datetime.timedelta):
+        return timeout.total_seconds()
+    return float(timeout)
+
+
+@_require_initialized
+def _delete_all_user_and_unforked_owner_rrefs(timeout=datetime.timedelta(seconds=100)) -> None:
+    """Deletes every user RRef of this worker (they can no longer be used) and every owner RRef
+    nobody else knows of, and waits until the owners acknowledged the deletions, at most
+    ``timeout`` (a timedelta or seconds; 0: no bound). Part of a graceful shutdown, as in
+    PyTorch."""
+    _C.delete_all_user_and_unforked_owner_rrefs(_timeout_seconds(timeout))
+
+
+def _destroy_rref_context(ignore_leak: bool) -> None:
+    """Closes this worker's RRef context: RRefs dropped from now on send nothing and RRef
+    messages from other workers are refused. Unless ``ignore_leak``, fails (tether._C.RRefLeakError,
+    a RuntimeError, "Leaking RRef(s) ...") listing the references still alive. Nothing to do once
+    RPC is shut down (the context went with it)."""
+    if _C.is_initialized():
+        _C.destroy_rref_context(bool(ignore_leak))
+
+
+def _set_profiler_node_id(node_id: int) -> None:
+    """The node id profiler events recorded here carry (init_rpc sets the worker's id)."""
+    _C.set_profiler_node_id(int(node_id))
+
+
+def _enable_jit_rref_pickle() -> None:
+    """Would let torch.jit.save pickle RRefs held by a ScriptModule. Tether's RRefs cannot be
+    held by TorchScript (RRefs passed to or returned from TorchScript functions, RRef attributes of
+    ScriptModules): refused, naming it."""
+    raise NotImplementedError(
+        "_enable_jit_rref_pickle: Tether's RRefs cannot be used from TorchScript (passed to or "
+        "returned from TorchScript functions, or held by a ScriptModule), so there are no RRefs "
+        "for torch.jit.save to pickle"
+    )
+
+
+def _disable_jit_rref_pickle() -> None:
+    """Nothing to do: RRef pickling by TorchScript is never enabled under Tether."""
+
+
+def _worker_info_arg(what, dst) -> WorkerInfo:
+    if isinstance(dst, WorkerInfo):
+        return dst
+    if isinstance(dst, (str, int)) and not isinstance(dst, bool):
+        return get_worker_info(dst)
+    raise TypeError(f"{what}: the destination must be a WorkerInfo, a name or an id, got {dst!r}")
+
+
+def _check_script_async(what, is_async_exec):
+    if is_async_exec:
+        raise NotImplementedError(
+            f"{what}: @rpc.functions.async_execution on TorchScript functions is not supported "
+            "by Tether"
+        )
+
+
+@_require_initialized
+def _invoke_rpc_builtin(dst_worker_info, qualified_name, rpc_timeout, *args, **kwargs):
+    """Runs the builtin operator `qualified_name` (``aten::add``) on the destination; a Future."""
+    info = _worker_info_arg("_invoke_rpc_builtin", dst_worker_info)
+    return _future_of(_C.send_builtin(info.id, qualified_name, args, kwargs,
+                                      _timeout_arg(rpc_timeout), ""))
+
+
+@_require_initialized
+def _invoke_rpc_python_udf(dst_worker_info, pickled_python_udf, tensors, rpc_timeout,
+                           is_async_exec):
+    """Sends a Python call pickled by a pickler's serialize(PythonUDF(func, args, kwargs)); a
+    Future."""
+    info = _worker_info_arg("_invoke_rpc_python_udf", dst_worker_info)
+    return _future_of(_C.send_python(info.id, bytes(pickled_python_udf), list(tensors),
+                                     _timeout_arg(rpc_timeout), bool(is_async_exec), ""))
+
+
+@_require_initialized
+def _invoke_rpc_torchscript(dst_worker_name, qualified_name_str, args, kwargs, rpc_timeout,
+                            is_async_exec):
+    """Runs the TorchScript function `qualified_name_str` on the destination; a Future."""
+    _check_script_async("_invoke_rpc_torchscript", is_async_exec)
+    _refuse_rrefs_for_script("_invoke_rpc_torchscript", args, kwargs)
+    info = _worker_info_arg("_invoke_rpc_torchscript", dst_worker_name)
+    return _future_of(_C.send_script(info.id, qualified_name_str, tuple(args or ()),
+                                     dict(kwargs or {}), _timeout_arg(rpc_timeout), ""))
+
+
+@_require_initialized
+def _invoke_remote_builtin(dst_worker_info, qualified_name, rpc_timeout, *args, **kwargs):
+    """remote() of a builtin operator: an RRef owned by the destination."""
+    info = _worker_info_arg("_invoke_remote_builtin", dst_worker_info)
+    return _C.remote_builtin(info.id, qualified_name, args, kwargs, _timeout_arg(rpc_timeout), "")
+
+
+@_require_initialized
+def _invoke_remote_python_udf(dst_worker_info, pickled_python_udf, tensors, rpc_timeout,
+                              is_async_exec):
+    """remote() of a pickled Python call: an RRef owned by the destination."""
+    info = _worker_info_arg("_invoke_remote_python_udf", dst_worker_info)
+    return _C.remote_python(info.id, bytes(pickled_python_udf), list(tensors),
+                            _timeout_arg(rpc_timeout), bool(is_async_exec), "")
+
+
+@_require_initialized
+def _invoke_remote_torchscript(dst_worker_name, qualified_name_str, rpc_timeout, is_async_exec,
+                               *args, **kwargs):
+    """remote() of a TorchScript function: an RRef owned by the destination."""
+    _check_script_async("_invoke_remote_torchscript", is_async_exec)
+    _refuse_rrefs_for_script("_invoke_remote_torchscript", args, kwargs)
+    info = _worker_info_arg("_invoke_remote_torchscript", dst_worker_name)
+    return _C.remote_script(info.id, qualified_name_str, args, kwargs, _timeout_arg(rpc_timeout),
+                            "")
+
+
+# --- The pickler of Python calls ----------------------------------------------------------------
+_default_pickler = _internal_rpc_pickler
+
+
+@contextlib.contextmanager
+def _use_rpc_pickler(rpc_pickler):
+    """Within the context, Python calls (rpc_sync, rpc_async, remote) are pickled with
+    ``rpc_pickler.serialize(PythonUDF(func, args, kwargs))`` (a process-wide switch, as in
+    PyTorch); afterwards with the default one again."""
+    global _default_pickler
+    _default_pickler = rpc_pickler
+    try:
+        yield
+    finally:
+        _default_pickler = _internal_rpc_pickler
+
+
+# --- _all_gather, _barrier, _wait_all_workers ---------------------------------------------------
+# A gather through the leader (the first worker name in sorted order): every worker sends its
+# object to the leader, which, once it has every worker's, sends the whole map back to each.
+
+class AllGatherStates:
+    def __init__(self):
+        self.gathered_objects: Dict[str, Any] = {}
+        self.proceed_signal = threading.Event()
+
+
+_ALL_WORKER_NAMES: Set[str] = set()
+_all_gather_dict_lock = threading.RLock()
+_all_gather_sequence_id: Dict[str, int] = {}
+_all_gather_sequence_id_to_states: Dict[str, AllGatherStates] = {}
+
+
+def _gather_states(sequence_id) -> AllGatherStates:
+    with _all_gather_dict_lock:
+        states = _all_gather_sequence_id_to_states.get(sequence_id)
+        if states is None:
+            states = _all_gather_sequence_id_to_states[sequence_id] = AllGatherStates()
+        return states
+
+
+def _init_rpc_states(agent) -> None:
+    """Records the workers' names for _all_gather and starts `agent` unless it runs already."""
+    global _ALL_WORKER_NAMES
+    _ALL_WORKER_NAMES = {name for name, _ in agent._infos}
+    if not _is_current_rpc_agent_set():
+        _set_and_start_rpc_agent(agent)
+
+
+def _gather_to_leader(sequence_id, worker_name, obj, worker_names=None):
+    """On the leader: `worker_name`'s object for gather `sequence_id`."""
+    with _all_gather_dict_lock:
+        if not worker_names:
+            worker_names = _ALL_WORKER_NAMES
+            assert worker_name in worker_names, f"{worker_name} is not expected by leader."
+        states = _gather_states(sequence_id)
+        assert worker_name not in states.gathered_objects, (
+            f"{worker_name} reported intent sequence id {sequence_id} twice. "
+        )
+        states.gathered_objects[worker_name] = obj
+        if set(worker_names) == set(states.gathered_objects):
+            states.proceed_signal.set()
+
+
+def _broadcast_to_followers(sequence_id, objects_map):
+    """On a follower: the leader's map of every worker's object for gather `sequence_id`."""
+    states = _gather_states(sequence_id)
+    assert not states.proceed_signal.is_set(), (
+        f"Termination signal sequence id {sequence_id} got set twice."
+    )
+    states.gathered_objects = objects_map
+    states.proceed_signal.set()
+
+
+@_require_initialized
+def _all_gather(obj, worker_names=None, timeout=UNSET_RPC_TIMEOUT):
+    """Every worker of `worker_names` (default: all) calls it with its `obj`; each gets the map
+    {worker name: obj} once the leader has them all. ``timeout``: -1 uses the RPC timeout for the
+    calls and waits for the others without bound; 0 bounds nothing; else bounds both. Raises
+    RuntimeError on the leader naming the followers it could not reach."""
+    if not worker_names:
+        worker_names = _ALL_WORKER_NAMES
+    worker_names = set(worker_names)
+    leader_name = sorted(worker_names)[0]
+    self_name = _self_info.name
+    concat_names = "".join(sorted(worker_names))
+    with _all_gather_dict_lock:
+        sequence_num = _all_gather_sequence_id.get(concat_names, 0)
+        _all_gather_sequence_id[concat_names] = sequence_num + 1
+    sequence_id = concat_names + str(sequence_num)
+    is_leader = leader_name == self_name
+
+    if timeout == UNSET_RPC_TIMEOUT:
+        rpc_timeout, signal_timeout = get_rpc_timeout(), None
+    elif timeout == DEFAULT_SHUTDOWN_TIMEOUT:
+        rpc_timeout, signal_timeout = timeout, None
+    else:
+        rpc_timeout = signal_timeout = timeout
+
+    if is_leader:
+        _gather_to_leader(sequence_id, self_name, obj, worker_names)
+    else:
+        rpc_sync(leader_name, _gather_to_leader,
+                 args=(sequence_id, self_name, obj, worker_names), timeout=rpc_timeout)
+
+    states = _gather_states(sequence_id)
+    # As in PyTorch, a leader whose wait timed out goes on with what it has (the followers'
+    # broadcasts then say who is missing).
+    states.proceed_signal.wait(timeout=signal_timeout)
+
+    if is_leader:
+        futs = {
+            name: rpc_async(name, _broadcast_to_followers,
+                            args=(sequence_id, states.gathered_objects), timeout=rpc_timeout)
+            for name in sorted(worker_names - {leader_name})
+        }
+        errors = []
+        for name, fut in futs.items():
+            try:
+                fut.wait()
+            except RuntimeError as ex:
+                errors.append((name, ex))
+        if errors:
+            raise RuntimeError(
+                f"Followers {[e[0] for e in errors]} timed out in _all_gather "
+                f"after {rpc_timeout:.2f} seconds. The first exception is {errors[0][1]}"
+            )
+
+    with _all_gather_dict_lock:
+        states = _all_gather_sequence_id_to_states.pop(sequence_id)
+    return states.gathered_objects
+
+
+@_require_initialized
+def _barrier(worker_names):
+    """Blocks until every worker of `worker_names` has called _barrier(worker_names). A failure
+    is logged, not raised (as in PyTorch)."""
+    try:
+        _all_gather(None, set(worker_names))
+    except RuntimeError as ex:
+        logger.error(f"Failed to complete barrier, got error {ex}")
+
+
+@_require_initialized
+def _wait_all_workers(timeout=DEFAULT_SHUTDOWN_TIMEOUT):
+    """Blocks until every worker has called _wait_all_workers() (an _all_gather; ``timeout``
+    seconds, 0: none). rpc.shutdown() does not need it: its barrier is the agent's."""
+    try:
+        _all_gather(None, timeout=timeout)
+    except RuntimeError as ex:
+        logger.error(f"Failed to respond to 'Shutdown Proceed' in time, got error {ex}")
+        raise ex
 
 
 @_require_initialized

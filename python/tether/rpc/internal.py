@@ -12,6 +12,7 @@ Hooks called by the extension (tether._C), on its thread pool, with the GIL:
 """
 import collections
 import copyreg
+import enum
 import io
 import pickle
 import sys
@@ -223,3 +224,116 @@ def _decode_reply(data, tensors, is_exception, sender):
 
 def _serialize_value(value, is_exception):
     return serialize(value, None)
+
+
+# --- PyTorch's internal names (torch.distributed.rpc.internal) ----------------------------------
+
+class RPCExecMode(enum.Enum):
+    SYNC = "sync"
+    ASYNC = "async"
+    ASYNC_JIT = "async_jit"
+    REMOTE = "remote"
+
+
+def _build_rpc_profiling_key(exec_type, func_name, current_worker_name, dst_worker_name):
+    """The name of a call's profiler event: ``rpc_sync#func(worker0 -> worker1)``."""
+    return f"rpc_{exec_type.value}#{func_name}({current_worker_name} -> {dst_worker_name})"
+
+
+class _InternalRPCPickler:
+    r"""torch.distributed.rpc's pickler interface over Tether's pickling: ``serialize(obj)``
+    returns ``(pickle, tensors)`` with the tensors out of band, ``deserialize(pickle, tensors)``
+    the object. Subclass it (override ``_tensor_reducer``, ``_rref_reducer``, or
+    ``_register_reducer(cls, reducer)``) and pass an instance to ``api._use_rpc_pickler`` to pickle
+    Python calls with it; what it makes is unpickled on the callee as usual, so its reducers must
+    name functions the callee can import. RRefs pickle only while a call is being sent (the
+    fork is made for its destination)."""
+
+    def __init__(self):
+        self._dispatch_table = copyreg.dispatch_table.copy()
+        self._dispatch_table[torch.Tensor] = self._tensor_reducer
+        self._class_reducer_dict = {}
+
+    def _register_reducer(self, obj_class, reducer):
+        # As PyTorch: the first reducer registered for a class stays.
+        if obj_class not in self._class_reducer_dict:
+            self._class_reducer_dict[obj_class] = reducer
+
+    @classmethod
+    def _tensor_receiver(cls, tensor_index):
+        return _tensor_from_table(tensor_index)
+
+    def _tensor_reducer(self, tensor):
+        return _reduce_tensor(tensor)
+
+    @classmethod
+    def _py_rref_receiver(cls, rref_fork_data):
+        return _rref_from_descriptor(rref_fork_data)
+
+    def _py_rref_reducer(self, py_rref):
+        return _reduce_rref(py_rref)
+
+    def _rref_reducer(self, rref):
+        return self._py_rref_reducer(rref)
+
+    @classmethod
+    def _script_module_receiver(cls, script_module_serialized):
+        return torch.jit.load(io.BytesIO(script_module_serialized))
+
+    def _script_module_reducer(self, script_module):
+        f = io.BytesIO()
+        torch.jit.save(script_module, f)
+        return (_InternalRPCPickler._script_module_receiver, (f.getvalue(),))
+
+    def serialize(self, obj):
+        table = self._dispatch_table.copy()
+        table[_C.RRef] = self._rref_reducer
+        if isinstance(obj, torch.jit.ScriptModule):
+            table[obj.__class__] = self._script_module_reducer
+        table.update(self._class_reducer_dict)
+        old_tensors = getattr(_tls, "send_tensors", None)
+        tensors = _tls.send_tensors = []
+        try:
+            f = io.BytesIO()
+            p = pickle.Pickler(f, protocol=pickle.HIGHEST_PROTOCOL)
+            p.dispatch_table = table
+            p.dump(obj)
+            return f.getvalue(), tensors
+        finally:
+            _tls.send_tensors = old_tensors
+
+    def deserialize(self, binary_data, tensor_table):
+        """The object; RRefs in it are received from the worker whose call is being received
+        (outside one they cannot be). A function or class the unpickler cannot find comes back
+        as an AttributeError (returned, not raised), as in PyTorch."""
+        old = (getattr(_tls, "recv_tensors", None), getattr(_tls, "recv_rrefs", None))
+        _tls.recv_tensors = tensor_table
+        if old[1] is None:
+            _tls.recv_rrefs = []
+        try:
+            return pickle.loads(binary_data)
+        except AttributeError as e:
+            err = AttributeError(
+                f"{e} Default RPC pickler does not serialize function code. Ensure that UDFs "
+                "are defined on both caller and callee modules."
+            )
+            err.__cause__ = e
+            return err
+        finally:
+            _tls.recv_tensors, _tls.recv_rrefs = old
+
+
+# Made once, as in PyTorch (api._default_pickler is this one outside _use_rpc_pickler).
+_internal_rpc_pickler = _InternalRPCPickler()
+
+
+def _serialize_with(pickler, obj, peer):
+    """(pickle, tensors) of `obj` for worker `peer` made by a program's pickler (_use_rpc_pickler):
+    RRefs in it are forked for `peer`."""
+    old_peer = getattr(_tls, "send_peer", None)
+    _tls.send_peer = peer
+    try:
+        data, tensors = pickler.serialize(obj)
+    finally:
+        _tls.send_peer = old_peer
+    return data, list(tensors)
