@@ -166,8 +166,8 @@ void RRefContext::Attach() {
         return agent->Call(to, type, std::move(payload), {}, timeout);
       },
       clock_, executor_, policy,
-      [this](WorkerId, int, const absl::Status& status) {
-        return OnControlAttempt(status.code() == absl::StatusCode::kDeadlineExceeded);
+      [this](WorkerId to, int, const absl::Status& status) {
+        return OnControlAttempt(to, status);
       });
   auto route = [weak](void (RRefContext::*method)(std::shared_ptr<IncomingCall>)) {
     return [weak, method](std::shared_ptr<IncomingCall> call) {
@@ -272,10 +272,15 @@ void RRefContext::SendControl(WorkerId to, MessageType type, std::string payload
   control_->Send(to, type, std::move(payload), std::move(done));
 }
 
-bool RRefContext::OnControlAttempt(bool timed_out) {
+bool RRefContext::OnControlAttempt(WorkerId to, const absl::Status& status) {
   absl::MutexLock lock(&mu_);
   TouchLocked();
-  bool retry = timed_out && !closed_;
+  // A send that failed while the peer is up is retried like a lost one; once
+  // the peer is declared failed, OnPeerFailed has settled what it held.
+  const bool retriable =
+      status.code() == absl::StatusCode::kDeadlineExceeded ||
+      (status.code() == absl::StatusCode::kUnavailable && failed_.count(to) == 0);
+  bool retry = retriable && !closed_;
   if (!retry) {
     --pending_control_;
     CheckShutdownDone();
