@@ -803,8 +803,10 @@ void RRefContext::OnCreationReply(const ForkId& fork, const absl::StatusOr<Messa
           code != absl::StatusCode::kUnavailable && code != absl::StatusCode::kFailedPrecondition;
       SettleUserLocked(
           user,
-          WithPrefix(reply.status(), absl::StrCat("creation of RRef ", user->rref.ToString(),
-                                                  " on worker ", user->owner, " failed: ")),
+          // PyTorch's words lead ("RRef creation"), which programs match.
+          WithPrefix(reply.status(),
+                     absl::StrCat("RRef creation via rpc.remote() failed (RRef ",
+                                  user->rref.ToString(), " on worker ", user->owner, "): ")),
           needs_delete);
     }
     MaybeDeleteUserLocked(fork, &actions);
