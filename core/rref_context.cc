@@ -275,11 +275,10 @@ void RRefContext::SendControl(WorkerId to, MessageType type, std::string payload
 bool RRefContext::OnControlAttempt(WorkerId to, const absl::Status& status) {
   absl::MutexLock lock(&mu_);
   TouchLocked();
-  // A send that failed while the peer is up is retried like a lost one; once
-  // the peer is declared failed, OnPeerFailed has settled what it held.
-  const bool retriable =
-      status.code() == absl::StatusCode::kDeadlineExceeded ||
-      (status.code() == absl::StatusCode::kUnavailable && failed_.count(to) == 0);
+  // A send that failed while the peer is up (an injected fault) is retried like
+  // a lost message, until the peer is declared failed; a lost peer is not.
+  const bool retriable = status.code() == absl::StatusCode::kDeadlineExceeded ||
+                         (IsTransientSendError(status) && failed_.count(to) == 0);
   bool retry = retriable && !closed_;
   if (!retry) {
     --pending_control_;
