@@ -166,8 +166,8 @@ void RRefContext::Attach() {
         return agent->Call(to, type, std::move(payload), {}, timeout);
       },
       clock_, executor_, policy,
-      [this](WorkerId, int, const absl::Status& status) {
-        return OnControlAttempt(status.code() == absl::StatusCode::kDeadlineExceeded);
+      [this](WorkerId to, int, const absl::Status& status) {
+        return OnControlAttempt(to, status);
       });
   auto route = [weak](void (RRefContext::*method)(std::shared_ptr<IncomingCall>)) {
     return [weak, method](std::shared_ptr<IncomingCall> call) {
@@ -272,10 +272,14 @@ void RRefContext::SendControl(WorkerId to, MessageType type, std::string payload
   control_->Send(to, type, std::move(payload), std::move(done));
 }
 
-bool RRefContext::OnControlAttempt(bool timed_out) {
+bool RRefContext::OnControlAttempt(WorkerId to, const absl::Status& status) {
   absl::MutexLock lock(&mu_);
   TouchLocked();
-  bool retry = timed_out && !closed_;
+  // A send that failed while the peer is up (an injected fault) is retried like
+  // a lost message, until the peer is declared failed; a lost peer is not.
+  const bool retriable = status.code() == absl::StatusCode::kDeadlineExceeded ||
+                         (IsTransientSendError(status) && failed_.count(to) == 0);
+  bool retry = retriable && !closed_;
   if (!retry) {
     --pending_control_;
     CheckShutdownDone();
@@ -798,8 +802,10 @@ void RRefContext::OnCreationReply(const ForkId& fork, const absl::StatusOr<Messa
           code != absl::StatusCode::kUnavailable && code != absl::StatusCode::kFailedPrecondition;
       SettleUserLocked(
           user,
-          WithPrefix(reply.status(), absl::StrCat("creation of RRef ", user->rref.ToString(),
-                                                  " on worker ", user->owner, " failed: ")),
+          // PyTorch's words lead ("RRef creation"), which programs match.
+          WithPrefix(reply.status(),
+                     absl::StrCat("RRef creation via rpc.remote() failed (RRef ",
+                                  user->rref.ToString(), " on worker ", user->owner, "): ")),
           needs_delete);
     }
     MaybeDeleteUserLocked(fork, &actions);

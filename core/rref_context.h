@@ -359,8 +359,10 @@ class RRefContext : public std::enable_shared_from_this<RRefContext> {
   // pending_control_ until then. `done` runs on the executor with the final result.
   void SendControl(WorkerId to, MessageType type, std::string payload,
                    std::function<void(const absl::StatusOr<Message>&)> done);
-  // control_'s hook: an attempt finished; returns whether to retry it.
-  bool OnControlAttempt(bool timed_out);
+  // control_'s hook: an attempt to `to` finished with `status`; returns whether
+  // to retry it: a timeout is retried, and so is a transient send failure
+  // (core/status.h; PyTorch's faulty agent) while `to` is not declared failed.
+  bool OnControlAttempt(WorkerId to, const absl::Status& status);
   void RunActions(Actions actions);
   // Posts `fn(ctx)` on the executor if the context is still alive.
   void PostSelf(std::function<void(RRefContext*)> fn);

@@ -10,7 +10,10 @@
 // Errors carry their kind as data: the code (absl's guide: kDeadlineExceeded a timeout,
 // kUnavailable a peer lost, kCancelled shutdown, kInvalidArgument bad input) and, where the code
 // is not enough, a payload. An RPC that ran past its own timeout (PyTorch's RpcTimeoutError, as
-// opposed to another deadline) is RpcTimeoutError(); IsRpcTimeout() recognises it.
+// opposed to another deadline) is RpcTimeoutError(); IsRpcTimeout() recognises it. A send that
+// failed while the peer is up (only injected faults do that: transport/faulty) is
+// TransientSendError(); IsTransientSendError() recognises it, and callers that retry lost messages
+// retry it too.
 #ifndef TETHER_CORE_STATUS_H_
 #define TETHER_CORE_STATUS_H_
 
@@ -33,6 +36,20 @@ inline absl::Status RpcTimeoutError(absl::string_view message) {
 inline bool IsRpcTimeout(const absl::Status& s) {
   return s.code() == absl::StatusCode::kDeadlineExceeded &&
          s.GetPayload(kRpcTimeoutPayloadUrl).has_value();
+}
+
+inline constexpr char kTransientSendPayloadUrl[] = "type.tether.dev/transient-send-failure";
+
+// kUnavailable with `message`, marked as a failed send of a message that may be sent again.
+inline absl::Status TransientSendError(absl::string_view message) {
+  absl::Status s = absl::UnavailableError(message);
+  s.SetPayload(kTransientSendPayloadUrl, absl::Cord("1"));
+  return s;
+}
+
+inline bool IsTransientSendError(const absl::Status& s) {
+  return s.code() == absl::StatusCode::kUnavailable &&
+         s.GetPayload(kTransientSendPayloadUrl).has_value();
 }
 
 }  // namespace tether

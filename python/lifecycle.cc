@@ -28,6 +28,7 @@
 #include "python/py_ownership.h"
 #include "python/sim_bindings.h"
 #include "python/wait.h"
+#include "transport/faulty/faulty_network.h"
 
 namespace py = pybind11;
 
@@ -57,8 +58,12 @@ RuntimeOptions BaseOptions(const std::string& name, int rank, int num_worker_thr
   return options;
 }
 
+// `fail_types`, `num_fail_sends` and `delays` (seconds by message type name)
+// configure a FaultyNetwork under the agent (the FAULTY_TENSORPIPE backend).
 std::string Listen(const std::string& name, int rank, int num_worker_threads, double rpc_timeout,
-                   const std::string& auth_token, const std::string& listen_host) {
+                   const std::string& auth_token, const std::string& listen_host,
+                   const std::vector<std::string>& fail_types, int num_fail_sends,
+                   const std::map<std::string, double>& delays) {
   RequireNotInitialized();
   if (GetHooks().run_python_call == nullptr) {
     throw std::runtime_error("tether._C is used before tether.rpc installed its hooks");
@@ -66,6 +71,10 @@ std::string Listen(const std::string& name, int rank, int num_worker_threads, do
   RuntimeOptions options = BaseOptions(name, rank, num_worker_threads, rpc_timeout);
   options.auth_token = auth_token;
   options.listen_host = listen_host;
+  absl::StatusOr<FaultyNetworkOptions> faults =
+      FaultyNetworkOptions::FromNames(fail_types, num_fail_sends, delays);
+  if (!faults.ok()) Raise(faults.status());
+  options.faults = *std::move(faults);
   absl::StatusOr<std::unique_ptr<Runtime>> runtime;
   {
     ScopedGilRelease release;
@@ -360,7 +369,9 @@ void RegisterLifecycleBindings(py::module_& m) {
       },
       "Installs tether.rpc's Python hooks (once, at import).");
   m.def("listen", &Listen, py::arg("name"), py::arg("rank"), py::arg("num_worker_threads"),
-        py::arg("rpc_timeout"), py::arg("auth_token"), py::arg("listen_host"));
+        py::arg("rpc_timeout"), py::arg("auth_token"), py::arg("listen_host"),
+        py::arg("fail_types") = std::vector<std::string>(), py::arg("num_fail_sends") = 0,
+        py::arg("delays") = std::map<std::string, double>());
   m.def("abandon_listen", &AbandonListen);
   m.def("sim_listen", &SimListen, py::arg("name"), py::arg("rank"), py::arg("world_size"),
         py::arg("num_worker_threads"), py::arg("rpc_timeout"));

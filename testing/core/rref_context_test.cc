@@ -114,10 +114,10 @@ TEST(RRefContextTest, CreationErrorIsRaisedByTheNextUse) {
   ASSERT_TRUE(c->world().RunUntilIdle());
   absl::Status st = c->ctx(0).Check(h);
   EXPECT_EQ(st.code(), absl::StatusCode::kInternal);
-  EXPECT_TRUE(Contains(st.message(), "creation of RRef")) << st;
+  EXPECT_TRUE(Contains(st.message(), "RRef creation via rpc.remote() failed (RRef ")) << st;
   EXPECT_TRUE(Contains(st.message(), "boom")) << st;
   std::string fetched = Fetch(*c, 0, h);
-  EXPECT_TRUE(Contains(fetched, "creation of RRef")) << fetched;
+  EXPECT_TRUE(Contains(fetched, "RRef creation via rpc.remote() failed (RRef ")) << fetched;
   auto fork = c->ctx(0).Fork(h, 1);
   EXPECT_FALSE(fork.ok());
   EXPECT_TRUE(Contains(fork.status().message(), "boom"));
@@ -132,7 +132,7 @@ TEST(RRefContextTest, CreationTimeoutIsRememberedAndTheOwnerStillFrees) {
   ASSERT_TRUE(c->world().RunUntil([&] { return !c->ctx(0).Check(h).ok(); }));
   absl::Status st = c->ctx(0).Check(h);
   EXPECT_EQ(st.code(), absl::StatusCode::kDeadlineExceeded) << st;
-  EXPECT_TRUE(Contains(st.message(), "creation of RRef")) << st;
+  EXPECT_TRUE(Contains(st.message(), "RRef creation via rpc.remote() failed (RRef ")) << st;
   h = RRefHandle();
   ExpectClean(*c);
   EXPECT_EQ(c->ledger().frees(), 1);

@@ -5,6 +5,7 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "core/status.h"
 
 namespace tether {
 
@@ -66,9 +67,9 @@ absl::Status FaultyNetwork::Send(WorkerId to, Message message) {
     if (stopped_) return absl::UnavailableError("network is stopped");
     if (options_.fail_types.count(type) > 0 && failed_[type] < options_.num_fail_sends) {
       int n = ++failed_[type];
-      return absl::UnavailableError(absl::StrCat("Send attempt failed intentionally for ",
-                                                 MessageTypeName(type), " (injected fault ", n,
-                                                 " of ", options_.num_fail_sends, ")"));
+      return TransientSendError(absl::StrCat("Send attempt failed intentionally for ",
+                                             MessageTypeName(type), " (injected fault ", n, " of ",
+                                             options_.num_fail_sends, ")"));
     }
     auto it = options_.delays.find(type);
     if (it != options_.delays.end()) delay = it->second;

@@ -117,20 +117,24 @@ def init_rpc(name, backend=None, rank=-1, world_size=None, rpc_backend_options=N
 
     Args:
         name (str): this worker's unique name (letters, digits, ``_``, ``:``, ``-``; < 128).
-        backend (BackendType, optional): only ``BackendType.TENSORPIPE`` (the default), served
-            by Tether's engine.
+        backend (BackendType, optional): ``BackendType.TENSORPIPE`` (the default) or, once
+            ``tether.rpc._testing`` is imported, ``FAULTY_TENSORPIPE``; both are Tether's
+            engine. Inferred from ``rpc_backend_options`` when not given, as in PyTorch.
         rank (int): this worker's unique id in ``[0, world_size)``.
         world_size (int): number of workers. Required (dynamic groups are not supported).
-        rpc_backend_options: a TensorPipeRpcBackendOptions or TetherRpcBackendOptions.
+        rpc_backend_options: a TensorPipeRpcBackendOptions, TetherRpcBackendOptions or
+            FaultyTensorPipeRpcBackendOptions.
     """
-    if backend is not None and not isinstance(backend, BackendType):
+    if backend is not None and not isinstance(backend, backend_registry.BackendType):
         raise TypeError("Argument backend must be a member of BackendType")
     if rpc_backend_options is not None and not isinstance(rpc_backend_options, RpcBackendOptions):
         raise TypeError("Argument rpc_backend_options must be an instance of RpcBackendOptions")
+    if backend is None and rpc_backend_options is not None:
+        backend = _infer_backend(rpc_backend_options)
+    if backend is None:
+        backend = backend_registry.BackendType.TENSORPIPE
     if rpc_backend_options is None:
-        rpc_backend_options = TensorPipeRpcBackendOptions()
-    if not isinstance(rpc_backend_options, TensorPipeRpcBackendOptions):
-        raise TypeError(f"Could not infer backend for options {rpc_backend_options}")
+        rpc_backend_options = backend_registry.construct_rpc_backend_options(backend)
     if not isinstance(name, str):
         raise RuntimeError(f"Argument {name} must be of type {str} but got type {type(name)}")
     WorkerInfo(name, 0)  # Validates the name.
@@ -144,13 +148,19 @@ def init_rpc(name, backend=None, rank=-1, world_size=None, rpc_backend_options=N
     if _C.is_initialized():
         raise RuntimeError("RPC is already initialized")
     opts = rpc_backend_options
-    timeout = opts.rpc_timeout
 
     if _C.sim_in_worker():
-        # Under tether.sim the simulator is the rendezvous (no init method needed).
+        # Under tether.sim the simulator is the rendezvous (no init method needed) and the
+        # injector of faults.
         if rank < 0:
             raise ValueError("init_rpc under tether.sim needs rank")
-        workers = _C.sim_listen(name, rank, world_size, opts.num_worker_threads, timeout)
+        if not isinstance(opts, TensorPipeRpcBackendOptions) or _faults_of(opts)[0]:
+            raise ValueError(
+                f"init_rpc under tether.sim runs Tether's engine on the simulator, which injects "
+                f"faults itself (--faults): backend {backend.name} with "
+                f"{type(opts).__name__} cannot apply there"
+            )
+        workers = _C.sim_listen(name, rank, world_size, opts.num_worker_threads, opts.rpc_timeout)
         try:
             infos = _C.connect(workers)
         except BaseException:
@@ -162,35 +172,64 @@ def init_rpc(name, backend=None, rank=-1, world_size=None, rpc_backend_options=N
     store, rank, world_size = next(
         dist.rendezvous(opts.init_method, rank=rank, world_size=world_size)
     )
-    _init_rpc_backend(backend or BackendType.TENSORPIPE, store, name, rank, world_size, opts)
+    _init_rpc_backend(backend, store, name, rank, world_size, opts)
+
+
+def _infer_backend(options):
+    """The backend whose default options `options` is an instance of, trying the newest
+    registered first (as PyTorch does); TypeError if none."""
+    for candidate in backend_registry.BackendType:
+        if isinstance(options, type(backend_registry.construct_rpc_backend_options(candidate))):
+            return candidate
+    raise TypeError(f"Could not infer backend for options {options}")
+
+
+def _faults_of(options):
+    """(whether any fault is asked for, fail types, num_fail_sends, delays) of `options`: a
+    FaultyTensorPipeRpcBackendOptions (tether.rpc._testing) names them; others ask for none."""
+    faults = getattr(options, "_tether_faults", None)
+    if faults is None:
+        return (False, [], 0, {})
+    fail_types, num_fail_sends, delays = faults()
+    return (bool(fail_types and num_fail_sends > 0) or bool(delays), fail_types, num_fail_sends,
+            delays)
 
 
 def _validate_rpc_args(backend, store, name, rank, world_size, rpc_backend_options):
-    type_mapping = {
-        backend: BackendType,
-        store: dist.Store,
-        name: str,
-        rank: numbers.Integral,
-        world_size: numbers.Integral,  # required: Tether has no dynamic groups
-        rpc_backend_options: RpcBackendOptions,
-    }
-    for arg, arg_type in type_mapping.items():
+    for arg, arg_type, what in (
+        (backend, backend_registry.BackendType, "backend"), (store, dist.Store, "store"),
+        (name, str, "name"), (rank, numbers.Integral, "rank"),
+        # Required: Tether has no dynamic groups.
+        (world_size, numbers.Integral, "world_size"),
+        (rpc_backend_options, RpcBackendOptions, "rpc_backend_options"),
+    ):
         if not isinstance(arg, arg_type):
-            raise RuntimeError(f"Argument {arg} must be of type {arg_type} but got type {type(arg)}")
+            raise RuntimeError(
+                f"Argument {what}={arg!r} must be of type {arg_type} but got type {type(arg)}"
+            )
 
 
-def _init_rpc_backend(backend=BackendType.TENSORPIPE, store=None, name=None, rank=-1,
-                      world_size=None, rpc_backend_options=None):
-    """Starts RPC over a rendezvous store that torch.distributed made (init_rpc's second half,
-    with PyTorch's name and arguments): every worker publishes its name and address there and
-    reads everyone's (transport/rendezvous_protocol.h: the C++ rendezvous's exchange), then the
-    agent is made current and started (api._init_rpc_states)."""
-    global _init_counter, _store
+def _init_rpc_backend(backend=None, store=None, name=None, rank=-1, world_size=None,
+                      rpc_backend_options=None):
+    """init_rpc's second half, with PyTorch's name and arguments: runs `backend`'s init handler
+    over a rendezvous store that torch.distributed made."""
+    if backend is None:
+        backend = backend_registry.BackendType.TENSORPIPE
     _validate_rpc_args(backend, store, name, rank, world_size, rpc_backend_options)
     if api._is_current_rpc_agent_set():
         raise RuntimeError("RPC is already initialized")
-    if not isinstance(rpc_backend_options, TensorPipeRpcBackendOptions):
-        raise TypeError(f"Could not infer backend for options {rpc_backend_options}")
+    backend_registry.init_backend(
+        backend, store=store, name=name, rank=rank, world_size=world_size,
+        rpc_backend_options=rpc_backend_options,
+    )
+
+
+def _start_engine(store, name, rank, world_size, rpc_backend_options):
+    """Starts Tether's engine (the TENSORPIPE and FAULTY_TENSORPIPE backends' init handler):
+    every worker publishes its name and address in `store` and reads everyone's
+    (transport/rendezvous_protocol.h: the C++ rendezvous's exchange), then the agent is made
+    current and started (api._init_rpc_states)."""
+    global _init_counter, _store
     opts = rpc_backend_options
     timeout = opts.rpc_timeout
     store.set_timeout(timedelta(seconds=timeout if timeout > 0 else 3600 * 24))
@@ -199,11 +238,13 @@ def _init_rpc_backend(backend=BackendType.TENSORPIPE, store=None, name=None, ran
         # gets its own prefix, so a second init_rpc does not read the first one's entries.
         store = dist.PrefixStore(f"tether_rpc_{_init_counter}", store)
         _init_counter += 1
+    _, fail_types, num_fail_sends, delays = _faults_of(opts)
 
     address = _C.listen(
         name, rank, opts.num_worker_threads, timeout,
         getattr(opts, "auth_token", None) or "",
         _publish_address(opts.init_method, opts),
+        fail_types, num_fail_sends, delays,
     )
     try:
         workers = _C.exchange_addresses(
