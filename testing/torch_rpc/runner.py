@@ -286,6 +286,8 @@ def _check_extension() -> str:
 
 
 def _git_commit() -> str:
+    if os.environ.get("TORCH_RPC_TESTS_COMMIT"):  # a copy of the tree outside git
+        return os.environ["TORCH_RPC_TESTS_COMMIT"]
     try:
         return subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
                               capture_output=True, text=True, check=True).stdout.strip()
