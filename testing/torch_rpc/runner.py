@@ -315,6 +315,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                              "and Tether lacks: such a module then fails every test at import")
     parser.add_argument("--include-na", action="store_true",
                         help="also run on Tether the tests that cannot apply to it (CUDA)")
+    parser.add_argument("--no-run", action="store_true",
+                        help="run nothing: write the table from OUT.jsonl (for instance the "
+                             "concatenation of several runs' files)")
     parser.add_argument("--list", action="store_true", help="list the selected tests and exit")
     parser.add_argument("--check", action="store_true",
                         help="exit 1 unless every selected test passed on every backend run "
@@ -344,8 +347,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     jsonl = out.with_suffix(".jsonl")
     logs = out.with_suffix(".logs")
-    results = _load_jsonl(jsonl) if args.resume else {}
-    if not args.resume and jsonl.exists():
+    results = _load_jsonl(jsonl) if args.resume or args.no_run else {}
+    if not (args.resume or args.no_run) and jsonl.exists():
         jsonl.unlink()
     import torch
 
@@ -364,7 +367,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     failures = 0
     for backend in backends:
         for test in tests:
-            if (test.key, backend) in results:
+            if (test.key, backend) in results or args.no_run:
                 continue
             if backend == "tether" and test.not_applicable and not args.include_na:
                 outcome = Outcome("n/a", test.not_applicable, 0.0)

@@ -12,8 +12,17 @@ import time
 
 from testing.torch_rpc import runner
 
+# Python UDFs, builtins, async_execution, remote() and RRefs, worker infos, nested calls.
 SLICE = [
     "RpcTest.test_add",
+    "RpcTest.test_async_add",
+    "RpcTest.test_async_function_simple",
+    "RpcTest.test_builtin_remote_ret",
+    "RpcTest.test_get_worker_infos",
+    "RpcTest.test_local_rref_no_fork",
+    "RpcTest.test_multi_builtin_remote_ret",
+    "RpcTest.test_multi_rpc",
+    "RpcTest.test_nested_rpc",
 ]
 
 
