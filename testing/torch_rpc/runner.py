@@ -26,8 +26,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Tuple
 
-REPO = Path(__file__).resolve().parents[2]
-SHIMS = Path(__file__).resolve().parent / "shims"
+# Not resolve(): under Bazel the runfiles tree (with the extension beside python/) is the repo.
+REPO = Path(os.path.abspath(__file__)).parents[2]
+SHIMS = Path(os.path.abspath(__file__)).parent / "shims"
 BACKENDS = ("tether", "torch")
 DEFAULT_CLASSES = ["RpcTest", "TensorPipeAgentRpcTest", "FaultyAgentRpcTest"]
 COMMON = "RpcTestCommon"
