@@ -228,6 +228,17 @@ def write_tables(out: Path, tests: List[Test], results: Dict[Tuple[str, str], Ou
         name = cls if cls != COMMON else f"{COMMON} (in {' and '.join(COMMON_HOSTS)}, counted there too)"
         lines.append(f"| {name} | {sum(counts.values())} | "
                      + " | ".join(str(counts[c]) for c in categories) + " |")
+    statuses = ["pass", "fail", "timeout", "skip", "n/a"]
+    lines += ["", "Per backend (tests run so far):", "",
+              "| class | backend | " + " | ".join(statuses) + " | not run |",
+              "|---|---|" + "---|" * (len(statuses) + 1)]
+    for cls in per_class:
+        members = [t for t in tests if t.cls == cls or (cls == COMMON and t.common)]
+        for backend in backends:
+            got = [results[(t.key, backend)].status for t in members if (t.key, backend) in results]
+            lines.append(f"| {cls} | {backend} | "
+                         + " | ".join(str(got.count(st)) for st in statuses)
+                         + f" | {len(members) - len(got)} |")
     lines += ["", "## Tests", "",
               "| class | # | test | common | " + " | ".join(backends) + " | category |",
               "|---|---|---|---|" + "---|" * len(backends) + "---|"]
