@@ -133,12 +133,15 @@ class Responder {
     result_.Set(std::move(v));
   }
 
-  // GIL held on entry.
-  void Fail(const std::string& message) {
+  // GIL held on entry. The caller raises RuntimeError with `message`, after "On WorkerInfo(...):"
+  // naming this worker if `on_worker` (a handler's own failure); as is otherwise (the text of a
+  // failure PyTorch reports without it: an async_execution function's wrong result or failed
+  // future).
+  void Fail(const std::string& message, bool on_worker) {
     if (replied_.exchange(true)) return;
     if (profile_ != nullptr) profile_->Finish();
-    absl::Status error =
-        absl::InternalError(absl::StrCat("On ", WorkerText(*worker_), ":\n", message));
+    absl::Status error = absl::InternalError(
+        on_worker ? absl::StrCat("On ", WorkerText(*worker_), ":\n", message) : message);
     ScopedGilRelease release;
     Answer(error);
   }
@@ -187,9 +190,9 @@ void RunPythonHook(std::shared_ptr<Responder> responder, const pycall::Payload& 
       hook(responder, py::bytes(payload.pickle()), py::cast(tensors), payload.async_execution(),
            caller);
     } catch (py::error_already_set& e) {
-      responder->Fail(e.what());
+      responder->Fail(e.what(), /*on_worker=*/true);
     } catch (const std::exception& e) {
-      responder->Fail(e.what());
+      responder->Fail(e.what(), /*on_worker=*/true);
     }
   }
   if (profile != nullptr) profile->LeaveThread();
@@ -338,7 +341,7 @@ void RegisterCalleeBindings(py::module_& m) {
       .def("reply", &Responder::Reply, py::arg("pickle"), py::arg("tensors"),
            py::arg("is_exception"))
       .def("set_value", &Responder::SetValue, py::arg("value"), py::arg("is_exception"))
-      .def("fail", &Responder::Fail);
+      .def("fail", &Responder::Fail, py::arg("message"), py::arg("on_worker") = true);
 }
 
 }  // namespace tether

@@ -93,8 +93,55 @@ py::object ToPython(Decoded& d, const CallContext& ctx) {
   if (!d.status.ok()) Raise(d.status, &ctx);
   if (d.payload.torchscript_value()) return torch::jit::toPyObject(std::move(d.value));
   py::object hook = py::reinterpret_borrow<py::object>(GetHooks().decode_reply);
-  return hook(py::bytes(d.payload.pickle()), py::cast(d.tensors), d.payload.remote_exception(),
-              ctx.to);
+  try {
+    return hook(py::bytes(d.payload.pickle()), py::cast(d.tensors), d.payload.remote_exception(),
+                ctx.to);
+  } catch (py::error_already_set& e) {
+    if (!e.matches(PyExc_Exception)) throw;  // Ctrl-C while decoding stays itself
+    std::rethrow_exception(RemoteErrorAsTorch(e));
+  }
+}
+
+// GIL held. A torch future's error that torch's futures raise as the Python exception `exc`
+// itself (its type and message), as often as they are waited on.
+std::exception_ptr AsFutureError(py::handle exc) {
+  CheckGilHeld("AsFutureError");
+  PyErr_SetObject(reinterpret_cast<PyObject*>(Py_TYPE(exc.ptr())), exc.ptr());
+  python_error error;
+  error.persist();
+  return std::make_exception_ptr(std::move(error));
+}
+
+c10::intrusive_ptr<c10::ivalue::Future> TorchFuture(const py::handle& fut) {
+  return py::cast<std::shared_ptr<torch::jit::PythonFutureWrapper>>(fut)->fut;
+}
+
+// GIL held. Completes `fut` (a torch future) with the error `exc` as an error of the future
+// (torch.futures.Future.set_exception stores it as a value that wait() raises, which
+// torch.futures.collect_all / wait_all do not see as a failure).
+void SetFutureError(const py::handle& fut, const py::handle& exc) {
+  TorchFuture(fut)->setError(AsFutureError(exc));
+}
+
+// GIL held. Completes `fut` as `source` (complete) is: its value or its very error. Does nothing
+// if `fut` is complete already.
+void CompleteFutureLike(const py::handle& fut, const py::handle& source) {
+  c10::intrusive_ptr<c10::ivalue::Future> out = TorchFuture(fut);
+  c10::intrusive_ptr<c10::ivalue::Future> src = TorchFuture(source);
+  if (out->completed()) return;
+  if (src->hasError()) {
+    out->setError(src->exception_ptr());
+  } else {
+    out->markCompleted(src->value());
+  }
+}
+
+// The text of the error `fut` (a complete torch future) carries, or nothing if it has a value
+// (one set by set_exception() included).
+std::optional<std::string> FutureErrorText(const py::handle& fut) {
+  c10::intrusive_ptr<c10::ivalue::Future> f = TorchFuture(fut);
+  if (!f->completed() || !f->hasError()) return std::nullopt;
+  return f->tryRetrieveErrorMessage();
 }
 
 // One rpc_async result on its way into its torch future. It is delivered exactly once, by
@@ -103,8 +150,9 @@ py::object ToPython(Decoded& d, const CallContext& ctx) {
 // once (the decode also adds the callee's profiling events).
 class Delivery {
  public:
-  Delivery(py::object target, CallContext ctx)
-      : target_(std::make_shared<PyRef>(std::move(target))), ctx_(std::move(ctx)) {}
+  // `target`: a torch.futures.Future (raises TypeError otherwise). GIL held.
+  Delivery(const py::object& target, CallContext ctx)
+      : target_(TorchFuture(target)), ctx_(std::move(ctx)) {}
 
   // A pool thread, the reply in: decodes it (no GIL) unless a wait() already took it. Returns
   // whether it is now ready for the queue.
@@ -160,45 +208,40 @@ class Delivery {
   enum State { kWaiting, kDecoding, kReady, kTaken };
 
   // GIL held. The result or the error goes into the future unless the user completed it
-  // already (theirs stands). Never throws, except, from a wait() (`from_wait`), the Ctrl-C that
-  // interrupted the result's decoding on that thread: the future then gets an error saying the
-  // result was lost. What cannot be delivered is reported as unraisable.
+  // already (theirs stands); an error as an error of the future (so torch.futures.collect_all
+  // and wait_all fail at once), converted as PyTorch converts it for a remote exception
+  // (RemoteErrorAsTorch), as its Python exception (RpcTimeoutError, ...) for Tether's own. Never
+  // throws, except, from a wait() (`from_wait`), the Ctrl-C that interrupted the result's
+  // decoding on that thread: the future then gets an error saying the result was lost. What
+  // cannot be delivered is reported as unraisable.
   void Deliver(Decoded& d, bool from_wait) {
-    py::object f = target_->get();
     std::optional<py::error_already_set> interrupt;
-    std::shared_ptr<torch::jit::PythonFutureWrapper> wrapper;
-    try {
-      wrapper = py::cast<std::shared_ptr<torch::jit::PythonFutureWrapper>>(f);
-    } catch (const py::cast_error&) {
-    }
     try {
       py::object value;
-      py::object error;
+      std::exception_ptr error;
       try {
         value = ToPython(d, ctx_);
       } catch (py::error_already_set& e) {
         if (e.matches(PyExc_Exception)) {
-          error = e.value();
+          error = AsFutureError(e.value());
         } else {
-          error = RuntimeErrorObject(absl::StrCat("the result of the RPC to worker '", ctx_.to_name,
-                                                  "' was lost: its decoding was interrupted"));
+          error = std::make_exception_ptr(
+              std::runtime_error(absl::StrCat("the result of the RPC to worker '", ctx_.to_name,
+                                              "' was lost: its decoding was interrupted")));
           if (from_wait) interrupt.emplace(std::move(e));
         }
-      } catch (const std::exception& e) {
-        error = RuntimeErrorObject(absl::StrCat("the result of the RPC to worker '", ctx_.to_name,
-                                                "' could not be converted: ", e.what()));
+      } catch (const std::exception&) {
+        error = std::current_exception();
       }
-      const bool done =
-          wrapper != nullptr ? wrapper->fut->completed() : f.attr("done")().cast<bool>();
-      if (!done && error) {
-        f.attr("set_exception")(error);
-      } else if (!done && wrapper != nullptr) {
-        // Complete the future directly: torch's set_result() releases the GIL around it, which
+      if (target_->completed()) {
+        // The user's result stands.
+      } else if (error) {
+        target_->setError(error);
+      } else {
+        // Completed directly (GIL held): torch's set_result() releases the GIL around it, which
         // would hand the GIL to a waiting thread in the middle of the batch.
-        wrapper->fut->markCompleted(
+        target_->markCompleted(
             c10::IValue(c10::ivalue::ConcretePyObjectHolder::create(std::move(value))));
-      } else if (!done) {
-        f.attr("set_result")(value);
       }
     } catch (py::error_already_set& e) {
       e.discard_as_unraisable("tether: delivering an RPC result into its future");
@@ -208,22 +251,17 @@ class Delivery {
           absl::StrCat("tether: delivering an RPC result into its future: ", e.what()).c_str());
       PyErr_WriteUnraisable(nullptr);
     }
-    if (wrapper != nullptr && !wrapper->fut->completed()) {
+    if (!target_->completed()) {
       // Delivery itself failed (reported above): no wait() may block on this future for ever.
-      wrapper->fut->setError(std::make_exception_ptr(std::runtime_error(absl::StrCat(
+      target_->setError(std::make_exception_ptr(std::runtime_error(absl::StrCat(
           "the result of the RPC to worker '", ctx_.to_name, "' could not be delivered"))));
     }
-    // The future holds its Pending, which holds this: dropping the target (GIL held) breaks
-    // that cycle once the future is complete.
+    // The future's value may hold Python objects: dropped here, GIL held.
     target_.reset();
     if (interrupt) throw std::move(*interrupt);
   }
 
-  static py::object RuntimeErrorObject(const std::string& text) {
-    return py::reinterpret_borrow<py::object>(PyExc_RuntimeError)(text);
-  }
-
-  std::shared_ptr<PyRef> target_;  // Dropped once delivered (GIL held).
+  c10::intrusive_ptr<c10::ivalue::Future> target_;  // Dropped once delivered (GIL held).
   const CallContext ctx_;
   absl::Mutex mu_;
   State state_ ABSL_GUARDED_BY(mu_) = kWaiting;
@@ -449,6 +487,9 @@ void RegisterCallerBindings(py::module_& m) {
       .def("done", &Pending::done)
       .def("deliver_to", &Pending::DeliverTo)
       .def("deliver_now", &Pending::DeliverNow);
+  m.def("set_future_error", &SetFutureError, py::arg("fut"), py::arg("exception"));
+  m.def("complete_future_like", &CompleteFutureLike, py::arg("fut"), py::arg("source"));
+  m.def("future_error_text", &FutureErrorText, py::arg("fut"));
   auto call = [](Prepared p, WorkerId to, double timeout) {
     return Send(std::move(p), to, timeout);
   };

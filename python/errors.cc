@@ -2,6 +2,8 @@
 
 #include <Python.h>
 
+#include <stdexcept>
+
 #include "absl/strings/cord.h"
 #include "absl/strings/str_cat.h"
 #include "core/status.h"
@@ -88,6 +90,12 @@ void Raise(const absl::Status& status, const CallContext* ctx) {
   py::object exc = MakeException(status, ctx);
   PyErr_SetObject(reinterpret_cast<PyObject*>(Py_TYPE(exc.ptr())), exc.ptr());
   throw py::error_already_set();
+}
+
+std::exception_ptr RemoteErrorAsTorch(const py::error_already_set& e) {
+  if (e.matches(PyExc_ValueError)) return std::make_exception_ptr(py::value_error(e.what()));
+  if (e.matches(PyExc_TypeError)) return std::make_exception_ptr(py::type_error(e.what()));
+  return std::make_exception_ptr(std::runtime_error(e.what()));
 }
 
 }  // namespace tether

@@ -12,6 +12,7 @@
 
 #include <pybind11/pybind11.h>
 
+#include <exception>
 #include <string>
 #include <utility>
 
@@ -44,6 +45,12 @@ pybind11::object MakeException(const absl::Status& status, const CallContext* ct
 
 // Raises the exception for `status` (throws pybind11::error_already_set). GIL held.
 [[noreturn]] void Raise(const absl::Status& status, const CallContext* ctx = nullptr);
+
+// The error a call's future carries for the exception that decoding its reply raised (a remote
+// exception, or a reply that cannot be unpickled), converted as torch.distributed.rpc converts
+// it: ValueError and TypeError stay themselves, any other type becomes RuntimeError; the text is
+// the Python error's ("KeyError: <message>\n\nAt:\n  <frames>"). GIL held.
+std::exception_ptr RemoteErrorAsTorch(const pybind11::error_already_set& e);
 
 template <typename T>
 T ValueOrRaise(absl::StatusOr<T> s) {

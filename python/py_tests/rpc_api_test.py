@@ -1,7 +1,9 @@
 """tether.rpc's calls, futures, errors and RRefs, checked the way PyTorch's RPC tests check them.
 The test process is worker0 of a group of three; worker1 and worker2 are spawned processes."""
 import asyncio
+import contextlib
 import gc
+import io
 import os
 import pickle
 import signal
@@ -133,8 +135,12 @@ def test_remote_exception_type_traceback_and_worker():
     text = str(info.value)
     assert "On WorkerInfo(id=1, name=worker1)" in text
     assert "Traceback" in text and "raise_value_error" in text
-    with pytest.raises(KeyError, match="missing-key"):
+    # As in PyTorch: ValueError and TypeError stay themselves, other types become RuntimeError
+    # (the message starts with the type's name); to_here() raises the type itself.
+    with pytest.raises(RuntimeError, match="(?s)^KeyError: .*missing-key"):
         rpc.rpc_async("worker2", f.raise_key_error).wait()
+    with pytest.raises(KeyError, match="missing-key"):
+        rpc.remote("worker2", f.raise_key_error).to_here()
 
 
 def test_unknown_worker_and_bad_destination():
@@ -328,6 +334,92 @@ def test_wait_all_context_manager():
     assert all(fut.done() for fut in futs)
 
 
+# --- futures and errors as PyTorch's -------------------------------------------------------------
+
+def test_wait_all_raises_at_the_first_error():
+    slow = rpc.rpc_async("worker1", f.wait_for_gate, args=(30,))
+    failing = rpc.rpc_async("worker2", f.raise_value_error)
+    try:
+        with pytest.raises(ValueError, match="Expected error"):
+            torch.futures.wait_all([slow, failing])
+        # It did not wait for the slow call: collect_all completes at the first error.
+        assert not slow.done()
+    finally:
+        rpc.rpc_sync("worker1", f.open_gate)
+    assert slow.wait() is True
+
+
+def test_a_failed_call_is_an_error_of_its_future():
+    fut = rpc.rpc_async("worker1", f.raise_value_error)
+    with pytest.raises(ValueError, match="Expected error"):
+        torch.futures.collect_all([fut]).wait()
+    assert fut.done()
+    with pytest.raises(ValueError, match="Expected error"):
+        fut.value()
+    assert fut.then(lambda done: "ignored").wait() == "ignored"
+    with pytest.raises(RuntimeError, match="^Got the following error when running the callback: "
+                                           "ValueError: ValueError: On WorkerInfo"):
+        fut.then(lambda done: done.value()).wait()
+    seen = []
+    fut.add_done_callback(lambda done: seen.append(done.done()))
+    assert seen == [True]
+    # Tether's own errors keep their type.
+    timed_out = rpc.rpc_async("worker1", f.sleep, args=(1,), timeout=0.05)
+    with pytest.raises(rpc.RpcTimeoutError):
+        torch.futures.collect_all([timed_out]).wait()
+    with pytest.raises(rpc.RpcTimeoutError):
+        timed_out.wait()
+
+
+def test_profiled_call_carries_its_error():
+    with torch.autograd.profiler_legacy.profile():
+        fut = rpc.rpc_async("worker1", f.raise_value_error)
+        with pytest.raises(ValueError, match="Expected error"):
+            fut.wait()
+        with pytest.raises(ValueError, match="Expected error"):
+            torch.futures.collect_all([fut]).wait()
+
+
+def test_rref_get_future_carries_the_creation_error():
+    slow = rpc.rpc_async("worker1", f.wait_for_gate, args=(30,))
+    rref = rpc.remote("worker2", f.sleep, args=(1,), timeout=0.05)
+    fut = rref._get_future()
+    try:
+        with pytest.raises(rpc.RpcTimeoutError, match="RPC ran for more than set timeout"):
+            torch.futures.wait_all([slow, fut])
+        assert not slow.done()
+    finally:
+        rpc.rpc_sync("worker1", f.open_gate)
+    assert slow.wait() is True
+    with pytest.raises(RuntimeError, match="RPC ran for more than set timeout"):
+        fut.wait()
+
+
+def test_remote_exception_text_as_pytorch():
+    with pytest.raises(ValueError) as info:
+        rpc.rpc_async("worker1", f.raise_escaped).wait()
+    text = str(info.value)
+    # The exception's repr with its escapes undone (PyTorch's test_py_raise_in_user_func_
+    # escaped_str), in the form PyTorch's future raises: "ValueError: <message>\n\nAt:...".
+    assert text == text.encode("utf-8").decode("unicode_escape")
+    assert text.startswith("ValueError: On WorkerInfo(id=1, name=worker1):\nValueError('"
+                           + f.ESCAPED_TEXT + "')\nTraceback"), text
+    assert "\n\nAt:\n" in text
+    with pytest.raises(ValueError) as info:
+        rpc.remote("worker1", f.raise_escaped).to_here()
+    assert str(info.value).startswith(
+        "On WorkerInfo(id=1, name=worker1):\nValueError('" + f.ESCAPED_TEXT + "')\nTraceback")
+
+
+def test_remote_exception_is_logged_where_it_ran():
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        with pytest.raises(ValueError, match="Expected error"):
+            rpc.rpc_sync("worker0", f.raise_value_error)
+    assert "On WorkerInfo(id=0, name=worker0)" in err.getvalue()
+    assert "ValueError: Expected error" in err.getvalue()
+
+
 # --- async_execution ------------------------------------------------------------------------------
 
 def test_async_execution_chains_calls():
@@ -341,8 +433,36 @@ def test_async_execution_does_not_exhaust_threads():
 
 
 def test_async_execution_must_return_a_future():
-    with pytest.raises(TypeError, match="must return a torch.futures.Future"):
-        rpc.rpc_sync("worker1", f.async_wrong_return)
+    text = ("Functions decorated with @rpc.async_function must return a torch.futures.Future "
+            "object, but got builtins.int")
+    # PyTorch's error, raised on the caller as RuntimeError with its text (not a remote
+    # exception naming the callee), for every kind of call.
+    for run in (lambda: rpc.rpc_sync("worker1", f.async_wrong_return),
+                lambda: rpc.rpc_async("worker1", f.async_wrong_return).wait(),
+                lambda: rpc.remote("worker1", f.async_wrong_return).to_here()):
+        with pytest.raises(RuntimeError) as info:
+            run()
+        assert str(info.value) == text
+    with pytest.raises(RuntimeError, match="but got builtins.list$"):
+        rpc.rpc_sync("worker2", f.async_wrong_return_list)
+    # The remote() itself succeeded (its value holds the error), as in PyTorch.
+    assert rpc.remote("worker1", f.async_wrong_return)._get_future().wait() is None
+
+
+def test_async_execution_failed_future_replies_its_error_text():
+    # A returned future that fails: the caller raises RuntimeError with that error's text.
+    with pytest.raises(RuntimeError) as info:
+        rpc.rpc_sync("worker1", f.async_nested_raise, args=("worker2",))
+    assert str(info.value).startswith(
+        "ValueError: On WorkerInfo(id=2, name=worker2):\nValueError('Expected error')\n")
+    rref = rpc.remote("worker1", f.async_nested_raise, args=("worker2",))
+    with pytest.raises(RuntimeError, match="^ValueError: On WorkerInfo\\(id=2, name=worker2\\)"):
+        rref.to_here()
+    assert rref._get_future().wait() is None
+    with pytest.raises(RuntimeError,
+                       match="^Got the following error when running the callback: "
+                             "ZeroDivisionError: division by zero"):
+        rpc.rpc_async("worker1", f.async_then_raises, args=("worker2",)).wait()
 
 
 # --- RRefs ----------------------------------------------------------------------------------------
@@ -406,7 +526,7 @@ def test_rref_proxies():
     assert rref.rpc_async().increment().wait() == 8
     assert rref.remote().get().to_here() == 8
     assert rref.rpc_sync().async_get_plus(10) == 18
-    with pytest.raises(AttributeError, match="has no attribute 'non_exist'"):
+    with pytest.raises(RuntimeError, match="(?s)^AttributeError: .*has no attribute 'non_exist'"):
         rref.rpc_sync().non_exist()
     with pytest.raises(RuntimeError, match="counter failure"):
         rref.rpc_async().fail().wait()

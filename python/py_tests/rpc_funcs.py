@@ -161,3 +161,41 @@ def profiler_enabled():
 def torch_ops_with_rref(rref, t):
     """torch_ops(t), in a call that waits for its RRef argument to be confirmed first."""
     return torch_ops(t)
+
+
+# --- futures and errors as PyTorch's -------------------------------------------------------------
+_gate = __import__("threading").Event()
+
+
+def wait_for_gate(timeout):
+    """Blocks until open_gate() (or `timeout` seconds); returns whether it was opened."""
+    opened = _gate.wait(timeout)
+    _gate.clear()
+    return opened
+
+
+def open_gate():
+    _gate.set()
+
+
+ESCAPED_TEXT = "\nFirst line of error \n next line of error \n last line 'quoted' \"twice\""
+
+
+def raise_escaped():
+    raise ValueError(ESCAPED_TEXT)
+
+
+@rpc.functions.async_execution
+def async_wrong_return_list():
+    return [1]
+
+
+@rpc.functions.async_execution
+def async_nested_raise(to):
+    # The returned future fails (a failed call): PyTorch replies with that error's text.
+    return rpc.rpc_async(to, raise_value_error)
+
+
+@rpc.functions.async_execution
+def async_then_raises(to):
+    return rpc.rpc_async(to, add, args=(1, 1)).then(lambda fut: 1 / 0)

@@ -172,7 +172,8 @@ def enable_gil_profiling(flag: bool) -> None:
 
 class _RpcFuture(torch.futures.Future):
     """The Future of rpc_async: a torch.futures.Future whose wait() can be interrupted with
-    Ctrl-C and which can be awaited in asyncio."""
+    Ctrl-C and which can be awaited in asyncio. A failed call completes it with an error of the
+    future (as PyTorch's), so torch.futures.collect_all / wait_all fail at once."""
 
     def wait(self):
         pending = getattr(self, "_pending", None)
@@ -298,13 +299,8 @@ def _follow(source, pending):
     out = _RpcFuture()
     out._pending = pending
 
-    def transfer(src):
-        try:
-            out.set_result(src.value())
-        except Exception as e:  # noqa: B902 (the call's error, delivered to the waiter)
-            out.set_exception(e)
-
-    source.add_done_callback(transfer)
+    # The value, or the very error (an error of the future, as the call's own future has it).
+    source.add_done_callback(lambda src: _C.complete_future_like(out, src))
     return out
 
 
@@ -406,7 +402,7 @@ RRef = _C.RRef
 
 def _rref_get_future(self) -> torch.futures.Future:
     """A future completed when the owner has acknowledged creating this user RRef's value
-    (set_exception with the creation's error if it failed), as torch.distributed.rpc's
+    (with the creation's error, an error of the future, if it failed), as torch.distributed.rpc's
     RRef._get_future(); done at once for an owner RRef (unlike PyTorch's, which waits for the
     owner's value)."""
     fut: torch.futures.Future = torch.futures.Future()
@@ -415,7 +411,7 @@ def _rref_get_future(self) -> torch.futures.Future:
         if error is None:
             fut.set_result(None)
         else:
-            fut.set_exception(error)
+            _C.set_future_error(fut, error)
 
     _C.on_confirmed([self], done)
     return fut

@@ -28,7 +28,9 @@ _tls = threading.local()
 
 class RemoteException:
     """An exception raised by a remote function, as it travels back: its type (by reference)
-    and a message with the remote worker and traceback. `reraise()` raises it as its type."""
+    and a message with the remote worker and traceback (escapes in it, such as the ``\\n`` of
+    the exception's repr, are undone when it is raised, as PyTorch undoes them). `reraise()`
+    raises it as its type."""
 
     __slots__ = ("msg", "exception_type")
 
@@ -41,12 +43,18 @@ class RemoteException:
 
     def make(self):
         try:
-            exc = self.exception_type(self.msg)
+            msg = self.msg.encode("utf-8").decode("unicode_escape")
+        except UnicodeDecodeError:  # a stray backslash: the text as it came (PyTorch raises this)
+            msg = self.msg
+        try:
+            exc = self.exception_type(msg)
             if not isinstance(exc, BaseException):
                 raise TypeError
             return exc
         except Exception:
-            return RuntimeError(f"{getattr(self.exception_type, '__name__', '?')}: {self.msg}")
+            # A type that cannot be made from a message (PyTorch raises the constructor's error,
+            # losing the remote one).
+            return RuntimeError(f"{getattr(self.exception_type, '__name__', '?')}: {msg}")
 
     def reraise(self):
         raise self.make()
@@ -140,9 +148,24 @@ def _worker_text():
         return "WorkerInfo(?)"
 
 
-def _remote_exception(exc):
+def _remote_exception(exc, log=False):
     msg = f"On {_worker_text()}:\n{exc!r}\n{''.join(traceback.format_exception(exc))}"
+    if log:  # a function's own exception is logged where it ran, as PyTorch logs it
+        print(msg, file=sys.stderr)
     return RemoteException(msg, type(exc))
+
+
+def _reply_error(responder, text):
+    """Answers with a failure that the caller raises as RuntimeError(text), not naming this
+    worker (PyTorch's way for an async_execution function's wrong result or failed future); a
+    remote()'s value is created, holding it (its to_here() raises it)."""
+    if responder.is_remote:
+        # Escaped, so that the unescaping of RemoteException.make() gives the text back.
+        responder.set_value(
+            RemoteException(text.encode("unicode_escape").decode("ascii"), RuntimeError), True
+        )
+    else:
+        responder.fail(text, on_worker=False)
 
 
 def _finish(responder, value, is_exception, caller):
@@ -171,27 +194,27 @@ def _run_udf(responder, udf, async_execution, caller, error):
         func, args, kwargs = udf
         result = func(*args, **kwargs)
     except Exception as e:
-        return _finish(responder, _remote_exception(e), True, caller)
+        return _finish(responder, _remote_exception(e, log=True), True, caller)
     if not async_execution:
         return _finish(responder, result, False, caller)
     if not isinstance(result, torch._C.Future):
-        return _finish(
+        kind = type(result)
+        return _reply_error(
             responder,
-            _remote_exception(
-                TypeError(
-                    "Functions decorated with @rpc.functions.async_execution must return a "
-                    f"torch.futures.Future object, but got {type(result)}"
-                )
-            ),
-            True,
-            caller,
+            "Functions decorated with @rpc.async_function must return a torch.futures.Future "
+            f"object, but got {kind.__module__}.{kind.__qualname__}",
         )
 
     def done(fut):
+        text = _C.future_error_text(fut)
+        if text is not None:
+            # Failed as a future fails (a failed call, a raising then() callback): PyTorch
+            # replies with the error's text.
+            return _reply_error(responder, text)
         try:
             value = fut.wait()
-        except Exception as e:
-            return _finish(responder, _remote_exception(e), True, caller)
+        except Exception as e:  # set_exception(): PyTorch would reply with e as the value
+            return _finish(responder, _remote_exception(e, log=True), True, caller)
         _finish(responder, value, False, caller)
 
     result.add_done_callback(done)
@@ -205,7 +228,7 @@ def _run_python_call(responder, data, tensors, async_execution, caller):
             f"{e} Default RPC pickler does not serialize function code. Ensure that UDFs are "
             "defined on both caller and callee modules."
         )
-        return _finish(responder, _remote_exception(err), True, caller)
+        return _finish(responder, _remote_exception(err, log=True), True, caller)
     except Exception as e:
         return _finish(responder, _remote_exception(e), True, caller)
     if rrefs:
@@ -218,7 +241,9 @@ def _run_python_call(responder, data, tensors, async_execution, caller):
 def _decode_reply(data, tensors, is_exception, sender):
     value, _ = deserialize(data, tensors, sender)
     if is_exception:
-        value.reraise()
+        # Raised here, in the hook itself: the caller's future carries it as PyTorch carries it
+        # (python/errors.h RemoteErrorAsTorch), with this frame as its "At:".
+        raise value.make()
     return value
 
 

@@ -12,11 +12,9 @@ def _local_invoke(rref, func_name, args, kwargs):
     method = getattr(rref.local_value(), func_name)
     if hasattr(method, "_wrapped_async_rpc_function"):
         return method(*args, **kwargs)
+    # A method that raises raises here: the call's remote exception, as in PyTorch.
     fut = torch.futures.Future()
-    try:
-        fut.set_result(method(*args, **kwargs))
-    except Exception as e:
-        fut.set_exception(e)
+    fut.set_result(method(*args, **kwargs))
     return fut
 
 
