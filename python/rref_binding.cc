@@ -115,7 +115,7 @@ class PyRRef {
           "For UserRRef(rref_id=", TorchId(handle_.rref_id()),
           ", fork_id=", TorchId(handle_.fork_id()), "), can't call localValue() on user ",
           TorchWorker(w->self.id, w->self.name), ". Call it on owner ",
-          TorchWorker(handle_.owner(), owner.ok() ? owner->name : "?")));
+          TorchWorker(handle_.owner(), owner.ok() ? owner->name : "?"))));
     }
     return ToHere(0);
   }

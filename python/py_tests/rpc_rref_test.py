@@ -91,7 +91,8 @@ def test_rref_returned_by_rpc_and_nested_remote_results():
     outer = rpc.remote("worker1", rf.remote_pair, args=("worker0", torch.zeros(1)))
     x, y = outer.to_here()
     assert x.is_owner() and y.is_owner()  # owned here: no fork from worker1 to itself
-    assert torch.equal(x.to_here(), torch.ones(1)) and torch.equal(y.local_value(), torch.full((1,), 2.0))
+    assert torch.equal(x.to_here(), torch.ones(1))
+    assert torch.equal(y.local_value(), torch.full((1,), 2.0))
 
 
 # --- _get_type ------------------------------------------------------------------------------------
@@ -120,7 +121,8 @@ def test_get_type_asks_the_owner_once(blocking):
     assert not _asked_owner(p.function_events)
     if not blocking:
         assert all(fut is futs[0] for fut in futs)
-    assert rpc.remote("worker2", f.make_counter, args=(0,))._get_type(blocking=blocking) is not None
+    t = rpc.remote("worker2", f.make_counter, args=(0,))._get_type(blocking=blocking)
+    assert (t if blocking else t.wait()) is f.Counter
 
 
 def test_get_type_on_the_owner_and_from_a_third_worker():
@@ -137,7 +139,7 @@ def test_get_type_errors():
         failed._get_type()
     with pytest.raises(ValueError, match="Expected error"):
         failed._get_type(blocking=False).wait()
-    slow = rpc.remote("worker1", rf.SlowInit, args=(2,))
+    slow = rpc.remote("worker1", rf.SlowInit, args=(5,))
     with pytest.raises(RuntimeError, match="RPC ran for more than"):
         slow._get_type(timeout=0.3)
     with pytest.raises(RuntimeError, match="RPC ran for more than"):
@@ -182,7 +184,8 @@ def test_serialize_deserialize_in_a_custom_reducer():
     tag, value = rpc.rpc_sync("worker1", rf.holder_value, args=(theirs,))
     assert tag == "theirs" and torch.equal(value, torch.ones(2) + 3)
     back = rpc.rpc_sync("worker1", rf.holder_roundtrip, args=(theirs,))
-    assert back.rref.owner_name() == "worker2" and torch.equal(back.rref.to_here(), torch.ones(2) + 3)
+    assert back.rref.owner_name() == "worker2"
+    assert torch.equal(back.rref.to_here(), torch.ones(2) + 3)
     made = rpc.rpc_sync("worker2", rf.make_holder, args=(7, "made"))
     assert made.tag == "made" and made.rref.owner_name() == "worker2" and made.rref.to_here() == 7
     with pytest.raises(RuntimeError, match="Can not pickle rref in python pickler"):
