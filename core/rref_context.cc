@@ -136,7 +136,7 @@ RRefContext::RRefContext(Agent* agent, Clock* clock, Executor* executor, RRefCon
       executor_(executor),
       options_(std::move(options)),
       self_(agent->self().id),
-      next_local_id_((options_.incarnation << 40) + 1) {}
+      next_local_id_((options_.incarnation << 40) + options_.first_local_id) {}
 
 std::shared_ptr<RRefContext> RRefContext::Create(Agent* agent, Clock* clock, Executor* executor,
                                                  RRefContextOptions options) {

@@ -182,6 +182,11 @@ struct RRefContextOptions {
   // The agent's incarnation (AgentOptions::incarnation): ids made by a
   // restarted worker must not collide with those of its earlier lives.
   uint64_t incarnation = 0;
+  // The first value of this worker's id counter (RRef ids and fork ids count up from it within an
+  // incarnation). tether.rpc starts at 0, as PyTorch does: programs and PyTorch's tests read
+  // the ids in an RRef's repr. The default, 1, is what the simulator's pinned traces were made
+  // with.
+  uint64_t first_local_id = 1;
   // Per-attempt timeout of a control message, and the retry backoff (doubling,
   // capped).
   absl::Duration control_timeout = absl::Seconds(5);

@@ -55,6 +55,8 @@ RuntimeOptions BaseOptions(const std::string& name, int rank, int num_worker_thr
   options.num_worker_threads = num_worker_threads;
   options.rpc_timeout = rpc_timeout <= 0 ? absl::ZeroDuration() : absl::Seconds(rpc_timeout);
   options.rref_options.serializer = SerializeOwned;
+  // Ids count from 0, as PyTorch's do (an RRef's repr shows them).
+  options.rref_options.first_local_id = 0;
   return options;
 }
 

@@ -70,7 +70,8 @@ absl::StatusOr<RRefValue> SerializeOwned(const RRefValue& v, const FetchInfo& in
       Gil gil;
       try {
         py::object hook = py::reinterpret_borrow<py::object>(GetHooks().serialize_value);
-        py::tuple r = hook(owned->py->get(), owned->is_exception);
+        // RRefs inside the value are forked for the fetching worker (it becomes their child).
+        py::tuple r = hook(owned->py->get(), owned->is_exception, info.caller);
         payload.set_pickle(std::string(r[0].cast<py::bytes>()));
         tensors = r[1].cast<std::vector<at::Tensor>>();
       } catch (py::error_already_set& e) {

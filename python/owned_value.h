@@ -32,9 +32,10 @@ RRefValue MakeOwned(std::shared_ptr<OwnedValue> value);
 RRefValue MakeOwnedPython(pybind11::object value, bool is_exception);
 
 // The RRef context's serializer: what a fetch of an owner value sends. Any thread, without the
-// GIL (takes it for a Python value). A to_here() made inside a distributed autograd context
-// (its attachment is the caller's AutogradMeta) joins it and records the value's tensors that
-// require grad (a send function; the reply carries the meta).
+// GIL (takes it for a Python value). RRefs inside a Python value are forked for the fetching
+// worker (FetchInfo::caller), as RRefs inside a call's arguments are for the callee. A to_here()
+// made inside a distributed autograd context (its attachment is the caller's AutogradMeta) joins it
+// and records the value's tensors that require grad (a send function; the reply carries the meta).
 absl::StatusOr<RRefValue> SerializeOwned(const RRefValue& v, const FetchInfo& info);
 
 // GIL held. An RRef value as a Python object; raises a stored remote exception. `copy`: copy

@@ -48,7 +48,8 @@ struct Hooks {
   // (pickle: bytes, tensors: list, is_exception: bool, sender: int) -> value; raises the remote
   // exception.
   PyObject* decode_reply = nullptr;
-  // (value, is_exception) -> (pickle: bytes, tensors: list): an RRef's value for a fetch.
+  // (value, is_exception, peer: int) -> (pickle: bytes, tensors: list): an RRef's value for a
+  // fetch by worker `peer` (RRefs inside it are forked for `peer`).
   PyObject* serialize_value = nullptr;
   // The exception class of RPC timeouts (both TimeoutError and RuntimeError).
   PyObject* timeout_error = nullptr;

@@ -30,6 +30,17 @@ namespace py = pybind11;
 namespace tether {
 namespace {
 
+// An id as PyTorch prints it: GloballyUniqueId(created_on=1, local_id=0).
+std::string TorchId(const GloballyUniqueId& id) {
+  return absl::StrCat("GloballyUniqueId(created_on=", id.worker, ", local_id=", id.local, ")");
+}
+
+std::string TorchWorker(WorkerId id, const std::string& name) {
+  return absl::StrCat("WorkerInfo(id=", id, ", name=", name, ")");
+}
+
+constexpr absl::string_view kForkAfterDeletion = "Cannot call fork an UserRRef after deletion.";
+
 class PyRRef {
  public:
   explicit PyRRef(RRefHandle handle) : handle_(std::move(handle)) {}
@@ -58,7 +69,7 @@ class PyRRef {
   }
 
   py::object ToHere(double timeout_s) const {
-    std::shared_ptr<Worker> w = RequireWorker();
+    std::shared_ptr<Worker> w = WorkerOrDeleted("Cannot call to_here() on it after deletion.");
     std::optional<absl::Duration> timeout = ToTimeout(timeout_s);
     CallContext ctx = MakeContext(*w, handle_.owner(), timeout);
     // Inside a distributed autograd context a fetch from another worker is recorded (always,
@@ -86,7 +97,8 @@ class PyRRef {
     // reply before it serves the value: a short wait.)
     const absl::StatusOr<RRefValue>& v = f.result();
     if (v.ok() && profiled_creation_.has_value()) WaitInterruptibly(*profiled_creation_);
-    if (!v.ok()) Raise(v.status(), &ctx);
+    if (!v.ok())
+      RaiseDeletedOr(*w, v.status(), "Cannot call to_here() on it after deletion.", &ctx);
     return ValueToPython(*v, handle_.owner(), handle_.owner() == w->self.id, autograd.get(),
                          context);
   }
@@ -96,29 +108,71 @@ class PyRRef {
 
   py::object LocalValue() const {
     if (!handle_.is_owner()) {
-      throw std::runtime_error(absl::StrCat(
-          "Cannot call local_value() on a non-local reference. Call it on the owner (worker id ",
-          handle_.owner(), ")."));
+      // PyTorch's text (its tests match it).
+      std::shared_ptr<Worker> w = RequireWorker();
+      absl::StatusOr<WorkerInfo> owner = w->runtime->agent()->GetWorker(handle_.owner());
+      Raise(absl::FailedPreconditionError(absl::StrCat(
+          "For UserRRef(rref_id=", TorchId(handle_.rref_id()),
+          ", fork_id=", TorchId(handle_.fork_id()), "), can't call localValue() on user ",
+          TorchWorker(w->self.id, w->self.name), ". Call it on owner ",
+          TorchWorker(handle_.owner(), owner.ok() ? owner->name : "?"))));
     }
     return ToHere(0);
   }
 
-  // The descriptor that travels in place of this RRef to worker `to`.
-  py::bytes Fork(WorkerId to) const {
-    std::shared_ptr<Worker> w = RequireWorker();
+  // The descriptor that travels in place of this RRef to worker `to` (a fork for `to`).
+  RRefDescriptor ForkFor(WorkerId to) const {
+    std::shared_ptr<Worker> w = WorkerOrDeleted(kForkAfterDeletion);
     absl::StatusOr<RRefDescriptor> d;
     {
       ScopedGilRelease release;
       d = w->runtime->rrefs()->Fork(handle_, to);
     }
-    if (!d.ok()) Raise(d.status());
-    return py::bytes(d->Serialize());
+    if (!d.ok()) RaiseDeletedOr(*w, d.status(), kForkAfterDeletion);
+    return *std::move(d);
   }
 
+  py::bytes Fork(WorkerId to) const { return py::bytes(ForkFor(to).Serialize()); }
+
+  // The fork as PyTorch's RRefForkData tuple (RRef._serialize()): (owner, rref id's worker,
+  // rref id's counter, fork id's worker, fork id's counter, parent, type name).
+  py::tuple ForkFields(WorkerId to) const {
+    RRefDescriptor d = ForkFor(to);
+    return py::make_tuple(d.owner, d.rref_id.worker, d.rref_id.local, d.fork_id.worker,
+                          d.fork_id.local, d.parent, d.type_name);
+  }
+
+  // The running worker; PyTorch's error for a user RRef that RPC's shutdown deleted if RPC
+  // is not running (`action`: what cannot be done).
+  std::shared_ptr<Worker> WorkerOrDeleted(absl::string_view action) const {
+    std::shared_ptr<Worker> w = CurrentWorker();
+    if (w == nullptr && !handle_.is_owner()) RaiseDeleted(action);
+    return w != nullptr ? w : RequireWorker();
+  }
+
+  // Raises `status`, as PyTorch's deletion error if this user RRef was deleted by a shutdown.
+  [[noreturn]] void RaiseDeletedOr(const Worker& w, const absl::Status& status,
+                                   absl::string_view action,
+                                   const CallContext* ctx = nullptr) const {
+    if (!handle_.is_owner() && status.code() == absl::StatusCode::kCancelled &&
+        w.runtime->rrefs()->Check(handle_).code() == absl::StatusCode::kCancelled) {
+      RaiseDeleted(action);
+    }
+    Raise(status, ctx);
+  }
+
+  [[noreturn]] void RaiseDeleted(absl::string_view action) const {
+    Raise(absl::FailedPreconditionError(
+        absl::StrCat("UserRRef(rref_id=", TorchId(handle_.rref_id()),
+                     ", fork_id=", TorchId(handle_.fork_id()), ") has been deleted. ", action)));
+  }
+
+  // PyTorch's format: OwnerRRef(GloballyUniqueId(created_on=1, local_id=0)),
+  // UserRRef(RRefId = GloballyUniqueId(...), ForkId = GloballyUniqueId(...)).
   std::string Repr() const {
-    if (handle_.is_owner()) return absl::StrCat("OwnerRRef(", handle_.rref_id().ToString(), ")");
-    return absl::StrCat("UserRRef(RRefId = ", handle_.rref_id().ToString(),
-                        ", ForkId = ", handle_.fork_id().ToString(), ")");
+    if (handle_.is_owner()) return absl::StrCat("OwnerRRef(", TorchId(handle_.rref_id()), ")");
+    return absl::StrCat("UserRRef(RRefId = ", TorchId(handle_.rref_id()),
+                        ", ForkId = ", TorchId(handle_.fork_id()), ")");
   }
 
  private:
@@ -136,6 +190,28 @@ std::shared_ptr<PyRRef> ReceiveRRef(const py::bytes& descriptor, WorkerId from) 
   }
   if (!h.ok()) Raise(h.status());
   return std::make_shared<PyRRef>(*std::move(h));
+}
+
+// RRef._deserialize(): the fork that ForkFields made, received from worker `from`.
+std::shared_ptr<PyRRef> ReceiveRRefFields(const py::tuple& fields, WorkerId from) {
+  if (fields.size() != 7) {
+    Raise(absl::InvalidArgumentError(
+        absl::StrCat("RRef._deserialize: expected the 7 fields RRef._serialize() returns, got ",
+                     fields.size())));
+  }
+  RRefDescriptor d;
+  try {
+    d.owner = fields[0].cast<WorkerId>();
+    d.rref_id = GloballyUniqueId{fields[1].cast<WorkerId>(), fields[2].cast<uint64_t>()};
+    d.fork_id = GloballyUniqueId{fields[3].cast<WorkerId>(), fields[4].cast<uint64_t>()};
+    d.parent = fields[5].cast<WorkerId>();
+    d.type_name = fields[6].cast<std::string>();
+  } catch (const py::cast_error&) {
+    Raise(absl::InvalidArgumentError(
+        "RRef._deserialize: the fields are not what RRef._serialize() returns"));
+  }
+  // Checked as a descriptor that came over the wire is.
+  return ReceiveRRef(py::bytes(d.Serialize()), from);
 }
 
 std::shared_ptr<PyRRef> CreateOwnedRRef(py::object value, const std::string& type_name) {
@@ -241,6 +317,7 @@ void RegisterRRefBindings(py::module_& m) {
       .def("local_value", &PyRRef::LocalValue,
            "The value held by the owner; raises on a non-owner.")
       .def("_fork", &PyRRef::Fork, py::arg("to"))
+      .def("_fork_fields", &PyRRef::ForkFields, py::arg("to"))
       .def("__repr__", &PyRRef::Repr)
       .def("__str__", &PyRRef::Repr);
 
@@ -252,6 +329,7 @@ void RegisterRRefBindings(py::module_& m) {
   DefTorchCall(m, "remote_script", &PrepareScript, remote);
   m.def("create_owned_rref", &CreateOwnedRRef, py::arg("value"), py::arg("type_name") = "");
   m.def("receive_rref", &ReceiveRRef, py::arg("descriptor"), py::arg("sender"));
+  m.def("receive_rref_fields", &ReceiveRRefFields, py::arg("fields"), py::arg("sender"));
   m.def("on_confirmed", &OnConfirmed, py::arg("rrefs"), py::arg("callback"));
 }
 

@@ -71,6 +71,29 @@ TEST(RRefContextTest, RemoteCreatesFetchesAndFreesOnLastHandle) {
   EXPECT_EQ(c->ledger().frees(), 1);
 }
 
+// Ids count up from RRefContextOptions::first_local_id: 0 in tether.rpc, as PyTorch's (an RRef's
+// repr shows them), 1 by default.
+TEST(RRefContextTest, IdsCountFromTheFirstLocalId) {
+  for (uint64_t first : {uint64_t{0}, uint64_t{1}}) {
+    RRefClusterOptions o;
+    o.num_workers = 2;
+    o.first_local_id = first;
+    auto made = RRefCluster::Create(o);
+    ASSERT_TRUE(made.ok()) << made.status();
+    RRefCluster& c = **made;
+    RRefHandle owned = c.ctx(0).CreateOwned(RRefValue{});
+    EXPECT_EQ(owned.rref_id().worker, 0);
+    EXPECT_EQ(owned.rref_id().local, first);
+    RRefHandle user = c.Remote(0, 1, "v:x").value();
+    EXPECT_EQ(user.rref_id().local, first + 1);
+    EXPECT_EQ(user.fork_id().local, first + 2);
+    EXPECT_EQ(Fetch(c, 0, user), "x");
+    owned = RRefHandle();
+    user = RRefHandle();
+    ExpectClean(c);
+  }
+}
+
 TEST(RRefContextTest, RemoteToSelfGivesAnOwnerHandle) {
   auto c = MakeCluster(2);
   RRefHandle h = c->Remote(1, 1, "v:mine").value();

@@ -78,6 +78,7 @@ RRefCluster::~RRefCluster() {
 void RRefCluster::SetUpWorker(sim::SimWorld& world, WorkerId w, Agent& agent) {
   RRefContextOptions o;
   o.incarnation = world.incarnation(w);
+  o.first_local_id = options_.first_local_id;
   o.control_timeout = options_.control_timeout;
   o.retry_max_backoff = options_.retry_max_backoff;
   o.child_query_delay = options_.child_query_delay;

@@ -39,6 +39,8 @@ struct RRefClusterOptions {
   absl::Duration retry_max_backoff = absl::Milliseconds(400);
   absl::Duration child_query_delay = absl::Seconds(1);
   absl::Duration shutdown_timeout = absl::Seconds(30);
+  // RRefContextOptions::first_local_id (the explorer's pinned traces were made with 1).
+  uint64_t first_local_id = 1;
 };
 
 class RRefCluster {

@@ -9,6 +9,7 @@ import logging
 import re
 import threading
 import time
+import weakref
 from typing import Any, Dict, Generic, Optional, Set, TypeVar
 
 import torch
@@ -327,7 +328,9 @@ def remote(to, func, args=None, kwargs=None, timeout=UNSET_RPC_TIMEOUT):
         # The event spans the call's send; the owner's operators join the profile when its
         # creation reply arrives, which to_here() and rref._get_future() wait for.
         with _profiling.record(key):
-            return _send(to, func, args, kwargs, timeout, remote=True, profiling_key=key)
+            rref = _send(to, func, args, kwargs, timeout, remote=True, profiling_key=key)
+        rref._set_profiling_future(rref._get_future())
+        return rref
     return _send(to, func, args, kwargs, timeout, remote=True)
 
 
@@ -418,6 +421,69 @@ def _rref_get_future(self) -> torch.futures.Future:
 
 
 RRef._get_future = _rref_get_future
+
+
+def _rref_typeof_on_owner(rref, blocking=True):
+    """The type of the value (on its owner); a completed Future of it if not `blocking`."""
+    rref_type = type(rref.local_value())
+    if blocking:
+        return rref_type
+    fut: torch.futures.Future = torch.futures.Future()
+    fut.set_result(rref_type)
+    return fut
+
+
+def _rref_get_type(self, timeout=UNSET_RPC_TIMEOUT, blocking=True):
+    """The type of the value, as torch.distributed.rpc's RRef._get_type: on a user, asked of
+    the owner once (an rpc_async of ``_rref_typeof_on_owner`` bounded by ``timeout``, which the
+    profiler records) and remembered; ``blocking=False`` returns a Future of it (the same one
+    every time). Unlike PyTorch, an ask that failed (a timeout, say) is not remembered: the next
+    call asks again; and a blocking call followed by a non-blocking one still gets a Future."""
+    fut = getattr(self, "_tether_type_future", None)
+    if fut is None:
+        if self.is_owner():
+            fut = _rref_typeof_on_owner(self, blocking=False)
+        else:
+            fut = rpc_async(self.owner(), _rref_typeof_on_owner, args=(self,), timeout=timeout)
+        self._tether_type_future = fut
+
+        ref = weakref.ref(self)  # the future's callback must not keep the RRef alive
+
+        def forget_failure(f):
+            try:
+                f.value()
+            except Exception:  # noqa: B902 (the ask failed: forget it)
+                rref = ref()
+                if rref is not None and getattr(rref, "_tether_type_future", None) is f:
+                    rref._tether_type_future = None
+
+        fut.add_done_callback(forget_failure)
+    return fut.wait() if blocking else fut
+
+
+def _rref_get_profiling_future(self) -> torch.futures.Future:
+    """The future _set_profiling_future() set (for a remote() made under the profiler: done once
+    the owner's creation reply, with its profiled events, was processed)."""
+    fut = getattr(self, "_tether_profiling_future", None)
+    if fut is None:
+        raise RuntimeError("Profiling future has not been set!")
+    return fut
+
+
+def _rref_set_profiling_future(self, profiling_future: torch.futures.Future) -> None:
+    if not isinstance(profiling_future, torch._C.Future):
+        raise TypeError(
+            f"_set_profiling_future expects a torch.futures.Future, got {type(profiling_future)}"
+        )
+    self._tether_profiling_future = profiling_future
+
+
+RRef._get_type = _rref_get_type
+RRef._get_profiling_future = _rref_get_profiling_future
+RRef._set_profiling_future = _rref_set_profiling_future
+RRef._serialize = lambda self: internal._serialize_rref(self)
+RRef._serialize.__doc__ = internal._serialize_rref.__doc__
+RRef._deserialize = staticmethod(internal._deserialize_rref)
 
 
 def _rref_owner(self) -> WorkerInfo:

@@ -8,7 +8,7 @@ arguments or results are replaced by fork descriptors for the worker they go to.
 Hooks called by the extension (tether._C), on its thread pool, with the GIL:
 - _run_python_call(responder, pickle, tensors, async_execution, caller)
 - _decode_reply(pickle, tensors, is_exception, sender)
-- _serialize_value(value, is_exception)
+- _serialize_value(value, is_exception, peer)
 """
 import collections
 import copyreg
@@ -83,13 +83,35 @@ def _rref_from_descriptor(descriptor):
     return rref
 
 
-def _reduce_rref(rref):
+def _send_peer():
     peer = getattr(_tls, "send_peer", None)
     if peer is None:
         raise RuntimeError(
             "Can not pickle rref in python pickler, rref can only be pickled when using RPC"
         )
-    return (_rref_from_descriptor, (rref._fork(peer),))
+    return peer
+
+
+def _reduce_rref(rref):
+    return (_rref_from_descriptor, (rref._fork(_send_peer()),))
+
+
+def _serialize_rref(rref):
+    """RRef._serialize(): forks `rref` for the worker the value being pickled goes to and returns
+    the fork as PyTorch's tuple (owner, rref id's worker and counter, fork id's worker and
+    counter, parent, type name). Only while pickling for an RPC (a reducer of a custom class)."""
+    return rref._fork_fields(_send_peer())
+
+
+def _deserialize_rref(fields):
+    """RRef._deserialize(fields): the RRef that _serialize() forked for this worker, while
+    unpickling what the sender sent."""
+    sender = getattr(_tls, "recv_peer", None)
+    if sender is None:
+        raise RuntimeError("an RRef can only be received inside an RPC")
+    rref = _C.receive_rref_fields(tuple(fields), sender)
+    _tls.recv_rrefs.append(rref)
+    return rref
 
 
 _dispatch_table = copyreg.dispatch_table.copy()
@@ -101,7 +123,7 @@ class _Pickler(pickle.Pickler):
     dispatch_table = _dispatch_table
 
 
-def serialize(obj, peer):
+def serialize(obj, peer=None):
     """Returns (pickle, tensors) for sending `obj` to worker `peer` (None: no RRefs allowed)."""
     # A fresh Pickler per call: pool threads get a new Python thread state each time they take the
     # GIL, so per-thread caches would not survive anyway (and reusing a Pickler across them
@@ -247,8 +269,9 @@ def _decode_reply(data, tensors, is_exception, sender):
     return value
 
 
-def _serialize_value(value, is_exception):
-    return serialize(value, None)
+def _serialize_value(value, is_exception, peer):
+    """An owner value as a fetch by worker `peer` gets it: RRefs inside it are forked for `peer`."""
+    return serialize(value, peer)
 
 
 # --- PyTorch's internal names (torch.distributed.rpc.internal) ----------------------------------
