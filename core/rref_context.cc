@@ -108,6 +108,9 @@ struct RRefContext::UserFork {
   bool delete_sent = false;
   int pending_children = 0;
   std::vector<Future<Unit>> confirm_waiters;
+  // to_here() calls made before the creation settled: failed with it if it
+  // fails (their fetch would not be answered), forgotten if it succeeds.
+  std::vector<Future<RRefValue>> fetches;
 };
 
 struct RRefContext::PendingChild {
@@ -782,6 +785,10 @@ void RRefContext::SettleUserLocked(UserFork* user, absl::Status error, bool need
     }
   }
   user->confirm_waiters.clear();
+  if (!error.ok()) {
+    for (auto& fetch : user->fetches) fetch.Set(error);
+  }
+  user->fetches.clear();
 }
 
 void RRefContext::OnCreationReply(const ForkId& fork, const absl::StatusOr<Message>& reply) {
@@ -849,6 +856,20 @@ Future<RRefValue> RRefContext::ToHere(const RRefHandle& handle,
   }
   absl::Duration limit = timeout.has_value() ? *timeout : agent_->default_timeout();
   if (!handle.is_owner()) {
+    // A creation that failed fails the fetch too: the owner never learns of the
+    // RRef, so its reply would only be the fetch's timeout (none if unbounded).
+    {
+      absl::MutexLock lock(&mu_);
+      auto it = users_.find(handle.fork_id());
+      if (it != users_.end()) {
+        UserFork* user = it->second.get();
+        if (user->state == UserFork::kFailed) {
+          out.Set(user->error);
+          return out;
+        }
+        if (user->state == UserFork::kPending) user->fetches.push_back(out);
+      }
+    }
     Future<Message> reply =
         agent_->Call(handle.owner(), wire::RREF_FETCH_CALL,
                      EncodeForkRef(handle.rref_id(), handle.fork_id(), attachment), {}, limit);
@@ -1439,14 +1460,24 @@ void RRefContext::CheckShutdownDone() {
   if (!users_.empty() || pending_control_ > 0 || !pending_children_.empty()) return;
   for (auto& waiter : shutdown_waiters_) waiter.Set(Unit{});
   shutdown_waiters_.clear();
+  ResumeAfterDeleteAllLocked();
 }
 
-Future<Unit> RRefContext::DeleteAllUsersAndUnforkedOwners(absl::Duration timeout) {
+void RRefContext::ResumeAfterDeleteAllLocked() {
+  mu_.AssertHeld();
+  if (!resume_after_delete_all_) return;
+  resume_after_delete_all_ = false;
+  shutting_down_ = false;
+}
+
+Future<Unit> RRefContext::DeleteAllUsersAndUnforkedOwners(absl::Duration timeout,
+                                                          bool then_resume) {
   Future<Unit> out(executor_);
   Actions actions;
   {
     absl::MutexLock lock(&mu_);
     shutting_down_ = true;
+    resume_after_delete_all_ = then_resume;
     TouchLocked();
     std::vector<ForkId> users;
     for (auto& [fork, user] : users_) {
@@ -1477,6 +1508,7 @@ Future<Unit> RRefContext::DeleteAllUsersAndUnforkedOwners(absl::Duration timeout
           return;
         }
         absl::MutexLock lock(&self->mu_);
+        self->ResumeAfterDeleteAllLocked();
         out.Set(absl::DeadlineExceededError(
             absl::StrCat("deleting all RRefs: timed out with ", self->users_.size(), " users, ",
                          self->pending_control_, " unacknowledged control messages and ",

@@ -282,7 +282,10 @@ class RRefContext : public std::enable_shared_from_this<RRefContext> {
   // soon as their last fork goes. Completes when every deletion this worker
   // sent is acknowledged, or fails with kDeadlineExceeded after `timeout` (zero:
   // no timeout).
-  Future<Unit> DeleteAllUsersAndUnforkedOwners(absl::Duration timeout);
+  // With `then_resume` (PyTorch's _delete_all_user_and_unforked_owner_rrefs in
+  // a running program), the context leaves that mode once the future completes:
+  // RRefs made afterwards live as usual.
+  Future<Unit> DeleteAllUsersAndUnforkedOwners(absl::Duration timeout, bool then_resume = false);
 
   // num_owner_rrefs, num_pending_futures, num_pending_users, num_forks
   // (PyTorch's keys), plus num_user_rrefs, num_pending_children,
@@ -329,6 +332,7 @@ class RRefContext : public std::enable_shared_from_this<RRefContext> {
   void OnChildQueryTimer(const ForkId& fork);
   void OnChildQueryReply(const ForkId& fork, const absl::StatusOr<Message>& reply);
   void CheckShutdownDone() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void ResumeAfterDeleteAllLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   // Locked helpers. Work that must happen without the lock (agent calls,
   // dropping pins, completing futures' owners) goes to `actions`.
@@ -396,6 +400,8 @@ class RRefContext : public std::enable_shared_from_this<RRefContext> {
   std::set<ForkId> deleted_forks_ ABSL_GUARDED_BY(mu_);
   std::set<RRefId> freed_ ABSL_GUARDED_BY(mu_);
   std::set<WorkerId> failed_ ABSL_GUARDED_BY(mu_);
+  // DeleteAllUsersAndUnforkedOwners(then_resume): leave shutting_down_ when done.
+  bool resume_after_delete_all_ ABSL_GUARDED_BY(mu_) = false;
   std::map<WorkerId, uint64_t> seen_incarnation_ ABSL_GUARDED_BY(mu_);
   std::map<WorkerId, uint64_t> failed_incarnation_ ABSL_GUARDED_BY(mu_);
   std::vector<Future<Unit>> shutdown_waiters_ ABSL_GUARDED_BY(mu_);

@@ -120,6 +120,11 @@ c10::intrusive_ptr<c10::ivalue::Future> TorchFuture(const py::handle& fut) {
 // (torch.futures.Future.set_exception stores it as a value that wait() raises, which
 // torch.futures.collect_all / wait_all do not see as a failure).
 void SetFutureError(const py::handle& fut, const py::handle& exc) {
+  if (!PyExceptionInstance_Check(exc.ptr())) {
+    throw py::type_error(
+        absl::StrCat("set_future_error: exc must be an exception instance, got ",
+                     std::string(py::str(py::type::handle_of(exc).attr("__name__")))));
+  }
   TorchFuture(fut)->setError(AsFutureError(exc));
 }
 
@@ -129,6 +134,9 @@ void CompleteFutureLike(const py::handle& fut, const py::handle& source) {
   c10::intrusive_ptr<c10::ivalue::Future> out = TorchFuture(fut);
   c10::intrusive_ptr<c10::ivalue::Future> src = TorchFuture(source);
   if (out->completed()) return;
+  if (!src->completed()) {
+    throw py::value_error("complete_future_like: the source future is not complete");
+  }
   if (src->hasError()) {
     out->setError(src->exception_ptr());
   } else {

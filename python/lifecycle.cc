@@ -323,7 +323,7 @@ void DeleteAllUsersAndUnforkedOwners(double timeout_seconds) {
       timeout_seconds <= 0 ? absl::ZeroDuration() : absl::Seconds(timeout_seconds);
   Future<Unit> done = [&] {
     ScopedGilRelease release;  // py_ownership.h rule 5
-    return w->runtime->rrefs()->DeleteAllUsersAndUnforkedOwners(timeout);
+    return w->runtime->rrefs()->DeleteAllUsersAndUnforkedOwners(timeout, /*then_resume=*/true);
   }();
   WaitInterruptibly(done);
   absl::Status status = done.result().status();

@@ -69,6 +69,9 @@ class StorageTable {
   int64_t IndexOf(const c10::Storage& storage) {
     auto [it, inserted] = index_.emplace(storage.unsafeGetStorageImpl(), buffers_->size());
     if (inserted) {
+      // Held until the message is made: a storage freed meanwhile (a compacted
+      // clone of a zero-size view) must not lend its address to another one.
+      held_.push_back(storage);
       const size_t nbytes = storage.nbytes();
       if (nbytes == 0) {
         buffers_->push_back(Buffer());
@@ -86,6 +89,7 @@ class StorageTable {
   std::vector<Buffer>* buffers_;
   // Looked up only, never iterated: the message does not depend on its order.
   std::unordered_map<const c10::StorageImpl*, size_t> index_;
+  std::vector<c10::Storage> held_;
 };
 
 absl::Status AppendTensor(at::Tensor t, Payload* payload, StorageTable* storages) {

@@ -216,6 +216,21 @@ TEST(TorchCallsTest, SmallViewOfHugeStorageIsCompacted) {
   EXPECT_EQ(got.storage_offset(), 0);
 }
 
+TEST(TorchCallsTest, CompactedClonesNeverShareAFreedStorageAddress) {
+  // A zero-size view of a big storage is compacted into a 0-byte clone that
+  // dies right after it is described; later clones may get its address.
+  std::vector<at::Tensor> tensors;
+  std::vector<at::Tensor> bigs;
+  for (int i = 0; i < 4; ++i) {
+    bigs.push_back(at::arange(100000, at::kFloat));
+    tensors.push_back(bigs.back().slice(0, 5, 5));
+    tensors.push_back(bigs.back().slice(0, 0, 10));
+  }
+  std::vector<at::Tensor> got = RoundTrip(tensors);
+  ASSERT_EQ(got.size(), tensors.size());
+  for (size_t i = 0; i < got.size(); ++i) EXPECT_TRUE(at::equal(got[i], tensors[i])) << i;
+}
+
 TEST(TorchCallsTest, ZeroSizeZeroDimConjugateAndMisalignedTensors) {
   at::Tensor a = at::arange(10, at::kFloat);
   std::vector<at::Tensor> got = RoundTrip({a.slice(0, 5, 5), a[3], at::empty({0, 3}, at::kInt)});

@@ -59,6 +59,39 @@ def test_a_registered_backend_that_returns_its_own_agent_is_refused():
     assert not rpc.api._C.is_initialized()
 
 
+def test_a_registered_backend_that_starts_nothing_is_refused():
+    made = backend_registry.register_backend(
+        "TEST_IDLE_BACKEND", lambda rpc_timeout, init_method, **kw: IdleOptions(
+            rpc_timeout, init_method),
+        lambda store, name, rank, world_size, rpc_backend_options: None)
+    init_method = harness.new_init_method()
+    with pytest.raises(RuntimeError, match="TEST_IDLE_BACKEND: its init handler returned without"):
+        rpc.init_rpc("solo", backend=made, rank=0, world_size=1,
+                     rpc_backend_options=IdleOptions(init_method=init_method))
+    assert not rpc.api._C.is_initialized()
+
+
+class IdleOptions(rpc.RpcBackendOptions):
+    pass
+
+
+def _faulty_options_under_tensorpipe(rank, world_size, init_method):
+    # PyTorch's TENSORPIPE backend takes the subclass's options and injects nothing.
+    rpc.init_rpc(harness.worker_name(rank), backend=rpc.BackendType.TENSORPIPE, rank=rank,
+                 world_size=world_size,
+                 rpc_backend_options=faulty_options(init_method, ["PYTHON_CALL"], num_fail_sends=5,
+                                                    messages_to_delay={"SCRIPT_CALL": 3.0}))
+    if rank == 0:
+        assert rpc.rpc_sync("worker1", slow_add, args=(1, 1, 0)) == 2
+        assert rpc.rpc_sync("worker1", torch.add, args=(torch.ones(1), 1), timeout=1.5).item() == 2
+    rpc.shutdown()
+    return "ok"
+
+
+def test_the_tensorpipe_backend_injects_no_faults():
+    assert harness.run_group(_faulty_options_under_tensorpipe, 2) == {0: "ok", 1: "ok"}
+
+
 def test_unknown_message_types_are_named():
     init_method = harness.new_init_method()
     for kwargs, what in (({"messages_to_fail": ["PYTHON_RET"], "num_fail_sends": 1},

@@ -196,17 +196,15 @@ def _faults_of(options):
 
 
 def _validate_rpc_args(backend, store, name, rank, world_size, rpc_backend_options):
-    for arg, arg_type, what in (
-        (backend, backend_registry.BackendType, "backend"), (store, dist.Store, "store"),
-        (name, str, "name"), (rank, numbers.Integral, "rank"),
-        # Required: Tether has no dynamic groups.
-        (world_size, numbers.Integral, "world_size"),
-        (rpc_backend_options, RpcBackendOptions, "rpc_backend_options"),
+    for arg, arg_type in (
+        (backend, backend_registry.BackendType), (store, dist.Store), (name, str),
+        (rank, numbers.Integral),
+        (world_size, numbers.Integral),  # Required: Tether has no dynamic groups.
+        (rpc_backend_options, RpcBackendOptions),
     ):
         if not isinstance(arg, arg_type):
-            raise RuntimeError(
-                f"Argument {what}={arg!r} must be of type {arg_type} but got type {type(arg)}"
-            )
+            # PyTorch's words, which programs match.
+            raise RuntimeError(f"Argument {arg} must be of type {arg_type} but got type {type(arg)}")
 
 
 def _init_rpc_backend(backend=None, store=None, name=None, rank=-1, world_size=None,
@@ -222,9 +220,13 @@ def _init_rpc_backend(backend=None, store=None, name=None, rank=-1, world_size=N
         backend, store=store, name=name, rank=rank, world_size=world_size,
         rpc_backend_options=rpc_backend_options,
     )
+    if not api._is_current_rpc_agent_set():
+        raise RuntimeError(
+            f"RPC backend {backend.name}: its init handler returned without starting RPC"
+        )
 
 
-def _start_engine(store, name, rank, world_size, rpc_backend_options):
+def _start_engine(store, name, rank, world_size, rpc_backend_options, faults=None):
     """Starts Tether's engine (the TENSORPIPE and FAULTY_TENSORPIPE backends' init handler):
     every worker publishes its name and address in `store` and reads everyone's
     (transport/rendezvous_protocol.h: the C++ rendezvous's exchange), then the agent is made
@@ -238,7 +240,8 @@ def _start_engine(store, name, rank, world_size, rpc_backend_options):
         # gets its own prefix, so a second init_rpc does not read the first one's entries.
         store = dist.PrefixStore(f"tether_rpc_{_init_counter}", store)
         _init_counter += 1
-    _, fail_types, num_fail_sends, delays = _faults_of(opts)
+    # (fail types, num_fail_sends, delays): only the FAULTY_TENSORPIPE handler passes them.
+    fail_types, num_fail_sends, delays = faults or ([], 0, {})
 
     address = _C.listen(
         name, rank, opts.num_worker_threads, timeout,

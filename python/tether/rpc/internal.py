@@ -15,6 +15,7 @@ import copyreg
 import enum
 import io
 import pickle
+import re
 import sys
 import threading
 import traceback
@@ -24,6 +25,20 @@ import torch
 from tether import _C
 
 _tls = threading.local()
+
+
+_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\", "'": "'", '"': '"'}
+_ESCAPE = re.compile(r"\\(x[0-9a-fA-F]{2}|u[0-9a-fA-F]{4}|U[0-9a-fA-F]{8}|[ntr\\'\"])")
+
+
+def _unescape(text):
+    """Undoes the backslash escapes of a repr (as PyTorch's unicode_escape decoding does for
+    ASCII), leaving every other character as it is: unlike that decoding, non-ASCII text
+    survives."""
+    def one(m):
+        e = m.group(1)
+        return _ESCAPES[e] if len(e) == 1 else chr(int(e[1:], 16))
+    return _ESCAPE.sub(one, text)
 
 
 class RemoteException:
@@ -42,10 +57,7 @@ class RemoteException:
         return (RemoteException, (self.msg, self.exception_type))
 
     def make(self):
-        try:
-            msg = self.msg.encode("utf-8").decode("unicode_escape")
-        except UnicodeDecodeError:  # a stray backslash: the text as it came (PyTorch raises this)
-            msg = self.msg
+        msg = _unescape(self.msg)
         try:
             exc = self.exception_type(msg)
             if not isinstance(exc, BaseException):

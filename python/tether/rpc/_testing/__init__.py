@@ -111,7 +111,8 @@ def _init_backend(store, name, rank, world_size, rpc_backend_options):
             "`rpc_backend_options` must be a `FaultyTensorPipeRpcBackendOptions`, got "
             f"{type(rpc_backend_options).__name__}"
         )
-    _start_engine(store, name, rank, world_size, rpc_backend_options)
+    _start_engine(store, name, rank, world_size, rpc_backend_options,
+                  faults=rpc_backend_options._tether_faults())
 
 
 if not backend_registry.backend_registered("FAULTY_TENSORPIPE"):
