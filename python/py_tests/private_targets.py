@@ -286,6 +286,11 @@ def rref_context_bindings(rank, world_size, init_method):
         with pytest.raises(RuntimeError):
             rref.to_here()
         rpc._delete_all_user_and_unforked_owner_rrefs(5.0)  # nothing left: returns at once
+        # RRefs made afterwards live as usual (the delete-all mode ended with the call).
+        again = rpc.remote("worker1", f.add, args=(torch.ones(2), 2))
+        assert torch.equal(again.to_here(), torch.full((2,), 3.0))
+        assert int(rpc.rpc_sync("worker1", f.rref_debug_info)["num_owner_rrefs"]) == 1
+        del again
     harness_barrier()
     if rank == 1:
         leaked = rpc.RRef(torch.ones(1))  # an owner this worker keeps
