@@ -30,6 +30,13 @@ absl::Status WithPrefix(const absl::Status& status, absl::string_view prefix) {
   return absl::Status(status.code(), absl::StrCat(prefix, status.message()));
 }
 
+// What a fetch of a user RRef whose creation failed gets: kFailedPrecondition
+// (the fetch itself neither timed out nor lost its peer) with the creation's
+// text, which leads with PyTorch's "RRef creation".
+absl::Status CreationFailedError(const absl::Status& creation) {
+  return absl::FailedPreconditionError(creation.message());
+}
+
 }  // namespace
 
 bool RRefPlantedBugsCompiledIn() { return kPlantedBugs; }
@@ -786,7 +793,7 @@ void RRefContext::SettleUserLocked(UserFork* user, absl::Status error, bool need
   }
   user->confirm_waiters.clear();
   if (!error.ok()) {
-    for (auto& fetch : user->fetches) fetch.Set(error);
+    for (auto& fetch : user->fetches) fetch.Set(CreationFailedError(error));
   }
   user->fetches.clear();
 }
@@ -864,7 +871,7 @@ Future<RRefValue> RRefContext::ToHere(const RRefHandle& handle,
       if (it != users_.end()) {
         UserFork* user = it->second.get();
         if (user->state == UserFork::kFailed) {
-          out.Set(user->error);
+          out.Set(CreationFailedError(user->error));
           return out;
         }
         if (user->state == UserFork::kPending) user->fetches.push_back(out);

@@ -54,7 +54,6 @@ from .api import (  # noqa: F401
     rpc_sync,
     shutdown,
 )
-from .backend_registry import BackendType
 from .server_process_global_profiler import (  # noqa: F401
     _disable_server_process_global_profiler,
     _enable_server_process_global_profiler,
@@ -125,8 +124,11 @@ def init_rpc(name, backend=None, rank=-1, world_size=None, rpc_backend_options=N
         rpc_backend_options: a TensorPipeRpcBackendOptions, TetherRpcBackendOptions or
             FaultyTensorPipeRpcBackendOptions.
     """
-    if backend is not None and not isinstance(backend, backend_registry.BackendType):
-        raise TypeError("Argument backend must be a member of BackendType")
+    if backend is not None:
+        current = backend_registry._current(backend)
+        if current is None:
+            raise TypeError("Argument backend must be a member of BackendType")
+        backend = current
     if rpc_backend_options is not None and not isinstance(rpc_backend_options, RpcBackendOptions):
         raise TypeError("Argument rpc_backend_options must be an instance of RpcBackendOptions")
     if backend is None and rpc_backend_options is not None:
@@ -175,6 +177,14 @@ def init_rpc(name, backend=None, rank=-1, world_size=None, rpc_backend_options=N
     _init_rpc_backend(backend, store, name, rank, world_size, opts)
 
 
+def __getattr__(name):
+    # BackendType is rebuilt by every register_backend: rpc.BackendType is always the current one
+    # (PyTorch's goes stale after a registration, such as importing rpc._testing).
+    if name == "BackendType":
+        return backend_registry.BackendType
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def _infer_backend(options):
     """The backend whose default options `options` is an instance of, trying the newest
     registered first (as PyTorch does); TypeError if none."""
@@ -213,6 +223,7 @@ def _init_rpc_backend(backend=None, store=None, name=None, rank=-1, world_size=N
     over a rendezvous store that torch.distributed made."""
     if backend is None:
         backend = backend_registry.BackendType.TENSORPIPE
+    backend = backend_registry._current(backend) or backend
     _validate_rpc_args(backend, store, name, rank, world_size, rpc_backend_options)
     if api._is_current_rpc_agent_set():
         raise RuntimeError("RPC is already initialized")

@@ -64,6 +64,17 @@ BackendType = _make_enum({
 })
 
 
+def _current(backend):
+    """`backend` as a member of the current BackendType, or None if it is no BackendType member:
+    a member of an earlier one (each registration makes a new enum) is looked up by name."""
+    if isinstance(backend, BackendType):
+        return backend
+    if (isinstance(backend, enum.Enum) and type(backend).__name__ == "BackendType"
+            and type(backend).__module__ == __name__ and backend.name in BackendType.__members__):
+        return BackendType[backend.name]
+    return None
+
+
 def backend_registered(backend_name):
     """Whether ``backend_name`` names a member of BackendType."""
     return backend_name in BackendType.__members__
@@ -87,9 +98,10 @@ def register_backend(backend_name, construct_rpc_backend_options_handler, init_b
 
 def construct_rpc_backend_options(backend, rpc_timeout=constants.DEFAULT_RPC_TIMEOUT_SEC,
                                   init_method=constants.DEFAULT_INIT_METHOD, **kwargs):
-    if not isinstance(backend, BackendType):
+    current = _current(backend)
+    if current is None:
         raise TypeError(f"backend must be a member of BackendType, got {backend!r}")
-    return backend.value.construct_rpc_backend_options_handler(rpc_timeout, init_method, **kwargs)
+    return current.value.construct_rpc_backend_options_handler(rpc_timeout, init_method, **kwargs)
 
 
 def init_backend(backend, *args, **kwargs):
