@@ -123,6 +123,11 @@ def _remote_dropped(rank, world_size, init_method):
         rref = rpc.remote("worker1", slow_add, args=(torch.ones(2), 1, 0))
         with pytest.raises(RuntimeError, match="injected fault 1 of 1"):
             rref.to_here()
+        # Forking it fails with the creation's error first, as in PyTorch.
+        with pytest.raises(RuntimeError, match="^RRef creation via rpc.remote.. failed"):
+            rref._serialize()
+        with pytest.raises(RuntimeError, match="^RRef creation via rpc.remote.. failed"):
+            rpc.rpc_async("worker1", slow_add, args=(rref, 1, 0))
         # The next one goes through; and builtin remotes (SCRIPT_REMOTE_CALL) were never failed.
         assert torch.equal(rpc.remote("worker1", slow_add, args=(torch.ones(2), 1, 0)).to_here(),
                            torch.full((2,), 2.0))

@@ -104,7 +104,19 @@ def _send_peer():
     return peer
 
 
+def _check_created(rref):
+    """Raises the creation error of a user RRef whose rpc.remote() failed: forking it (as an
+    argument, or by _serialize()) fails with it first, as in PyTorch ("RRef creation ...")."""
+    if rref.is_owner() or rref.confirmed_by_owner():
+        return
+    settled = []
+    _C.on_confirmed([rref], settled.append)  # called at once if the creation has settled
+    if settled and settled[0] is not None:
+        raise settled[0]
+
+
 def _reduce_rref(rref):
+    _check_created(rref)
     return (_rref_from_descriptor, (rref._fork(_send_peer()),))
 
 
@@ -112,6 +124,7 @@ def _serialize_rref(rref):
     """RRef._serialize(): forks `rref` for the worker the value being pickled goes to and returns
     the fork as PyTorch's tuple (owner, rref id's worker and counter, fork id's worker and
     counter, parent, type name). Only while pickling for an RPC (a reducer of a custom class)."""
+    _check_created(rref)
     return rref._fork_fields(_send_peer())
 
 
