@@ -12,7 +12,7 @@ import time
 
 from testing.torch_rpc import runner
 
-# Python UDFs, builtins, async_execution, remote() and RRefs, worker infos, nested calls.
+# Python UDFs, builtins, async_execution, remote() and RRefs, worker infos, nested calls;
 SLICE = [
     "RpcTest.test_add",
     "RpcTest.test_async_add",
@@ -23,6 +23,9 @@ SLICE = [
     "RpcTest.test_multi_builtin_remote_ret",
     "RpcTest.test_multi_rpc",
     "RpcTest.test_nested_rpc",
+    # The FAULTY_TENSORPIPE backend: retried RRef messages whose sends fail, delayed calls.
+    "FaultyAgentRpcTest.test_check_failed_messages",
+    "FaultyAgentRpcTest.test_rpc_builtin_timeout",
 ]
 
 
@@ -30,7 +33,7 @@ def main() -> int:
     out_dir = os.environ.get("TEST_UNDECLARED_OUTPUTS_DIR") or tempfile.mkdtemp()
     start = time.monotonic()
     code = runner.main([
-        "--class", "RpcTest",
+        "--class", "RpcTest,FaultyAgentRpcTest",
         "--tests", ",".join(SLICE),
         "--backend", "tether",
         "--timeout", os.environ.get("TORCH_RPC_SLICE_TIMEOUT", "150"),
