@@ -107,7 +107,13 @@ class Responder {
                                         /*involved_of=*/true, &payload);
     }
     std::vector<Buffer> buffers;
-    absl::Status s = pycall::AppendTensors(tensors, &payload, &buffers);
+    absl::Status s;
+    if (tensors.empty()) {
+      s = pycall::AppendTensors(tensors, &payload, &buffers);
+    } else {
+      ScopedGilRelease release;  // may clone views (torch_calls.h): no Python touched
+      s = pycall::AppendTensors(tensors, &payload, &buffers);
+    }
     if (!s.ok()) {
       ScopedGilRelease release;
       call_->ReplyError(absl::InvalidArgumentError(

@@ -417,7 +417,13 @@ Prepared PreparePython(const py::bytes& pickle, const std::vector<at::Tensor>& t
   p.worker = RequireWorker();
   p.payload.set_pickle(std::string(pickle));
   p.payload.set_async_execution(async_execution);
-  absl::Status s = pycall::AppendTensors(tensors, &p.payload, &p.buffers);
+  absl::Status s;
+  if (tensors.empty()) {
+    s = pycall::AppendTensors(tensors, &p.payload, &p.buffers);
+  } else {
+    ScopedGilRelease release;  // may clone views (torch_calls.h): no Python touched
+    s = pycall::AppendTensors(tensors, &p.payload, &p.buffers);
+  }
   if (!s.ok()) Raise(s);
   p.sent = tensors;
   return p;
