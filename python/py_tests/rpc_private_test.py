@@ -69,6 +69,7 @@ def test_names_where_pytorch_has_them():
     assert internal._build_rpc_profiling_key(internal.RPCExecMode.ASYNC, "f", "a", "b") == (
         "rpc_async#f(a -> b)")
     assert api._default_pickler is internal._internal_rpc_pickler
+    assert rpc.TensorPipeAgent is api._AgentView  # what _get_current_rpc_agent() returns
 
 
 if __name__ == "__main__":

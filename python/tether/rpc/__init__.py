@@ -54,6 +54,8 @@ from .api import (  # noqa: F401
     rpc_sync,
     shutdown,
 )
+# The type of the agent _get_current_rpc_agent() returns (PyTorch's is a TensorPipeAgent).
+TensorPipeAgent = api._AgentView
 from .server_process_global_profiler import (  # noqa: F401
     _disable_server_process_global_profiler,
     _enable_server_process_global_profiler,
