@@ -158,7 +158,7 @@ def init_rpc(name, backend=None, rank=-1, world_size=None, rpc_backend_options=N
         # injector of faults.
         if rank < 0:
             raise ValueError("init_rpc under tether.sim needs rank")
-        if not isinstance(opts, TensorPipeRpcBackendOptions) or _faults_of(opts)[0]:
+        if backend.name != "TENSORPIPE" or not isinstance(opts, TensorPipeRpcBackendOptions):
             raise ValueError(
                 f"init_rpc under tether.sim runs Tether's engine on the simulator, which injects "
                 f"faults itself (--faults): backend {backend.name} with "
@@ -194,17 +194,6 @@ def _infer_backend(options):
         if isinstance(options, type(backend_registry.construct_rpc_backend_options(candidate))):
             return candidate
     raise TypeError(f"Could not infer backend for options {options}")
-
-
-def _faults_of(options):
-    """(whether any fault is asked for, fail types, num_fail_sends, delays) of `options`: a
-    FaultyTensorPipeRpcBackendOptions (tether.rpc._testing) names them; others ask for none."""
-    faults = getattr(options, "_tether_faults", None)
-    if faults is None:
-        return (False, [], 0, {})
-    fail_types, num_fail_sends, delays = faults()
-    return (bool(fail_types and num_fail_sends > 0) or bool(delays), fail_types, num_fail_sends,
-            delays)
 
 
 def _validate_rpc_args(backend, store, name, rank, world_size, rpc_backend_options):
