@@ -433,6 +433,14 @@ def _rref_typeof_on_owner(rref, blocking=True):
     return fut
 
 
+def _failed(fut: torch.futures.Future) -> bool:
+    try:
+        fut.value()
+    except Exception:  # noqa: B902
+        return True
+    return False
+
+
 def _rref_get_type(self, timeout=UNSET_RPC_TIMEOUT, blocking=True):
     """The type of the value, as torch.distributed.rpc's RRef._get_type: on a user, asked of
     the owner once (an rpc_async of ``_rref_typeof_on_owner`` bounded by ``timeout``, which the
@@ -440,6 +448,10 @@ def _rref_get_type(self, timeout=UNSET_RPC_TIMEOUT, blocking=True):
     every time). Unlike PyTorch, an ask that failed (a timeout, say) is not remembered: the next
     call asks again; and a blocking call followed by a non-blocking one still gets a Future."""
     fut = getattr(self, "_tether_type_future", None)
+    if fut is not None and fut.done() and _failed(fut):
+        # wait() can return before forget_failure below has run (torch runs done callbacks
+        # after it wakes waiters), so a failure just seen is checked here too.
+        fut = None
     if fut is None:
         if self.is_owner():
             fut = _rref_typeof_on_owner(self, blocking=False)
@@ -450,9 +462,7 @@ def _rref_get_type(self, timeout=UNSET_RPC_TIMEOUT, blocking=True):
         ref = weakref.ref(self)  # the future's callback must not keep the RRef alive
 
         def forget_failure(f):
-            try:
-                f.value()
-            except Exception:  # noqa: B902 (the ask failed: forget it)
+            if _failed(f):
                 rref = ref()
                 if rref is not None and getattr(rref, "_tether_type_future", None) is f:
                     rref._tether_type_future = None
