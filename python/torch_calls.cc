@@ -1,5 +1,8 @@
 #include "python/torch_calls.h"
 
+#include <ATen/ops/_sparse_coo_tensor_unsafe.h>
+#include <ATen/ops/_validate_sparse_coo_tensor_args.h>
+#include <ATen/record_function.h>
 #include <c10/core/CPUAllocator.h>
 #include <c10/core/ScalarType.h>
 #include <c10/core/ScalarTypeToTypeMeta.h>
@@ -14,6 +17,7 @@
 #include <cstring>
 #include <exception>
 #include <memory>
+#include <optional>
 #include <unordered_map>
 #include <utility>
 
@@ -92,12 +96,26 @@ class StorageTable {
   std::vector<c10::Storage> held_;
 };
 
-absl::Status AppendTensor(at::Tensor t, Payload* payload, StorageTable* storages) {
+// Fills `meta` for the dense CPU tensor `t` (layout and device already checked).
+void AppendDense(at::Tensor t, TensorMeta* meta, StorageTable* storages) {
+  const bool requires_grad = t.requires_grad();
+  // Materialize lazy conjugation/negation bits (a copy only if one is set).
+  t = t.detach().resolve_conj().resolve_neg();
+  if (WorthCompacting(t)) t = t.clone();
+  meta->set_dtype(static_cast<int>(t.scalar_type()));
+  for (int64_t s : t.sizes()) meta->add_sizes(s);
+  for (int64_t s : t.strides()) meta->add_strides(s);
+  meta->set_storage_offset(t.storage_offset());
+  meta->set_requires_grad(requires_grad);
+  meta->set_storage(storages->IndexOf(t.storage()));
+}
+
+absl::Status AppendTensor(const at::Tensor& t, Payload* payload, StorageTable* storages) {
   if (!t.defined()) return absl::InvalidArgumentError("cannot send an undefined tensor");
-  if (t.layout() != c10::kStrided) {
+  if (t.layout() != c10::kStrided && t.layout() != c10::kSparse) {
     return absl::InvalidArgumentError(
         absl::StrCat("cannot send a tensor of layout ", c10::str(t.layout()),
-                     ": Tether sends dense (strided) tensors only; convert it "
+                     ": Tether sends dense (strided) and sparse COO tensors only; convert it "
                      "(e.g. .to_dense()) first"));
   }
   if (!t.device().is_cpu()) {
@@ -109,20 +127,22 @@ absl::Status AppendTensor(at::Tensor t, Payload* payload, StorageTable* storages
     return absl::InvalidArgumentError(
         absl::StrCat("cannot send a tensor of dtype ", c10::toString(t.scalar_type())));
   }
+  TensorMeta* meta = payload->add_tensors();
+  if (t.layout() == c10::kSparse) {
+    const at::Tensor detached = t.detach();
+    meta->set_dtype(static_cast<int>(t.scalar_type()));
+    for (int64_t s : t.sizes()) meta->add_sizes(s);
+    meta->set_requires_grad(t.requires_grad());
+    SparseCoo* parts = meta->mutable_sparse_coo();
+    parts->set_coalesced(detached.is_coalesced());
+    AppendDense(detached._indices(), parts->mutable_indices(), storages);
+    AppendDense(detached._values(), parts->mutable_values(), storages);
+    return absl::OkStatus();
+  }
   if (!t.has_storage()) {
     return absl::InvalidArgumentError("cannot send a tensor without storage");
   }
-  const bool requires_grad = t.requires_grad();
-  // Materialize lazy conjugation/negation bits (a copy only if one is set).
-  t = t.detach().resolve_conj().resolve_neg();
-  if (WorthCompacting(t)) t = t.clone();
-  TensorMeta* meta = payload->add_tensors();
-  meta->set_dtype(static_cast<int>(t.scalar_type()));
-  for (int64_t s : t.sizes()) meta->add_sizes(s);
-  for (int64_t s : t.strides()) meta->add_strides(s);
-  meta->set_storage_offset(t.storage_offset());
-  meta->set_requires_grad(requires_grad);
-  meta->set_storage(storages->IndexOf(t.storage()));
+  AppendDense(t, meta, storages);
   return absl::OkStatus();
 }
 
@@ -139,9 +159,13 @@ struct CheckedMeta {
   size_t storage;
 };
 
-absl::StatusOr<CheckedMeta> CheckMeta(int index, const TensorMeta& meta,
+// `what` names the tensor in errors ("received tensor 3").
+absl::StatusOr<CheckedMeta> CheckMeta(const std::string& what, const TensorMeta& meta,
                                       const std::vector<Buffer>& buffers) {
-  const std::string what = absl::StrCat("received tensor ", index);
+  if (meta.has_sparse_coo()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(what, " is sparse where a dense tensor must be"));
+  }
   CheckedMeta out;
   out.dtype = static_cast<c10::ScalarType>(meta.dtype());
   if (!SendableDtype(out.dtype)) {
@@ -216,6 +240,90 @@ absl::StatusOr<CheckedMeta> CheckMeta(int index, const TensorMeta& meta,
                      out.storage, ", which has ", storage_bytes, " bytes"));
   }
   return out;
+}
+
+// A received tensor: dense (`dense` only) or sparse COO (`dense` holds its
+// values, `indices` its indices).
+struct CheckedTensor {
+  CheckedMeta dense;
+  std::optional<CheckedMeta> indices;
+  std::vector<int64_t> sparse_sizes;
+  bool coalesced = false;
+  bool requires_grad = false;
+};
+
+absl::StatusOr<CheckedTensor> CheckTensor(int index, const TensorMeta& meta,
+                                          const std::vector<Buffer>& buffers) {
+  const std::string what = absl::StrCat("received tensor ", index);
+  CheckedTensor out;
+  out.requires_grad = meta.requires_grad();
+  if (!meta.has_sparse_coo()) {
+    absl::StatusOr<CheckedMeta> dense = CheckMeta(what, meta, buffers);
+    if (!dense.ok()) return dense.status();
+    out.dense = *std::move(dense);
+    return out;
+  }
+  const auto dtype = static_cast<c10::ScalarType>(meta.dtype());
+  if (!SendableDtype(dtype)) {
+    return absl::InvalidArgumentError(absl::StrCat(what, " has invalid dtype ", meta.dtype()));
+  }
+  if (meta.sizes_size() > 64) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(what, " has ", meta.sizes_size(), " dimensions (at most 64 allowed)"));
+  }
+  for (int64_t s : meta.sizes()) {
+    if (s < 0 || static_cast<uint64_t>(s) > kMaxWireValue) {
+      return absl::InvalidArgumentError(absl::StrCat(what, " has invalid size ", s));
+    }
+  }
+  const SparseCoo& parts = meta.sparse_coo();
+  absl::StatusOr<CheckedMeta> indices =
+      CheckMeta(absl::StrCat(what, "'s indices"), parts.indices(), buffers);
+  if (!indices.ok()) return indices.status();
+  absl::StatusOr<CheckedMeta> values =
+      CheckMeta(absl::StrCat(what, "'s values"), parts.values(), buffers);
+  if (!values.ok()) return values.status();
+  out.sparse_sizes.assign(meta.sizes().begin(), meta.sizes().end());
+  const std::string shape =
+      absl::StrCat(" (sparse tensor of shape [", absl::StrJoin(out.sparse_sizes, ", "), "])");
+  if (indices->dtype != c10::ScalarType::Long || indices->sizes.size() != 2) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(what, "'s indices must be a 2-D int64 tensor; got ", indices->sizes.size(),
+                     "-D ", c10::toString(indices->dtype), shape));
+  }
+  if (values->dtype != dtype || values->sizes.empty()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(what, "'s values must be a tensor of dtype ", c10::toString(dtype),
+                     " with at least one dimension; got ", values->sizes.size(), "-D ",
+                     c10::toString(values->dtype), shape));
+  }
+  const int64_t sparse_dim = indices->sizes[0];
+  const size_t dense_dim = values->sizes.size() - 1;
+  if (static_cast<uint64_t>(sparse_dim) + dense_dim != out.sparse_sizes.size() ||
+      indices->sizes[1] != values->sizes[0] ||
+      !std::equal(values->sizes.begin() + 1, values->sizes.end(),
+                  out.sparse_sizes.begin() + sparse_dim)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(what, "'s indices [", absl::StrJoin(indices->sizes, ", "), "] and values [",
+                     absl::StrJoin(values->sizes, ", "), "] do not fit", shape));
+  }
+  out.dense = *std::move(values);
+  out.indices = *std::move(indices);
+  out.coalesced = parts.coalesced();
+  return out;
+}
+
+// Whether the columns of `indices` ([sparse_dim, nnz]) are in strictly
+// increasing lexicographic order: what a coalesced sparse tensor promises.
+bool SortedWithoutDuplicates(const at::Tensor& indices) {
+  const auto idx = indices.accessor<int64_t, 2>();
+  const int64_t dims = indices.size(0);
+  for (int64_t j = 1; j < indices.size(1); ++j) {
+    int64_t d = 0;
+    while (d < dims && idx[d][j - 1] == idx[d][j]) ++d;
+    if (d == dims || idx[d][j - 1] > idx[d][j]) return false;
+  }
+  return true;
 }
 
 // The storage a received buffer becomes: its bytes adopted (the deleter drops
@@ -294,16 +402,20 @@ absl::Status AppendTensors(const std::vector<at::Tensor>& tensors, Payload* payl
 
 absl::StatusOr<std::vector<at::Tensor>> TakeTensors(const Payload& payload,
                                                     const std::vector<Buffer>& buffers, bool copy) {
-  std::vector<CheckedMeta> metas;
-  metas.reserve(payload.tensors_size());
+  std::vector<CheckedTensor> checked;
+  checked.reserve(payload.tensors_size());
   // Per storage: the largest itemsize of the tensors viewing it (0: unused).
   std::vector<size_t> alignment(buffers.size(), 0);
+  auto uses = [&alignment](const CheckedMeta& meta) {
+    size_t& a = alignment[meta.storage];
+    a = std::max(a, c10::elementSize(meta.dtype));
+  };
   for (int i = 0; i < payload.tensors_size(); ++i) {
-    absl::StatusOr<CheckedMeta> meta = CheckMeta(i, payload.tensors(i), buffers);
-    if (!meta.ok()) return meta.status();
-    size_t& a = alignment[meta->storage];
-    a = std::max(a, c10::elementSize(meta->dtype));
-    metas.push_back(*std::move(meta));
+    absl::StatusOr<CheckedTensor> tensor = CheckTensor(i, payload.tensors(i), buffers);
+    if (!tensor.ok()) return tensor.status();
+    uses(tensor->dense);
+    if (tensor->indices) uses(*tensor->indices);
+    checked.push_back(*std::move(tensor));
   }
   for (size_t i = 0; i < buffers.size(); ++i) {
     if (alignment[i] == 0) {
@@ -313,25 +425,44 @@ absl::StatusOr<std::vector<at::Tensor>> TakeTensors(const Payload& payload,
     }
   }
   std::vector<at::Tensor> tensors;
-  tensors.reserve(metas.size());
+  tensors.reserve(checked.size());
   try {
     std::vector<c10::Storage> storages;
     storages.reserve(buffers.size());
     for (size_t i = 0; i < buffers.size(); ++i) {
       storages.push_back(ReceivedStorage(buffers[i], copy, alignment[i]));
     }
-    for (size_t i = 0; i < metas.size(); ++i) {
-      const CheckedMeta& meta = metas[i];
-      // Built as from_blob builds a tensor (no operator runs, so nothing is
-      // recorded by a profiler); every tensor on one storage shares it.
+    // Built as from_blob builds a tensor (no operator runs, so nothing is
+    // recorded by a profiler); every tensor on one storage shares it.
+    auto dense = [&storages](const CheckedMeta& meta) {
       at::Tensor t = at::detail::make_tensor<c10::TensorImpl>(
           c10::Storage(storages[meta.storage]), c10::DispatchKeySet(c10::DispatchKey::CPU),
           c10::scalarTypeToTypeMeta(meta.dtype));
       t.unsafeGetTensorImpl()->set_sizes_and_strides(at::IntArrayRef(meta.sizes),
                                                      at::IntArrayRef(meta.strides),
                                                      c10::optional<int64_t>(meta.offset));
-      if (payload.tensors(i).requires_grad() &&
-          (c10::isFloatingType(meta.dtype) || c10::isComplexType(meta.dtype))) {
+      return t;
+    };
+    for (size_t i = 0; i < checked.size(); ++i) {
+      const CheckedTensor& c = checked[i];
+      at::Tensor t = dense(c.dense);
+      if (c.indices) {
+        // The operators that check and assemble a sparse tensor are not the
+        // user's: the profiler does not see them either.
+        at::DisableRecordFunctionGuard not_profiled;
+        at::Tensor indices = dense(*c.indices);
+        at::_validate_sparse_coo_tensor_args(indices, t, c.sparse_sizes);
+        if (c.coalesced && !SortedWithoutDuplicates(indices)) {
+          return absl::InvalidArgumentError(
+              absl::StrCat("received tensor ", i,
+                           " is marked coalesced but its indices are not sorted "
+                           "without duplicates"));
+        }
+        t = at::_sparse_coo_tensor_unsafe(indices, t, c.sparse_sizes);
+        if (c.coalesced) t._coalesced_(true);
+      }
+      if (c.requires_grad &&
+          (c10::isFloatingType(c.dense.dtype) || c10::isComplexType(c.dense.dtype))) {
         t.requires_grad_(true);
       }
       tensors.push_back(std::move(t));

@@ -16,8 +16,11 @@
 // is replaced by its clone() first (compact; strides kept when the view is
 // dense, contiguous otherwise), so it no longer shares with the message's
 // other tensors. Conjugate and negative bits are resolved before sending (a
-// copy when set). CUDA, sparse, quantized and other non-dense tensors are
-// refused with a clear error. The receiver checks every description against
+// copy when set). A sparse COO tensor travels as its indices and values (two
+// dense tensors, the rule above applied to each) with its sizes and coalesced
+// flag; the receiver checks them as torch.sparse_coo_tensor does (and that a
+// tensor marked coalesced is). CUDA, quantized, sparse CSR and other layouts
+// are refused with a clear error. The receiver checks every description against
 // the buffers (storage index, sizes, non-negative strides, offset and the
 // bytes they reach, with overflow checks; every buffer used) and refuses a bad
 // one with kInvalidArgument naming the tensor and what is wrong.

@@ -279,13 +279,87 @@ TEST(TorchCallsTest, RequiresGradAndEmptyTensorsRoundTrip) {
   EXPECT_EQ((*tensors)[1].scalar_type(), at::kInt);
 }
 
-TEST(TorchCallsTest, RefusesSparseTensorsClearly) {
-  at::Tensor sparse = at::eye(3).to_sparse();
+TEST(TorchCallsTest, RefusesOtherLayoutsClearly) {
+  at::Tensor csr = at::eye(3).to_sparse_csr();
   Payload payload;
   std::vector<Buffer> buffers;
-  absl::Status s = AppendTensors({sparse}, &payload, &buffers);
+  absl::Status s = AppendTensors({csr}, &payload, &buffers);
   EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
   EXPECT_NE(s.message().find("layout"), std::string::npos) << s;
+}
+
+at::Tensor SparseExample(bool coalesce) {
+  // Two entries at (1, 0): uncoalesced unless `coalesce`.
+  at::Tensor i = at::tensor({0, 1, 1, 2, 0, 0}, at::kLong).reshape({2, 3});
+  at::Tensor v = at::tensor({3.0f, 4.0f, 5.0f});
+  at::Tensor t = at::sparse_coo_tensor(i, v, {2, 3});
+  return coalesce ? t.coalesce() : t;
+}
+
+TEST(TorchCallsTest, SparseCooTensorsRoundTrip) {
+  for (bool coalesce : {false, true}) {
+    at::Tensor sparse = SparseExample(coalesce);
+    at::Tensor hybrid = at::sparse_coo_tensor(at::tensor({0, 2}, at::kLong).reshape({1, 2}),
+                                              at::ones({2, 4}, at::kDouble), {3, 4});
+    at::Tensor grad = SparseExample(coalesce).requires_grad_(true);
+    Payload payload;
+    std::vector<Buffer> buffers;
+    ASSERT_TRUE(AppendTensors({sparse, hybrid, grad}, &payload, &buffers).ok());
+    auto tensors = TakeTensors(payload, Transmit(buffers), /*copy=*/false);
+    ASSERT_TRUE(tensors.ok()) << tensors.status();
+    const at::Tensor& got = (*tensors)[0];
+    EXPECT_TRUE(got.is_sparse());
+    EXPECT_EQ(got.is_coalesced(), coalesce);
+    EXPECT_EQ(got.sizes(), sparse.sizes());
+    EXPECT_TRUE(at::equal(got._indices(), sparse._indices()));
+    EXPECT_TRUE(at::equal(got.to_dense(), sparse.to_dense()));
+    EXPECT_EQ((*tensors)[1].sparse_dim(), 1);
+    EXPECT_EQ((*tensors)[1].dense_dim(), 1);
+    EXPECT_TRUE(at::equal((*tensors)[1].to_dense(), hybrid.to_dense()));
+    EXPECT_TRUE((*tensors)[2].requires_grad());
+    EXPECT_TRUE(at::equal((*tensors)[2].detach().to_dense(), sparse.to_dense()));
+  }
+}
+
+TEST(TorchCallsTest, MalformedSparseTensorsAreRefused) {
+  auto sent = [](const at::Tensor& t, Payload* payload, std::vector<Buffer>* wire) {
+    std::vector<Buffer> buffers;
+    ASSERT_TRUE(AppendTensors({t}, payload, &buffers).ok());
+    *wire = Transmit(buffers);
+  };
+  auto expect = [](const Payload& payload, const std::vector<Buffer>& wire,
+                   const std::string& text) {
+    absl::Status s = TakeTensors(payload, wire, false).status();
+    EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << s;
+    EXPECT_NE(s.message().find(text), std::string::npos) << s;
+  };
+  Payload good;
+  std::vector<Buffer> wire;
+  sent(SparseExample(/*coalesce=*/false), &good, &wire);
+
+  Payload p = good;
+  p.mutable_tensors(0)->set_sizes(0, 1);  // index 1 in dimension 0 is out of range
+  expect(p, wire, "cannot rebuild tensor");
+  p = good;
+  p.mutable_tensors(0)->add_sizes(5);  // three sizes for two sparse and no dense dimensions
+  expect(p, wire, "do not fit");
+  p = good;
+  p.mutable_tensors(0)->mutable_sparse_coo()->mutable_indices()->set_dtype(
+      static_cast<int>(c10::ScalarType::Int));
+  expect(p, wire, "must be a 2-D int64 tensor");
+  p = good;
+  p.mutable_tensors(0)->set_dtype(static_cast<int>(c10::ScalarType::Double));
+  expect(p, wire, "values must be a tensor of dtype Double");
+  p = good;
+  p.mutable_tensors(0)->mutable_sparse_coo()->set_coalesced(true);  // duplicates at (1, 0)
+  expect(p, wire, "marked coalesced");
+  p = good;
+  *p.mutable_tensors(0)->mutable_sparse_coo()->mutable_values()->mutable_sparse_coo() =
+      good.tensors(0).sparse_coo();
+  expect(p, wire, "is sparse where a dense tensor must be");
+  p = good;
+  p.mutable_tensors(0)->mutable_sparse_coo()->mutable_values()->set_storage(7);
+  expect(p, wire, "values refers to storage 7");
 }
 
 // Expects kInvalidArgument with a message containing `text`.

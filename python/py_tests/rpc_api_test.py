@@ -93,9 +93,9 @@ def test_tensors_travel_out_of_band():
     assert len(tensors) == 1 and len(data) < 1000  # 4 MB tensor is not in the pickle
 
 
-def test_cuda_and_sparse_tensors_are_refused_clearly():
-    with pytest.raises(RuntimeError, match="layout"):
-        rpc.rpc_sync("worker1", f.echo, args=(torch.eye(3).to_sparse(),))
+def test_tensors_of_other_layouts_are_refused_clearly():
+    with pytest.raises(RuntimeError, match="layout SparseCsr: Tether sends dense"):
+        rpc.rpc_sync("worker1", f.echo, args=(torch.eye(3).to_sparse_csr(),))
 
 
 # --- builtin operators and TorchScript ------------------------------------------------------------
@@ -114,7 +114,7 @@ def test_builtin_operators():
 def test_builtin_errors():
     with pytest.raises(RuntimeError, match="size of tensor"):
         rpc.rpc_sync("worker1", torch.add, args=(torch.ones(2), torch.ones(3)))
-    with pytest.raises(RuntimeError, match="Failed to match operator"):
+    with pytest.raises(RuntimeError, match="failed to many any schema: no overload of aten::add"):
         rpc.rpc_sync("worker1", torch.add, args=("a", 3))
 
 

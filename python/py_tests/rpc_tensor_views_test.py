@@ -120,3 +120,19 @@ def test_views_of_tensors_that_require_grad():
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-v", "-p", "no:cacheprovider"]))
+
+
+def test_sparse_coo_tensors_travel_both_ways():
+    indices = torch.tensor([[0, 1, 1], [2, 0, 0]])  # two entries at (1, 0)
+    sparse = torch.sparse_coo_tensor(indices, torch.tensor([3.0, 4.0, 5.0]), (2, 3))
+    hybrid = torch.sparse_coo_tensor(torch.tensor([[0, 2]]), torch.ones(2, 4), (3, 4))
+    for t in (sparse, sparse.coalesce(), hybrid):
+        for (got,) in (rpc.rpc_sync("worker1", f.echo, args=(t,)),
+                       rpc.rpc_async("worker1", f.echo, args=(t,)).wait(),
+                       rpc.remote("worker1", f.echo, args=(t,)).to_here()):
+            assert got.is_sparse and got.is_coalesced() == t.is_coalesced()
+            assert (got.sparse_dim(), got.dense_dim()) == (t.sparse_dim(), t.dense_dim())
+            assert torch.equal(got._indices(), t._indices())
+            assert torch.equal(got.to_dense(), t.to_dense())
+        summed = rpc.rpc_sync("worker1", torch.add, args=(t, t))  # a builtin operator call
+        assert summed.is_sparse and torch.equal(summed.to_dense(), 2 * t.to_dense())
