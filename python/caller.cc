@@ -449,8 +449,11 @@ Prepared PrepareBuiltin(const std::string& qualified_name, const py::tuple& args
     }
   }
   if (chosen == nullptr) {
-    throw std::runtime_error(absl::StrCat("Failed to match operator ", qualified_name,
-                                          " to the given arguments:\n", errors));
+    // PyTorch's first words, which programs match.
+    throw std::runtime_error(
+        absl::StrCat("Overloaded torch operator invoked from Python failed to many any schema: "
+                     "no overload of ",
+                     qualified_name, " takes the given arguments:\n", errors));
   }
   absl::Status s =
       pycall::EncodeBuiltinCall(chosen->schema().name(), chosen->schema().overload_name(), stack,

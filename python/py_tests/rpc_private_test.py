@@ -47,6 +47,26 @@ def test_init_rpc_backend_set_and_start_and_clear_errors():
     assert harness.run_group(t.init_rpc_backend_and_agent_lifecycle, 2) == {0: "ok", 1: "ok"}
 
 
+def test_init_errors_in_pytorch_words(monkeypatch, tmp_path):
+    from datetime import timedelta
+
+    with pytest.raises(TypeError, match="incompatible constructor arguments: rpc_timeout"):
+        rpc.TensorPipeRpcBackendOptions(rpc_timeout=timedelta(seconds=1))
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.delenv("RANK", raising=False)
+    file_init = f"file://{tmp_path}/store"
+    for init, why in ((file_init, "file:// rendezvous: rank parameter missing"),
+                      ("tcp://127.0.0.1:29999", "tcp:// rendezvous: rank parameter missing"),
+                      ("env://", "env:// rendezvous: environment variable RANK expected")):
+        options = rpc.TensorPipeRpcBackendOptions(init_method=init)
+        with pytest.raises(ValueError, match=why):
+            rpc.init_rpc("w", rpc_backend_options=options)
+    with pytest.raises(ValueError, match="dynamic RPC groups are not supported"):
+        rpc.init_rpc("w", rank=0, rpc_backend_options=rpc.TensorPipeRpcBackendOptions(
+            init_method=file_init))
+    assert not os.path.exists(f"{tmp_path}/store")  # no rendezvous was attempted
+
+
 def test_names_where_pytorch_has_them():
     import tether.rpc.api as api
     import tether.rpc.internal as internal

@@ -145,6 +145,8 @@ def init_rpc(name, backend=None, rank=-1, world_size=None, rpc_backend_options=N
     if world_size is None:
         env = os.environ.get("WORLD_SIZE")
         if env is None:
+            if rank < 0 and not _C.sim_in_worker():
+                _raise_missing_rank(rpc_backend_options.init_method)
             raise ValueError(
                 "Tether needs world_size (dynamic RPC groups are not supported)"
             )
@@ -177,6 +179,18 @@ def init_rpc(name, backend=None, rank=-1, world_size=None, rpc_backend_options=N
         dist.rendezvous(opts.init_method, rank=rank, world_size=world_size)
     )
     _init_rpc_backend(backend, store, name, rank, world_size, opts)
+
+
+def _raise_missing_rank(init_method: str):
+    """The error PyTorch's rendezvous gives a worker of a dynamic group that names no rank."""
+    scheme = init_method.split(":", 1)[0]
+    if scheme == "env":
+        if "RANK" in os.environ:
+            return
+        why = "environment variable RANK expected, but not set"
+    else:
+        why = "rank parameter missing"
+    raise ValueError(f"Error initializing torch.distributed using {scheme}:// rendezvous: {why}")
 
 
 def __getattr__(name):

@@ -1,4 +1,5 @@
 """Backend options: PyTorch's TensorPipeRpcBackendOptions surface, and Tether's own."""
+import numbers
 from typing import Dict, List, Optional
 
 from . import constants
@@ -9,6 +10,13 @@ class RpcBackendOptions:
 
     def __init__(self, rpc_timeout: float = constants.DEFAULT_RPC_TIMEOUT_SEC,
                  init_method: str = constants.DEFAULT_INIT_METHOD):
+        if isinstance(rpc_timeout, bool) or not isinstance(rpc_timeout, numbers.Real):
+            # PyTorch's options are a pybind11 class: its words, which programs match.
+            raise TypeError(
+                f"{type(self).__name__}.__init__(): incompatible constructor arguments: "
+                f"rpc_timeout must be a number of seconds, got {type(rpc_timeout).__name__} "
+                f"{rpc_timeout!r}"
+            )
         self.rpc_timeout = float(rpc_timeout)
         self.init_method = init_method
 
