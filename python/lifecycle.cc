@@ -35,6 +35,12 @@ namespace py = pybind11;
 namespace tether {
 namespace {
 
+// What failed_sends() reports after shutdown(): the last worker's (GIL held).
+std::map<std::string, int>& LastFailedSends() {
+  static auto* last = new std::map<std::string, int>();
+  return *last;
+}
+
 std::vector<std::pair<std::string, int>> Workers(const Worker& w) {
   std::vector<std::pair<std::string, int>> out;
   for (const WorkerInfo& info : w.runtime->agent()->workers()) out.emplace_back(info.name, info.id);
@@ -245,6 +251,7 @@ void Shutdown(bool graceful, double timeout, py::object on_wait) {
       }
     }
   }
+  LastFailedSends() = w->runtime->failed_sends();
   SetCurrentWorker(nullptr);
   bool left_behind;
   {
@@ -391,6 +398,14 @@ void RegisterLifecycleBindings(py::module_& m) {
     RequireWorker()->runtime->agent()->set_default_timeout(seconds <= 0 ? absl::ZeroDuration()
                                                                         : absl::Seconds(seconds));
   });
+  m.def(
+      "failed_sends",
+      [] {
+        std::shared_ptr<Worker> w = CurrentWorker();
+        return w != nullptr ? w->runtime->failed_sends() : LastFailedSends();
+      },
+      "Sends the FAULTY_TENSORPIPE backend failed on purpose, by message type: the current "
+      "worker's, or after shutdown() the last worker's of this process.");
   m.def("agent_debug_info", &AgentDebugInfo);
   m.def("agent_summary", [] {
     std::shared_ptr<Worker> w = RequireWorker();

@@ -7,6 +7,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
+#include "core/message.h"
 #include "transport/system_clock.h"
 #include "transport/tcp_network.h"
 #include "transport/thread_pool.h"
@@ -220,6 +221,13 @@ int Runtime::num_worker_threads() const {
 
 int Runtime::num_idle_threads() const {
   return impl_->pool != nullptr ? impl_->pool->num_idle_threads() : num_worker_threads();
+}
+
+std::map<std::string, int> Runtime::failed_sends() const {
+  std::map<std::string, int> out;
+  if (impl_->faulty == nullptr) return out;
+  for (const auto& [type, count] : impl_->faulty->failed()) out[MessageTypeName(type)] = count;
+  return out;
 }
 
 absl::Status Runtime::Start() {

@@ -111,6 +111,10 @@ class Runtime {
   // Pool threads not running a task now (a simulated worker: num_worker_threads()).
   int num_idle_threads() const;
 
+  // Sends the faulty network failed on purpose so far, by message type name
+  // (empty when no faults were configured).
+  std::map<std::string, int> failed_sends() const;
+
   // Starts the agent (register handlers and runners first).
   absl::Status Start();
 
