@@ -183,6 +183,17 @@ class TimelineTest(unittest.TestCase):
         self.assertLess(len(page), 2_000_000)
         self.assertIn("5000 messages: only the first", page)
 
+    def test_a_receipt_before_its_send_is_still_one_arrow(self):
+        # Unaligned clocks of a real run: the receiver's clock reads earlier than the sender's.
+        events = names(2) + [msg(0, True, "PYTHON_CALL", 0, 1, 1, 5000),
+                             msg(1, False, "PYTHON_CALL", 0, 1, 1, 4000),
+                             msg(1, False, "RESPONSE", 1, 0, 8, 4500)]  # its send is not here
+        tl = report.build_timeline(events)
+        self.assertEqual([(a.t_send, a.t_recv, a.kind) for a in tl.arrows],
+                         [(5000, 4000, "call")])
+        self.assertIn("not aligned", tl.arrows[0].detail)
+        self.assertEqual([m.label for m in tl.marks], ["recv RESPONSE"])
+
     def test_partitions_of_a_plan(self):
         self.assertEqual(report.plan_partitions("drop=0.05,partition=0+1>2@100ms..1.5s"),
                          [((0, 1), (2,), True, 100_000.0, 1_500_000.0,

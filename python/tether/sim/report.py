@@ -214,6 +214,7 @@ def build_timeline(events: Sequence[dict], *, plan: str = "", failures: Sequence
     arrows: List[Arrow] = []
     pending: Dict[tuple, List[int]] = defaultdict(list)  # key -> indices of unreceived arrows
     delivered: Dict[tuple, List[int]] = defaultdict(list)
+    early: Dict[tuple, List[float]] = defaultdict(list)  # receipts not matched to a send yet
     marks: List[Mark] = []
     spans: List[Span] = []
     open_calls: Dict[Tuple[int, Any], int] = {}
@@ -235,7 +236,13 @@ def build_timeline(events: Sequence[dict], *, plan: str = "", failures: Sequence
             if sent:
                 arrows.append(Arrow(type_name, src, dst, t, None, _message_kind(type_name, args),
                                     info + f"\nsent at {_fmt_us(t)}"))
-                pending[key].append(len(arrows) - 1)
+                if early[key]:  # Its receipt came first: the two clocks disagree.
+                    a, a.t_recv = arrows[-1], early[key].pop(0)
+                    a.detail += (f", received at {_fmt_us(a.t_recv)}, before it was sent (the "
+                                 "workers' clocks are not aligned)")
+                    delivered[key].append(len(arrows) - 1)
+                else:
+                    pending[key].append(len(arrows) - 1)
             elif pending[key]:
                 i = pending[key].pop(0)
                 a = arrows[i]
@@ -248,8 +255,8 @@ def build_timeline(events: Sequence[dict], *, plan: str = "", failures: Sequence
                                     "duplicate delivery (fault): " + info
                                     + f"\nsent at {_fmt_us(first.t_send)}, this copy received "
                                     f"at {_fmt_us(t)}"))
-            else:  # Received with no send on the trace (a trace that starts late).
-                marks.append(Mark(pid, t, "info", f"recv {type_name}", info))
+            else:  # Received before its send (clocks apart), or never sent on the trace.
+                early[key].append(t)
         elif cat == "call":
             if ev.get("ph") == "b":
                 spans.append(Span(pid, t, None, name))
@@ -276,6 +283,11 @@ def build_timeline(events: Sequence[dict], *, plan: str = "", failures: Sequence
                 kind = "fault"
             marks.append(Mark(pid, t, kind, name, detail))
     end_t = max(last, (end or 0.0))
+    for (src, dst, type_name, rid), times in early.items():
+        for t in times:  # A trace that starts late: the send is not on it.
+            marks.append(Mark(dst if isinstance(dst, int) else 0, t, "info", f"recv {type_name}",
+                              f"{type_name} from {lanes_name(names, src)}, request {rid}: its "
+                              "send is not on the trace"))
 
     # Faults visible in the message pattern.
     for a in arrows:
@@ -536,7 +548,7 @@ def render_timeline(tl: Timeline, *, ident: str = "t") -> str:
         '<span class="k error">→ error reply</span> <span class="k lost">×</span> lost '
         '<span class="k dup">→ duplicate</span> <span class="k reordered">→ overtaken</span> '
         '<span class="k fault">◆ fault</span> <span class="k failing-line">▲ failing line</span> '
-        '<span class="k failure">✖ failure</span> <span class="k band"><span class="swatch"></span> partition</span> <span class="k down"><span class="swatch"></span> crashed</span> '
+        '<span class="k failure">✖ failure</span> <span class="k partition"><span class="swatch"></span> partition</span> <span class="k down"><span class="swatch"></span> crashed</span> '
         '— hover anything for details, click it to pin them below.</p>')
     return (f'<div class="timeline-box">{legend}<div class="scroll">{"".join(out)}</div>'
             f'<pre class="pinned" aria-live="polite"></pre>{notes}</div>')
@@ -642,7 +654,7 @@ button.copy { font-size: 12px; padding: 4px 10px; cursor: pointer; }
 .swatch { display:inline-block; width: 14px; height: 10px; background: var(--lost); opacity:.35; }
 .k.down .swatch { background: #555; }
 .k.call { color: var(--call); } .k.reply { color: var(--reply); } .k.control { color: var(--control); }
-.k.error { color: var(--error); } .k.lost, .k.fault, .k.band { color: var(--lost); }
+.k.error { color: var(--error); } .k.lost, .k.fault, .k.partition { color: var(--lost); }
 .k.dup { color: var(--dup); } .k.reordered { color: var(--reordered); }
 .k.failure, .k.failing-line { color: var(--failure); }
 pre.pinned:empty { display: none; }
@@ -844,6 +856,11 @@ def write_sim_report(path: str, *, command: str, results: Sequence[Any],
     for i, (sig, members) in enumerate(group_failures([r for r in results if not r.ok]).items()):
         first = members[0]
         small = shrunk.get(first.seed, first)
+        if small is not first and failure_signature(small.failures) != sig:
+            notes.append(f"seed {first.seed}: the shrunk run fails differently "
+                         f"({failure_signature(small.failures)}); its group shows the run "
+                         "with the faults as drawn.")
+            small = first
         g = FailureGroup(sig, first.kinds(), [r.seed for r in members], first, small,
                          replay(first.seed, first.faults), replay(first.seed, small.faults))
         if i < MAX_TIMELINES:
