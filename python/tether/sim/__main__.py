@@ -1,4 +1,4 @@
-"""python -m tether.sim SCRIPT --world-size N --seeds A..B --faults SPEC [--trace FILE]
+"""python -m tether.sim SCRIPT --world-size N --seeds A..B --faults SPEC [--trace FILE] [--report FILE]
 
 Explores SCRIPT's `main(rank, world_size)` under the simulator, one run per seed, and reports
 every failure with the exact command that replays it. Exit status 1 if any seed failed.
@@ -81,6 +81,8 @@ def main(argv=None) -> int:
                         "drop=0.05,delay=0..20ms,crash=1@200ms")
     parser.add_argument("--trace", help="write the (first failing, else first) run as a "
                         "Chrome trace to this file")
+    parser.add_argument("--report", help="write an HTML page (self-contained, viewable offline) "
+                        "of the failure groups, each with its shrunk run as a timeline")
     parser.add_argument("--time-limit", type=float, default=DEFAULT_LIMIT,
                         help="virtual seconds before a run counts as hung")
     parser.add_argument("--no-shrink", action="store_true", help="do not shrink failing seeds")
@@ -122,6 +124,7 @@ def main(argv=None) -> int:
         print(f"    {kind:<14} {n}")
     print(f"  virtual time     {virtual:.3f} s")
     print(f"  wall time        {report.wall_seconds:.2f} s")
+    shrunk = {}  # seed -> its shrunk run, for --report
     for r in report.failed:
         print()
         print(f"seed {r.seed} FAILED ({', '.join(r.kinds())}); faults drawn: {r.plan}")
@@ -131,6 +134,7 @@ def main(argv=None) -> int:
         if not args.no_shrink and r.plan not in ("", "none"):
             small = sim.shrink(fn, args.world_size, r, time_limit=args.time_limit,
                                worker_output=False)
+            shrunk[r.seed] = small
             if small.plan != r.plan or small.faults != r.faults:
                 print(f"  shrunk: {_replay_command(args, r.seed, small.faults)}")
     if args.trace:
@@ -141,6 +145,19 @@ def main(argv=None) -> int:
         sim.write_trace(target, args.trace)
         print(f"\ntrace of seed {target.seed} written to {args.trace} "
               "(open it in Perfetto or chrome://tracing)")
+    if args.report:
+        from tether.sim.report import write_sim_report
+
+        given = sys.argv[1:] if argv is None else list(argv)
+        write_sim_report(
+            args.report, command=" ".join(shlex.quote(a) for a in [
+                "/usr/bin/python3", "-m", "tether.sim"] + given),
+            results=report.results, shrunk=shrunk, wall_seconds=report.wall_seconds,
+            replay=lambda seed, faults: _replay_command(args, seed, faults),
+            rerun=lambda seed, faults: sim.run(fn, args.world_size, seed, faults,
+                                               time_limit=args.time_limit, record_trace=True,
+                                               worker_output=False))
+        print(f"\nreport written to {args.report}")
     print(f"explored seeds={len(report.results)} failed={len(report.failed)}")
     return 1 if report.failed else 0
 
