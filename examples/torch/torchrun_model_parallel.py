@@ -4,12 +4,15 @@ MASTER_PORT), as torchrun sets them. Rank 0 owns the input layer and drives trai
 other rank owns one stage whose parameters it holds; the backward pass and the optimizer step
 run across them (distributed autograd, DistributedOptimizer). Nothing here names Tether.
 
-    torchrun --nproc_per_node=3 examples/torch/torchrun_model_parallel.py           # PyTorch's
-    torchrun --nproc_per_node=3 -m tether.run examples/torch/torchrun_model_parallel.py
+    python -m torch.distributed.run --nproc_per_node=3 --redirects 1 --tee 1 \
+        examples/torch/torchrun_model_parallel.py                                  # PyTorch's
+    python -m torch.distributed.run --nproc_per_node=3 --redirects 1 --tee 1 \
+        -m tether.run examples/torch/torchrun_model_parallel.py                    # Tether's
     python -m tether.sim examples/torch/torchrun_model_parallel.py --world-size 3 --seeds 1..20
 
-(Debian's torchrun on Python 3.11 also needs `--redirects 1 --tee 1`.) Rank 0 prints its RPC
-module and the loss, which falls step after step.
+(`python -m torch.distributed.run` is torchrun; Debian's needs `--redirects 1 --tee 1` on Python
+3.11.) An optional argument sets the number of steps. Rank 0 prints its RPC module and the loss,
+which falls step after step.
 """
 import os
 import sys
