@@ -6,12 +6,10 @@ import email.parser
 import hashlib
 import importlib.metadata
 import os
-import re
 import shutil
 import subprocess
 import sys
 import tempfile
-import textwrap
 import unittest
 import zipfile
 
