@@ -69,6 +69,22 @@ class InstalledTest(unittest.TestCase):
                                     r"\(Tether has no tether\.rpc\._utils\)"):
             import torch.distributed.rpc._utils  # noqa: F401
 
+    def test_remote_module_is_refused_naming_it(self):
+        from torch.distributed.nn import RemoteModule
+        from torch.distributed.nn.api import remote_module
+
+        class Mine(RemoteModule):  # a program's subclass still defines
+            pass
+
+        for make in (lambda: RemoteModule("worker1/cpu", torch.nn.Linear, args=(2, 2)),
+                     lambda: Mine("worker1/cpu", torch.nn.Linear)):
+            with self.assertRaisesRegex(NotImplementedError, r"Tether does not implement "
+                                        r"torch\.distributed\.nn\.RemoteModule: .*rpc\.remote"):
+                make()
+        with self.assertRaisesRegex(AttributeError, r"Tether does not implement "
+                                    r"torch\.distributed\.nn\.api\.remote_module \(no _param_rrefs\)"):
+            remote_module._param_rrefs
+
     def test_spawned_children_get_them_before_importing_main(self):
         ctx = multiprocessing.get_context("spawn")
         queue = ctx.Queue()

@@ -10,6 +10,9 @@ After `install()`:
 - `torch.distributed.autograd` (and its submodules) is `tether.autograd`.
 - `torch.distributed.optim.DistributedOptimizer` is `tether.optim.DistributedOptimizer` (the rest
   of torch.distributed.optim stays PyTorch's: local optimizers do not use RPC).
+- PyTorch modules built on RPC internals Tether does not have are refused where they are used:
+  `torch.distributed.nn.RemoteModule` (device maps, TorchScript module templates) raises
+  NotImplementedError naming it when instantiated (the rest of torch.distributed.nn imports).
 - Processes this one starts with multiprocessing's (or torch.multiprocessing's) `spawn` or
   `forkserver` start method install the aliases too, before they re-import the main module: the
   preparation data multiprocessing sends them carries an object whose unpickling installs them.
@@ -64,6 +67,47 @@ class _AliasLoader(importlib.abc.Loader):
         sys.modules[module.__name__] = importlib.import_module(self.target)
 
 
+# PyTorch modules that use RPC internals Tether lacks: module -> (class names it defines, why).
+REFUSED: Dict[str, Tuple[Tuple[str, ...], str]] = {
+    "torch.distributed.nn.api.remote_module": (
+        ("RemoteModule", "_RemoteModule"),
+        "it needs the TensorPipe agent's device maps and TorchScript module templates; create "
+        "the module on its owner with rpc.remote(owner, ModuleClass, args) and call it through "
+        "the RRef (rref.rpc_sync().forward(x)) instead",
+    ),
+}
+
+
+def _refusing_class(module: str, name: str, why: str) -> type:
+    import torch
+
+    public = f"{module.rsplit('.api.', 1)[0]}.{name}" if ".api." in module else f"{module}.{name}"
+
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:  # noqa: N807
+        raise NotImplementedError(f"Tether does not implement {public}: {why}")
+
+    # An nn.Module, so that a program's subclass of it still defines; making one fails.
+    return type(name, (torch.nn.Module,), {"__init__": __init__, "__module__": module})
+
+
+class _RefusedLoader(importlib.abc.Loader):
+    """Stands in for a module of REFUSED: its classes refuse to be made, naming themselves;
+    any other name fails as missing."""
+
+    def create_module(self, spec: importlib.machinery.ModuleSpec) -> Optional[types.ModuleType]:
+        return None
+
+    def exec_module(self, module: types.ModuleType) -> None:
+        names, why = REFUSED[module.__name__]
+        for name in names:
+            setattr(module, name, _refusing_class(module.__name__, name, why))
+
+        def missing(attr: str) -> Any:
+            raise AttributeError(f"Tether does not implement {module.__name__} (no {attr}): {why}")
+
+        module.__getattr__ = missing  # type: ignore[method-assign]
+
+
 class _AliasFinder(importlib.abc.MetaPathFinder):
     def find_spec(
         self,
@@ -71,6 +115,8 @@ class _AliasFinder(importlib.abc.MetaPathFinder):
         path: Optional[Sequence[str]],
         target: Optional[types.ModuleType] = None,
     ) -> Optional[importlib.machinery.ModuleSpec]:
+        if fullname in REFUSED:
+            return importlib.machinery.ModuleSpec(fullname, _RefusedLoader())
         tether_name = counterpart(fullname)
         if tether_name is None:
             return None
@@ -95,7 +141,7 @@ def install() -> None:
     import torch.distributed
 
     for name in list(sys.modules):
-        if counterpart(name) is not None:
+        if counterpart(name) is not None or name in REFUSED:
             del sys.modules[name]
     sys.meta_path.insert(0, _AliasFinder())
     for torch_name in PACKAGES:
