@@ -2,12 +2,15 @@
 `torch.distributed.rpc`.
 
 The engine is the C++ extension `tether._C`. It is found, in order: inside this package
-(`python/tether/_C.so`, for instance a copy or symlink of the Bazel output), next to the package
+(`tether/_C.so`: where the wheel, tools/wheel, installs it; in a source checkout
+`python/tether/_C.so`, for instance a copy or symlink of the Bazel output), next to the package
 (`python/_C.so`, which is where Bazel's runfiles put it for py_test), or in the workspace's
 `bazel-bin/python/_C.so` after `bazel build //python:_C.so` (so `PYTHONPATH=python` works from
 a source checkout). `$TETHER_C_EXTENSION`, if set, names the file to load instead (for
 instance an optimized build: `bazel build -c opt //python:_C.so`).
 """
+__version__ = "0.1.0"
+
 import importlib.machinery
 import importlib.util
 import os

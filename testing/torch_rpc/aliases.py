@@ -1,13 +1,6 @@
-"""Serve Tether's modules under PyTorch's names, as a user porting a program would.
-
-After `install_tether_aliases()`:
-- `torch.distributed.rpc` is `tether.rpc`, and `torch.distributed.rpc.X` is `tether.rpc.X` for
-  every submodule Tether has (api, backend_registry, constants, functions, internal, options,
-  server_process_global_profiler, ...). A submodule Tether lacks (`_testing`, `_utils`, ...)
-  fails to import with a ModuleNotFoundError that says so.
-- `torch.distributed.autograd` is `tether.autograd`.
-- `torch.distributed.optim.DistributedOptimizer` is `tether.optim.DistributedOptimizer` (the rest
-  of torch.distributed.optim stays PyTorch's: Tether has only the distributed optimizer).
+"""Serve Tether's modules under PyTorch's names for PyTorch's RPC tests, as a user running a
+program under `python -m tether.run` would get them: the aliases themselves are
+`tether._aliases` (read it); this module adds what only the test runner wants.
 
 With `placeholders=True`, a name that PyTorch's test modules import from those modules and Tether
 lacks (`from torch.distributed.rpc.api import _use_rpc_pickler`) is set on Tether's module as a
@@ -15,66 +8,17 @@ placeholder that raises NotImplementedError, naming it, on any use (call, attrib
 the test module then imports, and only the tests that use the name fail. Without it, the whole
 test module fails to import, as it would for a user. A missing *module* (`_testing`) always fails
 its import.
-
-`import torch` already imports PyTorch's own torch.distributed.rpc and autograd; their entries in
-sys.modules are replaced, so every later import sees Tether's. Modules that bound PyTorch's before
-(torch.nn.parallel and the like) keep it; none of the RPC tests go through them.
 """
 import ast
 import glob
 import importlib
-import importlib.abc
-import importlib.machinery
 import importlib.util
-import sys
-import types
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Tuple
 
-# PyTorch's package name -> Tether's.
-PACKAGES: Dict[str, str] = {
-    "torch.distributed.rpc": "tether.rpc",
-    "torch.distributed.autograd": "tether.autograd",
-}
+from tether import _aliases
 
-_installed = False
-
-
-def _counterpart(fullname: str) -> Optional[str]:
-    for torch_name, tether_name in PACKAGES.items():
-        if fullname == torch_name or fullname.startswith(torch_name + "."):
-            return tether_name + fullname[len(torch_name):]
-    return None
-
-
-class _AliasLoader(importlib.abc.Loader):
-    """Loads a PyTorch name by importing Tether's module and putting it in sys.modules under
-    PyTorch's name (the import system returns whatever sys.modules holds after exec_module)."""
-
-    def __init__(self, target: str) -> None:
-        self.target = target
-
-    def create_module(self, spec: importlib.machinery.ModuleSpec) -> Optional[types.ModuleType]:
-        return None
-
-    def exec_module(self, module: types.ModuleType) -> None:
-        sys.modules[module.__name__] = importlib.import_module(self.target)
-
-
-class _AliasFinder(importlib.abc.MetaPathFinder):
-    def find_spec(
-        self,
-        fullname: str,
-        path: Optional[Sequence[str]],
-        target: Optional[types.ModuleType] = None,
-    ) -> Optional[importlib.machinery.ModuleSpec]:
-        tether_name = _counterpart(fullname)
-        if tether_name is None:
-            return None
-        if importlib.util.find_spec(tether_name) is None:
-            raise ModuleNotFoundError(
-                f"No module named {fullname!r} (Tether has no {tether_name})", name=fullname
-            )
-        return importlib.machinery.ModuleSpec(fullname, _AliasLoader(tether_name))
+_counterpart = _aliases.counterpart
+_placed = False
 
 
 class Missing:
@@ -151,40 +95,13 @@ def install_placeholders() -> List[str]:
 
 def install_tether_aliases(placeholders: bool = False) -> None:
     """Idempotent. Call before importing any module that uses torch.distributed.rpc."""
-    global _installed
-    if _installed:
-        return
-    _installed = True
-    import torch  # noqa: F401  (imports PyTorch's rpc and autograd packages, replaced below)
-    import torch.distributed
-
-    for name in list(sys.modules):
-        if _counterpart(name) is not None:
-            del sys.modules[name]
-    sys.meta_path.insert(0, _AliasFinder())
-    for torch_name in PACKAGES:
-        module = importlib.import_module(torch_name)
-        setattr(torch.distributed, torch_name.rsplit(".", 1)[1], module)
-    # Tether's submodules under PyTorch's names, so `torch.distributed.rpc.api` is found both as
-    # an attribute and in sys.modules (as PyTorch's package imports its own).
-    import tether.rpc
-
-    for attr, value in vars(tether.rpc).items():
-        if isinstance(value, types.ModuleType) and value.__name__.startswith("tether.rpc."):
-            sys.modules.setdefault("torch.distributed.rpc." + attr, value)
-
-    import torch.distributed.optim as torch_optim
-    import tether.optim
-
-    torch_optim.DistributedOptimizer = tether.optim.DistributedOptimizer  # type: ignore[attr-defined]
-    if hasattr(torch_optim, "optimizer"):
-        torch_optim.optimizer.DistributedOptimizer = tether.optim.DistributedOptimizer
-    if placeholders:
+    global _placed
+    _aliases.install()
+    if placeholders and not _placed:
+        _placed = True
         install_placeholders()
 
 
 def check_aliases() -> None:
-    """Raises AssertionError unless the aliases are in force (used by the runner's children)."""
-    import torch.distributed.rpc as rpc
-
-    assert rpc.__name__ == "tether.rpc", rpc.__name__
+    """Raises unless the aliases are in force (used by the runner's children)."""
+    _aliases.check()

@@ -158,8 +158,10 @@ def init_rpc(name, backend=None, rank=-1, world_size=None, rpc_backend_options=N
     if _C.sim_in_worker():
         # Under tether.sim the simulator is the rendezvous (no init method needed) and the
         # injector of faults.
+        if rank < 0 and "RANK" in os.environ:  # As env:// reads it (tether.sim sets it).
+            rank = int(os.environ["RANK"])
         if rank < 0:
-            raise ValueError("init_rpc under tether.sim needs rank")
+            raise ValueError("init_rpc under tether.sim needs rank (or $RANK)")
         if backend.name != "TENSORPIPE" or not isinstance(opts, TensorPipeRpcBackendOptions):
             raise ValueError(
                 f"init_rpc under tether.sim runs Tether's engine on the simulator, which injects "

@@ -1,7 +1,16 @@
-"""python -m tether.sim SCRIPT --world-size N --seeds A..B --faults SPEC [--trace FILE] [--report FILE]
+"""python -m tether.sim SCRIPT --world-size N --seeds A..B --faults SPEC [--trace FILE]
+    [--report FILE] [-- ARGS]
 
-Explores SCRIPT's `main(rank, world_size)` under the simulator, one run per seed, and reports
-every failure with the exact command that replays it. Exit status 1 if any seed failed.
+Explores SCRIPT under the simulator, one run per seed, and reports every failure with the exact
+command that replays it. Exit status 1 if any seed failed.
+
+SCRIPT either defines `main(rank, world_size)`, which each simulated worker calls, or is a whole
+program (no such main, or --as-main): each simulated worker then runs it as `__main__` with
+`sys.argv` = [SCRIPT, ARGS...], RANK, WORLD_SIZE and LOCAL_RANK set as torchrun sets them, and
+torch.distributed.rpc / autograd / optim.DistributedOptimizer served by Tether, so a program
+written for torch.distributed.rpc runs unedited. A program that starts its own worker processes
+(torch.multiprocessing.spawn) cannot run here: the simulator starts the workers; run it for real
+with `python -m tether.run SCRIPT`.
 """
 from __future__ import annotations
 
@@ -33,9 +42,14 @@ def _parse_seeds(text: str) -> range:
     return range(lo, hi + 1)
 
 
-def _load_main(path: str):
+def _check_script(path: str) -> None:
     if not os.path.exists(path):
         sys.exit(f"tether.sim: no such script: {path}")
+    if os.path.isdir(path):
+        sys.exit(f"tether.sim: {path} is a directory, not a Python script")
+
+
+def _load_main(path: str):
     sys.path.insert(0, os.path.dirname(os.path.abspath(path)))
     spec = importlib.util.spec_from_file_location("__tether_sim_main__", path)
     module = importlib.util.module_from_spec(spec)
@@ -47,13 +61,35 @@ def _load_main(path: str):
     return main
 
 
+def _worker_function(args):
+    """What each simulated worker runs: SCRIPT's main(rank, world_size), or SCRIPT as __main__."""
+    from tether.sim._script import ScriptMain, defines_main
+
+    _check_script(args.script)
+    if not args.as_main:
+        try:
+            args.as_main = not defines_main(args.script)
+        except (OSError, UnicodeDecodeError, ValueError) as e:
+            sys.exit(f"tether.sim: {e}")
+    if args.as_main:
+        return ScriptMain(args.script, args.script_args)
+    if args.script_args:
+        sys.exit(f"tether.sim: the arguments after -- go to a program run as __main__, but "
+                 f"{args.script} defines main(rank, world_size): add --as-main to run it whole")
+    return _load_main(args.script)
+
+
 def _replay_command(args, seed: int, faults: str, trace: bool = False) -> str:
-    cmd = ["/usr/bin/python3", "-m", "tether.sim", args.script, "--world-size",
+    cmd = [sys.executable, "-m", "tether.sim", args.script, "--world-size",
            str(args.world_size), "--seeds", str(seed), "--faults", faults]
     if args.time_limit != DEFAULT_LIMIT:
         cmd += ["--time-limit", str(args.time_limit)]
     if trace:
         cmd += ["--trace", "trace.json"]
+    if args.as_main:
+        cmd += ["--as-main"]
+    if args.script_args:
+        cmd += ["--", *args.script_args]
     return " ".join(shlex.quote(c) for c in cmd)
 
 
@@ -74,7 +110,8 @@ def _bar(done: int, total: int, failed: int, started: float) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tether.sim", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("script", help="a Python file defining main(rank, world_size)")
+    parser.add_argument("script", help="a Python file: one defining main(rank, world_size), "
+                        "or a whole program (see --as-main)")
     parser.add_argument("--world-size", type=int, required=True)
     parser.add_argument("--seeds", type=_parse_seeds, default=range(1, 2), help="N or A..B")
     parser.add_argument("--faults", default="none", help="none, all, or a spec such as "
@@ -89,7 +126,17 @@ def main(argv=None) -> int:
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument("--show-output", action="store_true",
                         help="show what the workers print (the default for a single seed)")
+    parser.add_argument("--as-main", action="store_true",
+                        help="run SCRIPT whole as __main__ in each worker (RANK and WORLD_SIZE "
+                        "set, torch.distributed.rpc served by Tether); the default when SCRIPT "
+                        "defines no main(rank, world_size)")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    script_args = []
+    if "--" in argv:  # What follows goes to the program (its sys.argv), not to tether.sim.
+        at = argv.index("--")
+        argv, script_args = argv[:at], argv[at + 1:]
     args = parser.parse_args(argv)
+    args.script_args = script_args
     if args.world_size < 1:
         parser.error("--world-size must be >= 1")
 
@@ -102,7 +149,7 @@ def main(argv=None) -> int:
         _C.sim_parse_faults(args.faults)
     except ValueError as e:
         parser.error(str(e))
-    fn = _load_main(args.script)
+    fn = _worker_function(args)
     seeds = args.seeds
     failed_count = 0
     started = time.perf_counter()

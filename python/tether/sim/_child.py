@@ -7,6 +7,7 @@ seed. What the simulator cannot make deterministic (a user thread) raises a clea
 """
 from __future__ import annotations
 
+import multiprocessing.process
 import os
 import random
 import sys
@@ -16,6 +17,7 @@ import traceback
 from typing import Any, Callable
 
 import torch
+import torch.distributed
 
 from tether import _C
 
@@ -129,6 +131,24 @@ def _refuse_thread(self: threading.Thread, *args: Any, **kwargs: Any) -> None:
     )
 
 
+def _refuse_process(self: Any, *args: Any, **kwargs: Any) -> None:
+    raise SimulationError(
+        f"tether.sim: worker code started a process ({type(self).__name__} {self.name!r}, as "
+        "torch.multiprocessing.spawn and multiprocessing do); under the simulator, tether.sim "
+        "starts one simulated process per worker itself (--world-size). Give it a "
+        "main(rank, world_size) or a script that reads RANK and WORLD_SIZE (as under torchrun), "
+        "or run this program for real: python -m tether.run SCRIPT."
+    )
+
+
+def _refuse_process_group(*args: Any, **kwargs: Any) -> None:
+    raise SimulationError(
+        "tether.sim: worker code called torch.distributed.init_process_group; the simulator "
+        "runs RPC (tether.rpc, torch.distributed.rpc under its aliases), not c10d collectives. "
+        "Run this program for real: python -m tether.run SCRIPT."
+    )
+
+
 def _patch_process(seed: int, rank: int) -> None:
     # Virtual time.
     time.time = _C.sim_now
@@ -159,6 +179,10 @@ def _patch_process(seed: int, rank: int) -> None:
     threading.Lock = _SimLock  # type: ignore[misc,assignment]
     threading.RLock = _SimRLock  # type: ignore[misc,assignment]
     threading.Thread.start = _refuse_thread  # type: ignore[method-assign]
+    # Processes: the simulator's workers are its own (multiprocessing.Process, Pool workers and
+    # torch.multiprocessing.spawn all start through BaseProcess.start).
+    multiprocessing.process.BaseProcess.start = _refuse_process  # type: ignore[method-assign]
+    torch.distributed.init_process_group = _refuse_process_group
     # Seeded randomness, different per worker, the same on every replay.
     worker_seed = (seed * 1_000_003 + rank) & 0xFFFFFFFF
     random.seed(worker_seed)
